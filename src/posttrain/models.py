@@ -172,13 +172,25 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     return spec  # a hub id
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub library sees it (env var or its import-time constant)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def load_tokenizer(spec: str | os.PathLike = "default"):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
     base = _adapter_base(Path(path)) if Path(path).is_dir() else None
     try:
-        tok = AutoTokenizer.from_pretrained(path if (Path(path) / "tokenizer.json").exists() or base is None else base)
+        tok = AutoTokenizer.from_pretrained(
+            path if (Path(path) / "tokenizer.json").exists() or base is None else base,
+            local_files_only=hub_offline(),
+        )
     except OSError as exc:
         raise _hub_error(str(spec), exc) from exc
     if tok.pad_token is None:
@@ -198,7 +210,7 @@ def _adapter_base(path: Path) -> str | None:
 
 
 def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = hub_offline()
     return ModelLoadError(
         f"could not load '{spec}' as a local path or from the Hugging Face hub "
         f"({'HF_HUB_OFFLINE=1 is set' if offline else 'is the hub reachable?'}): {exc}. "
@@ -233,7 +245,7 @@ def load_model(
                 model = model.merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=hub_offline()
             )
             from posttrain.adapters import load_bottleneck_if_present
 
