@@ -1,0 +1,115 @@
+"""Stage configs: pydantic models, YAML recipes, `a.b=c` overrides.
+
+Unknown keys and bad values are refused at validation time, before any model loads,
+with the dotted key and the allowed values in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(Strict):
+    """The loop's knobs; shared by every gradient-based stage."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch (padded mode)")
+    packing: bool = True
+    max_tokens: int = Field(2048, gt=0, description="tokens per packed micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    shuffle: bool = True
+    eval_every: int | None = Field(None, gt=0, description="steps between evaluations")
+    early_stopping_patience: int | None = Field(None, gt=0, description="evals without improvement")
+    restore_best: bool = True
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ewc_weight: float = Field(0.0, ge=0)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("train.early_stopping_patience needs train.eval_every (evaluations to compare)")
+        return self
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); values parse as YAML scalars/lists."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} has an empty key part")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    """One line per problem: dotted key, message, and the allowed values where known."""
+    lines = [f"invalid {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"must be one of {err['ctx']['expected']}; got {err['input']!r}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(cls: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None):
+    """Recipe YAML (optional) + overrides -> validated config, or ValueError naming the keys."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, str(path) if path else "config")) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

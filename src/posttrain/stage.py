@@ -1,0 +1,112 @@
+"""Run directories: every stage writes one, with its resolved config and a manifest of inputs.
+
+A run directory is what the next stage points at, so it records where its inputs came
+from (paths and content hashes) and what came out (metrics), like a lineage entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from posttrain.config import dump_config
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def content_hash(path: str | Path) -> str | None:
+    """sha256 of a file, or of a directory's files (names + contents); None if absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def prepare_run_dir(output_dir: str | Path, cfg: BaseModel, resume: bool, overwrite: bool = False) -> Path:
+    """Create the run dir and write config.yaml; refuse to mix two runs in one directory."""
+    run_dir = Path(output_dir)
+    has_run = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
+    if has_run and not (resume or overwrite):
+        raise FileExistsError(
+            f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+            "or choose another output_dir"
+        )
+    if resume and (run_dir / "config.yaml").exists():
+        old = (run_dir / "config.yaml").read_text()
+        if old != dump_config(cfg):
+            raise ValueError(
+                f"--resume: the config differs from the one in {run_dir}/config.yaml; resuming needs the same "
+                "config (same data order and schedule)"
+            )
+    if overwrite and not resume:
+        for name in ("checkpoints", "final", "metrics.jsonl", "tensorboard", "plots", "manifest.json"):
+            target = run_dir / name
+            if target.is_dir():
+                import shutil
+
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    return run_dir
+
+
+def write_manifest(run_dir: Path, stage: str, inputs: dict, outputs: dict, started: float) -> dict:
+    manifest = {
+        "stage": stage,
+        "inputs": inputs,
+        "outputs": outputs,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "git_commit": git_commit(),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": _version("transformers"), "peft": _version("peft"),
+                     "posttrain": _version("posttrain")},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+    write_json_atomic(run_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None

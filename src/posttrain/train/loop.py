@@ -1,0 +1,393 @@
+"""THE training loop: every gradient-based stage runs through `train`.
+
+Plain and visible: plan micro-batches, forward, loss, backward, clip, step. The data
+order is a pure function of (seed, epoch), so a checkpoint only needs the step number
+to resume exactly; model/optimizer/scheduler/RNG state make the rest bit-identical.
+accelerate handles devices, DDP (gloo on CPU, NCCL on GPU), FSDP/DeepSpeed and
+mixed precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from posttrain.config import TrainConfig
+from posttrain.data.collate import collate_packed, collate_padded, plan_batches
+from posttrain.train.objectives import IGNORE, Objective
+
+Regularizer = Callable[[torch.nn.Module], torch.Tensor]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    best_eval: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)
+
+
+def loss_tokens(example: dict) -> int:
+    """Positions that predict a loss token (the first token is never predicted)."""
+    return sum(1 for t in example["labels"][1:] if t != IGNORE)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+def plan_steps(examples: list[dict], cfg: TrainConfig, world: int) -> list[list[list[int]]]:
+    """Optimizer steps, each a list of grad_accum*world micro-batches (example indices)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    per_step = cfg.grad_accum * world
+    epochs = math.ceil(cfg.epochs)
+    micro: list[list[int]] = []
+    for epoch in range(epochs):
+        groups = plan_batches(
+            lengths,
+            batch_size=cfg.batch_size,
+            max_tokens=cfg.max_tokens,
+            packing=cfg.packing,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            epoch=epoch,
+        )
+        if epoch == epochs - 1 and cfg.epochs < epochs:  # fractional last epoch
+            groups = groups[: int(len(groups) * (cfg.epochs - epoch))]
+        micro.extend(groups)
+    steps = [micro[i : i + per_step] for i in range(0, len(micro) - per_step + 1, per_step)]
+    if steps and cfg.max_steps is not None:
+        if cfg.max_steps > len(steps):  # cycle the data again, in fresh shuffles
+            return plan_steps(examples, cfg.model_copy(update={"epochs": cfg.epochs * 2}), world)
+        steps = steps[: cfg.max_steps]
+    if not steps:
+        raise ValueError(
+            f"{len(examples)} examples make {len(micro)} micro-batches, fewer than one optimizer step "
+            f"(grad_accum {cfg.grad_accum} x {world} processes): lower train.batch_size/max_tokens/grad_accum"
+        )
+    return steps
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _rng_state() -> dict:
+    py = random.getstate()
+    npy = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+    }
+
+
+def _set_rng_state(state: dict, torch_state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    torch.set_rng_state(torch_state["cpu"])
+    if torch.cuda.is_available() and "cuda" in torch_state:
+        torch.cuda.set_rng_state_all(torch_state["cuda"])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp dirs start with '.' and are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
+    """Write checkpoints/step-N atomically: a temp dir, fully written, then renamed."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch_rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        torch_rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(torch_rng, tmp / "rng.pt")
+    (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+    fields = {k: v for k, v in state.__dict__.items() if k != "history"}
+    (tmp / "state.json").write_text(json.dumps(fields, indent=2))  # written last: marks complete
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(json.loads((path / "rng.json").read_text()), torch.load(path / "rng.pt", weights_only=True))
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, flushed) plus TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():  # drop rows past the checkpoint
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(kept)
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        except ImportError:  # tensorboard is a dependency; a broken install only loses the TB copy
+            print("warning: tensorboard not importable; logging to metrics.jsonl only")
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def make_collate(packing: bool, pad_token_id: int, tasks: list[str] | None):
+    if packing:
+        return lambda exs: collate_packed(exs, tasks=tasks)
+    return lambda exs: collate_padded(exs, pad_token_id, tasks=tasks)
+
+
+def _batch_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+@torch.no_grad()
+def evaluate_loss(model, objective: Objective, examples: list[dict], cfg: TrainConfig, collate, accelerator) -> float:
+    """Token-mean loss over `examples`, split across processes."""
+    was_training = model.training
+    model.eval()
+    lengths = [len(e["input_ids"]) for e in examples]
+    groups = plan_batches(lengths, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
+                          packing=cfg.packing, shuffle=False, seed=0, epoch=0)
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for g in groups[accelerator.process_index :: accelerator.num_processes]:
+        batch = _to_device(collate([examples[i] for i in g]), accelerator.device)
+        with accelerator.autocast():
+            loss, m = objective(model, batch)
+        total += torch.tensor([loss.item() * m["loss_tokens"], m["loss_tokens"]], dtype=torch.float64,
+                              device=accelerator.device)
+    total = accelerator.reduce(total, "sum")
+    model.train(was_training)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and 1-D params."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters: check the adapter/freeze settings")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def train(
+    model: torch.nn.Module,
+    objective: Objective,
+    train_examples: list[dict],
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    pad_token_id: int,
+    tasks: list[str] | None = None,
+    eval_examples: list[dict] | None = None,
+    resume: bool = False,
+    regularizer: Regularizer | None = None,
+    accelerator=None,
+) -> tuple[torch.nn.Module, dict]:
+    """Train in place; returns (unwrapped model, summary). Writes metrics and checkpoints."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    world, rank = acc.num_processes, acc.process_index
+    main = acc.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    steps = plan_steps(train_examples, cfg, world)
+    total_steps = len(steps)
+    n_loss = [loss_tokens(e) for e in train_examples]
+    collate = make_collate(cfg.packing, pad_token_id, tasks)
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    model, optimizer = acc.prepare(model, optimizer)
+    raw = acc.unwrap_model(model)
+
+    state = TrainState()
+    ckpts = checkpoint_dirs(run_dir) if resume else []
+    if resume and not ckpts:
+        print(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0")
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], raw, optimizer, scheduler)
+        if main:
+            print(f"resumed from {ckpts[-1]} (step {state.step}/{total_steps})")
+    log = MetricsLog(run_dir, state.step if ckpts else None, enabled=main)
+    best_path = run_dir / "checkpoints" / "best.safetensors"
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and main), desc="train",
+               dynamic_ncols=True)
+    start, start_tokens, start_step = time.perf_counter(), state.tokens, state.step
+    while state.step < total_steps and not state.stopped_early:
+        groups = steps[state.step]
+        n_global = sum(n_loss[i] for g in groups for i in g)
+        mine = [groups[a * world + rank] for a in range(cfg.grad_accum)]
+        step_loss = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        step_tokens = 0
+        for a, g in enumerate(mine):
+            batch = _to_device(collate([train_examples[i] for i in g]), acc.device)
+            step_tokens += _batch_tokens(batch)
+            sync = nullcontext() if a == len(mine) - 1 else acc.no_sync(model)
+            with sync, acc.autocast():
+                loss, m = objective(model, batch)
+                scaled = loss * (m["loss_tokens"] * world / max(n_global, 1))
+                if regularizer is not None and cfg.ewc_weight > 0:
+                    scaled = scaled + (cfg.ewc_weight / 2) * regularizer(raw) / len(mine)
+                acc.backward(scaled)
+            step_loss += torch.tensor([loss.item() * m["loss_tokens"], 0.0], dtype=torch.float64, device=acc.device)
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        totals = acc.reduce(torch.tensor([step_loss[0].item(), float(step_tokens)], device=acc.device), "sum")
+        state.tokens += int(totals[1])
+        elapsed = time.perf_counter() - start
+        tok_s = (state.tokens - start_tokens) / max(elapsed, 1e-9)
+        row = {"step": state.step, "loss": float(totals[0]) / max(n_global, 1),
+               "lr": scheduler.get_last_lr()[0], "tokens": state.tokens, "tokens_per_s": round(tok_s, 1)}
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        if regularizer is not None and cfg.ewc_weight > 0:
+            row["ewc_penalty"] = float(regularizer(raw).detach())
+
+        if eval_examples and cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+            eval_loss = evaluate_loss(model, objective, eval_examples, cfg, collate, acc)
+            row["eval_loss"] = eval_loss
+            if state.best_eval is None or eval_loss < state.best_eval:
+                state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
+                if main and cfg.restore_best:
+                    best_path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = best_path.with_suffix(".tmp")
+                    save_file(trainable_state(raw), str(tmp))
+                    os.replace(tmp, best_path)
+            else:
+                state.bad_evals += 1
+                if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
+                    state.stopped_early = True
+        if state.step % cfg.log_every == 0 or "eval_loss" in row or state.step == total_steps:
+            log.write(row)
+        state.history.append(row)
+        done_steps = state.step - start_step
+        eta = (total_steps - state.step) * elapsed / max(done_steps, 1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tok_s:.0f}", eta=f"{eta / 60:.1f}m")
+        bar.update(1)
+
+        if cfg.save_every and (state.step % cfg.save_every == 0 or state.stopped_early) and state.step < total_steps:
+            acc.wait_for_everyone()
+            if main:
+                save_checkpoint(run_dir, raw, optimizer, scheduler, state, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+    bar.close()
+    log.close()
+    acc.wait_for_everyone()
+
+    if state.best_step is not None and cfg.restore_best and state.best_step != state.step:
+        load_trainable_state(raw, load_file(str(best_path)))
+    elapsed = time.perf_counter() - start
+    summary = {
+        "steps": state.step,
+        "total_steps": total_steps,
+        "tokens": state.tokens,
+        "train_loss": state.history[-1]["loss"] if state.history else None,
+        "best_eval_loss": state.best_eval,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "tokens_per_s": (state.tokens - start_tokens) / max(elapsed, 1e-9),
+        "seconds": elapsed,
+    }
+    return raw, summary
