@@ -1,0 +1,138 @@
+"""Records -> token ids with loss labels.
+
+An *example* is ``{"input_ids": list[int], "labels": list[int]}`` plus ``"task"``
+when the record has one. Labels are NOT shifted: ``labels[t] == input_ids[t]``
+where token t carries loss, else -100; the objective shifts them (logits at t-1
+predict token t).
+
+Chat records are rendered with the tokenizer's own chat template, and the loss
+covers each assistant turn's content and its end-of-turn token (``<|im_end|>``),
+never the system/user turns nor the ``<|im_start|>assistant\\n`` header. The
+assistant spans are found without knowing the template: the rendering of
+``messages[:i]`` with the generation prompt ends where turn i's content starts,
+and the rendering of ``messages[:i+1]`` (less trailing whitespace) ends where the
+turn ends. Characters map to tokens through the fast tokenizer's offsets.
+
+Truncation keeps the first ``max_length`` tokens. An example left without any
+loss token returns **None**; callers count those as dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE = -100  # label of positions that carry no loss
+
+
+class TemplateError(ValueError):
+    """The tokenizer's chat template cannot be used to mask assistant turns."""
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the [start, end) character span of each assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(f"{type(tokenizer).__name__} has no chat template; chat records need one")
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise TemplateError("the conversation starts with an assistant turn; chat templates cannot "
+                                "render the empty prefix that locates it (start with a system or user turn)")
+        before = _render(tokenizer, messages[:i], True)  # ends where turn i's content starts
+        through = _render(tokenizer, messages[: i + 1], False).rstrip()
+        if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
+            raise TemplateError(
+                f"the chat template does not render a conversation as a prefix of its continuation "
+                f"(assistant turn {i}): earlier turns change when later ones are added, so assistant "
+                f"turns cannot be located; use a template without that behaviour")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def _finish(ids: list[int], labels: list[int], max_length: int | None) -> dict | None:
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None) -> dict | None:
+    """Tokenize a conversation; loss on every assistant turn and its end-of-turn token."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError("encode_chat needs a fast tokenizer (it maps characters to tokens with offsets)")
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    span = 0
+    for t, (start, _end) in enumerate(offsets):  # offsets and spans are both ascending
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span < len(spans) and start >= spans[span][0]:
+            labels[t] = ids[t]
+    return _finish(ids, labels, max_length)
+
+
+def _eos(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise TemplateError(f"{type(tokenizer).__name__} has no eos token; completion/text examples end with one")
+    return tokenizer.eos_token_id
+
+
+def encode_completion(tokenizer, prompt: str, completion: str, max_length: int | None = None) -> dict | None:
+    """Prompt then completion + EOS; loss on the completion and EOS only.
+
+    The two parts are tokenized separately, so the prompt's tokens are exactly what
+    generation from that prompt would see.
+    """
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [_eos(tokenizer)]
+    return _finish(p + c, [IGNORE] * len(p) + c, max_length)
+
+
+def encode_text(tokenizer, text: str, max_length: int | None = None) -> dict | None:
+    """Plain text + EOS, loss on every token (domain pre-training, perplexity)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [_eos(tokenizer)]
+    return _finish(ids, list(ids), max_length)
+
+
+def encode_record(tokenizer, record: dict[str, Any], kind: str, max_length: int | None = None) -> dict | None:
+    """Encode one validated record of a trainable kind (chat, completion, text); copies ``task``."""
+    if kind == "chat":
+        example = encode_chat(tokenizer, record["messages"], max_length)
+    elif kind == "completion":
+        example = encode_completion(tokenizer, record["prompt"], record["completion"], max_length)
+    elif kind == "text":
+        example = encode_text(tokenizer, record["text"], max_length)
+    else:
+        raise ValueError(f"kind {kind!r} has no single-sequence encoding (use chat, completion or text)")
+    if example is not None and "task" in record:
+        example["task"] = record["task"]
+    return example
+
+
+GREEN, RESET = "\x1b[32m", "\x1b[0m"
+
+
+def render_loss_mask(tokenizer, example: dict, color: bool = False) -> str:
+    """The example's text with loss-carrying tokens marked: ``[[...]]``, or green with ``color``."""
+    ids, labels = example["input_ids"], example["labels"]
+    out, t = [], 0
+    while t < len(ids):  # group consecutive tokens of equal loss state, decode each group
+        loss = labels[t] != IGNORE
+        end = t
+        while end < len(ids) and (labels[end] != IGNORE) == loss:
+            end += 1
+        text = tokenizer.decode(ids[t:end], skip_special_tokens=False)
+        if loss:
+            text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+        out.append(text)
+        t = end
+    return "".join(out)

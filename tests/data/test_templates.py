@@ -1,0 +1,113 @@
+"""Loss masks: exactly the assistant turns (and their end-of-turn token) carry loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from posttrain.data.templates import (
+    IGNORE,
+    TemplateError,
+    encode_chat,
+    encode_completion,
+    encode_record,
+    encode_text,
+    render_loss_mask,
+)
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+
+
+def test_multi_turn_chat_loss_positions_token_by_token(tokenizer):
+    example = encode_chat(tokenizer, CHAT)
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    loss = [tok for tok, label in zip(tokens, labels) if label != IGNORE]
+    # Both assistant turns' content and each one's <|im_end|>; nothing else.
+    assert loss == (tokenizer.tokenize("Hello there!") + ["<|im_end|>"]
+                    + tokenizer.tokenize("4") + ["<|im_end|>"])
+    # Labels are the ids themselves (unshifted) where loss is taken.
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
+    # Token-level layout: each loss run starts right after the "<|im_start|>assistant\n" header.
+    runs, t = [], 0
+    while t < len(labels):
+        if labels[t] != IGNORE:
+            start = t
+            while t < len(labels) and labels[t] != IGNORE:
+                t += 1
+            runs.append((start, t))
+        t += 1
+    assert len(runs) == 2
+    for start, end in runs:
+        assert tokens[start - 4:start] == ["<|im_start|>", "ass", "istant", "Ċ"]
+        assert tokens[end - 1] == "<|im_end|>" and labels[end] == IGNORE and tokens[end] == "Ċ"
+    assert sum(label != IGNORE for label in labels) == len(loss)
+
+
+def test_chat_default_system_prompt_gets_no_loss(tokenizer):
+    # SmolLM's template injects a system prompt when none is given.
+    example = encode_chat(tokenizer, CHAT[1:3])
+    loss = [tok for tok, label in zip(tokenizer.convert_ids_to_tokens(example["input_ids"]), example["labels"])
+            if label != IGNORE]
+    assert loss == tokenizer.tokenize("Hello there!") + ["<|im_end|>"]
+    assert "SmolLM" in tokenizer.decode(example["input_ids"])
+
+
+def test_truncation_keeps_the_left_and_drops_examples_without_loss(tokenizer):
+    full = encode_chat(tokenizer, CHAT)
+    cut = next(t for t, label in enumerate(full["labels"]) if label != IGNORE) + 1  # one loss token
+    short = encode_chat(tokenizer, CHAT, max_length=cut)
+    assert short["input_ids"] == full["input_ids"][:cut] and short["labels"] == full["labels"][:cut]
+    assert encode_chat(tokenizer, CHAT, max_length=cut - 1) is None
+
+
+def test_completion_and_text(tokenizer):
+    eos = tokenizer.eos_token_id
+    ex = encode_completion(tokenizer, "Q: 1+1?\nA:", " 2")
+    prompt = tokenizer("Q: 1+1?\nA:")["input_ids"]
+    assert ex["input_ids"] == prompt + tokenizer(" 2")["input_ids"] + [eos]
+    assert ex["labels"] == [IGNORE] * len(prompt) + tokenizer(" 2")["input_ids"] + [eos]
+    text = encode_text(tokenizer, "Some domain text.")
+    assert text["input_ids"][-1] == eos and text["labels"] == text["input_ids"]
+    assert encode_completion(tokenizer, "Q: 1+1?\nA:", " 2", max_length=len(prompt)) is None
+
+
+def test_encode_record_dispatches_and_copies_task(tokenizer):
+    ex = encode_record(tokenizer, {"messages": CHAT, "task": "math"}, "chat")
+    assert ex["task"] == "math" and ex["input_ids"] == encode_chat(tokenizer, CHAT)["input_ids"]
+    assert "task" not in encode_record(tokenizer, {"text": "x"}, "text")
+    assert encode_record(tokenizer, {"prompt": "a", "completion": "b"}, "completion")["labels"][-1] == \
+        tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="preference"):
+        encode_record(tokenizer, {"prompt": "a", "chosen": "b", "rejected": "c"}, "preference")
+
+
+def test_template_that_rewrites_history_is_rejected(tokenizer):
+    # Like reasoning templates that drop earlier assistant turns' thoughts: the
+    # rendering of a longer conversation no longer starts with the shorter one.
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<a>{{ m.content[:1] }}</a>"
+        "{% else %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(TemplateError, match="prefix"):
+        encode_chat(odd, CHAT)
+    with pytest.raises(TemplateError, match="starts with an assistant"):
+        encode_chat(tokenizer, CHAT[2:])
+
+
+def test_render_loss_mask(tokenizer):
+    ex = encode_chat(tokenizer, CHAT)
+    plain = render_loss_mask(tokenizer, ex)
+    assert "[[Hello there!<|im_end|>]]" in plain and "[[4<|im_end|>]]" in plain
+    assert plain.count("[[") == 2 and "[[" not in plain.split("assistant")[0]
+    colored = render_loss_mask(tokenizer, ex, color=True)
+    assert "\x1b[32mHello there!<|im_end|>\x1b[0m" in colored and "[[" not in colored
