@@ -167,6 +167,15 @@ def test_unreadable_inputs(tmp_path):
         load_records(tmp_path / "z.json")
     (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')  # JSON Lines named .json
     assert len(load_records(tmp_path / "lines.json").records) == 2
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([ROWS["text"]])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"holds splits \['train'\]; point at one of them"):
+        load_records(tmp_path / "dd")
+    assert load_records(tmp_path / "dd" / "train").records == [ROWS["text"]]
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not a `datasets` directory"):
+        load_records(tmp_path / "plain")
 
 
 def test_detect_kind():

@@ -1,0 +1,153 @@
+"""Padded and packed batches give the same loss; packed examples never see each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain.data.collate import collate_packed, collate_padded, model_inputs, plan_batches
+from posttrain.data.templates import IGNORE
+
+
+def make_examples(lengths, seed=0, vocab=1000):
+    """Random examples whose second half carries loss (like a prompt + completion)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE] * (n // 2) + ids[n // 2:]})
+    return out
+
+
+def token_loss(model, batch):
+    """(sum of per-token cross-entropies, number of loss tokens) with the usual shift."""
+    logits = model(**model_inputs(batch)).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, int((targets != IGNORE).sum())
+
+
+def test_padded_batch_layout():
+    ex = [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "task": "b"},
+          {"input_ids": [8], "labels": [8], "task": "a"}]
+    batch = collate_padded(ex, pad_token_id=2, tasks=["a", "b"], pad_to_multiple_of=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [8, 2, 2, 2]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE], [8, IGNORE, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["task_ids"].tolist() == [[1] * 4, [0] * 4]
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert "task_ids" not in collate_padded([{"input_ids": [1], "labels": [1]}], pad_token_id=0)
+
+
+def test_packed_batch_layout():
+    ex = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "task": "b"},
+          {"input_ids": [8, 9], "labels": [8, 9], "task": "a"}]
+    batch = collate_packed(ex, tasks=["a", "b"])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]  # nothing predicted across the boundary
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["task_ids"].tolist() == [[1, 1, 1, 0, 0]]
+    assert "attention_mask" not in batch
+    assert model_inputs(batch) == {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                                   "use_cache": False}
+
+
+def test_task_errors():
+    ex = [{"input_ids": [1], "labels": [1], "task": "a"}]
+    with pytest.raises(ValueError, match="no task list"):
+        collate_packed(ex)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['a'\]"):
+        collate_padded(ex, 0, tasks=["b"])
+    with pytest.raises(ValueError, match="some examples have a 'task'"):
+        collate_packed(ex + [{"input_ids": [1], "labels": [1]}], tasks=["a"])
+
+
+def test_packed_loss_equals_unpacked_loss(tiny):
+    tiny.eval()
+    examples = make_examples([7, 19, 3, 12, 30])
+    with torch.no_grad():
+        packed_sum, packed_n = token_loss(tiny, collate_packed(examples))
+        padded_sum, padded_n = token_loss(tiny, collate_padded(examples, pad_token_id=2))
+        one_by_one = [token_loss(tiny, collate_padded([e], pad_token_id=2)) for e in examples]
+    assert packed_n == padded_n == sum(n for _, n in one_by_one) == sum(len(e["input_ids"]) - len(e["input_ids"]) // 2
+                                                                         for e in examples)
+    single_sum = sum(s for s, _ in one_by_one)
+    assert torch.allclose(packed_sum, padded_sum, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(packed_sum, single_sum, rtol=1e-5, atol=1e-5)
+    assert abs(packed_sum.item() / packed_n - padded_sum.item() / padded_n) < 1e-5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_examples_do_not_attend_to_each_other(tiny, attn):
+    tiny.set_attn_implementation(attn)
+    tiny.eval()
+    first, second = make_examples([9, 6], seed=1)
+    changed = {"input_ids": [t + 1 for t in first["input_ids"]], "labels": first["labels"]}
+    with torch.no_grad():
+        a = tiny(**model_inputs(collate_packed([first, second]))).logits[0]
+        b = tiny(**model_inputs(collate_packed([changed, second]))).logits[0]
+        alone = tiny(**model_inputs(collate_padded([second], pad_token_id=2))).logits[0]
+    assert not torch.allclose(a[:9], b[:9], atol=1e-3)  # the edit is visible where it should be
+    assert torch.allclose(a[9:], b[9:], atol=1e-6)  # and invisible to the second example
+    assert torch.allclose(a[9:], alone, atol=1e-5)
+
+
+def test_default_kv_cache_would_leak_attention_across_examples(tiny):
+    """Why model_inputs passes use_cache=False: with the config default (use_cache=True)
+    transformers 5.24 skips packed-sequence detection and the examples see each other,
+    even in train mode. If this starts failing, transformers changed; the collator
+    still works (use_cache=False stays harmless)."""
+    tiny.train()
+    first, second = make_examples([9, 6], seed=1)
+    changed = {"input_ids": [t + 1 for t in first["input_ids"]], "labels": first["labels"]}
+    inputs = [model_inputs(collate_packed(pair)) for pair in ([first, second], [changed, second])]
+    with torch.no_grad():
+        a, b = (tiny(**{k: v for k, v in x.items() if k != "use_cache"}).logits[0, 9:] for x in inputs)
+    assert tiny.config.use_cache
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_packed_gradients_match_padded(tiny):
+    examples = make_examples([5, 11, 8], seed=2)
+    grads = []
+    for batch in (collate_packed(examples), collate_padded(examples, pad_token_id=2)):
+        tiny.zero_grad()
+        total, _ = token_loss(tiny, batch)
+        total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_plan_is_deterministic_and_covers_every_example_once():
+    lengths = [5, 30, 12, 7, 7, 50, 3, 21, 9, 14, 2, 40]
+    kw = dict(batch_size=None, max_tokens=48, packing=True, shuffle=True)
+    plan = plan_batches(lengths, seed=3, epoch=1, **kw)
+    assert plan == plan_batches(lengths, seed=3, epoch=1, **kw)
+    assert plan != plan_batches(lengths, seed=3, epoch=2, **kw)
+    assert sorted(i for g in plan for i in g) == list(range(len(lengths)))
+    for g in plan:
+        assert sum(lengths[i] for i in g) <= 48 or len(g) == 1
+    flat = [i for g in plan for i in g]
+    for g, nxt in zip(plan, plan[1:]):  # greedy: a row closes only when the next example does not fit
+        assert sum(lengths[i] for i in g) + lengths[nxt[0]] > 48
+    assert flat != list(range(len(lengths)))
+
+
+def test_plan_edge_cases():
+    # An example longer than max_tokens gets a row of its own.
+    assert plan_batches([10, 100, 10], batch_size=None, max_tokens=32, packing=True, shuffle=False,
+                        seed=0, epoch=0) == [[0], [1], [2]]
+    # batch_size caps examples per packed row.
+    assert plan_batches([1] * 5, batch_size=2, max_tokens=100, packing=True, shuffle=False,
+                        seed=0, epoch=0) == [[0, 1], [2, 3], [4]]
+    # Padded batches: batch_size examples, also capped by rows x longest <= max_tokens.
+    assert plan_batches([4] * 5, batch_size=2, max_tokens=None, packing=False, shuffle=False,
+                        seed=0, epoch=0) == [[0, 1], [2, 3], [4]]
+    assert plan_batches([4, 4, 10, 1], batch_size=8, max_tokens=20, packing=False, shuffle=False,
+                        seed=0, epoch=0) == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="packing needs max_tokens"):
+        plan_batches([1], batch_size=4, max_tokens=None, packing=True, shuffle=False, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        plan_batches([0], batch_size=4, max_tokens=None, packing=False, shuffle=False, seed=0, epoch=0)
