@@ -78,6 +78,8 @@ def test_completion_and_text(tokenizer):
     text = encode_text(tokenizer, "Some domain text.")
     assert text["input_ids"][-1] == eos and text["labels"] == text["input_ids"]
     assert encode_completion(tokenizer, "Q: 1+1?\nA:", " 2", max_length=len(prompt)) is None
+    assert encode_text(tokenizer, "Some domain text.", max_length=1) is None  # token 0 is never predicted
+    assert encode_text(tokenizer, "Some domain text.", max_length=2)["labels"] == text["input_ids"][:2]
 
 
 def test_encode_record_dispatches_and_copies_task(tokenizer):

@@ -14,7 +14,8 @@ and the rendering of ``messages[:i+1]`` (less trailing whitespace) ends where th
 turn ends. Characters map to tokens through the fast tokenizer's offsets.
 
 Truncation keeps the first ``max_length`` tokens. An example left without any
-loss token returns **None**; callers count those as dropped.
+loss token after position 0 (nothing predicts token 0) returns **None**; callers
+count those as dropped.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
 def _finish(ids: list[int], labels: list[int], max_length: int | None) -> dict | None:
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels):
+    if all(label == IGNORE for label in labels[1:]):  # token 0 is never predicted: no loss there
         return None
     return {"input_ids": ids, "labels": labels}
 
