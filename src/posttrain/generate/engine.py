@@ -1,0 +1,327 @@
+"""Batched generation over a causal LM's forward pass and KV cache.
+
+We run our own decode loop instead of `model.generate` so that eval, RL, reasoning
+and serving share one engine whose steps we control (speculative / SAM decoding
+plugs into the same loop later). The loop is deliberately plain:
+
+    prefill (left-padded prompts) -> repeat: pick next token per row, append,
+    check EOS / stop strings / budget, drop finished rows, forward one token.
+
+Batching uses left padding, a 2-D attention mask and explicit position ids
+(cumulative sum of the mask), which is what HF `generate` does, so greedy output
+is identical to `model.generate(do_sample=False)` and independent of the padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+StreamFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. `do_sample=False` is greedy; sampling knobs then do nothing."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    chat: bool = False
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class GenerationOutput:
+    """Per prompt: the text (special tokens skipped, cut before any stop string),
+    the generated token ids (including a final EOS token if one was produced, and the
+    token that completed a stop string), and one logprob per generated token."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+
+
+# ---------------------------------------------------------------------------------
+# prompt preparation
+
+
+def render_chat(tokenizer, messages: list[dict[str, Any]], system: str | None = None) -> str:
+    """Messages -> prompt text via the tokenizer's chat template, ready for the reply."""
+    if system is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Any], chat: bool = False, system: str | None = None) -> list[list[int]]:
+    """Strings, token-id lists or message lists -> token ids.
+
+    Strings go through the chat template when `chat=True`; message lists always do;
+    token-id lists are used as given.
+    """
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if chat:
+                text = render_chat(tokenizer, [{"role": "user", "content": p}], system)
+                out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                out.append(tokenizer(p)["input_ids"])
+        elif isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
+            text = render_chat(tokenizer, list(p), system)
+            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+            out.append(list(p))
+        else:
+            raise TypeError(f"prompt {i}: expected str, list[int] or list of message dicts, got {type(p).__name__}")
+        if not out[-1]:
+            raise ValueError(f"prompt {i} is empty after tokenization")
+    return out
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a reply: the tokenizer's EOS plus the model/generation config's."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into (input_ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------------------------
+# one forward step and token choice
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; accept either model style."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_step(model, ids, mask, positions, cache, cache_kw: str) -> torch.Tensor:
+    """Run `ids` through the model, extending `cache`; return fp32 logits of the last position."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **{cache_kw: cache})
+    return out.logits[:, -1, :].float()
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (as HF): shrink logits of tokens already in the sequence."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf (the most likely token always stays)."""
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row; return (tokens, their logprobs).
+
+    The logprob is log_softmax(logits / T) of the model's raw logits, T = temperature
+    when sampling and 1 for greedy. Repetition penalty and top-k/top-p truncation are
+    *not* folded in, so a training forward pass with logits / T reproduces the values
+    exactly (what RL importance ratios need).
+    """
+    temperature = config.temperature if config.do_sample else 1.0
+    logprobs_all = F.log_softmax(logits / temperature, dim=-1)
+    scores = logits
+    if seen is not None:
+        scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)
+    if config.do_sample:
+        scores = filter_top_k_top_p(scores / temperature, config.top_k, config.top_p)
+        probs = scores.softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        tokens = scores.argmax(-1)
+    return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------
+# incremental detokenization and stop strings
+
+
+class _RowText:
+    """Decoded text of one row's generated tokens, grown token by token.
+
+    Text is decoded from a window of recent tokens (not the whole sequence each step);
+    a piece ending in U+FFFD (half a UTF-8 character) is held back until complete.
+    Text that could still become a stop string is held back from the stream, so the
+    streamed pieces concatenate to exactly the final text.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tok = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # tokens already turned into text
+        self.text = ""
+        self.emitted = 0  # chars of self.text already streamed
+
+    def add(self, token: int) -> bool:
+        """Append a token; return True if a stop string is now in the text."""
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            start = max(0, len(self.text) - self.hold)
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            for s in self.stop:
+                cut = self.text.find(s, start)
+                if cut >= 0:
+                    self.text = self.text[:cut]
+                    return True
+        return False
+
+    def piece(self, final: bool) -> str:
+        """The next chunk safe to stream (everything left, when the row is finished)."""
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        chunk = self.text[self.emitted:end]
+        self.emitted = end
+        return chunk
+
+
+# ---------------------------------------------------------------------------------
+# the loop
+
+
+@torch.inference_mode()
+def _generate(model, tokenizer, prompt_ids, config, stream):
+    device = next(model.parameters()).device
+    n = len(prompt_ids)
+    stops = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
+    cache_kw = _cache_kwarg(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from transformers import DynamicCache
+
+    rows = [_RowText(tokenizer, config.stop) for _ in range(n)]
+    tokens_out: list[list[int]] = [[] for _ in range(n)]
+    logprobs_out: list[list[float]] = [[] for _ in range(n)]
+    if config.max_new_tokens == 0:
+        return rows, tokens_out, logprobs_out
+
+    generator = None
+    if config.do_sample and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    ids, mask = left_pad(prompt_ids, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    seen = None
+    if config.repetition_penalty != 1.0:
+        vocab = base.get_output_embeddings().weight.shape[0]
+        counts = torch.zeros((n, vocab), dtype=torch.long, device=device)
+        seen = counts.scatter_add_(1, ids, mask) > 0
+
+    cache = DynamicCache(config=base.config)
+    active = list(range(n))  # original row index of each live batch row
+    logits = forward_step(model, ids, mask, positions, cache, cache_kw)
+    last_pos = positions[:, -1:]
+    for step in range(config.max_new_tokens):
+        next_tokens, next_logprobs = choose_tokens(logits, config, seen, generator)
+        keep = []
+        for b, (tok, lp) in enumerate(zip(next_tokens.tolist(), next_logprobs.tolist())):
+            r = active[b]
+            tokens_out[r].append(tok)
+            logprobs_out[r].append(lp)
+            done = tok in stops
+            if not done:
+                done = rows[r].add(tok)
+            done = done or step + 1 == config.max_new_tokens
+            if stream is not None:
+                stream(r, tok, rows[r].piece(final=done))
+            if not done:
+                keep.append(b)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            next_tokens, mask, last_pos = next_tokens[index], mask[index], last_pos[index]
+            seen = seen[index] if seen is not None else None
+            active = [active[b] for b in keep]
+        if seen is not None:
+            seen[torch.arange(len(active), device=device), next_tokens] = True
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        last_pos = last_pos + 1
+        logits = forward_step(model, next_tokens[:, None], mask, last_pos, cache, cache_kw)
+    return rows, tokens_out, logprobs_out
+
+
+def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig | None = None,
+             stream: StreamFn | None = None) -> GenerationOutput:
+    """Generate a continuation for every prompt in one left-padded batch.
+
+    prompts: strings, token-id lists, or chat message lists (rendered with the
+    chat template). `stream(row, token_id, text_piece)` is called once per generated
+    token; pieces may be "" while text is held back (incomplete UTF-8, a possible stop
+    string) and concatenate to exactly `texts[row]`. Rows that finish (EOS, stop
+    string, budget) leave the batch so they cost nothing afterwards. The model runs
+    in eval mode under inference_mode; its train/eval mode is restored afterwards.
+    """
+    config = config or GenerationConfig()
+    if not prompts:
+        return GenerationOutput([], [], [])
+    prompt_ids = encode_prompts(tokenizer, prompts, config.chat, config.system)
+    was_training = model.training
+    model.eval()
+    try:
+        rows, token_ids, logprobs = _generate(model, tokenizer, prompt_ids, config, stream)
+    finally:
+        model.train(was_training)
+    return GenerationOutput([r.text for r in rows], token_ids, logprobs)
