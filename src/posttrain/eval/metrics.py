@@ -1,0 +1,173 @@
+"""Scoring: answer normalisation, exact match, token F1, answer extraction, perplexity.
+
+String metrics are pure functions on (prediction, reference) so they can be tested by
+hand; perplexity is the one model-facing metric here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Extract = str | Callable[[str], str | None] | None
+
+_WS = re.compile(r"\s+")
+_TRAILING_PUNCT = ".,;:!?。"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    """Strip, casefold, collapse whitespace, drop trailing punctuation ("Paris." == "paris")."""
+    text = _WS.sub(" ", text.strip().casefold())
+    return text.rstrip(_TRAILING_PUNCT + " ").strip()
+
+
+def exact_match(pred: str, ref: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(normalize(pred) == normalize(ref))
+
+
+def _squad_tokens(text: str) -> list[str]:
+    """SQuAD normalisation: lowercase, no punctuation, no articles, whitespace-split."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    return _ARTICLES.sub(" ", text).split()
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style bag-of-tokens F1 (1.0 when both are empty after normalisation)."""
+    p, r = _squad_tokens(pred), _squad_tokens(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def extract_answer(text: str, mode: str = "last_number") -> str | None:
+    """Pull the answer out of a generation; None when nothing matches.
+
+    mode: "last_number" (commas removed, "1,234.50" -> "1234.50"), "first_line" (first
+    non-empty line), or a regex (its first group if it has one, else the whole match;
+    first match in the text).
+    """
+    if mode == "last_number":
+        found = _NUMBER.findall(text)
+        return found[-1].replace(",", "") if found else None
+    if mode == "first_line":
+        for line in text.splitlines():
+            if line.strip():
+                return line.strip()
+        return None
+    try:
+        pattern = re.compile(mode)
+    except re.error as exc:
+        raise ValueError(f"extract must be 'last_number', 'first_line' or a valid regex; {mode!r}: {exc}") from exc
+    m = pattern.search(text)
+    if m is None:
+        return None
+    return m.group(1) if pattern.groups else m.group(0)
+
+
+def apply_extract(text: str, extract: Extract) -> str | None:
+    """extract may be None (whole text), a mode/regex string, or a function."""
+    if extract is None:
+        return text
+    if callable(extract):
+        return extract(text)
+    return extract_answer(text, extract)
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").strip().rstrip("."))
+    except ValueError:
+        return None
+
+
+def answers_match(pred: str | None, ref: str) -> bool:
+    """Numbers compare by value ("42.0" == "42"), anything else by exact_match."""
+    if pred is None:
+        return False
+    a, b = _as_number(pred), _as_number(ref)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return bool(exact_match(pred, ref))
+
+
+def accuracy(preds: Sequence[str], refs: Sequence[str], extract: Extract = None) -> float:
+    """Fraction of predictions whose extracted answer matches the reference.
+
+    `extract` applies to predictions only: references are expected to be bare answers.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    if not preds:
+        raise ValueError("accuracy of zero examples is undefined")
+    return sum(answers_match(apply_extract(p, extract), r) for p, r in zip(preds, refs)) / len(preds)
+
+
+def _right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sequence_nll(model, tokenizer, texts: Sequence[str], max_length: int = 512,
+                 batch_size: int = 8, progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """Summed next-token NLL over every predicted token of every text, and the token count.
+
+    Texts are tokenized (with the tokenizer's special tokens) and truncated to
+    `max_length`; each text's first token is context only. Batches are right-padded
+    and the loss is taken one row at a time so the vocabulary-sized log-softmax
+    never covers the whole batch at once.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = [encoded[i] for i in order[start:start + batch_size]]
+                batch = [s for s in batch if len(s) >= 2]
+                if batch:
+                    ids, mask = _right_pad(batch, pad_id, device)
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    for row, seq in enumerate(batch):
+                        n = len(seq) - 1
+                        nll = F.cross_entropy(logits[row, :n].float(), ids[row, 1:n + 1], reduction="sum")
+                        total += nll.item()
+                        count += n
+                    del logits
+                if progress is not None:
+                    progress(1)
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 512, batch_size: int = 8) -> float:
+    """exp(token-weighted mean NLL) over all predicted tokens of all texts."""
+    total, count = sequence_nll(model, tokenizer, texts, max_length, batch_size)
+    if count == 0:
+        raise ValueError("perplexity needs at least one text of two or more tokens")
+    return math.exp(total / count)
