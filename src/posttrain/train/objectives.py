@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.data.collate import model_inputs
+
 Objective = Callable[[torch.nn.Module, dict], tuple[Tensor, dict]]
 IGNORE = -100
 
@@ -52,10 +54,10 @@ def loss_position_hidden(model, batch) -> tuple[Tensor, Tensor]:
 
     Runs the decoder without the vocabulary head: on a 49k vocabulary the head over
     every position costs more than the layers for short prompts with short answers.
+    Packed rows need `use_cache=False` (model_inputs) for transformers' block mask.
     """
     base = _unwrap(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    hidden = base.get_decoder()(**model_inputs(batch)).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     return hidden[:, :-1][keep], targets[keep]
@@ -68,8 +70,8 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, 
     checkpointing, so the head never materialises [tokens, vocab] for a long batch.
     """
     with _routing(model, batch):
-        if is_prompt_learning(model):  # virtual tokens are prepended inside PEFT's forward
-            return _full_logits_loss(model, batch)
+        if is_prompt_learning(model) or is_wrapped(model):
+            return _forward_loss(model, batch)
         hidden, targets = loss_position_hidden(model, batch)
     n = targets.numel()
     if n == 0:
@@ -90,18 +92,34 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, 
     return loss, {"loss": loss.item(), "loss_tokens": n, "token_acc": correct / n}
 
 
-def _full_logits_loss(model, batch: dict) -> tuple[Tensor, dict]:
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-    logits = model(**inputs).logits
-    logits = logits[:, -batch["input_ids"].shape[1] :]  # drop virtual-token positions
+def _forward_loss(model, batch: dict) -> tuple[Tensor, dict]:
+    """Loss through the wrapper's own forward.
+
+    DDP/FSDP/DeepSpeed synchronise gradients from hooks set up in their forward, and
+    PEFT prompt tuning prepends virtual tokens there, so neither may be bypassed.
+    `logits_to_keep` still limits the head to positions that predict a loss token in
+    some row of the batch.
+    """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    sel = logits[:, :-1][keep].float()
+    inputs = model_inputs(batch)
+    if is_prompt_learning(model):
+        logits = model(**inputs).logits[:, -batch["input_ids"].shape[1] :][:, :-1]  # drop virtual tokens
+    else:
+        cols = keep.any(0).nonzero().squeeze(1)
+        logits = model(**inputs, logits_to_keep=cols).logits
+        targets, keep = targets[:, cols], keep[:, cols]
+    sel = logits[keep].float()
     t = targets[keep]
     n = t.numel()
     loss = F.cross_entropy(sel, t, reduction="sum") / max(n, 1)
     acc = (sel.argmax(-1) == t).float().mean().item() if n else 0.0
     return loss, {"loss": loss.item(), "loss_tokens": n, "token_acc": acc}
+
+
+def is_wrapped(model) -> bool:
+    """DDP / FSDP / DeepSpeed engines: their forward must run for gradients to sync."""
+    return hasattr(model, "module") or type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
 
 
 OBJECTIVES: dict[str, Objective] = {"sft": causal_lm_loss, "pretrain": causal_lm_loss}

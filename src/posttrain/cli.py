@@ -1,0 +1,238 @@
+"""`posttrain <verb>`: one verb per stage; `--config recipe.yaml` plus `key.sub=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """overrides: any config key as dotted key=value after the options, e.g.
+  posttrain sft --config recipes/sft_lora.yaml train.lr=1e-4 adapter.r=8 data.train=my.jsonl"""
+
+
+def _add_stage(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="recipe YAML (see recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-training for language models: adapt, align, compress, evaluate, deploy.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+    _add_stage(sub, "sft", "supervised fine-tuning (full, freeze, LoRA/DoRA, IA3, prompt tuning, bottleneck adapters)")
+    _add_stage(sub, "pretrain", "continued pre-training on raw text (domain adaptation)")
+
+    p = sub.add_parser("eval", help="evaluate a model (optionally against another) on local tasks",
+                       description="Evaluate one model, or two side by side (--compare), on generation tasks "
+                                   "and perplexity sets; prints a table and writes a bar chart PNG.",
+                       epilog="task files: JSONL rows {prompt, answer}; perplexity files: rows {text}. "
+                              "Or give --config with a tasks: list (see recipes/eval.yaml).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", default="default", help="model spec: default, HF dir, run dir, .gguf, hub id")
+    p.add_argument("--compare", help="a second model to compare against (e.g. the base)")
+    p.add_argument("--config", "-c", help="YAML with a tasks: list (name, path, type, metric, extract, ...)")
+    p.add_argument("--task", action="append", default=[], metavar="PATH[:METRIC]",
+                   help="generation task file; METRIC exact_match (default), accuracy or token_f1")
+    p.add_argument("--perplexity", action="append", default=[], metavar="PATH", help="text JSONL for perplexity")
+    p.add_argument("--limit", type=int, help="at most this many rows per task")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--out", help="directory for results.json and the bar chart (default: eval-out)")
+
+    p = sub.add_parser("generate", help="generate text from prompts",
+                       description="Generate from one or more prompts (or a JSONL file of {prompt}).")
+    p.add_argument("--model", "-m", default="default")
+    p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--file", help="JSONL with a prompt field per row")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal (streams tokens)")
+    p.add_argument("--model", "-m", default="default")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+
+    p = sub.add_parser("merge", help="fold an adapter (LoRA/DoRA/IA3) into a full model directory",
+                       description="Fold adapters into the base weights and save a plain transformers model.")
+    p.add_argument("source", help="adapter dir or run dir whose final/ is an adapter")
+    p.add_argument("--out", "-o", required=True, help="output model directory")
+    p.add_argument("--dtype", default="fp32", choices=["auto", "bf16", "fp32"])
+
+    p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", metavar="<tool>")
+    q = p.add_parser("inspect", help="render records through the chat template and mark loss tokens",
+                     description="Shows validation results, then a few records as the model sees them, with "
+                                 "the tokens that carry loss marked [[like this]].")
+    q.add_argument("file")
+    q.add_argument("--model", "-m", default="default", help="whose tokenizer/chat template to use")
+    q.add_argument("--n", type=int, default=3, help="records to render")
+    q.add_argument("--kind", choices=["chat", "completion", "text", "preference", "prompt"])
+    q.add_argument("--max-length", type=int, default=1024)
+    q.add_argument("--color", action="store_true", help="color loss tokens instead of brackets")
+    return parser
+
+
+def cmd_stage(args) -> int:
+    from posttrain.config import build_config
+    from posttrain.train.sft import SFTConfig, run_sft
+
+    overrides = list(args.overrides)
+    if args.verb == "pretrain":
+        overrides.insert(0, "stage=pretrain")
+    cfg = build_config(SFTConfig, args.config, overrides)
+    manifest = run_sft(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"run directory: {cfg.output_dir}  (final model: {cfg.output_dir}/final)")
+    return 0 if manifest else 1
+
+
+def cmd_eval(args) -> int:
+    from posttrain.config import load_yaml
+    from posttrain.eval.report import bar_chart, format_table, write_json_atomic
+    from posttrain.eval.tasks import EvalSpec, run_eval
+    from posttrain.models import load_model
+
+    specs = [EvalSpec.model_validate(t) for t in load_yaml(args.config).get("tasks", [])] if args.config else []
+    for item in args.task:
+        path, _, metric = item.partition(":")
+        specs.append(EvalSpec(name=Path(path).stem, path=path, type="generation", metric=metric or "exact_match",
+                              limit=args.limit))
+    for path in args.perplexity:
+        specs.append(EvalSpec(name=f"{Path(path).stem}_ppl", path=path, type="perplexity", limit=args.limit))
+    if not specs:
+        raise ValueError("nothing to evaluate: give --task FILE, --perplexity FILE or --config with tasks")
+    results = {}
+    for label, spec in ((args.model, args.model), (args.compare, args.compare)):
+        if spec is None:
+            continue
+        model, tok = load_model(spec, dtype=args.dtype)
+        results[label] = run_eval(model, tok, specs)
+        del model
+    print(format_table(results))
+    out = Path(args.out or "eval-out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", results)
+    bar_chart(results, out / "eval.png")
+    print(f"wrote {out}/results.json and {out}/eval.png")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from posttrain.generate.engine import GenerationConfig, generate
+    from posttrain.models import load_model
+
+    prompts = list(args.prompt)
+    if args.file:
+        from posttrain.data.formats import load_records
+
+        prompts += [r["prompt"] for r in load_records(args.file, kind="prompt").records]
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --file prompts.jsonl")
+    model, tok = load_model(args.model, dtype=args.dtype)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
+                           seed=args.seed, stop=args.stop, chat=not args.no_chat)
+    out = generate(model, tok, prompts, cfg)
+    for prompt, text in zip(prompts, out.texts):
+        print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from posttrain.generate.engine import GenerationConfig, generate
+    from posttrain.models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature or 1.0)
+    print("chat: type a message, /reset to clear, /quit (or Ctrl-D) to leave")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        print("bot> ", end="", flush=True)
+        out = generate(model, tok, [prompt], cfg, stream=lambda row, tid, piece: print(piece, end="", flush=True))
+        print()
+        messages.append({"role": "assistant", "content": out.texts[0]})
+
+
+def cmd_merge(args) -> int:
+    from posttrain.adapters import merge_adapter
+    from posttrain.models import load_model, save_model
+
+    model, tok = load_model(args.source, dtype=args.dtype)
+    merged = merge_adapter(model)
+    save_model(merged, tok, args.out)
+    print(f"merged model written to {args.out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from posttrain.data.formats import load_records
+    from posttrain.data.templates import encode_record, render_loss_mask
+    from posttrain.models import load_tokenizer
+
+    if args.data_verb != "inspect":
+        raise ValueError("usage: posttrain data inspect FILE")
+    data = load_records(args.file, kind=args.kind, skip_invalid=True)
+    print(f"{args.file}: {len(data.records)} valid records of kind '{data.kind}', {data.skipped} invalid")
+    for reason in data.skip_reasons:
+        print(f"  invalid: {reason}")
+    if data.kind not in ("chat", "completion", "text"):
+        return 0
+    tok = load_tokenizer(args.model)
+    for i, record in enumerate(data.records[: args.n]):
+        ex = encode_record(tok, record, data.kind, max_length=args.max_length)
+        if ex is None:
+            print(f"--- record {i + 1}: no loss tokens within {args.max_length} tokens")
+            continue
+        n_loss = sum(1 for t in ex["labels"] if t != -100)
+        print(f"--- record {i + 1}: {len(ex['input_ids'])} tokens, {n_loss} carry loss")
+        print(render_loss_mask(tok, ex, color=args.color))
+    return 0
+
+
+COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
+            "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.verb](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # ModelLoadError is a ValueError
+        print(f"posttrain {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+if __name__ == "__main__":
+    sys.exit(main())
