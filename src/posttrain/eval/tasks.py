@@ -1,0 +1,222 @@
+"""Evaluation tasks from local JSONL files: prompts -> generations -> scores.
+
+Generation tasks: one row per example, `{"prompt": str, "answer": str}` or
+`{"messages": [{role, content}, ...], "answer": str}` whose last turn is the user's
+question. Perplexity sets: rows `{"text": str}`. Both are plain files so an eval is
+reproducible from the file alone; every bad row fails with file:line:field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from posttrain.eval.metrics import Extract, answers_match, apply_extract, exact_match, sequence_nll, token_f1
+from posttrain.generate.engine import GenerationConfig, generate
+
+METRICS = ("exact_match", "accuracy", "token_f1")
+
+
+@dataclass
+class TaskResult:
+    """One task's score. predictions: per example {prompt, prediction, extracted, answer, score}."""
+
+    name: str
+    metric: str
+    score: float
+    n: int
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; bad JSON or non-objects raise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"task file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    return rows
+
+
+def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}:messages: expected a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}:messages[{i}]: expected an object with string 'role' and 'content'")
+    if value[-1]["role"] != "user":
+        raise ValueError(f"{where}:messages[{len(value) - 1}].role: the last turn must be 'user' (the question), "
+                         f"got {value[-1]['role']!r}")
+    return value
+
+
+def load_task(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Validated examples: {"prompt": str | messages, "answer": str, "line": int}."""
+    path = Path(path)
+    examples = []
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "prompt" in row and "messages" in row:
+            raise ValueError(f"{where}:prompt: give either 'prompt' or 'messages', not both")
+        if "messages" in row:
+            prompt: Any = _check_messages(row["messages"], where)
+        elif "prompt" in row:
+            prompt = row["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{where}:prompt: expected a non-empty string")
+        else:
+            raise ValueError(f"{where}:prompt: missing (rows need 'prompt' or 'messages', and 'answer')")
+        answer = row.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}:answer: expected a string (or number), got "
+                             f"{'nothing' if answer is None else type(answer).__name__}")
+        examples.append({"prompt": prompt, "answer": answer, "line": lineno})
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The `text` field of every row of a perplexity set."""
+    path = Path(path)
+    texts = []
+    for lineno, row in _read_jsonl(path):
+        text = row.get("text")
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{path}:{lineno}:text: expected a non-empty string")
+        texts.append(text)
+        if limit is not None and len(texts) >= limit:
+            break
+    if not texts:
+        raise ValueError(f"{path}: no rows")
+    return texts
+
+
+def score_prediction(prediction: str, answer: str, metric: str, extract: Extract = None) -> tuple[str | None, float]:
+    """(extracted answer, score in [0, 1]) for one example."""
+    extracted = apply_extract(prediction, extract)
+    if metric == "accuracy":
+        return extracted, float(answers_match(extracted, answer))
+    if extracted is None:
+        return None, 0.0
+    if metric == "exact_match":
+        return extracted, exact_match(extracted, answer)
+    if metric == "token_f1":
+        return extracted, token_f1(extracted, answer)
+    raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+
+
+def evaluate_task(model, tokenizer, path: str | Path, metric: str = "exact_match", extract: Extract = None,
+                  max_new_tokens: int = 64, batch_size: int = 8, chat: bool = True, system: str | None = None,
+                  limit: int | None = None, stop: Sequence[str] = (), name: str | None = None) -> TaskResult:
+    """Greedy-generate an answer for each example and score it; the score is the mean.
+
+    String prompts use the chat template when `chat` is true; `messages` rows always
+    do (with `system` prepended unless they start with a system turn). Prompts are
+    generated in batches of similar length to waste little on padding.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    examples = load_task(path, limit)
+    name = name or Path(path).stem
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, chat=chat, system=system,
+                              stop=list(stop))
+    order = sorted(range(len(examples)), key=lambda i: len(json.dumps(examples[i]["prompt"])))
+    texts: list[str] = [""] * len(examples)
+    for start in tqdm(range(0, len(order), batch_size), desc=f"eval {name}", unit="batch", leave=False):
+        idx = order[start:start + batch_size]
+        out = generate(model, tokenizer, [examples[i]["prompt"] for i in idx], config)
+        for i, text in zip(idx, out.texts):
+            texts[i] = text
+    predictions = []
+    for ex, text in zip(examples, texts):
+        extracted, score = score_prediction(text, ex["answer"], metric, extract)
+        predictions.append({"line": ex["line"], "prompt": ex["prompt"], "prediction": text,
+                            "extracted": extracted, "answer": ex["answer"], "score": score})
+    score = sum(p["score"] for p in predictions) / len(predictions)
+    return TaskResult(name=name, metric=metric, score=score, n=len(predictions), predictions=predictions)
+
+
+def evaluate_perplexity(model, tokenizer, path: str | Path, max_length: int = 512, batch_size: int = 8,
+                        limit: int | None = None, name: str | None = None) -> TaskResult:
+    """Token-weighted perplexity over the `text` rows of a JSONL file."""
+    import math
+
+    texts = load_texts(path, limit)
+    name = name or Path(path).stem
+    with tqdm(total=-(-len(texts) // batch_size), desc=f"ppl {name}", unit="batch", leave=False) as bar:
+        total, count = sequence_nll(model, tokenizer, texts, max_length, batch_size, progress=bar.update)
+    if count == 0:
+        raise ValueError(f"{path}: no text has two or more tokens; perplexity is undefined")
+    return TaskResult(name=name, metric="perplexity", score=math.exp(total / count), n=len(texts))
+
+
+class EvalSpec(BaseModel):
+    """One entry of an eval config's `tasks:` list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: str
+    type: Literal["generation", "perplexity"] = "generation"
+    metric: Literal["exact_match", "accuracy", "token_f1", "perplexity"] | None = None
+    extract: str | None = Field(None, description="last_number, first_line or a regex (generation only)")
+    max_new_tokens: int = Field(64, gt=0)
+    limit: int | None = Field(None, gt=0)
+    chat: bool = True
+    system: str | None = None
+    stop: list[str] = Field(default_factory=list)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(512, ge=2, description="tokens per text (perplexity only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalSpec":
+        if self.type == "perplexity":
+            if self.metric not in (None, "perplexity"):
+                raise ValueError(f"task {self.name!r}: a perplexity task has metric 'perplexity', not {self.metric!r}")
+            if self.extract is not None:
+                raise ValueError(f"task {self.name!r}: extract applies to generation tasks only")
+            self.metric = "perplexity"
+        else:
+            if self.metric == "perplexity":
+                raise ValueError(f"task {self.name!r}: metric 'perplexity' needs type: perplexity")
+            self.metric = self.metric or "exact_match"
+        return self
+
+
+def run_spec(model, tokenizer, spec: EvalSpec) -> TaskResult:
+    if spec.type == "perplexity":
+        return evaluate_perplexity(model, tokenizer, spec.path, max_length=spec.max_length,
+                                   batch_size=spec.batch_size, limit=spec.limit, name=spec.name)
+    return evaluate_task(model, tokenizer, spec.path, metric=spec.metric, extract=spec.extract,
+                         max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, chat=spec.chat,
+                         system=spec.system, limit=spec.limit, stop=spec.stop, name=spec.name)
+
+
+def run_eval(model, tokenizer, specs: Sequence[EvalSpec]) -> dict[str, float]:
+    """{spec.name: score} for every spec, in order (perplexity tasks report perplexity)."""
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"eval task names must be unique; repeated: {', '.join(dupes)}")
+    return {spec.name: run_spec(model, tokenizer, spec).score for spec in specs}
