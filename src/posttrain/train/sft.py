@@ -157,7 +157,7 @@ def evaluate_all(model, tokenizer, cfg: EvalConfig) -> dict[str, float]:
 
     scores = run_eval(model, tokenizer, cfg.tasks) if cfg.tasks else {}
     if cfg.forgetting:
-        scores["general_ppl"] = evaluate_perplexity(model, tokenizer, cfg.forgetting)
+        scores["general_ppl"] = evaluate_perplexity(model, tokenizer, cfg.forgetting, name="general_ppl").score
     return scores
 
 
