@@ -6,6 +6,7 @@ kind (chat/completion vs text); both go through `train.loop.train`.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> di
     """Run the stage end to end; returns the manifest."""
     from posttrain.adapters import apply_adapter, trainable_summary
     from posttrain.models import load_model, resolve_model_path, save_model
-    from posttrain.stage import content_hash, prepare_run_dir, write_manifest
+    from posttrain.stage import content_hash, prepare_run_dir, write_json_atomic, write_manifest
     from posttrain.train.loop import train
     from posttrain.train.objectives import get_objective
 
@@ -124,7 +125,12 @@ def run_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> di
         examples = [examples[i] for i in order[n_eval:]]
     print(f"data: {data_report}")
 
-    before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before and not resume else {}
+    before_path = run_dir / "eval_before.json"
+    if resume and before_path.exists():  # measured on the base model when the run started
+        before = json.loads(before_path.read_text())
+    else:
+        before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
+        write_json_atomic(before_path, before)
     model = apply_adapter(model, cfg.adapter)
     summary = trainable_summary(model)
     print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")

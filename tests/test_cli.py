@@ -1,0 +1,85 @@
+"""The `posttrain` command line, driven through main() on a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from posttrain.cli import main
+from posttrain.models import save_model, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    save_model(tiny_model(tokenizer), tokenizer, path)
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                     {"role": "assistant", "content": f"{i}"}]}) + "\n"
+                            for i in range(12)))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"say {i}", "answer": str(i)}) + "\n" for i in range(3)))
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "Rivers carry water to the sea."}) + "\n")
+    return {"chat": chat, "task": task, "text": text}
+
+
+def test_help_lists_every_verb():
+    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for verb in ("sft", "pretrain", "eval", "generate", "chat", "merge", "data"):
+        assert verb in out
+
+
+def test_data_inspect_marks_loss_tokens(files, tiny_dir, capsys):
+    assert main(["data", "inspect", str(files["chat"]), "--model", str(tiny_dir), "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "12 valid records of kind 'chat'" in out
+    assert "[[0<|im_end|>]]" in out.replace(" ", "")
+    assert "[[" not in out.split("assistant")[0]  # nothing before the assistant turn carries loss
+
+
+def test_bad_override_exits_2_and_names_the_key(capsys):
+    assert main(["sft", "data.train=x.jsonl", "adapter.r=-1"]) == 2
+    assert "adapter.r" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path, tiny_dir, capsys):
+    code = main(["sft", f"model.name={tiny_dir}", f"data.train={tmp_path}/nope.jsonl",
+                 f"output_dir={tmp_path}/run", "eval.before=false"])
+    assert code == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_sft_then_merge_then_eval_compare(tmp_path, tiny_dir, files, capsys):
+    run = tmp_path / "run"
+    assert main(["sft", f"model.name={tiny_dir}", "model.dtype=fp32", f"data.train={files['chat']}",
+                 f"output_dir={run}", "train.max_steps=2", "train.progress=false", "train.max_tokens=64"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(merged)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(merged)  # plain transformers, no PEFT
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    out_dir = tmp_path / "eval"
+    assert main(["eval", "--model", str(merged), "--compare", str(tiny_dir), "--dtype", "fp32",
+                 "--task", f"{files['task']}:exact_match", "--perplexity", str(files["text"]),
+                 "--out", str(out_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "task" in table and "text_ppl" in table
+    results = json.loads((out_dir / "results.json").read_text())
+    assert set(results) == {str(merged), str(tiny_dir)}
+    assert (out_dir / "eval.png").stat().st_size > 1000
+
+
+def test_generate_prints_json_lines(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--dtype", "fp32", "-p", "hi", "-p", "hello there",
+                 "--max-new-tokens", "3"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt"] for r in lines] == ["hi", "hello there"]
+    assert all(isinstance(r["output"], str) for r in lines)
