@@ -23,7 +23,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(VENV)/bin/posttrain demo
+	$(VENV)/bin/posttrain sft --config recipes/quickstart.yaml --overwrite
 
 bench: install
 	$(PY) bench/sft_throughput.py

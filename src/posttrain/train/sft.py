@@ -131,7 +131,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> di
     else:
         before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
         write_json_atomic(before_path, before)
-    model = apply_adapter(model, cfg.adapter)
+    model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)
     print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
 
