@@ -110,3 +110,46 @@ def test_ewc_stage_runs_with_a_penalty(tmp_path, tiny_dir):
 def test_bad_configs_are_refused_before_any_model_loads(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_config(SFTConfig, None, overrides)
+
+
+@pytest.mark.parametrize(
+    "adapter, train",
+    [
+        ({"method": "full"}, {}),
+        ({"method": "freeze", "freeze_layers": 1}, {}),
+        ({"method": "dora", "r": 4}, {}),
+        ({"method": "ia3"}, {}),
+        ({"method": "prompt", "num_virtual_tokens": 4}, {"packing": False, "batch_size": 4}),
+    ],
+    ids=lambda v: v.get("method", ""),
+)
+def test_every_method_trains_and_reloads(tmp_path, tiny_dir, adapter, train):
+    raw = cfg_dict(tmp_path, tiny_dir, adapter=adapter, train={"eval_every": None, "save_every": None, **train})
+    raw["eval"] = {"before": False}
+    raw["data"] = {"train": raw["data"]["train"]}
+    manifest = run_sft(SFTConfig.model_validate(raw))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)
+    assert manifest["outputs"]["trainable"]["trainable"] > 0
+    model, _ = load_model(tmp_path / "run", dtype="fp32")
+    assert model is not None
+
+
+def test_multitask_bottleneck_routes_rows_by_task(tmp_path, tiny_dir):
+    rows = [{"task": "add", **r} for r in chat_rows(8)] + [
+        {"task": "echo", "messages": [{"role": "user", "content": f"echo {w}"},
+                                      {"role": "assistant", "content": w}]} for w in "abcdefgh"]
+    train = write_jsonl(tmp_path / "multi.jsonl", rows)
+    raw = cfg_dict(tmp_path, tiny_dir, adapter={"method": "bottleneck", "tasks": ["add", "echo"],
+                                                 "bottleneck_size": 8},
+                   train={"eval_every": None, "save_every": None})
+    raw["eval"] = {"before": False}
+    raw["data"] = {"train": train}
+    run_sft(SFTConfig.model_validate(raw))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "final" / "bottleneck_adapters.safetensors"))
+    # both tasks' up-projections moved away from their zero init: each got its own rows
+    for task in ("add", "echo"):
+        ups = [v for k, v in saved.items() if f"adapters.{task}.up" in k]
+        assert ups and any(v.abs().sum() > 0 for v in ups), task
