@@ -165,3 +165,36 @@ def test_filter_top_k_top_p():
     assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_top_k_top_p(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_top_k_top_p(logits, 0, 0.1)).tolist() == [[False, True, True, True]]
+
+
+@pytest.mark.slow
+def test_default_model_greedy_matches_hf_generate():
+    from posttrain.models import load_model
+
+    model, tok = load_model("default", dtype="fp32")
+    prompts = ["What is the capital of France?", "Write one short sentence about the sea."]
+    out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=16, chat=True))
+    assert "Paris" in out.texts[0]
+    for pid, got in zip(encode_prompts(tok, prompts, chat=True), out.token_ids):
+        assert got == trim_eos(hf_greedy(model, tok, pid, 16), tok.eos_token_id)
+
+
+def test_row_text_holds_half_characters_and_flushes(tokenizer):
+    from posttrain.generate.engine import _RowText
+
+    ids = tokenizer("a🤗b", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 3  # the emoji spans several byte tokens
+    row = _RowText(tokenizer, stop=[])
+    pieces = []
+    for t in ids:
+        row.add(t)
+        pieces.append(row.piece(final=False))
+    assert "".join(pieces) == row.text == "a🤗b"
+    assert all("\ufffd" not in p for p in pieces)
+    cut = ids[:-2]  # ends inside the emoji: held back until flushed at the end
+    row = _RowText(tokenizer, stop=[])
+    for t in cut:
+        row.add(t)
+    assert row.text == "a"
+    row.flush()
+    assert row.text == tokenizer.decode(cut) and row.text.endswith("\ufffd")

@@ -216,9 +216,16 @@ class _RowText:
     def add(self, token: int) -> bool:
         """Append a token; return True if a stop string is now in the text."""
         self.ids.append(token)
+        return self._advance(force=False)
+
+    def flush(self) -> bool:
+        """At the end: take in text still held back (e.g. a dangling half character)."""
+        return self.read < len(self.ids) and self._advance(force=True)
+
+    def _advance(self, force: bool) -> bool:
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        if len(after) > len(before) and (force or not after.endswith("\ufffd")):
             start = max(0, len(self.text) - self.hold)
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
@@ -283,6 +290,8 @@ def _generate(model, tokenizer, prompt_ids, config, stream):
             if not done:
                 done = rows[r].add(tok)
             done = done or step + 1 == config.max_new_tokens
+            if done:
+                rows[r].flush()
             if stream is not None:
                 stream(r, tok, rows[r].piece(final=done))
             if not done:
