@@ -114,7 +114,8 @@ def cmd_eval(args) -> int:
     if not specs:
         raise ValueError("nothing to evaluate: give --task FILE, --perplexity FILE or --config with tasks")
     results = {}
-    for label, spec in ((args.model, args.model), (args.compare, args.compare)):
+    # the baseline (--compare) first, so the delta column reads "model minus baseline"
+    for label, spec in ((args.compare, args.compare), (args.model, args.model)):
         if spec is None:
             continue
         model, tok = load_model(spec, dtype=args.dtype)
