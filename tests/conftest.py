@@ -23,3 +23,12 @@ def tiny(tokenizer):
     """A fresh 2-layer, 64-wide Llama over the default vocabulary, fp32, seeded."""
     torch.manual_seed(0)
     return tiny_model(tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models are overhead-bound: one thread is faster; slow tests get every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before if request.node.get_closest_marker("slow") else 1)
+    yield
+    torch.set_num_threads(before)
