@@ -390,6 +390,7 @@ def _apply_bottleneck(model: nn.Module, cfg: AdapterConfig) -> None:
 
 
 def _bottleneck_state(model: nn.Module) -> _RouteState:
+    model = getattr(model, "module", model)  # DDP/accelerate wrappers
     info = getattr(model, "_posttrain_bottleneck", None)
     if info is None:
         raise ValueError("this model has no bottleneck adapters (apply_adapter with method='bottleneck')")
