@@ -297,7 +297,9 @@ class Matcher:
 
     - Static use (`own_text=False`): the query (the generated tokens) is separate
       from the automaton's text (a corpus). `match_len` is the exact longest match
-      as long as the automaton does not grow between updates.
+      as long as the automaton does not grow between updates; if it does grow,
+      each match is still a real occurrence, at least as long as the longest match
+      against the text as it stood when the matcher started.
     - Dynamic use (`own_text=True`): the query *is* the automaton's text (prompt +
       generated). Extend the automaton first, then call `update` with the same
       tokens (it checks they agree). The match is the longest suffix that also
