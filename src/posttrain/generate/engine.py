@@ -38,8 +38,19 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     chat: bool = False
     system: str | None = None
+    # speculative decoding (batch 1 per prompt): "sam" (suffix automata), "lookup" (prompt lookup)
+    decoding: str = "plain"
+    draft_len: int = 8
+    corpus: Any = None  # static SAM corpus: a saved automaton path or a SuffixAutomaton
+    sam_bias: int = 5
 
     def __post_init__(self) -> None:
+        if self.decoding not in ("plain", "sam", "lookup"):
+            raise ValueError(f"decoding must be plain, sam or lookup; got {self.decoding!r}")
+        if self.draft_len < 1:
+            raise ValueError(f"draft_len must be >= 1, got {self.draft_len}")
+        if self.corpus is not None and self.decoding != "sam":
+            raise ValueError("a static corpus is used by decoding=sam only")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
@@ -65,6 +76,7 @@ class GenerationOutput:
     texts: list[str]
     token_ids: list[list[int]]
     logprobs: list[list[float]]
+    stats: dict = field(default_factory=dict)  # speculative decoding: acceptance, draft sources
 
 
 # ---------------------------------------------------------------------------------
@@ -330,7 +342,28 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
     was_training = model.training
     model.eval()
     try:
-        rows, token_ids, logprobs = _generate(model, tokenizer, prompt_ids, config, stream)
+        if config.decoding == "plain":
+            rows, token_ids, logprobs = _generate(model, tokenizer, prompt_ids, config, stream)
+            return GenerationOutput([r.text for r in rows], token_ids, logprobs)
+        return _generate_speculative(model, tokenizer, prompt_ids, config, stream)
     finally:
         model.train(was_training)
-    return GenerationOutput([r.text for r in rows], token_ids, logprobs)
+
+
+def _generate_speculative(model, tokenizer, prompt_ids, config, stream) -> GenerationOutput:
+    from posttrain.generate.speculative import SpecStats, make_drafter, speculative_decode
+
+    drafter = make_drafter(config.decoding, config.corpus, config.sam_bias)
+    device = next(model.parameters()).device
+    generator = None
+    if config.do_sample and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    texts, token_ids, logprobs, total = [], [], [], SpecStats()
+    for row, prompt in enumerate(prompt_ids):
+        state, toks, lps, stats = speculative_decode(model, tokenizer, prompt, config, drafter, stream, row,
+                                                     generator)
+        texts.append(state.text)
+        token_ids.append(toks)
+        logprobs.append(lps)
+        total.add(stats)
+    return GenerationOutput(texts, token_ids, logprobs, total.summary())
