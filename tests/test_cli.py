@@ -83,3 +83,25 @@ def test_generate_prints_json_lines(tiny_dir, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [r["prompt"] for r in lines] == ["hi", "hello there"]
     assert all(isinstance(r["output"], str) for r in lines)
+
+
+def test_sam_build_then_generate_with_corpus_matches_plain(tmp_path, tiny_dir, capsys):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(json.dumps({"text": "def add(a, b):\n    return a + b\n"}) + "\n")
+    assert main(["sam", "build", str(corpus), "--model", str(tiny_dir), "--out", str(tmp_path / "c.npz")]) == 0
+    assert "1 documents" in capsys.readouterr().out
+    outs = {}
+    for extra in ([], ["--decoding", "sam", "--corpus", str(tmp_path / "c.npz"), "--stats"],
+                  ["--decoding", "lookup"]):
+        assert main(["generate", "--model", str(tiny_dir), "--dtype", "fp32", "-p", "def add(a, b):",
+                     "--max-new-tokens", "12", *extra]) == 0
+        captured = capsys.readouterr()
+        outs[tuple(extra[:2])] = captured.out
+        if "--stats" in extra:
+            assert json.loads(captured.err.strip().splitlines()[-1])["tokens_per_forward"] >= 1
+    assert len(set(outs.values())) == 1  # greedy: every decoding gives the same text
+
+
+def test_corpus_without_sam_is_refused(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "-p", "x", "--corpus", "c.npz"]) == 2
+    assert "--decoding sam" in capsys.readouterr().err

@@ -58,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--decoding", default="plain", choices=["plain", "sam", "lookup"],
+                   help="sam: SAM-Decoding (suffix-automaton drafts, lossless for greedy); lookup: prompt lookup")
+    p.add_argument("--corpus", help="static SAM corpus: a saved automaton (.npz, see `posttrain sam build`) "
+                                    "or JSONL/.txt files, comma-separated")
+    p.add_argument("--draft-len", type=int, default=8, help="tokens drafted per verification step")
+    p.add_argument("--stats", action="store_true", help="print acceptance statistics and tokens/s to stderr")
+
+    p = sub.add_parser("sam", help="SAM-Decoding tools").add_subparsers(dest="sam_verb", metavar="<tool>")
+    q = p.add_parser("build", help="build a static suffix automaton from a corpus and save it (.npz)",
+                     description="Tokenize JSONL (text/prompt/completion/messages fields) or .txt files, join the "
+                                 "documents with EOS and save the automaton for --corpus.")
+    q.add_argument("files", nargs="+")
+    q.add_argument("--out", "-o", required=True, help="output .npz")
+    q.add_argument("--model", "-m", default="default", help="whose tokenizer to use")
 
     p = sub.add_parser("chat", help="interactive chat in the terminal (streams tokens)")
     p.add_argument("--model", "-m", default="default")
@@ -132,6 +146,7 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     import json
+    import time
 
     from posttrain.generate.engine import GenerationConfig, generate
     from posttrain.models import load_model
@@ -143,13 +158,38 @@ def cmd_generate(args) -> int:
         prompts += [r["prompt"] for r in load_records(args.file, kind="prompt").records]
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --file prompts.jsonl")
+    if args.corpus and args.decoding != "sam":
+        raise ValueError("--corpus is used by --decoding sam only")
     model, tok = load_model(args.model, dtype=args.dtype)
+    from posttrain.eval.tasks import load_corpus
+
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
-                           seed=args.seed, stop=args.stop, chat=not args.no_chat)
+                           seed=args.seed, stop=args.stop, chat=not args.no_chat, decoding=args.decoding,
+                           draft_len=args.draft_len, corpus=load_corpus(args.corpus, tok) if args.corpus else None)
+    start = time.perf_counter()
     out = generate(model, tok, prompts, cfg)
+    seconds = time.perf_counter() - start
     for prompt, text in zip(prompts, out.texts):
         print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
+    if args.stats:
+        n = sum(len(t) for t in out.token_ids)
+        print(json.dumps({"tokens": n, "seconds": round(seconds, 3), "tokens_per_s": round(n / seconds, 2),
+                          **out.stats}), file=sys.stderr)
+    return 0
+
+
+def cmd_sam(args) -> int:
+    from posttrain.generate.sam import build_static, tokenize_corpus
+    from posttrain.models import load_tokenizer
+
+    if args.sam_verb != "build":
+        raise ValueError("usage: posttrain sam build FILE... --out corpus.npz")
+    tok = load_tokenizer(args.model)
+    docs = tokenize_corpus(tok, args.files)
+    sam = build_static(docs, eos_id=tok.eos_token_id)
+    sam.save(args.out)
+    print(f"{args.out}: {len(docs)} documents, {len(sam)} tokens, {sam.num_states} states")
     return 0
 
 
@@ -220,7 +260,7 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
-            "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data}
+            "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data, "sam": cmd_sam}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,7 +126,8 @@ def score_prediction(prediction: str, answer: str, metric: str, extract: Extract
 
 def evaluate_task(model, tokenizer, path: str | Path, metric: str = "exact_match", extract: Extract = None,
                   max_new_tokens: int = 64, batch_size: int = 8, chat: bool = True, system: str | None = None,
-                  limit: int | None = None, stop: Sequence[str] = (), name: str | None = None) -> TaskResult:
+                  limit: int | None = None, stop: Sequence[str] = (), name: str | None = None,
+                  decoding: str = "plain", corpus=None) -> TaskResult:
     """Greedy-generate an answer for each example and score it; the score is the mean.
 
     String prompts use the chat template when `chat` is true; `messages` rows always
@@ -140,7 +141,7 @@ def evaluate_task(model, tokenizer, path: str | Path, metric: str = "exact_match
     examples = load_task(path, limit)
     name = name or Path(path).stem
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, chat=chat, system=system,
-                              stop=list(stop))
+                              stop=list(stop), decoding=decoding, corpus=corpus)
     order = sorted(range(len(examples)), key=lambda i: len(json.dumps(examples[i]["prompt"])))
     texts: list[str] = [""] * len(examples)
     for start in tqdm(range(0, len(order), batch_size), desc=f"eval {name}", unit="batch", leave=False):
@@ -188,6 +189,8 @@ class EvalSpec(BaseModel):
     stop: list[str] = Field(default_factory=list)
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(512, ge=2, description="tokens per text (perplexity only)")
+    decoding: Literal["plain", "sam", "lookup"] = "plain"
+    corpus: str | None = Field(None, description="static SAM corpus (decoding=sam): saved automaton or data files")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalSpec":
@@ -204,13 +207,24 @@ class EvalSpec(BaseModel):
         return self
 
 
+def load_corpus(path: str, tokenizer):
+    """A static SAM corpus: a saved automaton (.npz) or data files (comma-separated) built now."""
+    from posttrain.generate.sam import SuffixAutomaton, build_static, tokenize_corpus
+
+    if path.endswith(".npz"):
+        return SuffixAutomaton.load(path)
+    return build_static(tokenize_corpus(tokenizer, path.split(",")), eos_id=tokenizer.eos_token_id)
+
+
 def run_spec(model, tokenizer, spec: EvalSpec) -> TaskResult:
     if spec.type == "perplexity":
         return evaluate_perplexity(model, tokenizer, spec.path, max_length=spec.max_length,
                                    batch_size=spec.batch_size, limit=spec.limit, name=spec.name)
     return evaluate_task(model, tokenizer, spec.path, metric=spec.metric, extract=spec.extract,
                          max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, chat=spec.chat,
-                         system=spec.system, limit=spec.limit, stop=spec.stop, name=spec.name)
+                         system=spec.system, limit=spec.limit, stop=spec.stop, name=spec.name,
+                         decoding=spec.decoding,
+                         corpus=load_corpus(spec.corpus, tokenizer) if spec.corpus else None)
 
 
 def run_eval(model, tokenizer, specs: Sequence[EvalSpec]) -> dict[str, float]:
