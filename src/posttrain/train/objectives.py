@@ -7,8 +7,8 @@ accumulation, packing and DDP all give the token-mean of the whole optimizer ste
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,136 @@ def _routing(model, batch):
     return route_tasks(model, batch["task_ids"])
 
 
+# ----------------------------------------------------------------------------- packed attention
+# Perf (bench/sft_throughput.py, SmolLM2-135M LoRA, 1024-token packed rows of ~30-token chats,
+# 1 thread): transformers turns a packed row into a dense [T, T] block-diagonal mask, so SDPA
+# pays for T² scores though only the diagonal blocks count; that was 43% of a training step.
+# Regrouping the row into a right-padded [examples, longest] batch and running causal SDPA
+# without a mask costs sum over examples of longest² instead. Same attention, same loss.
+
+PACKED_SDPA = "posttrain_packed_sdpa"
+
+
+def _packed_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
+                 scaling: float | None = None, packed_index: tuple[Tensor, Tensor] | None = None, **kwargs):
+    """Causal SDPA per example of one packed row ([1, heads, T, dim] in, [1, T, heads, dim] out).
+
+    `packed_index` = (idx [E, M], valid [E, M]): the row positions of each example, right-padded.
+    Right padding needs no mask under `is_causal`: a real query only sees earlier real keys of
+    its own example; padded queries see junk and are dropped.
+    """
+    idx, valid = packed_index
+    groups = query.shape[1] // key.shape[1]
+    q = query[0][:, idx].transpose(0, 1)  # [E, H, M, D]
+    k = key[0][:, idx].transpose(0, 1).repeat_interleave(groups, dim=1)
+    v = value[0][:, idx].transpose(0, 1).repeat_interleave(groups, dim=1)
+    if q.shape[2] <= SHORT and q.dtype != torch.float32 and not dropout:
+        out = _ShortCausalAttention.apply(q, k, v, scaling if scaling is not None else q.shape[-1] ** -0.5)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    return out.transpose(1, 2)[valid].unsqueeze(0), None  # [1, T, H, D] in row order
+
+
+# torch 2.13's CPU flash-attention backward is slow on many short sequences: for 34 x 40 tokens,
+# 9 heads, bf16, 1 thread, fwd+bwd took 47 ms with flash, 17 ms with the math backend and 8 ms
+# written out as below; a LoRA step on 1024-token rows went 170 -> 258 tok/s. Used for
+# bf16/fp16 only: its fp32 arithmetic (1e-8 from flash) is far below their rounding, while fp32
+# runs keep torch's kernel, which matches padded batches to the bit-level tolerance of
+# tests/train/test_loop.py (Adam amplifies the 1e-8 to 2e-5 in weights after 3 steps).
+SHORT = 256
+
+
+class _ShortCausalAttention(torch.autograd.Function):
+    """Attention of short sequences in the order flash attention computes it.
+
+    Forward: out = exp(s - max) @ v / sum, in fp32; backward: dS = P * (dP - rowsum(dO * O)),
+    flash's formula, which needs no saved softmax graph.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        m = q.shape[2]
+        qf, kf, vf = q.float(), k.float(), v.float()
+        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+        scores.masked_fill_(~torch.ones(m, m, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        p = torch.exp(scores - scores.amax(-1, keepdim=True))
+        total = p.sum(-1, keepdim=True)
+        out = torch.matmul(p, vf) / total
+        probs = p / total
+        ctx.save_for_backward(qf, kf, vf, probs, out)
+        ctx.scale, ctx.dtype = scale, q.dtype
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        qf, kf, vf, probs, out = ctx.saved_tensors
+        go = grad_out.float()
+        grad_v = torch.matmul(probs.transpose(-1, -2), go)
+        grad_p = torch.matmul(go, vf.transpose(-1, -2))
+        grad_s = probs * (grad_p - (go * out).sum(-1, keepdim=True)) * ctx.scale
+        grad_q = torch.matmul(grad_s, kf)
+        grad_k = torch.matmul(grad_s.transpose(-1, -2), qf)
+        return grad_q.to(ctx.dtype), grad_k.to(ctx.dtype), grad_v.to(ctx.dtype), None
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, _packed_sdpa)  # not a mask function: no mask is built
+
+
+def packed_index(position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(idx [E, M], valid [E, M]) of a packed row whose positions restart at 0 per example."""
+    pos = position_ids[0]
+    starts = (pos == 0).nonzero().squeeze(1)
+    lengths = torch.diff(starts, append=starts.new_tensor([pos.numel()]))
+    j = torch.arange(int(lengths.max()), device=pos.device)
+    valid = j[None, :] < lengths[:, None]
+    idx = torch.where(valid, starts[:, None] + j[None, :], starts[:, None])
+    return idx, valid
+
+
+@contextmanager
+def packed_attention(base, batch: dict) -> Iterator[dict]:
+    """Extra forward kwargs, with the model switched to per-example SDPA for a packed row.
+
+    Applies only where it is exact and cheaper: one packed row (position_ids, no mask) on an
+    sdpa model without sliding windows or activation checkpointing (a recomputed forward
+    would run after the switch is undone), and fewer padded scores than the dense T².
+    """
+    config = getattr(base, "config", None)
+    ids = batch.get("position_ids")
+    usable = (
+        ids is not None and "attention_mask" not in batch and ids.shape[0] == 1 and config is not None
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and getattr(config, "sliding_window", None) is None
+        and not _checkpointing(base)
+    )
+    if usable:
+        idx, valid = packed_index(ids)
+        usable = idx.numel() * idx.shape[1] * 2 <= ids.shape[1] ** 2
+    if not usable:
+        yield {}
+        return
+    if PACKED_SDPA not in _registered:
+        _register_packed_sdpa()
+        _registered.add(PACKED_SDPA)
+    config._attn_implementation = PACKED_SDPA
+    try:
+        yield {"packed_index": (idx, valid)}
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+_registered: set[str] = set()
+
+
+def _checkpointing(base) -> bool:
+    """Activation checkpointing on? (transformers 5 renamed is_gradient_checkpointing.)"""
+    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(base, name, False))
+
+
 def _ce_sum(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
@@ -57,7 +187,8 @@ def loss_position_hidden(model, batch) -> tuple[Tensor, Tensor]:
     Packed rows need `use_cache=False` (model_inputs) for transformers' block mask.
     """
     base = _unwrap(model)
-    hidden = base.get_decoder()(**model_inputs(batch)).last_hidden_state
+    with packed_attention(base, batch) as extra:
+        hidden = base.get_decoder()(**model_inputs(batch), **extra).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     return hidden[:, :-1][keep], targets[keep]

@@ -1,0 +1,71 @@
+"""Per-example attention for packed rows (objectives.packed_attention) == transformers' masked SDPA."""
+
+import contextlib
+
+import pytest
+import torch
+
+from posttrain.data.collate import collate_packed
+from posttrain.models import tiny_model
+from posttrain.train import objectives as O
+
+
+def _packed_batch(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(5, 250, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2 :]})
+    return collate_packed(examples)
+
+
+def _loss_and_grads(model, batch, fast: bool, monkeypatch):
+    if not fast:
+        monkeypatch.setattr(O, "packed_attention", lambda base, b: contextlib.nullcontext({}))
+    model.zero_grad()
+    loss, _ = O.causal_lm_loss(model, batch)
+    loss.backward()
+    monkeypatch.undo()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_packed_index_regroups_rows_in_order():
+    idx, valid = O.packed_index(torch.tensor([[0, 1, 2, 0, 0, 1]]))
+    assert idx.tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 4]]
+    assert valid.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    assert torch.arange(6)[None].expand(3, -1).gather(1, idx)[valid].tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_same_loss_and_grads_as_masked_sdpa(dtype, tol, monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=256).to(dtype)  # GQA: 4 query heads over 2 kv heads
+    batch = _packed_batch([5, 17, 3, 20, 9, 12, 8, 6, 20, 4, 7, 11, 15, 14, 13, 16, 18, 19, 10, 2])
+    calls = []
+    real = O._packed_sdpa
+    monkeypatch.setattr(O, "_packed_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    O._registered.clear()  # re-register the spy
+    fast_loss, fast = _loss_and_grads(model, batch, True, monkeypatch)
+    O._registered.clear()
+    assert calls, "the per-example path was not taken"
+    ref_loss, ref = _loss_and_grads(model, batch, False, monkeypatch)
+    assert model.config._attn_implementation == "sdpa"  # switched back
+    torch.testing.assert_close(fast_loss.float(), ref_loss.float(), rtol=tol, atol=tol)
+    for name in ref:
+        scale = ref[name].float().abs().max().item() + 1e-6
+        assert (fast[name].float() - ref[name].float()).abs().max().item() <= tol * scale, name
+
+
+def test_not_used_when_dense_is_cheaper(monkeypatch):
+    model = tiny_model(vocab_size=256)
+    batch = _packed_batch([40, 3, 2])  # one long example: padding 3 x 40 costs more than 45²/2
+    with O.packed_attention(model, batch) as extra:
+        assert extra == {} and model.config._attn_implementation == "sdpa"
+
+
+def test_not_used_under_activation_checkpointing():
+    model = tiny_model(vocab_size=256)
+    model.gradient_checkpointing_enable()
+    batch = _packed_batch([5] * 20)
+    with O.packed_attention(model, batch) as extra:
+        assert extra == {}
