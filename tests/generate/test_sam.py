@@ -308,9 +308,11 @@ def test_read_corpus_texts_fields_and_errors(tmp_path):
         (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n' + line + "\n")
         with pytest.raises(DataError, match=error):
             read_corpus_texts([tmp_path / "bad.jsonl"])
-    with pytest.raises(DataError, match="unknown corpus format '.csv'"):
-        (tmp_path / "c.csv").write_text("text\nx\n")
-        read_corpus_texts([tmp_path / "c.csv"])
+    (tmp_path / "code.py").write_text("def f():\n    return 1\n")  # any other text file: one document
+    assert read_corpus_texts([tmp_path / "code.py"]) == ["def f():\n    return 1\n"]
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00abc")
+        read_corpus_texts([tmp_path / "blob.bin"])
     with pytest.raises(DataError, match="no such file"):
         read_corpus_texts([tmp_path / "none.jsonl"])
 

@@ -447,18 +447,15 @@ def _message_texts(value: object, loc: str, name: str) -> list[str]:
 
 
 def read_corpus_texts(paths: Iterable[str | Path]) -> list[str]:
-    """Texts from JSONL rows (`text`, `prompt`/`completion`, `messages` contents) or
-    whole `.txt` files. Bad rows raise DataError naming file and line."""
+    """Texts from JSONL rows (`text`, `prompt`/`completion`, `messages` contents); any
+    other file (.txt, .md, source code) is one document. Bad rows raise DataError
+    naming file and line."""
     texts: list[str] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         suffix = path.suffix.lower()
-        if suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
-            if text:
-                texts.append(text)
-        elif suffix in (".jsonl", ".ndjson"):
+        if suffix in (".jsonl", ".ndjson"):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
@@ -469,7 +466,12 @@ def read_corpus_texts(paths: Iterable[str | Path]) -> list[str]:
                         raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
                     texts += _row_texts(row, f"{path}:{n}")
         else:
-            raise DataError(f"{path}: unknown corpus format {path.suffix!r}; use .jsonl or .txt")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text (byte {e.start}); give .jsonl or text files") from None
+            if text:
+                texts.append(text)
     return texts
 
 
