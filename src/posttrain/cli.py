@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="static SAM corpus: a saved automaton (.npz, see `posttrain sam build`) "
                                     "or JSONL/.txt files, comma-separated")
     p.add_argument("--draft-len", type=int, default=8, help="tokens drafted per verification step")
+    p.add_argument("--aux-model", help="SAM[aux]: a smaller model with the same tokenizer that drafts when "
+                                       "the automata find no match (model spec)")
     p.add_argument("--stats", action="store_true", help="print acceptance statistics and tokens/s to stderr")
 
     p = sub.add_parser("sam", help="SAM-Decoding tools").add_subparsers(dest="sam_verb", metavar="<tool>")
@@ -158,15 +160,17 @@ def cmd_generate(args) -> int:
         prompts += [r["prompt"] for r in load_records(args.file, kind="prompt").records]
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --file prompts.jsonl")
-    if args.corpus and args.decoding != "sam":
-        raise ValueError("--corpus is used by --decoding sam only")
+    if (args.corpus or args.aux_model) and args.decoding != "sam":
+        raise ValueError("--corpus and --aux-model are used by --decoding sam only")
     model, tok = load_model(args.model, dtype=args.dtype)
+    aux = load_model(args.aux_model, dtype=args.dtype)[0] if args.aux_model else None
     from posttrain.eval.tasks import load_corpus
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, stop=args.stop, chat=not args.no_chat, decoding=args.decoding,
-                           draft_len=args.draft_len, corpus=load_corpus(args.corpus, tok) if args.corpus else None)
+                           draft_len=args.draft_len, corpus=load_corpus(args.corpus, tok) if args.corpus else None,
+                           aux_model=aux)
     start = time.perf_counter()
     out = generate(model, tok, prompts, cfg)
     seconds = time.perf_counter() - start

@@ -115,3 +115,17 @@ def test_speculative_sampling_keeps_the_model_distribution(tokenizer):
     # chi-square with 24 degrees of freedom: the 0.999 quantile is 51.18
     assert chi2 < 51.18, (chi2, counts.most_common(5))
     assert not math.isnan(chi2)
+
+
+def test_sam_with_aux_draft_model_is_identical_and_uses_it(model, tokenizer):
+    import copy
+
+    plain = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=32))
+    # the target itself as "aux" drafts perfectly; a different tiny model drafts badly: both lossless
+    for aux, good in ((copy.deepcopy(model), True), (tiny_model(tokenizer, layers=1, hidden=32, seed=9), False)):
+        spec = generate(model, tokenizer, PROMPTS,
+                        GenerationConfig(max_new_tokens=32, decoding="sam", aux_model=aux, draft_len=4))
+        assert spec.token_ids == plain.token_ids
+        assert spec.stats["sources"].get("aux", 0) > 0
+        if good:
+            assert spec.stats["acceptance_rate"] > 0.9

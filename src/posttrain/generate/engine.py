@@ -43,14 +43,15 @@ class GenerationConfig:
     draft_len: int = 8
     corpus: Any = None  # static SAM corpus: a saved automaton path or a SuffixAutomaton
     sam_bias: int = 5
+    aux_model: Any = None  # SAM[aux]: a smaller causal LM with the same tokenizer drafts when no match
 
     def __post_init__(self) -> None:
         if self.decoding not in ("plain", "sam", "lookup"):
             raise ValueError(f"decoding must be plain, sam or lookup; got {self.decoding!r}")
         if self.draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {self.draft_len}")
-        if self.corpus is not None and self.decoding != "sam":
-            raise ValueError("a static corpus is used by decoding=sam only")
+        if (self.corpus is not None or self.aux_model is not None) and self.decoding != "sam":
+            raise ValueError("a static corpus or an auxiliary draft model is used by decoding=sam only")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
@@ -353,7 +354,7 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
 def _generate_speculative(model, tokenizer, prompt_ids, config, stream) -> GenerationOutput:
     from posttrain.generate.speculative import SpecStats, make_drafter, speculative_decode
 
-    drafter = make_drafter(config.decoding, config.corpus, config.sam_bias)
+    drafter = make_drafter(config.decoding, config.corpus, config.sam_bias, config.aux_model)
     device = next(model.parameters()).device
     generator = None
     if config.do_sample and config.seed is not None:

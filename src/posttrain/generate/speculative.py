@@ -38,17 +38,71 @@ class Drafter(Protocol):
     def draft(self, k: int) -> tuple[list[int], str]: ...
 
 
+class AuxDrafter:
+    """Greedy drafts from a smaller causal LM sharing the tokenizer (SAM[aux]).
+
+    Keeps its own KV cache over the context; after a verification step the cache is
+    cropped back to the part that still agrees with the accepted text.
+    """
+
+    def __init__(self, model):
+        self.model = model.eval()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.config = base.config
+        self.device = next(model.parameters()).device
+
+    def start(self, prompt: list[int]) -> None:
+        from transformers import DynamicCache
+
+        self.text = list(prompt)
+        self.cache = DynamicCache(config=self.config)
+        self.cached: list[int] = []
+
+    def accept(self, tokens: list[int]) -> None:
+        self.text.extend(tokens)
+
+    @torch.inference_mode()
+    def draft(self, k: int) -> tuple[list[int], str]:
+        from posttrain.generate.engine import _cache_kwarg
+
+        common = 0
+        limit = min(len(self.cached), len(self.text) - 1)  # keep >= 1 token to feed
+        while common < limit and self.cached[common] == self.text[common]:
+            common += 1
+        if common < len(self.cached):
+            self.cache.crop(-(len(self.cached) - common))
+            self.cached = self.cached[:common]
+        kw = _cache_kwarg(self.model)
+        feed = self.text[common:]
+        out = []
+        for _ in range(k):
+            ids = torch.tensor([feed], device=self.device)
+            pos = torch.arange(len(self.cached), len(self.cached) + len(feed), device=self.device)[None]
+            logits = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                                **{kw: self.cache}).logits
+            self.cached.extend(feed)
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            feed = [nxt]
+        return out, "aux"
+
+
 class SAMDrafter:
-    """Drafts from the dynamic automaton (own text) and an optional static corpus one."""
+    """Drafts from the dynamic automaton (own text) and an optional static corpus one;
+    with an auxiliary model, it drafts when neither automaton matches `aux_below` tokens."""
 
     def __init__(self, static: SuffixAutomaton | None = None, bias: int = 5, min_match: int = 1,
-                 frequent_static: bool = True):
+                 frequent_static: bool = True, aux: AuxDrafter | None = None, aux_below: int = 3):
         self.static = static
         self.bias = bias
         self.min_match = min_match
         self.frequent_static = frequent_static and static is not None and static.count is not None
+        self.aux = aux
+        self.aux_below = aux_below
 
     def start(self, prompt: list[int]) -> None:
+        if self.aux is not None:
+            self.aux.start(prompt)
         self.sam = SuffixAutomaton()
         self.sam.extend_many(prompt)
         self.dynamic = Matcher(self.sam, own_text=True)
@@ -57,6 +111,8 @@ class SAMDrafter:
             self.corpus.update_many(prompt)
 
     def accept(self, tokens: list[int]) -> None:
+        if self.aux is not None:
+            self.aux.accept(tokens)
         for t in tokens:
             self.sam.extend(t)
             self.dynamic.update(t)
@@ -65,6 +121,8 @@ class SAMDrafter:
 
     def draft(self, k: int) -> tuple[list[int], str]:
         dyn_len = self.dynamic.match_len
+        if self.aux is not None and max(dyn_len, self.corpus.match_len if self.corpus else 0) < self.aux_below:
+            return self.aux.draft(k)
         if self.corpus is not None and self.corpus.match_len > dyn_len + self.bias:
             tokens, n = self.corpus.draft(k, frequent=self.frequent_static)
             return (tokens, "static") if n >= self.min_match else ([], "none")
@@ -142,12 +200,13 @@ class SpecStats:
                 "sources": dict(self.sources)}
 
 
-def make_drafter(decoding: str, corpus: str | Path | SuffixAutomaton | None = None, bias: int = 5) -> Drafter:
+def make_drafter(decoding: str, corpus: str | Path | SuffixAutomaton | None = None, bias: int = 5,
+                 aux_model=None) -> Drafter:
     if decoding == "lookup":
         return LookupDrafter()
     if decoding == "sam":
         static = SuffixAutomaton.load(corpus) if isinstance(corpus, (str, Path)) else corpus
-        return SAMDrafter(static=static, bias=bias)
+        return SAMDrafter(static=static, bias=bias, aux=AuxDrafter(aux_model) if aux_model is not None else None)
     raise ValueError(f"decoding must be plain, sam or lookup; got {decoding!r}")
 
 
