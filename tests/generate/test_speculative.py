@@ -129,3 +129,16 @@ def test_sam_with_aux_draft_model_is_identical_and_uses_it(model, tokenizer):
         assert spec.stats["sources"].get("aux", 0) > 0
         if good:
             assert spec.stats["acceptance_rate"] > 0.9
+
+
+@pytest.mark.slow
+def test_default_model_fp32_sam_is_identical_to_plain_greedy():
+    from posttrain.models import load_model
+
+    model, tok = load_model("default", dtype="fp32")
+    prompts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+               "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"]
+    plain = generate(model, tok, prompts, GenerationConfig(max_new_tokens=48))
+    spec = generate(model, tok, prompts, GenerationConfig(max_new_tokens=48, decoding="sam"))
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats["tokens_per_forward"] > 1.2
