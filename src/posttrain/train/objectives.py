@@ -249,8 +249,14 @@ def _forward_loss(model, batch: dict) -> tuple[Tensor, dict]:
 
 
 def is_wrapped(model) -> bool:
-    """DDP / FSDP / DeepSpeed engines: their forward must run for gradients to sync."""
-    return hasattr(model, "module") or type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
+    """DDP / FSDP / DeepSpeed engines: their forward must run for gradients to sync.
+
+    FSDP2 (`fully_shard`) does not wrap: it swaps the class for `FSDP<Name>`, and its
+    root pre-forward hook (lazy init, unsharding) only runs through the root's forward.
+    """
+    name = type(model).__name__
+    return hasattr(model, "module") or name.startswith("FSDP") or name in ("FullyShardedDataParallel",
+                                                                            "DeepSpeedEngine")
 
 
 OBJECTIVES: dict[str, Objective] = {"sft": causal_lm_loss, "pretrain": causal_lm_loss}
