@@ -7,7 +7,6 @@ from (paths and content hashes) and what came out (metrics), like a lineage entr
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -19,17 +18,12 @@ import torch
 from pydantic import BaseModel
 
 from posttrain.config import dump_config
+from posttrain.fileio import write_json_atomic as _write_json
+from posttrain.fileio import write_text_atomic
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+def write_json_atomic(path: Path, obj) -> Path:
+    return _write_json(path, obj, default=str)  # manifests hold paths and other non-JSON values
 
 
 def content_hash(path: str | Path) -> str | None:

@@ -58,7 +58,7 @@ def test_metrics_and_extraction_plumbing(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("row, match", [
-    ("{not json", r"bad\.jsonl:2: invalid JSON"),
+    ("{not json", r"bad\.jsonl:2: malformed JSON"),
     ('["a list"]', r"bad\.jsonl:2: expected a JSON object"),
     ({"prompt": "q"}, r"bad\.jsonl:2:answer: expected a string"),
     ({"prompt": "", "answer": "a"}, r"bad\.jsonl:2:prompt: expected a non-empty string"),

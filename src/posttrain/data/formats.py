@@ -50,16 +50,37 @@ class LoadedData:
 # "path[INDEX]"; a row that could not even be parsed comes as a DataError so the
 # caller can skip or raise it like any other bad row.
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line of a JSONL file.
+
+    A malformed line yields a DataError in place of its value instead of raising, so a
+    caller that skips bad rows can; `read_jsonl` is the raising form.
+    """
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            loc = f"{path}:{n}"
             try:
-                yield loc, json.loads(line.rstrip("\r\n"))
+                yield n, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                yield loc, DataError(f"{loc}: malformed JSON ({e.msg} at column {e.colno})")
+                yield n, DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """Every row of a JSONL file as (line number, object); the first bad line raises DataError."""
+    rows = []
+    for n, value in iter_jsonl(path):
+        if isinstance(value, DataError):
+            raise value
+        if not isinstance(value, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(value).__name__}")
+        rows.append((n, value))
+    return rows
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    for n, value in iter_jsonl(path):
+        yield f"{path}:{n}", value
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:

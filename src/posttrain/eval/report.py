@@ -8,41 +8,13 @@ name beside the target and renamed into place, so a reader never sees half a fil
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-
-def _atomic_write(path: Path, write) -> Path:
-    """Call write(tmp_path) then rename tmp over `path`; the temp file never survives."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented JSON, atomically (temp file + os.replace)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-    return _atomic_write(Path(path), write)
+from posttrain.data.formats import read_jsonl
+from posttrain.fileio import atomic_write, write_json_atomic  # noqa: F401  (re-exported)
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -128,32 +100,23 @@ def bar_chart(results: dict[str, dict[str, float]], path: str | os.PathLike,
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
-    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """(train [(step, loss)], eval [(step, eval_loss)]) from a run's metrics.jsonl."""
     path = Path(path)
     train, evals = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for lineno, row in read_jsonl(path):
+        for key, out in (("loss", train), ("eval_loss", evals)):
+            if key not in row:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            for key, out in (("loss", train), ("eval_loss", evals)):
-                if key not in row:
-                    continue
-                step, value = row.get("step"), row[key]
-                if not isinstance(step, (int, float)) or isinstance(step, bool):
-                    raise ValueError(f"{path}:{lineno}:step: a row with '{key}' needs a numeric step")
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise ValueError(f"{path}:{lineno}:{key}: expected a number, got {value!r}")
-                out.append((step, float(value)))
+            step, value = row.get("step"), row[key]
+            if not isinstance(step, (int, float)) or isinstance(step, bool):
+                raise ValueError(f"{path}:{lineno}:step: a row with '{key}' needs a numeric step")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{path}:{lineno}:{key}: expected a number, got {value!r}")
+            out.append((step, float(value)))
     return train, evals
 
 
@@ -175,4 +138,4 @@ def loss_curve(metrics_jsonl_path: str | os.PathLike, png_path: str | os.PathLik
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or Path(metrics_jsonl_path).parent.name or "loss")
-    return _atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from posttrain.eval.metrics import Extract, answers_match, apply_extract, exact_match, sequence_nll, token_f1
+from posttrain.data.formats import read_jsonl
 from posttrain.generate.engine import GenerationConfig, generate
 
 METRICS = ("exact_match", "accuracy", "token_f1")
@@ -37,19 +38,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; bad JSON or non-objects raise."""
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
-    return rows
+    return read_jsonl(path)
 
 
 def _check_messages(value: Any, where: str) -> list[dict[str, str]]:

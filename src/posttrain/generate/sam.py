@@ -46,7 +46,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from posttrain.data.formats import DataError
+from posttrain.data.formats import DataError, read_jsonl
 
 FORMAT = "posttrain-sam"
 VERSION = 1
@@ -456,15 +456,8 @@ def read_corpus_texts(paths: Iterable[str | Path]) -> list[str]:
             raise DataError(f"{path}: no such file")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-                    texts += _row_texts(row, f"{path}:{n}")
+            for n, row in read_jsonl(path):
+                texts += _row_texts(row, f"{path}:{n}")
         else:
             try:
                 text = path.read_text(encoding="utf-8")

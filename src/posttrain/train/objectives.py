@@ -168,6 +168,18 @@ def packed_attention(base, batch: dict) -> Iterator[dict]:
 _registered: set[str] = set()
 
 
+def _fused_lora(model):
+    """LoRA layers in the base's compute dtype for this forward (see adapters.fused_lora).
+
+    Off under activation checkpointing: a recomputed forward runs after the block is left.
+    """
+    if _checkpointing(_unwrap(model)):
+        return nullcontext()
+    from posttrain.adapters import fused_lora
+
+    return fused_lora(model)
+
+
 def _checkpointing(base) -> bool:
     """Activation checkpointing on? (transformers 5 renamed is_gradient_checkpointing.)"""
     name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
@@ -200,7 +212,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, 
     Logits are computed in chunks of `chunk_size` positions under activation
     checkpointing, so the head never materialises [tokens, vocab] for a long batch.
     """
-    with _routing(model, batch):
+    with _routing(model, batch), _fused_lora(model):
         if is_prompt_learning(model) or is_wrapped(model):
             return _forward_loss(model, batch)
         hidden, targets = loss_position_hidden(model, batch)
