@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=6, help="prompts per set")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft-len", type=int, default=8)
+    ap.add_argument("--sweep-draft-lens", default="4,8,16,32", help="SAM draft lengths tried on HumanEval (bf16)")
     ap.add_argument("--sets", default="humaneval,rag,chat")
     ap.add_argument("--methods", default="hf_greedy,hf_lookup,plain,sam_dynamic,sam_static")
     ap.add_argument("--corpus-chars", type=int, default=1_500_000, help="stdlib source chars for the code corpus")
@@ -252,6 +253,18 @@ def main() -> None:
             if "plain" in rows:
                 row["speedup_vs_plain"] = row["tokens_per_s"] / rows["plain"]["tokens_per_s"]
         results["bf16"][set_name] = rows
+
+    # draft length: verification of k+1 tokens costs more than one token on a CPU; pick by measurement
+    sweep = {}
+    if "humaneval" in sets and args.sweep_draft_lens:
+        for k in [int(x) for x in args.sweep_draft_lens.split(",")]:
+            outs, seconds, stats = run_method("sam_static", model, tok, sets["humaneval"], args.max_new_tokens,
+                                              corpora["humaneval"], k)
+            n_tok = sum(map(len, outs))
+            sweep[k] = {"tokens_per_s": n_tok / seconds, "tokens_per_forward": stats["emitted"] / max(stats["forwards"], 1)}
+            print(f"  draft_len {k:3d}: {n_tok / seconds:7.2f} tok/s, {sweep[k]['tokens_per_forward']:.2f} tokens/forward",
+                  flush=True)
+        results["draft_len_sweep_humaneval"] = sweep
 
     # fp32: is SAM token-for-token identical to plain greedy?
     identical_fp32 = None
