@@ -65,3 +65,14 @@ def test_default_model_is_plain_trainable_and_fast_to_reload():
     out = model(**ids, labels=ids["input_ids"])
     out.loss.backward()
     assert model.model.embed_tokens.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_gguf_file_spec_converts_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    gguf = models.default_gguf_path()
+    model, tok = load_model(gguf, dtype="fp32")
+    converted = list((tmp_path / "models").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
+    assert models.resolve_model_path(gguf) == str(converted[0])  # second time: no conversion
+    assert tok.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 30
