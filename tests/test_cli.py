@@ -105,3 +105,21 @@ def test_sam_build_then_generate_with_corpus_matches_plain(tmp_path, tiny_dir, c
 def test_corpus_without_sam_is_refused(tiny_dir, capsys):
     assert main(["generate", "--model", str(tiny_dir), "-p", "x", "--corpus", "c.npz"]) == 2
     assert "--decoding sam" in capsys.readouterr().err
+
+
+def test_chat_streams_replies_and_keeps_history(tiny_dir, monkeypatch, capsys):
+    lines = iter(["hello", "and again", "/reset", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    import posttrain.generate.engine as engine
+
+    real = engine.generate
+
+    def spy(model, tok, prompts, cfg, stream=None):
+        seen.append(prompts[0])
+        return real(model, tok, prompts, cfg, stream=stream)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    assert main(["chat", "--model", str(tiny_dir), "--dtype", "fp32", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("bot> ") == 2
+    assert "hello" in seen[1] and "and again" in seen[1]  # the second turn carries the first
