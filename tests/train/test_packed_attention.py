@@ -69,3 +69,30 @@ def test_not_used_under_activation_checkpointing():
     batch = _packed_batch([5] * 20)
     with O.packed_attention(model, batch) as extra:
         assert extra == {}
+
+
+def test_short_attention_function_matches_per_example_sdpa():
+    """_PackedShortAttention (gathers both ways, GQA as stacked rows) vs fp32 SDPA run example by example."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 12, 5]
+    t, heads, kv, d = sum(lengths), 6, 2, 8
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    idx, valid = O.packed_index(pos)
+    q, k, v = (torch.randn(1, t, n, d, generator=g).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+               for n in (heads, kv, kv))
+    grad_out = torch.randn(1, t, heads, d, generator=g).to(torch.bfloat16)
+    out = O._PackedShortAttention.apply(q, k, v, idx, valid, d**-0.5)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    parts, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        kk, vv = (x[:, :, sl].repeat_interleave(heads // kv, dim=1) for x in (k32, v32))
+        parts.append(torch.nn.functional.scaled_dot_product_attention(q32[:, :, sl], kk, vv, is_causal=True))
+        start += n
+    ref = torch.cat(parts, dim=2).transpose(1, 2)  # [1, T, H, D]
+    want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), grad_out.float()))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=1e-2, atol=1e-2)
