@@ -4,6 +4,8 @@ our SAM-Decoding (dynamic only, and with a static corpus), on three prompt sets.
     python bench/decoding.py                 # bf16 (the serving default) + fp32 identity check
     python bench/decoding.py --quick         # fewer prompts and tokens
 
+EOS is ignored by every method, so each writes exactly --max-new-tokens tokens per prompt
+(otherwise a method whose bf16 output ends early looks slow: prefill dominates).
 Prints per set: tokens/s and speedup over our plain greedy for every method, mean
 tokens per verification step (SAM/lookup), and whether each method's tokens are
 identical to our plain greedy. Also the memory-bandwidth roofline for plain decoding:
@@ -105,11 +107,17 @@ def chat_corpus_files() -> list[Path]:
 # ----------------------------------------------------------------------------- methods
 
 def hf_generate(model, tok, prompt_ids: list[int], max_new: int, lookup: bool) -> list[int]:
+    """HF generate with EOS disabled (like ours with ignore_eos): every method writes max_new tokens."""
     ids = torch.tensor([prompt_ids])
     kwargs = {"prompt_lookup_num_tokens": 10} if lookup else {}
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                             do_sample=False, pad_token_id=tok.pad_token_id, **kwargs)
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None, **kwargs)
+    finally:
+        model.generation_config.eos_token_id = saved
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -124,7 +132,7 @@ def run_method(name, model, tok, prompts_ids, max_new, corpus=None, draft_len=8)
         else:
             decoding = {"plain": "plain", "sam_dynamic": "sam", "sam_static": "sam", "lookup": "lookup"}[name]
             cfg = GenerationConfig(max_new_tokens=max_new, decoding=decoding, draft_len=draft_len,
-                                   corpus=corpus if name == "sam_static" else None)
+                                   corpus=corpus if name == "sam_static" else None, ignore_eos=True)
             out = generate(model, tok, [ids], cfg)
             toks, stats = out.token_ids[0], out.stats
         seconds += time.perf_counter() - t

@@ -142,3 +142,14 @@ def test_default_model_fp32_sam_is_identical_to_plain_greedy():
     spec = generate(model, tok, prompts, GenerationConfig(max_new_tokens=48, decoding="sam"))
     assert spec.token_ids == plain.token_ids
     assert spec.stats["tokens_per_forward"] > 1.2
+
+
+@pytest.mark.parametrize("decoding", ["plain", "sam"])
+def test_ignore_eos_writes_the_full_budget(model, tokenizer, monkeypatch, decoding):
+    import posttrain.generate.engine as engine
+
+    monkeypatch.setattr(engine, "eos_ids", lambda m, t: set(range(len(tokenizer))))  # every token ends a reply
+    short = generate(model, tokenizer, PROMPTS[:1], GenerationConfig(max_new_tokens=9, decoding=decoding))
+    full = generate(model, tokenizer, PROMPTS[:1], GenerationConfig(max_new_tokens=9, decoding=decoding,
+                                                                      ignore_eos=True))
+    assert len(short.token_ids[0]) == 1 and len(full.token_ids[0]) == 9

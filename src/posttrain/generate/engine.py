@@ -38,6 +38,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     chat: bool = False
     system: str | None = None
+    ignore_eos: bool = False  # generate max_new_tokens regardless of EOS (benchmarks)
     # speculative decoding (batch 1 per prompt): "sam" (suffix automata), "lookup" (prompt lookup)
     decoding: str = "plain"
     draft_len: int = 8
@@ -265,8 +266,8 @@ class _RowText:
 def _generate(model, tokenizer, prompt_ids, config, stream):
     device = next(model.parameters()).device
     n = len(prompt_ids)
-    stops = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
+    stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids(model, tokenizer), default=0)
     cache_kw = _cache_kwarg(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     from transformers import DynamicCache

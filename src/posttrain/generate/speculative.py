@@ -254,7 +254,7 @@ def speculative_decode(model, tokenizer, prompt: list[int], config, drafter: Dra
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache_kw = _cache_kwarg(model)
-    stops = eos_ids(model, tokenizer)
+    stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
     k_max = config.draft_len
     text_state = _RowText(tokenizer, config.stop)
     tokens_out: list[int] = []
