@@ -123,3 +123,12 @@ def test_chat_streams_replies_and_keeps_history(tiny_dir, monkeypatch, capsys):
     assert main(["chat", "--model", str(tiny_dir), "--dtype", "fp32", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.count("bot> ") == 2
     assert "hello" in seen[1] and "and again" in seen[1]  # the second turn carries the first
+
+
+def test_print_config_shows_every_key_with_overrides_applied(capsys):
+    import yaml
+
+    assert main(["sft", "--print-config", "train.lr=3e-4", "adapter.method=dora"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["lr"] == 3e-4 and cfg["adapter"]["method"] == "dora"
+    assert {"model", "adapter", "data", "train", "eval", "ewc"} <= set(cfg)

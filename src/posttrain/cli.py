@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-EPILOG = """overrides: any config key as dotted key=value after the options, e.g.
+EPILOG = """sections: model, adapter, data, train, eval, ewc (all keys: --print-config).
+overrides: any config key as dotted key=value after the options, e.g.
   posttrain sft --config recipes/sft_lora.yaml train.lr=1e-4 adapter.r=8 data.train=my.jsonl"""
 
 
@@ -16,6 +17,8 @@ def _add_stage(sub, name: str, help_text: str):
     p.add_argument("--config", "-c", help="recipe YAML (see recipes/)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key with its value) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -108,6 +111,13 @@ def cmd_stage(args) -> int:
     overrides = list(args.overrides)
     if args.verb == "pretrain":
         overrides.insert(0, "stage=pretrain")
+    if args.print_config:
+        from posttrain.config import dump_config
+
+        if not args.config and not any(o.startswith("data.train=") for o in overrides):
+            overrides.append("data.train=TRAIN.jsonl")  # show the defaults without a data file
+        print(dump_config(build_config(SFTConfig, args.config, overrides)), end="")
+        return 0
     cfg = build_config(SFTConfig, args.config, overrides)
     manifest = run_sft(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {cfg.output_dir}  (final model: {cfg.output_dir}/final)")
