@@ -36,9 +36,9 @@ class AdapterConfig(pydantic.BaseModel):
 
     method: Literal["full", "freeze", "lora", "dora", "ia3", "prompt", "bottleneck"] = "lora"
     # LoRA / DoRA (target_modules also used by IA3)
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.0
+    r: int = pydantic.Field(16, gt=0)
+    alpha: float = pydantic.Field(32, gt=0)
+    dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
     # IA3: modules whose *input* is scaled; None = PEFT's per-architecture default
     # (only allowed with target_modules="all-linear", which then also means PEFT's default targets)
@@ -48,36 +48,15 @@ class AdapterConfig(pydantic.BaseModel):
     freeze_patterns: list[str] = []  # glob on parameter names, or "re:<regex>"
     freeze_embeddings: bool = False  # input embeddings (and a tied lm_head)
     # prompt tuning
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = pydantic.Field(20, gt=0)
     prompt_init_text: str | None = None  # needs the tokenizer passed to apply_adapter
     # bottleneck
-    bottleneck_size: int = 64
+    bottleneck_size: int = pydantic.Field(64, gt=0)
     tasks: list[str] = []
     where: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
     # dtype of the parameters that train ("fp32": adapters in fp32 over a base that may stay
     # bf16; for full/freeze the whole model goes fp32, see apply_adapter)
     trainable_dtype: Literal["fp32", "same"] = "fp32"
-
-    @pydantic.field_validator("r", "num_virtual_tokens", "bottleneck_size")
-    @classmethod
-    def _positive(cls, v: int, info) -> int:
-        if v <= 0:
-            raise ValueError(f"{info.field_name} must be > 0, got {v}")
-        return v
-
-    @pydantic.field_validator("alpha")
-    @classmethod
-    def _alpha_positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"alpha must be > 0, got {v}")
-        return v
-
-    @pydantic.field_validator("dropout")
-    @classmethod
-    def _dropout_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {v}")
-        return v
 
     @pydantic.field_validator("freeze_layers")
     @classmethod
