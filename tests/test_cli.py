@@ -64,6 +64,10 @@ def test_sft_then_merge_then_eval_compare(tmp_path, tiny_dir, files, capsys):
                  f"output_dir={run}", "train.max_steps=2", "train.progress=false", "train.max_tokens=64"]) == 0
     merged = tmp_path / "merged"
     assert main(["merge", str(run), "--out", str(merged)]) == 0
+    merge_cfg = tmp_path / "merge.yaml"
+    merge_cfg.write_text(f"source: {run}\nout: {tmp_path / 'merged2'}\n")
+    assert main(["merge", "--config", str(merge_cfg)]) == 0
+    assert (tmp_path / "merged2" / "config.json").is_file()
     plain = AutoModelForCausalLM.from_pretrained(merged)  # plain transformers, no PEFT
     assert type(plain).__name__ == "LlamaForCausalLM"
     out_dir = tmp_path / "eval"
@@ -132,3 +136,17 @@ def test_print_config_shows_every_key_with_overrides_applied(capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["train"]["lr"] == 3e-4 and cfg["adapter"]["method"] == "dora"
     assert {"model", "adapter", "data", "train", "eval", "ewc"} <= set(cfg)
+
+
+def test_flag_verbs_take_a_config_file_and_overrides(tmp_path, tiny_dir, capsys):
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(f"model: {tiny_dir}\ndtype: fp32\nmax_new_tokens: 2\nprompt: [hi]\n")
+    assert main(["generate", "--config", str(cfg), "max_new_tokens=3"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["prompt"] == "hi"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_new_tokenz: 3\n")
+    assert main(["generate", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokenz" in err and "max_new_tokens" in err
+    assert main(["merge"]) == 2 and "usage: posttrain merge" in capsys.readouterr().err

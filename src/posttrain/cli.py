@@ -23,6 +23,38 @@ def _add_stage(sub, name: str, help_text: str):
     return p
 
 
+FLAG_EPILOG = """--config FILE: a YAML mapping of these options by long name (max_new_tokens: 64, ...);
+key=value after the options overrides it; flags given on the command line win over both."""
+
+
+def _add_flag_config(p, overrides: bool = True) -> None:
+    p.add_argument("--config", "-c", help="YAML with any of these options by long name")
+    if overrides:  # (merge: its positional SOURCE would be ambiguous with them)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. max_new_tokens=64")
+
+
+def apply_flag_config(parser: argparse.ArgumentParser, args, argv: list[str] | None):
+    """--config YAML + key=value overrides for flag-style verbs: they become the subparser's
+    defaults and the command line is parsed again, so explicit flags still win."""
+    if args.verb not in ("generate", "chat", "merge", "eval"):
+        return args
+    from posttrain.config import apply_overrides, load_yaml
+
+    values = load_yaml(args.config) if args.config else {}
+    values = apply_overrides(values, list(getattr(args, "overrides", [])))
+    if args.verb == "eval":
+        values.pop("tasks", None)  # read by cmd_eval from the file itself
+    if not values:
+        return args
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.verb]
+    known = {a.dest for a in sub._actions} - {"help", "config", "overrides"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for '{args.verb}'; allowed: {', '.join(sorted(known))}")
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="posttrain",
@@ -40,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "-m", default="default", help="model spec: default, HF dir, run dir, .gguf, hub id")
     p.add_argument("--compare", help="a second model to compare against (e.g. the base)")
-    p.add_argument("--config", "-c", help="YAML with a tasks: list (name, path, type, metric, extract, ...)")
+    p.add_argument("--config", "-c", help="YAML with a tasks: list (name, path, type, metric, extract, ...) "
+                                          "and any option below by its long name (model, compare, limit, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. limit=20")
     p.add_argument("--task", action="append", default=[], metavar="PATH[:METRIC]",
                    help="generation task file; METRIC exact_match (default), accuracy or token_f1")
     p.add_argument("--perplexity", action="append", default=[], metavar="PATH", help="text JSONL for perplexity")
@@ -49,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for results.json and the bar chart (default: eval-out)")
 
     p = sub.add_parser("generate", help="generate text from prompts",
-                       description="Generate from one or more prompts (or a JSONL file of {prompt}).")
+                       description="Generate from one or more prompts (or a JSONL file of {prompt}).",
+                       epilog=FLAG_EPILOG)
+    _add_flag_config(p)
     p.add_argument("--model", "-m", default="default")
     p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--file", help="JSONL with a prompt field per row")
@@ -78,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", "-o", required=True, help="output .npz")
     q.add_argument("--model", "-m", default="default", help="whose tokenizer to use")
 
-    p = sub.add_parser("chat", help="interactive chat in the terminal (streams tokens)")
+    p = sub.add_parser("chat", help="interactive chat in the terminal (streams tokens)", epilog=FLAG_EPILOG)
+    _add_flag_config(p)
     p.add_argument("--model", "-m", default="default")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -87,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fold an adapter (LoRA/DoRA/IA3) into a full model directory",
                        description="Fold adapters into the base weights and save a plain transformers model.")
-    p.add_argument("source", help="adapter dir or run dir whose final/ is an adapter")
-    p.add_argument("--out", "-o", required=True, help="output model directory")
+    _add_flag_config(p, overrides=False)
+    p.add_argument("source", nargs="?", help="adapter dir or run dir whose final/ is an adapter")
+    p.add_argument("--out", "-o", help="output model directory (required)")
     p.add_argument("--dtype", default="fp32", choices=["auto", "bf16", "fp32"])
 
     p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", metavar="<tool>")
@@ -241,6 +279,8 @@ def cmd_merge(args) -> int:
     from posttrain.adapters import merge_adapter
     from posttrain.models import load_model, save_model
 
+    if not args.source or not args.out:
+        raise ValueError("usage: posttrain merge SOURCE --out DIR (or source:/out: in --config)")
     model, tok = load_model(args.source, dtype=args.dtype)
     merged = merge_adapter(model)
     save_model(merged, tok, args.out)
@@ -284,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        args = apply_flag_config(parser, args, argv)
         return COMMANDS[args.verb](args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:  # ModelLoadError is a ValueError
         print(f"posttrain {args.verb}: error: {exc}", file=sys.stderr)
