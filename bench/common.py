@@ -7,10 +7,8 @@ shared 2-core box the same script can differ 3x between an idle and a busy minut
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -99,16 +97,7 @@ def best_matmul_peak(dtype: torch.dtype = torch.bfloat16, sizes=(1024, 2048, 307
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    """Write JSON atomically (temp file in the same directory, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON atomically (the package's one atomic writer)."""
+    from posttrain.fileio import write_json_atomic
+
+    return write_json_atomic(path, data)

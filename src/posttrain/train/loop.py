@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from posttrain.config import TrainConfig
 from posttrain.data.collate import collate_packed, collate_padded, plan_batches
+from posttrain.fileio import (
+    atomic_write,
+    publish_dir,
+    temp_dir_beside,
+    write_text_atomic,
+)
 from posttrain.train.objectives import IGNORE, Objective
 
 Regularizer = Callable[[torch.nn.Module], torch.Tensor]
@@ -138,12 +143,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
     """Write checkpoints/step-N atomically: a temp dir, fully written, then renamed."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    final = run_dir / "checkpoints" / f"step-{state.step}"
+    tmp = temp_dir_beside(final)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -154,9 +155,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     (tmp / "rng.json").write_text(json.dumps(_rng_state()))
     fields = {k: v for k, v in state.__dict__.items() if k != "history"}
     (tmp / "state.json").write_text(json.dumps(fields, indent=2))  # written last: marks complete
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, final)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -181,10 +180,7 @@ class MetricsLog:
             return
         if resume_step is not None and self.path.exists():  # drop rows past the checkpoint
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(kept)
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         try:
@@ -349,10 +345,8 @@ def train(
             if state.best_eval is None or eval_loss < state.best_eval:
                 state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
                 if main and cfg.restore_best:
-                    best_path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = best_path.with_suffix(".tmp")
-                    save_file(trainable_state(raw), str(tmp))
-                    os.replace(tmp, best_path)
+                    best = trainable_state(raw)
+                    atomic_write(best_path, lambda tmp: save_file(best, tmp))
             else:
                 state.bad_evals += 1
                 if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:

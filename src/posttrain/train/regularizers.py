@@ -11,12 +11,13 @@ mismatch raises instead of silently giving a zero penalty.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from posttrain.fileio import atomic_write
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
 EWC_FORMAT = "posttrain-ewc"
@@ -113,16 +114,7 @@ def save_ewc_state(path: str | os.PathLike, fisher: dict[str, torch.Tensor], anc
         raise ValueError("save_ewc_state: every Fisher key needs an anchor")
     tensors = {f"fisher/{k}": v.detach().float().cpu().contiguous() for k, v in fisher.items()}
     tensors |= {f"anchor/{k}": v.detach().float().cpu().contiguous() for k, v in anchor.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": EWC_FORMAT, "version": "1"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": EWC_FORMAT, "version": "1"}))
 
 
 def load_ewc_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
