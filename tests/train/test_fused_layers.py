@@ -1,14 +1,14 @@
 """Fused RMSNorm / rotary (objectives.fused_layers) == transformers' Llama modules."""
 
-import contextlib
 
 import pytest
 import torch
 from transformers.models.llama import modeling_llama as llama
 
-from posttrain.data.collate import collate_packed
 from posttrain.models import tiny_model
 from posttrain.train import objectives as O
+
+from .helpers import loss_and_grads, packed_batch
 
 
 def _grads(fn, *inputs, grad_out):
@@ -67,25 +67,6 @@ def test_rotary_matches_transformers(dtype, tol):
         assert (a.double() - b.double()).abs().max().item() <= tol * b.abs().max().item()
 
 
-def _packed_batch(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    examples = []
-    for n in lengths:
-        ids = torch.randint(5, 250, (n,), generator=gen).tolist()
-        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2 :]})
-    return collate_packed(examples)
-
-
-def _loss_and_grads(model, batch, fused: bool, monkeypatch):
-    if not fused:
-        monkeypatch.setattr(O, "fused_layers", lambda m: contextlib.nullcontext())
-    model.zero_grad()
-    loss, _ = O.causal_lm_loss(model, batch)
-    loss.backward()
-    monkeypatch.undo()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _spy(monkeypatch):
     calls = {"norm": 0, "rotary": 0}
     for name, key in (("_RMSNorm", "norm"), ("_Rotary", "rotary")):
@@ -98,11 +79,11 @@ def _spy(monkeypatch):
 def test_bf16_training_loss_and_grads_match_transformers_modules(monkeypatch):
     torch.manual_seed(0)
     model = tiny_model(vocab_size=256).to(torch.bfloat16)  # 2 layers, full fine-tuning (norm weights train)
-    batch = _packed_batch([5, 17, 3, 20, 9, 12])
+    batch = packed_batch([5, 17, 3, 20, 9, 12])
     calls = _spy(monkeypatch)
-    fused_loss, fused = _loss_and_grads(model, batch, True, monkeypatch)
+    fused_loss, fused = loss_and_grads(model, batch, monkeypatch)
     assert calls == {"norm": 5, "rotary": 2}
-    ref_loss, ref = _loss_and_grads(model, batch, False, monkeypatch)
+    ref_loss, ref = loss_and_grads(model, batch, monkeypatch, disable="fused_layers")
     torch.testing.assert_close(fused_loss.float(), ref_loss.float(), rtol=1e-2, atol=1e-2)
     assert fused.keys() == ref.keys()
     for name in ref:
@@ -123,11 +104,11 @@ def test_modules_are_restored_after_the_forward():
 def test_fp32_training_is_bit_identical(monkeypatch):
     torch.manual_seed(0)
     model = tiny_model(vocab_size=256)
-    batch = _packed_batch([5, 17, 3, 20, 9, 12])
+    batch = packed_batch([5, 17, 3, 20, 9, 12])
     calls = _spy(monkeypatch)
-    fused_loss, fused = _loss_and_grads(model, batch, True, monkeypatch)
+    fused_loss, fused = loss_and_grads(model, batch, monkeypatch)
     assert calls == {"norm": 0, "rotary": 0}
-    ref_loss, ref = _loss_and_grads(model, batch, False, monkeypatch)
+    ref_loss, ref = loss_and_grads(model, batch, monkeypatch, disable="fused_layers")
     assert torch.equal(fused_loss, ref_loss)
     assert all(torch.equal(fused[n], ref[n]) for n in ref)
 

@@ -1,32 +1,13 @@
 """Per-example attention for packed rows (objectives.packed_attention) == transformers' masked SDPA."""
 
-import contextlib
 
 import pytest
 import torch
 
-from posttrain.data.collate import collate_packed
 from posttrain.models import tiny_model
 from posttrain.train import objectives as O
 
-
-def _packed_batch(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    examples = []
-    for n in lengths:
-        ids = torch.randint(5, 250, (n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2 :]})
-    return collate_packed(examples)
-
-
-def _loss_and_grads(model, batch, fast: bool, monkeypatch):
-    if not fast:
-        monkeypatch.setattr(O, "packed_attention", lambda base, b: contextlib.nullcontext({}))
-    model.zero_grad()
-    loss, _ = O.causal_lm_loss(model, batch)
-    loss.backward()
-    monkeypatch.undo()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+from .helpers import loss_and_grads, packed_batch
 
 
 def test_packed_index_regroups_rows_in_order():
@@ -40,15 +21,15 @@ def test_packed_index_regroups_rows_in_order():
 def test_same_loss_and_grads_as_masked_sdpa(dtype, tol, monkeypatch):
     torch.manual_seed(0)
     model = tiny_model(vocab_size=256).to(dtype)  # GQA: 4 query heads over 2 kv heads
-    batch = _packed_batch([5, 17, 3, 20, 9, 12, 8, 6, 20, 4, 7, 11, 15, 14, 13, 16, 18, 19, 10, 2])
+    batch = packed_batch([5, 17, 3, 20, 9, 12, 8, 6, 20, 4, 7, 11, 15, 14, 13, 16, 18, 19, 10, 2])
     calls = []
     real = O._packed_sdpa
     monkeypatch.setattr(O, "_packed_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
     O._registered.clear()  # re-register the spy
-    fast_loss, fast = _loss_and_grads(model, batch, True, monkeypatch)
+    fast_loss, fast = loss_and_grads(model, batch, monkeypatch)
     O._registered.clear()
     assert calls, "the per-example path was not taken"
-    ref_loss, ref = _loss_and_grads(model, batch, False, monkeypatch)
+    ref_loss, ref = loss_and_grads(model, batch, monkeypatch, disable="packed_attention")
     assert model.config._attn_implementation == "sdpa"  # switched back
     torch.testing.assert_close(fast_loss.float(), ref_loss.float(), rtol=tol, atol=tol)
     for name in ref:
@@ -58,7 +39,7 @@ def test_same_loss_and_grads_as_masked_sdpa(dtype, tol, monkeypatch):
 
 def test_not_used_when_dense_is_cheaper(monkeypatch):
     model = tiny_model(vocab_size=256)
-    batch = _packed_batch([40, 3, 2])  # one long example: padding 3 x 40 costs more than 45²/2
+    batch = packed_batch([40, 3, 2])  # one long example: padding 3 x 40 costs more than 45²/2
     with O.packed_attention(model, batch) as extra:
         assert extra == {} and model.config._attn_implementation == "sdpa"
 
@@ -66,7 +47,7 @@ def test_not_used_when_dense_is_cheaper(monkeypatch):
 def test_not_used_under_activation_checkpointing():
     model = tiny_model(vocab_size=256)
     model.gradient_checkpointing_enable()
-    batch = _packed_batch([5] * 20)
+    batch = packed_batch([5] * 20)
     with O.packed_attention(model, batch) as extra:
         assert extra == {}
 
