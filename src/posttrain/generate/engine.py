@@ -14,12 +14,13 @@ is identical to `model.generate(do_sample=False)` and independent of the padding
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from posttrain.generate.backends import BACKENDS, make_rows
 
 StreamFn = Callable[[int, int, str], None]
 
@@ -45,10 +46,14 @@ class GenerationConfig:
     corpus: Any = None  # static SAM corpus: a saved automaton path or a SuffixAutomaton
     sam_bias: int = 5
     aux_model: Any = None  # SAM[aux]: a smaller causal LM with the same tokenizer drafts when no match
+    # where forward passes run: "native" (our CPU decoder), "torch" (the model's forward), "auto" (native if it can)
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.decoding not in ("plain", "sam", "lookup"):
             raise ValueError(f"decoding must be plain, sam or lookup; got {self.decoding!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {self.draft_len}")
         if (self.corpus is not None or self.aux_model is not None) and self.decoding != "sam":
@@ -118,6 +123,13 @@ def encode_prompts(tokenizer, prompts: Sequence[Any], chat: bool = False, system
     return out
 
 
+def pad_id(model, tokenizer) -> int:
+    """The id left padding uses: the tokenizer's pad token, else the smallest EOS id."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return min(eos_ids(model, tokenizer), default=0)
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     """Every id that ends a reply: the tokenizer's EOS plus the model/generation config's."""
     ids: set[int] = set()
@@ -130,33 +142,8 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into (input_ids, attention_mask)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 # ---------------------------------------------------------------------------------
-# one forward step and token choice
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache`; accept either model style."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def forward_step(model, ids, mask, positions, cache, cache_kw: str) -> torch.Tensor:
-    """Run `ids` through the model, extending `cache`; return fp32 logits of the last position."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **{cache_kw: cache})
-    return out.logits[:, -1, :].float()
+# token choice
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -264,35 +251,26 @@ class _RowText:
 
 @torch.inference_mode()
 def _generate(model, tokenizer, prompt_ids, config, stream):
-    device = next(model.parameters()).device
     n = len(prompt_ids)
     stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids(model, tokenizer), default=0)
-    cache_kw = _cache_kwarg(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    from transformers import DynamicCache
-
     rows = [_RowText(tokenizer, config.stop) for _ in range(n)]
     tokens_out: list[list[int]] = [[] for _ in range(n)]
     logprobs_out: list[list[float]] = [[] for _ in range(n)]
     if config.max_new_tokens == 0:
         return rows, tokens_out, logprobs_out
 
+    batch = make_rows(model, prompt_ids, pad_id(model, tokenizer), config.max_new_tokens, config.backend)
+    logits = batch.start()
+    device = logits.device
     generator = None
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    ids, mask = left_pad(prompt_ids, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     seen = None
     if config.repetition_penalty != 1.0:
-        vocab = base.get_output_embeddings().weight.shape[0]
-        counts = torch.zeros((n, vocab), dtype=torch.long, device=device)
-        seen = counts.scatter_add_(1, ids, mask) > 0
-
-    cache = DynamicCache(config=base.config)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompt_ids):
+            seen[i, p] = True
     active = list(range(n))  # original row index of each live batch row
-    logits = forward_step(model, ids, mask, positions, cache, cache_kw)
-    last_pos = positions[:, -1:]
     for step in range(config.max_new_tokens):
         next_tokens, next_logprobs = choose_tokens(logits, config, seen, generator)
         keep = []
@@ -313,16 +291,13 @@ def _generate(model, tokenizer, prompt_ids, config, stream):
         if not keep:
             break
         if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            next_tokens, mask, last_pos = next_tokens[index], mask[index], last_pos[index]
-            seen = seen[index] if seen is not None else None
+            batch.keep(keep)
+            next_tokens = next_tokens[torch.tensor(keep, device=device)]
+            seen = seen[keep] if seen is not None else None
             active = [active[b] for b in keep]
         if seen is not None:
             seen[torch.arange(len(active), device=device), next_tokens] = True
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        last_pos = last_pos + 1
-        logits = forward_step(model, next_tokens[:, None], mask, last_pos, cache, cache_kw)
+        logits = batch.extend(next_tokens[:, None].tolist())[:, -1]
     return rows, tokens_out, logprobs_out
 
 

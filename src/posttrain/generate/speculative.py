@@ -63,7 +63,7 @@ class AuxDrafter:
 
     @torch.inference_mode()
     def draft(self, k: int) -> tuple[list[int], str]:
-        from posttrain.generate.engine import _cache_kwarg
+        from posttrain.generate.backends import _cache_kwarg
 
         common = 0
         limit = min(len(self.cached), len(self.text) - 1)  # keep >= 1 token to feed
@@ -245,15 +245,11 @@ def _accept_sampled(logits: torch.Tensor, draft: list[int], config, generator) -
 def speculative_decode(model, tokenizer, prompt: list[int], config, drafter: Drafter, stream=None, row: int = 0,
                        generator: torch.Generator | None = None):
     """Decode one prompt; returns (row text state, token ids, logprobs, SpecStats)."""
-    from transformers import DynamicCache
-
-    from posttrain.generate.engine import _cache_kwarg, _RowText, eos_ids
+    from posttrain.generate.backends import make_rows
+    from posttrain.generate.engine import _RowText, eos_ids, pad_id
 
     if config.repetition_penalty != 1.0:
         raise ValueError("repetition_penalty is not supported with speculative decoding; use decoding=plain")
-    device = next(model.parameters()).device
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_kw = _cache_kwarg(model)
     stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
     k_max = config.draft_len
     text_state = _RowText(tokenizer, config.stop)
@@ -263,24 +259,17 @@ def speculative_decode(model, tokenizer, prompt: list[int], config, drafter: Dra
     if config.max_new_tokens == 0:
         return text_state, tokens_out, logprobs_out, stats
 
-    cache = DynamicCache(config=base.config)
+    rows = make_rows(model, [prompt], pad_id(model, tokenizer), config.max_new_tokens + k_max, config.backend)
     drafter.start(prompt)
-    ids = torch.tensor([prompt], device=device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-    logits = out.logits[0, -1:].float()
+    logits = rows.start()
     pending = None  # last emitted token, not yet in the cache
-    cached = len(prompt)
     draft: list[int] = []
     temperature = config.temperature if config.do_sample else 1.0
     while True:
         if pending is not None:
             draft, source = drafter.draft(min(k_max, config.max_new_tokens - len(tokens_out) - 1))
             stats.sources[source] = stats.sources.get(source, 0) + 1
-            step = torch.tensor([[pending, *draft]], device=device)
-            positions = torch.arange(cached, cached + step.shape[1], device=device)[None]
-            out = model(input_ids=step, position_ids=positions, use_cache=True, logits_to_keep=step.shape[1],
-                        **{cache_kw: cache})
-            logits = out.logits[0].float()
+            logits = rows.extend([[pending, *draft]])[0]
             stats.forwards += 1
             stats.drafted += len(draft)
         if config.do_sample:
@@ -289,10 +278,7 @@ def speculative_decode(model, tokenizer, prompt: list[int], config, drafter: Dra
             emitted = _accept_greedy(logits, draft)
         accepted = len(emitted) - 1
         stats.accepted += accepted
-        if pending is not None:
-            cached += 1 + accepted
-            if accepted < len(draft):  # drop the rejected draft positions from the cache
-                cache.crop(-(len(draft) - accepted))
+        rows.crop(len(draft) - accepted)  # drop the rejected draft positions from the cache
         lp = F.log_softmax(logits[: len(emitted)] / temperature, dim=-1)
         lps = lp.gather(1, torch.tensor(emitted, device=lp.device)[:, None]).squeeze(1).tolist()
         done = False

@@ -1,0 +1,132 @@
+"""Where forward passes run: the model's own PyTorch forward, or the native CPU decoder.
+
+Both backends hold a set of live rows (one per prompt) over a KV cache and offer the
+same four calls, which is all the decode loops need:
+
+    start()          prefill every prompt; logits at each prompt's last token [n, V]
+    extend(tokens)   feed L tokens to every live row; logits at all of them [n, L, V]
+    keep(index)      continue with these live rows only (finished rows cost nothing)
+    crop(n)          forget the last n positions of every row (rejected draft tokens)
+
+`make_rows` picks the native decoder when it can run the model (see
+`posttrain.generate.native`) and the PyTorch path otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+BACKENDS = ("auto", "native", "torch")
+PREFILL_CHUNK = 256  # rows per native prefill call: bounds the step's scratch memory
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; accept either model style."""
+    params = inspect.signature(_base(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class TorchRows:
+    """Left-padded rows over the model's forward and a DynamicCache (what HF generate does)."""
+
+    def __init__(self, model, prompt_ids: list[list[int]], pad_id: int):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache_kw = _cache_kwarg(model)
+        self.cache = DynamicCache(config=_base(model).config)
+        width = max(len(p) for p in prompt_ids)
+        self.ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            self.ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            self.mask[i, width - len(p):] = 1
+        self.ids, self.mask = self.ids.to(self.device), self.mask.to(self.device)
+
+    def _forward(self, ids, positions, keep: int) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=keep, **{self.cache_kw: self.cache})
+        return out.logits.float()
+
+    def start(self) -> torch.Tensor:
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.last_pos = positions[:, -1:]
+        return self._forward(self.ids, positions, 1)[:, -1]
+
+    def extend(self, tokens: list[list[int]]) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        n, length = ids.shape
+        self.mask = torch.cat([self.mask, self.mask.new_ones((n, length))], dim=1)
+        positions = self.last_pos + torch.arange(1, length + 1, device=self.device)
+        self.last_pos = positions[:, -1:]
+        return self._forward(ids, positions, length)
+
+    def keep(self, index: list[int]) -> None:
+        idx = torch.tensor(index, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.last_pos = self.mask[idx], self.last_pos[idx]
+
+    def crop(self, n: int) -> None:
+        if n > 0:
+            self.cache.crop(-n)
+            self.mask, self.last_pos = self.mask[:, :-n], self.last_pos - n
+
+
+class NativeRows:
+    """Rows as sequences of the native decoder's cache; a row's length is its next position."""
+
+    def __init__(self, lm, prompt_ids: list[list[int]], extra: int):
+        self.lm = lm
+        self.prompts = prompt_ids
+        lm.allocate(len(prompt_ids), max(len(p) for p in prompt_ids) + extra)
+        self.live = list(range(len(prompt_ids)))
+        self.length = [len(p) for p in prompt_ids]
+
+    def start(self) -> torch.Tensor:
+        last = []
+        for s, p in enumerate(self.prompts):
+            for a in range(0, len(p), PREFILL_CHUNK):
+                chunk = p[a:a + PREFILL_CHUNK]
+                final = a + PREFILL_CHUNK >= len(p)
+                logits = self.lm.forward(chunk, [s] * len(chunk), list(range(a, a + len(chunk))),
+                                         [len(chunk) - 1] if final else [])
+            last.append(logits)
+        return torch.cat(last)
+
+    def extend(self, tokens: list[list[int]]) -> torch.Tensor:
+        length = len(tokens[0])
+        flat, seq, pos = [], [], []
+        for s, n, row in zip(self.live, self.length, tokens):
+            flat.extend(row)
+            seq.extend([s] * length)
+            pos.extend(range(n, n + length))
+        self.length = [n + length for n in self.length]
+        logits = self.lm.forward(flat, seq, pos, list(range(len(flat))))
+        return logits.view(len(self.live), length, -1)
+
+    def keep(self, index: list[int]) -> None:
+        self.live = [self.live[i] for i in index]
+        self.length = [self.length[i] for i in index]
+
+    def crop(self, n: int) -> None:
+        self.length = [length - n for length in self.length]
+
+
+def make_rows(model, prompt_ids: list[list[int]], pad_id: int, extra: int, backend: str = "auto"):
+    """Rows for these prompts on the chosen backend; `extra` = most tokens any row will add."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend != "torch":
+        from posttrain.generate.native import native_lm
+
+        lm = native_lm(model, required=backend == "native")
+        if lm is not None:
+            return NativeRows(lm, prompt_ids, extra)
+    return TorchRows(model, prompt_ids, pad_id)

@@ -1,0 +1,265 @@
+"""The native CPU decoder: Llama-family forward passes in one C call (native.c).
+
+PyTorch's CPU path spends a decode step on dispatch and on a bf16 matrix-vector
+product that streams weights at a third of the memory bandwidth. `NativeLM` packs
+the model's weights once into a streaming layout (a copy, rebuilt when the weights
+change, e.g. between RL steps) and runs prefill, decode and draft verification
+through one function whose per-row results do not depend on the rows beside them.
+
+The C file is compiled on first use with the system C compiler into the posttrain
+cache (one .so per source/flags/compiler; atomic publish). Where that is not
+possible (no compiler, no AVX-512, an unsupported architecture, PEFT adapters,
+a GPU model) `unsupported_reason` says why and the engine uses the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512bf16", "-mfma"]
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, NativeLM]" = weakref.WeakKeyDictionary()
+
+
+class NativeError(RuntimeError):
+    """The native decoder was required but cannot run here; the message says why."""
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """Compile native.c once per source/flags/compiler and load it."""
+    from posttrain.fileio import atomic_write
+    from posttrain.models import cache_dir
+
+    cc = compiler()
+    if cc is None:
+        raise NativeError("no C compiler found (set CC or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / "native" / f"native-{key}.so"
+    if not out.exists():
+        def build(tmp: str) -> None:
+            proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise NativeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+
+        atomic_write(out, build)
+    lib = ctypes.CDLL(str(out))
+    lib.pt_forward.restype = ctypes.c_int
+    lib.pt_forward.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in
+                ("dtype", "n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab")] + [
+        ("eps", ctypes.c_float), ("max_len", ctypes.c_int), ("n_seq", ctypes.c_int), ("n_threads", ctypes.c_int)] + [
+        (name, ctypes.c_void_p) for name in
+        ("embed", "final_norm", "head", "attn_norm", "mlp_norm", "wqkv", "wo", "wgu", "wdown",
+         "bqkv", "bo", "bgu", "bdown", "kcache", "vcache", "cos", "sin")]
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the native decoder cannot run this model here, or None if it can."""
+    if os.environ.get("POSTTRAIN_NATIVE", "1") == "0":
+        return "disabled by POSTTRAIN_NATIVE=0"
+    if hasattr(model, "peft_config"):
+        return "the model carries PEFT adapters (merge them first)"
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in MODEL_TYPES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {', '.join(MODEL_TYPES)}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not silu"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention is not supported"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"RoPE type {rope.get('rope_type', rope.get('type'))!r} depends on the length"
+    params = list(model.parameters())
+    if any(p.device.type != "cpu" for p in params):
+        return "the model is not on the CPU"
+    dtypes = {p.dtype for p in params}
+    if dtypes not in ({torch.float32}, {torch.bfloat16}):
+        return f"parameters must be all fp32 or all bf16, got {sorted(map(str, dtypes))}"
+    flags = cpu_flags()
+    need = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} | ({"avx512_bf16"} if torch.bfloat16 in dtypes else set())
+    if not need <= flags:
+        return f"the CPU lacks {', '.join(sorted(need - flags))}"
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if cfg.hidden_size % 16 or cfg.intermediate_size % 16 or hd % 32 or cfg.num_attention_heads % kv:
+        return "hidden/intermediate sizes must be multiples of 16 and the head size a multiple of 32"
+    if compiler() is None:
+        return "no C compiler found (set CC or install gcc)"
+    return None
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> blocks of 16 rows: bf16 [N/16, K/2, 16, 2], fp32 [N/16, K, 16] (N padded with zeros)."""
+    n, k = w.shape
+    pad = (-n) % 16
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad, k)])
+    if w.dtype == torch.bfloat16:
+        return w.reshape(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return w.reshape(-1, 16, k).permute(0, 2, 1).contiguous()
+
+
+def _signature(model) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
+
+
+class NativeLM:
+    """Packed weights of one model plus, after `allocate`, a KV cache of `n_seq` sequences."""
+
+    def __init__(self, model):
+        base = _base(model)
+        cfg = base.config
+        self.config = cfg
+        self.signature = _signature(model)
+        self.dtype = next(model.parameters()).dtype
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.rotary = base.model.rotary_emb
+        layers = base.model.layers
+        keep: list[torch.Tensor] = []  # every tensor the C side points at
+
+        def f32(t):
+            t = t.detach().float().contiguous()
+            keep.append(t)
+            return t
+
+        def bias(*linears):
+            if all(lin.bias is None for lin in linears):
+                return None
+            return f32(torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                                  for lin in linears]))
+
+        def packed(*linears):
+            t = _pack(torch.cat([lin.weight.detach() for lin in linears]))
+            keep.append(t)
+            return t
+
+        attn = [layer.self_attn for layer in layers]
+        mlp = [layer.mlp for layer in layers]
+        self.embed = base.model.embed_tokens.weight.detach().contiguous()
+        keep.append(self.embed)
+        self.arrays = {
+            "attn_norm": _ptrs([f32(layer.input_layernorm.weight) for layer in layers]),
+            "mlp_norm": _ptrs([f32(layer.post_attention_layernorm.weight) for layer in layers]),
+            "wqkv": _ptrs([packed(a.q_proj, a.k_proj, a.v_proj) for a in attn]),
+            "bqkv": _ptrs([bias(a.q_proj, a.k_proj, a.v_proj) for a in attn]),
+            "wo": _ptrs([packed(a.o_proj) for a in attn]),
+            "bo": _ptrs([bias(a.o_proj) for a in attn]),
+            "wgu": _ptrs([packed(m.gate_proj, m.up_proj) for m in mlp]),
+            "bgu": _ptrs([bias(m.gate_proj, m.up_proj) for m in mlp]),
+            "wdown": _ptrs([packed(m.down_proj) for m in mlp]),
+            "bdown": _ptrs([bias(m.down_proj) for m in mlp]),
+        }
+        if base.lm_head.bias is not None:
+            raise NativeError("an LM head with a bias is not supported")
+        self.head = packed(base.lm_head)
+        self.final_norm = f32(base.model.norm.weight)
+        self.keep = keep
+        self.vocab = base.lm_head.out_features
+        self.n_seq = 0
+        self.max_len = 0
+        self.lib = library()
+
+    def allocate(self, n_seq: int, max_len: int) -> None:
+        """Room for `n_seq` sequences of up to `max_len` tokens; cache contents are not kept."""
+        cfg = self.config
+        shape = (n_seq, max_len, self.n_kv, self.head_dim)
+        self.kcache = [torch.empty(shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.vcache = [torch.empty(shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        cos, sin = self.rotary(torch.zeros(1), torch.arange(max_len)[None])
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        self.cache_arrays = {"kcache": _ptrs(self.kcache), "vcache": _ptrs(self.vcache)}
+        m = _Model(dtype=int(self.dtype == torch.bfloat16), n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+                   n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim, inter=cfg.intermediate_size,
+                   vocab=self.vocab, eps=float(cfg.rms_norm_eps), max_len=max_len, n_seq=n_seq,
+                   n_threads=torch.get_num_threads())
+        m.embed, m.final_norm, m.head = self.embed.data_ptr(), self.final_norm.data_ptr(), self.head.data_ptr()
+        m.cos, m.sin = self.cos.data_ptr(), self.sin.data_ptr()
+        for name, arr in {**self.arrays, **self.cache_arrays}.items():
+            setattr(m, name, ctypes.cast(arr, ctypes.c_void_p))
+        self.struct = m
+        self.n_seq, self.max_len = n_seq, max_len
+
+    def forward(self, tokens: list[int], seq: list[int], pos: list[int], out_rows: list[int]) -> torch.Tensor:
+        """Run rows (token, sequence, position); K/V land in the cache; fp32 logits of `out_rows`."""
+        if not tokens:
+            raise ValueError("forward needs at least one row")
+        if max(pos) >= self.max_len:
+            raise ValueError(f"position {max(pos)} is past the allocated length {self.max_len}")
+        tok = torch.tensor(tokens, dtype=torch.int64)
+        seq_t = torch.tensor(seq, dtype=torch.int32)
+        pos_t = torch.tensor(pos, dtype=torch.int32)
+        rows = torch.tensor(out_rows, dtype=torch.int32)
+        logits = torch.empty((len(out_rows), self.vocab), dtype=torch.float32)
+        code = self.lib.pt_forward(ctypes.byref(self.struct), len(tokens), tok.data_ptr(), seq_t.data_ptr(),
+                                   pos_t.data_ptr(), len(out_rows), rows.data_ptr(), logits.data_ptr())
+        if code:
+            raise ValueError({1: f"a token id is outside the vocabulary of {self.vocab}",
+                              2: "a sequence index or position is outside the allocated cache",
+                              3: "an output row is outside the rows given",
+                              4: "out of memory for the step's buffers"}.get(code, f"native forward failed ({code})"))
+        return logits
+
+
+def native_lm(model, required: bool = False) -> NativeLM | None:
+    """The model's NativeLM (packed once; re-packed when its weights changed), or None if unsupported."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        if required:
+            raise NativeError(f"backend='native' cannot run here: {reason}")
+        return None
+    cached = _PACKED.get(model)
+    if cached is not None and cached.signature == _signature(model):
+        return cached
+    _PACKED.pop(model, None)  # free the stale copy before packing a new one
+    try:
+        lm = NativeLM(model)
+    except NativeError as exc:
+        if required:
+            raise
+        warnings.warn(f"native decoder unavailable, using the PyTorch path: {exc}", stacklevel=2)
+        return None
+    _PACKED[model] = lm
+    return lm

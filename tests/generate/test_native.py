@@ -1,0 +1,122 @@
+"""The native CPU decoder: matches the model's forward, and a row's logits never
+depend on the rows computed beside it (what makes SAM exactly lossless)."""
+
+import pytest
+import torch
+
+from posttrain.generate.engine import GenerationConfig, generate
+from posttrain.generate.native import NativeError, native_lm, unsupported_reason
+from posttrain.models import tiny_model
+
+needs_bf16 = pytest.mark.skipif(
+    unsupported_reason(tiny_model(None, heads=2, kv_heads=1, dtype=torch.bfloat16, vocab_size=64)) is not None,
+    reason="native bf16 decoder cannot run on this machine")
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):",
+           "the cat sat on the mat. the cat sat on the mat. the cat",
+           "one two three"]
+
+
+def native_tiny(tokenizer, dtype=torch.float32, seed=1):
+    """A tiny Llama the native decoder accepts (head size 32)."""
+    return tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1, seed=seed, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_prefill_logits_match_the_model_forward(tokenizer, dtype, tol):
+    if dtype == torch.bfloat16 and unsupported_reason(native_tiny(tokenizer, dtype)) is not None:
+        pytest.skip("no AVX512-BF16 here")
+    model = native_tiny(tokenizer, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0].float()
+    lm = native_lm(model, required=True)
+    lm.allocate(1, 32)
+    got = lm.forward(ids[0].tolist(), [0] * 23, list(range(23)), list(range(23)))
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+def test_rows_are_bitwise_independent_of_their_neighbours(tokenizer, dtype):
+    model = native_tiny(tokenizer, dtype)
+    lm = native_lm(model, required=True)
+    lm.allocate(3, 40)
+    ids = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(1)).tolist()
+    full = lm.forward(ids, [0] * 30, list(range(30)), list(range(30)))  # one 30-row prefill (blocks of 8 + 6)
+    lm.forward(ids[:20], [1] * 20, list(range(20)), [])
+    singles = torch.cat([lm.forward([ids[i]], [1], [i], [0]) for i in range(20, 30)])
+    # a draft-verification shaped call that also carries another sequence's rows
+    lm.forward(ids[:20], [2] * 20, list(range(20)), [])
+    mixed = lm.forward(ids[20:30] + ids[25:27], [2] * 10 + [0] * 2, list(range(20, 30)) + [25, 26], list(range(12)))
+    assert torch.equal(singles, full[20:30])
+    assert torch.equal(mixed[:10], full[20:30])
+    assert torch.equal(mixed[10:], full[25:27])
+
+
+def test_greedy_generation_matches_the_torch_backend_in_fp32(tokenizer):
+    model = native_tiny(tokenizer)
+    cfg = dict(max_new_tokens=24, ignore_eos=True)
+    ours = generate(model, tokenizer, PROMPTS, GenerationConfig(backend="native", **cfg))
+    ref = generate(model, tokenizer, PROMPTS, GenerationConfig(backend="torch", **cfg))
+    assert ours.token_ids == ref.token_ids
+    for a, b in zip(ours.logprobs, ref.logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+def test_sam_and_batching_are_token_identical_to_single_plain_decoding(tokenizer, dtype):
+    model = native_tiny(tokenizer, dtype)
+    cfg = dict(max_new_tokens=40, ignore_eos=True, backend="native")
+    singles = [generate(model, tokenizer, [p], GenerationConfig(**cfg)) for p in PROMPTS]
+    batched = generate(model, tokenizer, PROMPTS, GenerationConfig(**cfg))
+    sam = generate(model, tokenizer, PROMPTS, GenerationConfig(decoding="sam", draft_len=7, **cfg))
+    expected = [s.token_ids[0] for s in singles]
+    assert batched.token_ids == expected
+    assert sam.token_ids == expected
+    assert [s.logprobs[0] for s in singles] == sam.logprobs  # bitwise: same logits, same log_softmax
+    assert sam.stats["accepted"] > 0
+
+
+def test_weights_changed_in_place_are_repacked(tokenizer):
+    model = native_tiny(tokenizer)
+    first = native_lm(model)
+    assert native_lm(model) is first  # unchanged weights: packed once
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    second = native_lm(model)
+    assert second is not first
+    ours = generate(model, tokenizer, PROMPTS[:1], GenerationConfig(max_new_tokens=12, backend="native"))
+    ref = generate(model, tokenizer, PROMPTS[:1], GenerationConfig(max_new_tokens=12, backend="torch"))
+    assert ours.token_ids == ref.token_ids
+
+
+def test_unsupported_models_fall_back_or_say_why(tokenizer, monkeypatch):
+    odd = tiny_model(tokenizer, heads=4, kv_heads=2)  # head size 16
+    assert "head size" in unsupported_reason(odd)
+    assert native_lm(odd) is None
+    with pytest.raises(NativeError, match="head size"):
+        generate(odd, tokenizer, ["hi"], GenerationConfig(max_new_tokens=2, backend="native"))
+    auto = generate(odd, tokenizer, ["hi"], GenerationConfig(max_new_tokens=2))  # auto: the torch path
+    assert len(auto.token_ids[0]) >= 1
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(native_tiny(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "PEFT" in unsupported_reason(peft_model)
+    monkeypatch.setenv("POSTTRAIN_NATIVE", "0")
+    assert "disabled" in unsupported_reason(native_tiny(tokenizer))
+    with pytest.raises(ValueError, match="backend must be"):
+        GenerationConfig(backend="gpu")
+
+
+def test_bad_rows_are_refused_with_a_reason(tokenizer):
+    model = native_tiny(tokenizer)
+    lm = native_lm(model, required=True)
+    lm.allocate(1, 8)
+    with pytest.raises(ValueError, match="past the allocated length"):
+        lm.forward([1], [0], [8], [0])
+    with pytest.raises(ValueError, match="vocabulary"):
+        lm.forward([model.config.vocab_size], [0], [0], [0])
+    with pytest.raises(ValueError, match="sequence index"):
+        lm.forward([1], [1], [0], [0])
