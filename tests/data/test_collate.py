@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.data.collate import collate_packed, collate_padded, model_inputs, plan_batches
+from posttrain.data.collate import collate_packed, collate_padded, collate_pairs, model_inputs, plan_batches
 from posttrain.data.templates import IGNORE
 
 
@@ -151,3 +151,34 @@ def test_plan_edge_cases():
         plan_batches([1], batch_size=4, max_tokens=None, packing=True, shuffle=False, seed=0, epoch=0)
     with pytest.raises(ValueError, match="at least one token"):
         plan_batches([0], batch_size=4, max_tokens=None, packing=False, shuffle=False, seed=0, epoch=0)
+
+
+def _pair(chosen, rejected, **extra):
+    return {"chosen_input_ids": chosen, "chosen_labels": [IGNORE] + chosen[1:],
+            "rejected_input_ids": rejected, "rejected_labels": [IGNORE] + rejected[1:], **extra}
+
+
+def test_pair_batch_layout_chosen_rows_then_rejected_rows():
+    examples = [_pair([5, 6, 7], [5, 8]), _pair([9, 10], [9, 11, 12, 13])]
+    batch = collate_pairs(examples, pad_token_id=0)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [9, 10, 0, 0], [5, 8, 0, 0], [9, 11, 12, 13]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE], [IGNORE, 10, IGNORE, IGNORE],
+                                        [IGNORE, 8, IGNORE, IGNORE], [IGNORE, 11, 12, 13]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long
+
+
+def test_pair_batch_per_pair_fields():
+    extra = [dict(margin=1.5, aspect=2, ref_chosen_logp=-3.0, ref_rejected_logp=-4.5),
+             dict(margin=0.0, aspect=0, ref_chosen_logp=-1.0, ref_rejected_logp=-2.0)]
+    batch = collate_pairs([_pair([1, 2], [1, 3], **e) for e in extra], pad_token_id=0)
+    assert batch["margin"].tolist() == [1.5, 0.0] and batch["margin"].dtype == torch.float32
+    assert batch["aspect"].tolist() == [2, 0] and batch["aspect"].dtype == torch.long
+    assert batch["ref_chosen_logp"].tolist() == [-3.0, -1.0] and batch["ref_rejected_logp"].tolist() == [-4.5, -2.0]
+    with pytest.raises(ValueError, match="some pair examples have 'margin'"):
+        collate_pairs([_pair([1, 2], [1, 3], margin=1.0), _pair([1, 2], [1, 3])], pad_token_id=0)
+    with pytest.raises(ValueError, match="pair example 0 has no chosen_input_ids"):
+        collate_pairs([{"input_ids": [1, 2], "labels": [IGNORE, 2]}], pad_token_id=0)
+    with pytest.raises(ValueError, match="empty"):
+        collate_pairs([], pad_token_id=0)

@@ -11,6 +11,7 @@ from posttrain.data.templates import (
     TemplateError,
     encode_chat,
     encode_completion,
+    encode_preference,
     encode_record,
     encode_text,
     render_loss_mask,
@@ -88,8 +89,10 @@ def test_encode_record_dispatches_and_copies_task(tokenizer):
     assert "task" not in encode_record(tokenizer, {"text": "x"}, "text")
     assert encode_record(tokenizer, {"prompt": "a", "completion": "b"}, "completion")["labels"][-1] == \
         tokenizer.eos_token_id
-    with pytest.raises(ValueError, match="preference"):
-        encode_record(tokenizer, {"prompt": "a", "chosen": "b", "rejected": "c"}, "preference")
+    pair = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    assert encode_record(tokenizer, pair, "preference") == encode_preference(tokenizer, pair)
+    with pytest.raises(ValueError, match="single-sequence"):
+        encode_record(tokenizer, {"prompt": "a"}, "prompt")
 
 
 def test_template_that_rewrites_history_is_rejected(tokenizer):
@@ -113,3 +116,70 @@ def test_render_loss_mask(tokenizer):
     assert plain.count("[[") == 2 and "[[" not in plain.split("assistant")[0]
     colored = render_loss_mask(tokenizer, ex, color=True)
     assert "\x1b[32mHello there!<|im_end|>\x1b[0m" in colored and "[[" not in colored
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+def _loss_tokens(tokenizer, ids, labels):
+    return [tok for tok, label in zip(tokenizer.convert_ids_to_tokens(ids), labels) if label != IGNORE]
+
+
+def test_preference_strings_mask_the_prompt_and_label_the_reply(tokenizer):
+    ex = encode_preference(tokenizer, {"prompt": "What is 2+2?", "chosen": "4", "rejected": "Five, I think."})
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=True,
+                                           add_generation_prompt=True, return_dict=True)["input_ids"]
+    for side, reply in (("chosen", "4"), ("rejected", "Five, I think.")):
+        ids, labels = ex[f"{side}_input_ids"], ex[f"{side}_labels"]
+        full = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": reply}]
+        assert ids == tokenizer.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"]
+        assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [IGNORE] * len(prompt)
+        # the completion is exactly the reply's tokens and the end-of-turn token, labelled with themselves
+        assert _loss_tokens(tokenizer, ids, labels) == tokenizer.tokenize(reply) + ["<|im_end|>"]
+        assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
+    assert set(ex) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
+
+
+def test_preference_message_forms_agree_and_prompt_assistant_turns_get_no_loss(tokenizer):
+    prompt = CHAT[:4]  # system, user, assistant ("Hello there!"), user
+    explicit = encode_preference(tokenizer, {"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
+                                             "rejected": [{"role": "assistant", "content": "22"}]})
+    implicit = encode_preference(tokenizer, {"chosen": prompt + [{"role": "assistant", "content": "4"}],
+                                             "rejected": prompt + [{"role": "assistant", "content": "22"}]})
+    assert explicit == implicit
+    assert explicit["chosen_input_ids"] == encode_chat(tokenizer, CHAT)["input_ids"]
+    assert _loss_tokens(tokenizer, explicit["chosen_input_ids"], explicit["chosen_labels"]) == ["4", "<|im_end|>"]
+    assert _loss_tokens(tokenizer, explicit["rejected_input_ids"], explicit["rejected_labels"]) == \
+        tokenizer.tokenize("22") + ["<|im_end|>"]
+    # a string prompt is the same as a one-user-turn message prompt
+    one = {"chosen": "4", "rejected": "22", "margin": 2, "aspect": 1}
+    assert encode_preference(tokenizer, {"prompt": "Hi", **one}) == \
+        encode_preference(tokenizer, {"prompt": [{"role": "user", "content": "Hi"}], **one})
+    carried = encode_preference(tokenizer, {"prompt": "Hi", **one})
+    assert carried["margin"] == 2.0 and isinstance(carried["margin"], float) and carried["aspect"] == 1
+
+
+def test_preference_truncation_cuts_the_completion_and_drops_long_prompts(tokenizer):
+    record = {"prompt": "Count to five.", "chosen": "one two three four five", "rejected": "no"}
+    full = encode_preference(tokenizer, record)
+    start = next(t for t, label in enumerate(full["chosen_labels"]) if label != IGNORE)  # prompt length
+    cut = encode_preference(tokenizer, record, max_length=start + 2)
+    assert cut["chosen_input_ids"] == full["chosen_input_ids"][: start + 2]
+    assert cut["chosen_labels"] == full["chosen_labels"][: start + 2]
+    assert cut["rejected_input_ids"] == full["rejected_input_ids"][: start + 2]
+    assert encode_preference(tokenizer, record, max_length=start + 1)["chosen_labels"][-1] != IGNORE
+    assert encode_preference(tokenizer, record, max_length=start) is None  # the prompt alone fills it
+    assert encode_preference(tokenizer, record, max_length=start - 5) is None
+
+
+def test_preference_bad_records_are_named(tokenizer):
+    with pytest.raises(ValueError, match="'prompt' must end with a user turn"):
+        encode_preference(tokenizer, {"prompt": CHAT[:3], "chosen": "a", "rejected": "b"})
+    with pytest.raises(ValueError, match="share must end with a user turn"):
+        encode_preference(tokenizer, {"chosen": CHAT, "rejected": CHAT})
+    with pytest.raises(ValueError, match="'rejected': the completion must start with an assistant"):
+        encode_preference(tokenizer, {"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}],
+                                      "rejected": [{"role": "user", "content": "b"}]})
+    with pytest.raises(ValueError, match="'aspect' must be a reward-head index"):
+        encode_preference(tokenizer, {"prompt": "q", "chosen": "a", "rejected": "b", "aspect": "helpful"})
+    with pytest.raises(ValueError, match="'margin' must be a number"):
+        encode_preference(tokenizer, {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"})

@@ -145,3 +145,33 @@ def plan_batches(lengths: list[int], *, batch_size: int | None, max_tokens: int 
     if group:
         groups.append(group)
     return groups
+
+
+PAIR_FIELDS = {"margin": torch.float32, "aspect": torch.long,
+               "ref_chosen_logp": torch.float32, "ref_rejected_logp": torch.float32}
+
+
+def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs -> one right-padded batch of 2B rows: chosen 0..B-1, rejected B..2B-1.
+
+    Both halves go through one forward (DPO's concatenated forward, one reward-model pass).
+    Per-pair fields (margin, aspect, precomputed reference log-probs) come as [B] tensors;
+    a field that only some examples carry is an error rather than silently dropped.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty list of pairs")
+    for i, e in enumerate(examples):
+        missing = [k for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+                   if k not in e]
+        if missing:
+            raise ValueError(f"pair example {i} has no {', '.join(missing)} (encode it with encode_preference)")
+    rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for e in examples]
+    batch = collate_padded(rows, pad_token_id)
+    for key, dtype in PAIR_FIELDS.items():
+        has = [key in e for e in examples]
+        if all(has):
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+        elif any(has):
+            raise ValueError(f"some pair examples have {key!r} and some do not; give every example one or none")
+    return batch

@@ -105,7 +105,9 @@ def encode_text(tokenizer, text: str, max_length: int | None = None) -> dict | N
 
 
 def encode_record(tokenizer, record: dict[str, Any], kind: str, max_length: int | None = None) -> dict | None:
-    """Encode one validated record of a trainable kind (chat, completion, text); copies ``task``."""
+    """Encode one validated record of a trainable kind (chat, completion, text, preference); copies ``task``."""
+    if kind == "preference":  # a pair example, not a single sequence
+        return encode_preference(tokenizer, record, max_length)
     if kind == "chat":
         example = encode_chat(tokenizer, record["messages"], max_length)
     elif kind == "completion":
@@ -137,3 +139,89 @@ def render_loss_mask(tokenizer, example: dict, color: bool = False) -> str:
         out.append(text)
         t = end
     return "".join(out)
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+def _preference_messages(record: dict[str, Any]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) as message lists; the prompt ends with a user turn.
+
+    Strings become one user / one assistant turn. Without a prompt, chosen and rejected are
+    whole conversations and the prompt is their shared leading messages.
+    """
+    prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise ValueError("fields 'chosen' and 'rejected' must both be strings or both be message lists")
+    if isinstance(chosen, str):
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    if prompt is None:
+        if isinstance(record["chosen"], str):
+            raise ValueError("field 'prompt' is missing (needed when chosen/rejected are strings)")
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        where = "the messages chosen and rejected share"
+    else:
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        where = "field 'prompt'"
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError(f"{where} must end with a user turn (the completion is the assistant's reply)")
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        if not completion or completion[0]["role"] != "assistant":
+            raise ValueError(f"field '{name}': the completion must start with an assistant turn after the prompt")
+    return prompt, chosen, rejected
+
+
+def _encode_completion_turns(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int]]:
+    """ids and labels of prompt + completion, loss on the completion's assistant turns only.
+
+    Same span rule as encode_chat (content + end-of-turn token), but assistant turns inside
+    the prompt carry no loss: they are context, not the answer being compared.
+    """
+    messages = prompt + completion
+    text, spans = assistant_spans(tokenizer, messages)
+    in_prompt = sum(m["role"] == "assistant" for m in prompt)
+    spans = spans[in_prompt:]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    span = 0
+    for t, (start, _end) in enumerate(enc["offset_mapping"]):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span < len(spans) and start >= spans[span][0]:
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def encode_preference(tokenizer, record: dict[str, Any], max_length: int | None = None) -> dict | None:
+    """A preference record -> the pair example (chosen_/rejected_ input_ids and labels).
+
+    Both sides are rendered with the chat template as prompt + completion; labels cover the
+    completion's assistant turns with their end-of-turn token, -100 on the prompt. Carries
+    ``margin`` and ``aspect``. With ``max_length``, a completion is cut to fit; a prompt that
+    leaves no room for a completion token returns None (the caller counts it as dropped).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError("encode_preference needs a fast tokenizer (it maps characters to tokens with offsets)")
+    prompt, chosen, rejected = _preference_messages(record)
+    example: dict[str, Any] = {}
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        ids, labels = _encode_completion_turns(tokenizer, prompt, completion)
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            return None
+        example[f"{name}_input_ids"], example[f"{name}_labels"] = ids, labels
+    margin, aspect = record.get("margin"), record.get("aspect")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise ValueError(f"field 'margin' must be a number; got {margin!r}")
+        example["margin"] = float(margin)
+    if aspect is not None:
+        if isinstance(aspect, bool) or not isinstance(aspect, int) or aspect < 0:
+            raise ValueError(f"field 'aspect' must be a reward-head index (int >= 0); got {aspect!r} "
+                             "(map aspect names to indices before encoding)")
+        example["aspect"] = aspect
+    return example
