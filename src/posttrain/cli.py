@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sam: SAM-Decoding (suffix-automaton drafts, lossless for greedy); lookup: prompt lookup")
     p.add_argument("--corpus", help="static SAM corpus: a saved automaton (.npz, see `posttrain sam build`) "
                                     "or JSONL/.txt files, comma-separated")
-    p.add_argument("--draft-len", type=int, default=8, help="tokens drafted per verification step")
+    p.add_argument("--draft-len", type=int, help="tokens drafted per verification step (default 4)")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="where forward passes run: native (our CPU decoder), torch (the model's forward), "
+                        "auto (native when it can run the model)")
     p.add_argument("--aux-model", help="SAM[aux]: a smaller model with the same tokenizer that drafts when "
                                        "the automata find no match (model spec)")
     p.add_argument("--stats", action="store_true", help="print acceptance statistics and tokens/s to stderr")
@@ -217,8 +220,8 @@ def cmd_generate(args) -> int:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, stop=args.stop, chat=not args.no_chat, decoding=args.decoding,
-                           draft_len=args.draft_len, corpus=load_corpus(args.corpus, tok) if args.corpus else None,
-                           aux_model=aux)
+                           backend=args.backend, corpus=load_corpus(args.corpus, tok) if args.corpus else None,
+                           aux_model=aux, **({"draft_len": args.draft_len} if args.draft_len else {}))
     start = time.perf_counter()
     out = generate(model, tok, prompts, cfg)
     seconds = time.perf_counter() - start

@@ -168,12 +168,13 @@ def test_filter_top_k_top_p():
 
 
 @pytest.mark.slow
-def test_default_model_greedy_matches_hf_generate():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_default_model_greedy_matches_hf_generate(backend):
     from posttrain.models import load_model
 
     model, tok = load_model("default", dtype="fp32")
     prompts = ["What is the capital of France?", "Write one short sentence about the sea."]
-    out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=16, chat=True))
+    out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=16, chat=True, backend=backend))
     assert "Paris" in out.texts[0]
     for pid, got in zip(encode_prompts(tok, prompts, chat=True), out.token_ids):
         assert got == trim_eos(hf_greedy(model, tok, pid, 16), tok.eos_token_id)

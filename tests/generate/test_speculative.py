@@ -132,14 +132,21 @@ def test_sam_with_aux_draft_model_is_identical_and_uses_it(model, tokenizer):
 
 
 @pytest.mark.slow
-def test_default_model_fp32_sam_is_identical_to_plain_greedy():
+@pytest.mark.parametrize("dtype,backend", [("fp32", "torch"), ("fp32", "auto"), ("bf16", "auto")])
+def test_default_model_sam_is_identical_to_plain_greedy(dtype, backend):
+    """fp32 on the model's own forward; fp32 and bf16 on the native decoder (where it runs)."""
     from posttrain.models import load_model
 
-    model, tok = load_model("default", dtype="fp32")
+    model, tok = load_model("default", dtype=dtype)
+    if backend == "auto" and dtype == "bf16":
+        from posttrain.generate.native import unsupported_reason
+
+        if unsupported_reason(model) is not None:
+            pytest.skip(f"native decoder: {unsupported_reason(model)}")
     prompts = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
                "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"]
-    plain = generate(model, tok, prompts, GenerationConfig(max_new_tokens=48))
-    spec = generate(model, tok, prompts, GenerationConfig(max_new_tokens=48, decoding="sam"))
+    plain = generate(model, tok, prompts, GenerationConfig(max_new_tokens=48, backend=backend))
+    spec = generate(model, tok, prompts, GenerationConfig(max_new_tokens=48, decoding="sam", backend=backend))
     assert spec.token_ids == plain.token_ids
     assert spec.stats["tokens_per_forward"] > 1.2
 

@@ -87,6 +87,47 @@ static inline __m512 load16(int dt, const void *p, long i) {
 #define MB 8 /* input rows per pass: each weight vector loaded once feeds MB rows */
 #define PREFETCH 2048 /* bytes of weights requested ahead of use: measured best of 0/128/512/2048/8192 */
 
+/* One block of 16 output rows against R input rows, R a compile-time constant so the R
+ * accumulators stay in registers. Every row accumulates over k in ascending order,
+ * whatever R is: results do not depend on how rows are grouped. */
+#define DEFINE_TILES(R)                                                                                   \
+    static inline void tile_bf16_##R(const uint16_t *w, const uint32_t *x, int kp, int xs, __m512 *out) { \
+        __m512 acc[R];                                                                                    \
+        for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();                                         \
+        for (int p = 0; p < kp; p++) {                                                                    \
+            _mm_prefetch((const char *)(w + (long)p * 32) + PREFETCH, _MM_HINT_T0);                       \
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (long)p * 32);                           \
+            for (int i = 0; i < R; i++)                                                                   \
+                acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_set1_epi32(x[i * xs + p]));        \
+        }                                                                                                 \
+        for (int i = 0; i < R; i++) out[i] = acc[i];                                                      \
+    }                                                                                                     \
+    static inline void tile_f32_##R(const float *w, const float *x, int K, __m512 *out) {                 \
+        __m512 acc[R];                                                                                    \
+        for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();                                         \
+        for (int p = 0; p < K; p++) {                                                                     \
+            _mm_prefetch((const char *)(w + (long)p * 16) + PREFETCH, _MM_HINT_T0);                       \
+            const __m512 wv = _mm512_loadu_ps(w + (long)p * 16);                                          \
+            for (int i = 0; i < R; i++) acc[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[(long)i * K + p]), acc[i]); \
+        }                                                                                                 \
+        for (int i = 0; i < R; i++) out[i] = acc[i];                                                      \
+    }
+DEFINE_TILES(1)
+DEFINE_TILES(2)
+DEFINE_TILES(3)
+DEFINE_TILES(4)
+DEFINE_TILES(5)
+DEFINE_TILES(6)
+DEFINE_TILES(7)
+DEFINE_TILES(8)
+
+typedef void (*tile_bf16_fn)(const uint16_t *, const uint32_t *, int, int, __m512 *);
+typedef void (*tile_f32_fn)(const float *, const float *, int, __m512 *);
+static const tile_bf16_fn TILES_BF16[MB + 1] = {NULL, tile_bf16_1, tile_bf16_2, tile_bf16_3, tile_bf16_4,
+                                                tile_bf16_5, tile_bf16_6, tile_bf16_7, tile_bf16_8};
+static const tile_f32_fn TILES_F32[MB + 1] = {NULL, tile_f32_1, tile_f32_2, tile_f32_3, tile_f32_4,
+                                              tile_f32_5, tile_f32_6, tile_f32_7, tile_f32_8};
+
 /* Y[m, n] (+)= X[m, :] . W[n, :] + bias[n]; X is [M, K] in the model dtype, Y fp32 with row stride ldy.
  * Called inside a parallel region: output blocks are split across threads. */
 static void matmul(int dt, const void *W, const float *bias, const void *X, float *Y, int ldy, int M, int N, int K,
@@ -100,45 +141,11 @@ static void matmul(int dt, const void *W, const float *bias, const void *X, floa
         for (int m0 = 0; m0 < M; m0 += MB) {
             const int mm = M - m0 < MB ? M - m0 : MB;
             __m512 acc[MB];
-            for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
-            if (dt) {
-                const uint16_t *w = (const uint16_t *)W + (long)b * 16 * K;
-                const uint32_t *x = (const uint32_t *)((const uint16_t *)X + (long)m0 * K);
-                const int kp = K / 2, xs = K / 2;
-                if (mm == MB) {
-                    for (int p = 0; p < kp; p++) {
-                        _mm_prefetch((const char *)(w + (long)p * 32) + PREFETCH, _MM_HINT_T0);
-                        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (long)p * 32);
-#pragma GCC unroll 8
-                        for (int i = 0; i < MB; i++)
-                            acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_set1_epi32(x[i * xs + p]));
-                    }
-                } else {
-                    for (int p = 0; p < kp; p++) {
-                        _mm_prefetch((const char *)(w + (long)p * 32) + PREFETCH, _MM_HINT_T0);
-                        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (long)p * 32);
-                        for (int i = 0; i < mm; i++)
-                            acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_set1_epi32(x[i * xs + p]));
-                    }
-                }
-            } else {
-                const float *w = (const float *)W + (long)b * 16 * K;
-                const float *x = (const float *)X + (long)m0 * K;
-                if (mm == MB) {
-                    for (int p = 0; p < K; p++) {
-                        _mm_prefetch((const char *)(w + (long)p * 16) + PREFETCH, _MM_HINT_T0);
-                        const __m512 wv = _mm512_loadu_ps(w + (long)p * 16);
-#pragma GCC unroll 8
-                        for (int i = 0; i < MB; i++) acc[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[(long)i * K + p]), acc[i]);
-                    }
-                } else {
-                    for (int p = 0; p < K; p++) {
-                        _mm_prefetch((const char *)(w + (long)p * 16) + PREFETCH, _MM_HINT_T0);
-                        const __m512 wv = _mm512_loadu_ps(w + (long)p * 16);
-                        for (int i = 0; i < mm; i++) acc[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[(long)i * K + p]), acc[i]);
-                    }
-                }
-            }
+            if (dt)
+                TILES_BF16[mm]((const uint16_t *)W + (long)b * 16 * K,
+                               (const uint32_t *)((const uint16_t *)X + (long)m0 * K), K / 2, K / 2, acc);
+            else
+                TILES_F32[mm]((const float *)W + (long)b * 16 * K, (const float *)X + (long)m0 * K, K, acc);
             for (int i = 0; i < mm; i++) {
                 float *y = Y + (long)(m0 + i) * ldy + b * 16;
                 __m512 v = _mm512_add_ps(acc[i], bv);
