@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.data.collate import collate_packed, collate_padded, collate_pairs, model_inputs, plan_batches
+from posttrain.data.collate import (
+    collate_packed,
+    collate_padded,
+    collate_pairs,
+    model_inputs,
+    plan_batches,
+)
 from posttrain.data.templates import IGNORE
 
 
@@ -170,8 +176,8 @@ def test_pair_batch_layout_chosen_rows_then_rejected_rows():
 
 
 def test_pair_batch_per_pair_fields():
-    extra = [dict(margin=1.5, aspect=2, ref_chosen_logp=-3.0, ref_rejected_logp=-4.5),
-             dict(margin=0.0, aspect=0, ref_chosen_logp=-1.0, ref_rejected_logp=-2.0)]
+    extra = [{"margin": 1.5, "aspect": 2, "ref_chosen_logp": -3.0, "ref_rejected_logp": -4.5},
+             {"margin": 0.0, "aspect": 0, "ref_chosen_logp": -1.0, "ref_rejected_logp": -2.0}]
     batch = collate_pairs([_pair([1, 2], [1, 3], **e) for e in extra], pad_token_id=0)
     assert batch["margin"].tolist() == [1.5, 0.0] and batch["margin"].dtype == torch.float32
     assert batch["aspect"].tolist() == [2, 0] and batch["aspect"].dtype == torch.long

@@ -1,0 +1,236 @@
+"""The DPO family: sigmoid DPO, conservative DPO, IPO, hinge and reference-free SimPO.
+
+A batch is `collate_pairs` output: rows 0..B-1 chosen, B..2B-1 rejected, so chosen and
+rejected go through one forward. A sequence's log-prob is the sum over its label tokens
+(the completion), with the vocabulary head run only at those positions.
+
+The reference is a frozen model passed as `reference`; without one, log-probs precomputed
+into the batch (`precompute_reference_logps`: one pass before training, which also lets a
+full fine-tune use its own starting point without keeping a copy); else, for a PEFT policy,
+the same model with its adapters disabled (the base, no second copy). SimPO needs none.
+
+Loss formulas follow the papers and TRL 1.16 (tests/train/test_dpo.py checks them against
+TRL's DPOTrainer and CPOTrainer on the same log-probs): IPO compares per-token average
+log-ratios (as TRL does, confirmed there with the IPO authors); SimPO uses average log-probs
+and a target margin gamma.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.data.collate import collate_pairs, model_inputs
+from posttrain.train.objectives import (
+    IGNORE,
+    Objective,
+    _fused_lora,
+    _routing,
+    _unwrap,
+    fused_layers,
+    is_prompt_learning,
+    is_wrapped,
+    loss_position_hidden,
+)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+REFERENCE_FREE = ("simpo",)
+
+
+def _label_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, Tensor]:
+    """Per-row sum of log p(label token) and per-row label-token count ([rows] each).
+
+    Like causal_lm_loss: hidden states only where a label is predicted, the head in
+    chunks (checkpointed when there are several, so [tokens, vocab] never lives at once).
+    Wrapped models (DDP/FSDP/DeepSpeed) and prompt tuning go through the wrapper's forward.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    rows = keep.nonzero()[:, 0]  # the row of each selected position, in the order selected below
+    counts = keep.sum(1)
+    with _routing(model, batch), _fused_lora(model), fused_layers(model):
+        if is_prompt_learning(model) or is_wrapped(model):
+            return _wrapped_logps(model, batch, keep, rows), counts
+        hidden, labels = loss_position_hidden(model, batch)
+    head = _unwrap(model).get_output_embeddings()
+    n = labels.numel()
+    parts = []
+    for i in range(0, n, chunk_size):
+        h, t = hidden[i : i + chunk_size], labels[i : i + chunk_size]
+        if n > chunk_size and torch.is_grad_enabled():
+            parts.append(checkpoint(_label_logps, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_label_logps(head, h, t))
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = token_logps.new_zeros(keep.shape[0]).index_add(0, rows, token_logps)
+    return sums, counts
+
+
+def _wrapped_logps(model, batch: dict, keep: Tensor, rows: Tensor) -> Tensor:
+    """completion_logps through the model's own forward (see objectives._forward_loss)."""
+    targets = batch["labels"][:, 1:]
+    inputs = model_inputs(batch)
+    if is_prompt_learning(model):
+        logits = model(**inputs).logits[:, -batch["input_ids"].shape[1] :][:, :-1]  # drop virtual tokens
+    else:
+        cols = keep.any(0).nonzero().squeeze(1)
+        logits = model(**inputs, logits_to_keep=cols).logits
+        targets, keep = targets[:, cols], keep[:, cols]
+    token_logps = -F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    return token_logps.new_zeros(keep.shape[0]).index_add(0, rows, token_logps)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
+             loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
+             chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None,
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards) from summed completion log-probs [B].
+
+    sigmoid: -(1-eps) logsig(beta d) - eps logsig(-beta d), d = chosen minus rejected
+    log-ratio; eps = label_smoothing > 0 is conservative DPO (labels flipped with prob. eps).
+    hinge: relu(1 - beta d). ipo: (d_avg - 1/(2 beta))^2 with per-token average log-ratios.
+    simpo (no reference): sigmoid loss on beta (avg logp chosen - avg logp rejected) - gamma.
+    Rewards are beta * log-ratio (simpo: beta * average log-prob); they carry no gradient.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5); got {label_smoothing}")
+    if label_smoothing and loss_type not in ("sigmoid", "simpo"):
+        raise ValueError(f"label_smoothing applies to the sigmoid and simpo losses, not {loss_type!r}")
+    if loss_type in ("ipo", "simpo") and (chosen_tokens is None or rejected_tokens is None):
+        raise ValueError(f"the {loss_type} loss averages log-probs per token: pass chosen_tokens and rejected_tokens")
+
+    def per_token(x: Tensor, n: Tensor) -> Tensor:
+        return x / n.to(x.dtype).clamp(min=1)
+
+    if loss_type == "simpo":
+        chosen, rejected = per_token(policy_chosen, chosen_tokens), per_token(policy_rejected, rejected_tokens)
+        logits = beta * (chosen - rejected) - gamma
+        rewards = beta * chosen.detach(), beta * rejected.detach()
+    else:
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"the {loss_type} loss needs reference log-probs")
+        chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+        rewards = beta * chosen.detach(), beta * rejected.detach()
+        if loss_type == "ipo":
+            delta = per_token(chosen, chosen_tokens) - per_token(rejected, rejected_tokens)
+            return (delta - 1 / (2 * beta)) ** 2, *rewards
+        logits = beta * (chosen - rejected)
+        if loss_type == "hinge":
+            return torch.relu(1 - logits), *rewards
+    losses = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+    return losses, *rewards
+
+
+def _peft(model):
+    """The PEFT model under a DDP wrapper, or None when `model` has no disable_adapter."""
+    inner = getattr(model, "module", model)
+    return inner if hasattr(inner, "disable_adapter") else None
+
+
+@torch.no_grad()
+def _reference_logps(model, batch: dict, reference) -> Tensor:
+    """Reference summed log-probs of every row: `reference`, else the PEFT `model` with adapters off."""
+    if reference is not None:
+        device = batch["input_ids"].device
+        if next(reference.parameters()).device != device:  # the loop moved only the policy
+            reference.to(device)
+        return completion_logps(reference, batch)[0]
+    peft = _peft(model)
+    if peft is None:
+        raise ValueError(
+            "DPO needs a reference: pass reference=<frozen model>, precompute ref_chosen_logp/ref_rejected_logp "
+            "(precompute_reference_logps), or train a PEFT adapter (its base with adapters disabled is the reference)")
+    with peft.disable_adapter():
+        return completion_logps(peft, batch)[0]
+
+
+def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                       simpo_gamma: float = 0.5, reference: torch.nn.Module | None = None) -> Objective:
+    """objective(model, batch) -> (mean loss over pairs, metrics) for the loop.
+
+    Reference (not used by simpo): `reference` (a frozen model) if given; else the batch's
+    precomputed ref_chosen_logp/ref_rejected_logp; else the PEFT policy with its adapters
+    disabled. A full-model policy with none of these is an error, not a silent self-reference.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0; got {beta}")
+    if reference is not None:
+        reference.eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+
+    def objective(model, batch: dict) -> tuple[Tensor, dict]:
+        if batch["input_ids"].shape[0] % 2:
+            raise ValueError("a DPO batch has chosen rows then rejected rows (collate_pairs); got an odd row count")
+        logps, counts = completion_logps(model, batch)
+        b = logps.shape[0] // 2
+        ref_chosen = ref_rejected = None
+        if loss_type not in REFERENCE_FREE:
+            if reference is None and "ref_chosen_logp" in batch:
+                ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+            else:
+                ref = _reference_logps(model, batch, reference)
+                ref_chosen, ref_rejected = ref[:b], ref[b:]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            logps[:b], logps[b:], ref_chosen, ref_rejected, loss_type, beta, label_smoothing, simpo_gamma,
+            counts[:b], counts[b:])
+        loss = losses.mean()
+        margin = chosen_rewards - rejected_rewards
+        metrics = {
+            "loss": loss.item(),
+            "loss_tokens": b,
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/margin": margin.mean().item(),
+            "rewards/accuracy": (margin > 0).float().mean().item(),
+            "logps/chosen": logps[:b].detach().mean().item(),
+            "logps/rejected": logps[b:].detach().mean().item(),
+        }
+        return loss, metrics
+
+    return objective
+
+
+@torch.no_grad()
+def precompute_reference_logps(model_or_ref, examples: list[dict], pad_token_id: int, batch_size: int = 8,
+                               adapters_off: bool = True) -> list[dict]:
+    """Add ref_chosen_logp / ref_rejected_logp to every pair example (in place; returns the list).
+
+    One pass before training, so no reference model or second forward is needed during it.
+    A PEFT model is scored with its adapters disabled (its base: the reference when training
+    that adapter) unless `adapters_off=False` (a PEFT model used as a separate reference).
+    """
+    model = getattr(model_or_ref, "module", model_or_ref)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    peft = _peft(model) if adapters_off else None
+    try:
+        with peft.disable_adapter() if peft is not None else nullcontext():
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i : i + batch_size]
+                batch = collate_pairs([_pair_only(e) for e in chunk], pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logps, _ = completion_logps(model, batch)
+                b = len(chunk)
+                for e, c, r in zip(chunk, logps[:b].tolist(), logps[b:].tolist()):
+                    e["ref_chosen_logp"], e["ref_rejected_logp"] = c, r
+    finally:
+        model.train(was_training)
+    return examples
+
+
+def _pair_only(example: dict) -> dict:
+    return {k: example[k] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
