@@ -1,0 +1,1 @@
+"""Reinforcement learning from rewards: reward models, scorers, and the RL algorithms."""

@@ -1,0 +1,733 @@
+"""Rewards: reward models trained on preference pairs, and everything else that scores a completion.
+
+Two halves:
+
+* **Reward models.** `RewardModel` = a causal LM's decoder (full, LoRA or any adapter the
+  project trains) + one linear head per *aspect*, read at each sequence's last real token.
+  `bradley_terry_loss` is a loop objective over the shared pair-batch format (rows 0..B-1
+  chosen, B..2B-1 rejected); a pair judges the head its ``aspect`` names (head 0 without one).
+* **RewardFunction.** One interface for every scorer of (prompt, completion):
+  ``fn(prompts, completions, records=None) -> RewardOutput(scores [N], parts {name: [N]})``.
+  Reward models, rule scorers (length, format, blocklist), verifiers and a weighted
+  `Mixture` of experts whose weights may adapt during training (running variance, or tags
+  carried by the records). `build_reward` makes any of them from a YAML-style dict.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Literal, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from torch import Tensor, nn
+
+from posttrain.config import Strict
+from posttrain.eval.metrics import answers_match, extract_answer
+
+HEAD_FILE = "reward_head.safetensors"
+META_FILE = "reward_model.json"
+META_FORMAT = "posttrain-reward-model"
+
+
+# ================================================================================ reward model
+
+
+def _base_lm(lm: nn.Module) -> nn.Module:
+    """The HF causal LM under DDP / PEFT wrappers (LoRA layers live inside its modules)."""
+    lm = getattr(lm, "module", lm)
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last attended position (right or left padding)."""
+    if (attention_mask.sum(1) == 0).any():
+        raise ValueError("a row of the batch has no tokens (its attention_mask is all zero)")
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(1)
+
+
+class RewardModel(nn.Module):
+    """Decoder of a causal LM + a linear head ``hidden -> len(aspects)``, one score per aspect.
+
+    The whole LM is kept (its vocabulary head is simply never run), so the backbone saves
+    like any other model, as a full model or a PEFT adapter, and the saved directory still
+    loads as a language model. The head stays fp32 whatever the backbone's dtype: rewards
+    are compared by small differences, which bf16's 8 mantissa bits blur.
+    """
+
+    def __init__(self, lm: nn.Module, aspects: Sequence[str] = ("overall",), seed: int = 0):
+        super().__init__()
+        from posttrain.train.objectives import is_prompt_learning
+
+        aspects = list(aspects)
+        if not aspects or any(not isinstance(a, str) or not a for a in aspects):
+            raise ValueError(f"aspects must be a non-empty list of names, got {aspects!r}")
+        if len(set(aspects)) != len(aspects):
+            raise ValueError(f"aspects has duplicates: {aspects}")
+        if is_prompt_learning(lm):
+            raise ValueError("reward models run the decoder directly; prompt-tuning adapters "
+                             "(virtual tokens) are not supported: use LoRA, full or freeze")
+        self.lm = lm
+        self.aspects = aspects
+        hidden = _base_lm(lm).config.hidden_size
+        self.head = nn.Linear(hidden, len(aspects))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # scores start at ~unit scale: final-norm hidden states are ~unit per entry
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen) * hidden**-0.5)
+            self.head.bias.zero_()
+        self.head.to(next(lm.parameters()).device)
+
+    def aspect_index(self, aspect: str | int) -> int:
+        if isinstance(aspect, int):
+            if not 0 <= aspect < len(self.aspects):
+                raise ValueError(f"aspect index {aspect} out of range for heads {self.aspects}")
+            return aspect
+        if aspect not in self.aspects:
+            raise ValueError(f"unknown aspect {aspect!r}; this reward model has {self.aspects}")
+        return self.aspects.index(aspect)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Scores ``[N, n_heads]`` (fp32), each row read at its last non-pad token."""
+        from posttrain.train.objectives import _fused_lora, fused_layers
+
+        base = _base_lm(self.lm)
+        with _fused_lora(self.lm), fused_layers(self.lm):
+            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
+        last = last_token_index(attention_mask)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(picked.float())
+
+
+def reward_model_from_lm(lm: nn.Module, aspects: Sequence[str] = ("overall",), seed: int = 0) -> RewardModel:
+    """Wrap a (possibly PEFT-wrapped) causal LM as a reward model with one head per aspect."""
+    return RewardModel(lm, aspects, seed=seed)
+
+
+def _pair_scores(rm: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) scores ``[B]`` of a collated pair batch, each on its pair's aspect head."""
+    scores = rm(batch["input_ids"], batch["attention_mask"]).float()
+    n, heads = scores.shape
+    if n % 2:
+        raise ValueError(f"a pair batch has an even number of rows (chosen then rejected); got {n}")
+    b = n // 2
+    aspect = batch.get("aspect")
+    if aspect is None:
+        idx = torch.zeros(b, dtype=torch.long, device=scores.device)
+    else:
+        idx = aspect.to(scores.device).long()
+        if idx.shape != (b,):
+            raise ValueError(f"batch['aspect'] must have one entry per pair ({b}), got shape {tuple(idx.shape)}")
+        if bool(((idx < 0) | (idx >= heads)).any()):
+            raise ValueError(f"batch['aspect'] has {sorted(set(idx.tolist()))}; the reward model has heads 0..{heads - 1}")
+    r = scores[torch.arange(n, device=scores.device), idx.repeat(2)]
+    return r[:b], r[b:]
+
+
+def bradley_terry_loss(rm: nn.Module, batch: dict) -> tuple[Tensor, dict]:
+    """Pairwise loss ``-log sigmoid(r_chosen - r_rejected - margin)``, mean over pairs.
+
+    `margin` (optional, per pair) asks for a larger gap on pairs rated far apart (Llama 2's
+    RM). Accuracy counts pairs with r_chosen > r_rejected (margin not subtracted).
+    """
+    chosen, rejected = _pair_scores(rm, batch)
+    diff = chosen - rejected
+    logits = diff - batch["margin"].to(diff) if "margin" in batch else diff
+    loss = -F.logsigmoid(logits).mean()
+    metrics = {
+        "loss": loss.item(),
+        "loss_tokens": int(chosen.shape[0]),
+        "accuracy": (diff > 0).float().mean().item(),
+        "reward/chosen": chosen.mean().item(),
+        "reward/rejected": rejected.mean().item(),
+        "reward/margin": diff.mean().item(),
+    }
+    return loss, metrics
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm: nn.Module, batches: Iterable[dict]) -> float:
+    """Fraction of held-out pairs the model ranks right (ties count as wrong)."""
+    device = next(rm.parameters()).device
+    was_training = rm.training
+    rm.eval()
+    correct = total = 0
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            chosen, rejected = _pair_scores(rm, batch)
+            correct += int((chosen > rejected).sum())
+            total += int(chosen.shape[0])
+    finally:
+        rm.train(was_training)
+    if total == 0:
+        raise ValueError("pairwise accuracy of zero pairs is undefined")
+    return correct / total
+
+
+def save_reward_model(rm: RewardModel, tokenizer, out_dir: str | Path) -> Path:
+    """Backbone (full model or adapter, via models.save_model) + head + aspects, published atomically.
+
+    Layout: the backbone's own files (so the directory loads as an LM too),
+    ``reward_head.safetensors`` and ``reward_model.json`` ({format, aspects, hidden_size}).
+    """
+    from safetensors.torch import save_file
+
+    from posttrain.fileio import publish_dir, temp_dir_beside
+    from posttrain.models import save_model
+
+    rm = getattr(rm, "module", rm)
+    out_dir = Path(out_dir)
+    tmp = temp_dir_beside(out_dir)
+    try:
+        save_model(rm.lm, tokenizer, tmp)
+        head = {k: v.detach().float().contiguous().cpu() for k, v in rm.head.state_dict().items()}
+        save_file(head, str(tmp / HEAD_FILE))
+        meta = {"format": META_FORMAT, "version": 1, "aspects": rm.aspects, "hidden_size": rm.head.in_features}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_reward_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
+                      device: str | torch.device | None = None) -> tuple[RewardModel, Any]:
+    """(reward model in eval mode, tokenizer) from a `save_reward_model` directory or a run dir."""
+    from safetensors.torch import load_file
+
+    from posttrain.models import load_model, resolve_model_path
+
+    root = Path(resolve_model_path(path))
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{root} has no {META_FILE}: not a reward model saved by save_reward_model")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise ValueError(f"{meta_path}: format must be {META_FORMAT!r}")
+    aspects = meta.get("aspects")
+    if not isinstance(aspects, list) or not aspects or not all(isinstance(a, str) for a in aspects):
+        raise ValueError(f"{meta_path}: aspects must be a non-empty list of names, got {aspects!r}")
+    lm, tokenizer = load_model(str(root), dtype=dtype, device=device)
+    rm = RewardModel(lm, aspects)
+    state = load_file(str(root / HEAD_FILE))
+    try:
+        rm.head.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{root / HEAD_FILE} does not fit a {rm.head.in_features}->{len(aspects)} head: {exc}") from exc
+    return rm.eval(), tokenizer
+
+
+# ================================================================================ reward functions
+
+
+@dataclass
+class RewardOutput:
+    """Scores ``[N]`` (fp32) and their breakdown: ``parts[name] -> [N]``."""
+
+    scores: Tensor
+    parts: dict[str, Tensor]
+
+
+class RewardFunction(Protocol):
+    """Anything that scores completions: ``fn(prompts, completions, records=None) -> RewardOutput``.
+
+    `prompts` are strings or message lists; `records` are the data rows the prompts came
+    from (verifiers read ``answer``, tag weighting reads ``tags``).
+    """
+
+    name: str
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
+                 records: Sequence[dict] | None = None) -> RewardOutput: ...
+
+
+def _check_inputs(prompts: Sequence[Any], completions: Sequence[str], records: Sequence[dict] | None) -> int:
+    n = len(completions)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts but {n} completions")
+    if records is not None and len(records) != n:
+        raise ValueError(f"{len(records)} records but {n} completions")
+    return n
+
+
+def _single(name: str, values: Sequence[float]) -> RewardOutput:
+    scores = torch.tensor(list(values), dtype=torch.float32)
+    return RewardOutput(scores, {name: scores})
+
+
+def encode_for_reward(tokenizer, prompt: Any, completion: str, max_length: int | None = None) -> list[int]:
+    """Token ids a reward model scores: the tokens `templates.encode_chat` gives the
+    conversation [prompt..., assistant: completion] (what a preference pair trains on).
+
+    A string prompt is one user turn; a message list is used as is. A tokenizer without a
+    chat template gets `encode_completion`'s tokens: prompt, completion, EOS.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+                                             tokenize=False, add_generation_prompt=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        if not isinstance(prompt, str):
+            raise ValueError("message-list prompts need a tokenizer with a chat template")
+        ids = (tokenizer(prompt, add_special_tokens=True)["input_ids"]
+               + tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    return ids[:max_length] if max_length is not None else ids
+
+
+class RewardModelScorer:
+    """Scores with a `RewardModel`: one aspect's head, or a weighted sum of heads.
+
+    Without `aspect` or `weights` the first head scores (the one pairs without an
+    ``aspect`` train). With `weights` the parts hold each weighted head's raw score.
+    `encode(tokenizer, prompt, completion)` replaces `encode_for_reward` if training
+    data was rendered differently.
+    """
+
+    def __init__(self, rm: RewardModel, tokenizer, aspect: str | None = None, weights: dict[str, float] | None = None,
+                 batch_size: int = 8, max_length: int | None = None, name: str = "reward_model",
+                 encode: Callable[[Any, Any, str], list[int]] | None = None):
+        if aspect is not None and weights is not None:
+            raise ValueError("give a reward model scorer either aspect or weights, not both")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.rm, self.tokenizer, self.name = rm, tokenizer, name
+        self.batch_size, self.max_length = batch_size, max_length
+        self.encode = encode or (lambda tok, p, c: encode_for_reward(tok, p, c, max_length))
+        self.index = rm.aspect_index(aspect) if aspect is not None else 0
+        for a in weights or {}:
+            rm.aspect_index(a)  # unknown aspects fail here, not at the first call
+        self.weights = {a: float(w) for a, w in (weights or {}).items()}
+
+    @torch.no_grad()
+    def head_scores(self, prompts: Sequence[Any], completions: Sequence[str]) -> Tensor:
+        """All heads' scores ``[N, n_heads]`` (fp32, CPU), in right-padded batches."""
+        ids = [self.encode(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = next(self.rm.parameters()).device
+        out = []
+        was_training = self.rm.training
+        self.rm.eval()
+        try:
+            for start in range(0, len(ids), self.batch_size):
+                chunk = ids[start:start + self.batch_size]
+                width = max(len(s) for s in chunk)
+                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, s in enumerate(chunk):
+                    input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+                    mask[i, :len(s)] = 1
+                out.append(self.rm(input_ids.to(device), mask.to(device)).float().cpu())
+        finally:
+            self.rm.train(was_training)
+        return torch.cat(out) if out else torch.zeros((0, len(self.rm.aspects)))
+
+    def __call__(self, prompts, completions, records=None) -> RewardOutput:
+        _check_inputs(prompts, completions, records)
+        heads = self.head_scores(prompts, completions)
+        if not self.weights:
+            scores = heads[:, self.index].contiguous()
+            return RewardOutput(scores, {self.name: scores})
+        parts = {f"{self.name}/{a}": heads[:, self.rm.aspect_index(a)].contiguous() for a in self.weights}
+        scores = sum(w * parts[f"{self.name}/{a}"] for a, w in self.weights.items())
+        return RewardOutput(scores, {self.name: scores, **parts})
+
+
+class LengthScorer:
+    """0 inside [min_length, max_length], ``-penalty * distance`` outside (tokens or characters).
+
+    Tokens are counted without special tokens, so the tokenizer must be the one the
+    completions came from.
+    """
+
+    def __init__(self, min_length: int = 0, max_length: int | None = None, unit: Literal["tokens", "chars"] = "tokens",
+                 tokenizer=None, penalty: float = 0.01, name: str = "length"):
+        if unit not in ("tokens", "chars"):
+            raise ValueError(f"unit must be 'tokens' or 'chars', got {unit!r}")
+        if unit == "tokens" and tokenizer is None:
+            raise ValueError("a length scorer in tokens needs the tokenizer (or use unit 'chars')")
+        if min_length < 0 or (max_length is not None and max_length < min_length):
+            raise ValueError(f"length range [{min_length}, {max_length}] is empty or negative")
+        self.min_length, self.max_length, self.unit = min_length, max_length, unit
+        self.tokenizer, self.penalty, self.name = tokenizer, penalty, name
+
+    def length(self, completion: str) -> int:
+        if self.unit == "chars":
+            return len(completion)
+        return len(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, prompts, completions, records=None) -> RewardOutput:
+        _check_inputs(prompts, completions, records)
+        values = []
+        for c in completions:
+            n = self.length(c)
+            over = n - self.max_length if self.max_length is not None else 0
+            values.append(-self.penalty * max(0, self.min_length - n, over))
+        return _single(self.name, values)
+
+
+def _compile(pattern: str, flags: int = 0, what: str = "pattern") -> re.Pattern:
+    try:
+        return re.compile(pattern, flags)
+    except re.error as exc:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {exc}") from exc
+
+
+class FormatScorer:
+    """1.0 when the completion matches `pattern` (anywhere, or whole with `fullmatch`), else 0.0."""
+
+    def __init__(self, pattern: str, fullmatch: bool = False, name: str = "format"):
+        self.pattern = _compile(pattern, re.DOTALL)
+        self.fullmatch, self.name = fullmatch, name
+
+    def __call__(self, prompts, completions, records=None) -> RewardOutput:
+        _check_inputs(prompts, completions, records)
+        find = self.pattern.fullmatch if self.fullmatch else self.pattern.search
+        return _single(self.name, [1.0 if find(c) else 0.0 for c in completions])
+
+
+class BlocklistScorer:
+    """``-penalty`` for each blocklisted pattern found in the completion (0.0 when clean)."""
+
+    def __init__(self, patterns: Sequence[str], penalty: float = 1.0, ignore_case: bool = True,
+                 name: str = "blocklist"):
+        if not patterns:
+            raise ValueError("a blocklist needs at least one pattern")
+        flags = re.IGNORECASE if ignore_case else 0
+        self.patterns = [_compile(p, flags, "blocklist pattern") for p in patterns]
+        self.penalty, self.name = penalty, name
+
+    def __call__(self, prompts, completions, records=None) -> RewardOutput:
+        _check_inputs(prompts, completions, records)
+        return _single(self.name, [-self.penalty * sum(1 for p in self.patterns if p.search(c)) for c in completions])
+
+
+class AnswerVerifier:
+    """1.0 when the completion's extracted answer equals ``records[i]["answer"]``, else 0.0.
+
+    `extract`: "last_number", "first_line" or a regex (see eval.metrics.extract_answer);
+    numbers compare by value.
+    """
+
+    def __init__(self, extract: str = "last_number", name: str = "verifier"):
+        if extract not in ("last_number", "first_line"):
+            _compile(extract, what="extract")
+        self.extract, self.name = extract, name
+
+    def __call__(self, prompts, completions, records=None) -> RewardOutput:
+        n = _check_inputs(prompts, completions, records)
+        if records is None:
+            raise ValueError(f"{self.name}: the answer verifier needs records with an 'answer' field")
+        values = []
+        for i in range(n):
+            answer = records[i].get("answer")
+            if answer is None:
+                raise ValueError(f"{self.name}: record {i} has no 'answer' to verify against")
+            values.append(float(answers_match(extract_answer(completions[i], self.extract), str(answer))))
+        return _single(self.name, values)
+
+
+DYNAMIC = ("inverse_variance", "tags")
+
+
+class Mixture:
+    """Weighted sum of expert scores; weights may adapt during training.
+
+    ``scores[i] = sum_e w_e[i] * expert_e.scores[i]``. Parts: every expert's raw scores
+    (name), its sub-parts when it has several (``name/part``), and the weight used for
+    each sample (``weight/name``), so the breakdown sums back to the score.
+
+    Dynamic weighting (`dynamic`, one mode or a list):
+      * ``inverse_variance``: each expert's weight is scaled by ``1 / std``, where the
+        variance is an EMA (decay `ema`) of its within-batch score variance, floored at
+        `min_std`; rescaled so the weights sum to the static total. An expert whose scores
+        vary a lot (noisy) counts less; one that stops varying is capped by `min_std`.
+      * ``tags``: records carry ``tags`` (a list of names or one name); ``tag_weights``
+        maps tag -> {expert: multiplier}, applied per sample (e.g. ``safety: {safety: 3}``).
+    `weights_history` holds the mean weight per expert of every call, for logging.
+    """
+
+    def __init__(self, experts: dict[str, RewardFunction], weights: dict[str, float] | None = None,
+                 dynamic: str | Sequence[str] | None = None, tag_weights: dict[str, dict[str, float]] | None = None,
+                 ema: float = 0.9, min_std: float = 1e-2, name: str = "mixture"):
+        if not experts:
+            raise ValueError("a mixture needs at least one expert")
+        weights = {e: 1.0 for e in experts} if weights is None else dict(weights)
+        unknown = sorted(set(weights) - set(experts))
+        if unknown:
+            raise ValueError(f"weights name unknown experts {unknown}; experts: {list(experts)}")
+        modes = [dynamic] if isinstance(dynamic, str) else list(dynamic or [])
+        bad = [m for m in modes if m not in DYNAMIC]
+        if bad:
+            raise ValueError(f"dynamic must be one of {DYNAMIC} (or a list of them); got {bad}")
+        tag_weights = tag_weights or {}
+        for tag, mult in tag_weights.items():
+            unknown = sorted(set(mult) - set(experts))
+            if unknown:
+                raise ValueError(f"tag_weights.{tag} names unknown experts {unknown}; experts: {list(experts)}")
+        if "tags" in modes and not tag_weights:
+            raise ValueError("dynamic 'tags' needs tag_weights (tag -> {expert: multiplier})")
+        self.static = {e: float(weights.get(e, 0.0)) for e in experts}
+        if "inverse_variance" in modes and (any(w < 0 for w in self.static.values())
+                                            or sum(self.static.values()) <= 0):
+            raise ValueError("dynamic 'inverse_variance' needs non-negative weights with a positive sum")
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        if min_std <= 0:
+            raise ValueError(f"min_std must be > 0, got {min_std}")
+        self.experts, self.modes, self.tag_weights = dict(experts), modes, tag_weights
+        self.ema, self.min_std, self.name = ema, min_std, name
+        self.variance: dict[str, float] = {}  # EMA of each expert's within-batch score variance
+        self.weights_history: list[dict[str, float]] = []
+
+    def current_weights(self) -> dict[str, float]:
+        """Per-expert weights before tag multipliers (static, or inverse-variance scaled)."""
+        if "inverse_variance" not in self.modes or not self.variance:
+            return dict(self.static)
+        raw = {e: w / max(self.variance.get(e, 0.0) ** 0.5, self.min_std) for e, w in self.static.items()}
+        scale = sum(self.static.values()) / sum(raw.values())
+        return {e: w * scale for e, w in raw.items()}
+
+    def _update_variance(self, outputs: dict[str, RewardOutput]) -> None:
+        for e, out in outputs.items():
+            if out.scores.numel() < 2:
+                continue
+            var = float(out.scores.float().var(unbiased=False))
+            old = self.variance.get(e)
+            self.variance[e] = var if old is None else self.ema * old + (1 - self.ema) * var
+
+    def _tag_multipliers(self, records: Sequence[dict] | None, n: int) -> dict[str, Tensor]:
+        mult = {e: torch.ones(n) for e in self.experts}
+        if "tags" not in self.modes or records is None:
+            return mult
+        for i, record in enumerate(records):
+            tags = record.get("tags") or []
+            if isinstance(tags, str):
+                tags = [tags]
+            if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+                raise ValueError(f"record {i}: 'tags' must be a name or a list of names, got {tags!r}")
+            for tag in tags:
+                for e, m in self.tag_weights.get(tag, {}).items():
+                    mult[e][i] *= m
+        return mult
+
+    def __call__(self, prompts, completions, records=None) -> RewardOutput:
+        n = _check_inputs(prompts, completions, records)
+        outputs = {}
+        for e, fn in self.experts.items():
+            out = fn(prompts, completions, records)
+            if tuple(out.scores.shape) != (n,):
+                raise ValueError(f"expert {e!r} returned scores of shape {tuple(out.scores.shape)}, expected ({n},)")
+            outputs[e] = out
+        if "inverse_variance" in self.modes:
+            self._update_variance(outputs)
+        base = self.current_weights()
+        mult = self._tag_multipliers(records, n)
+        scores = torch.zeros(n)
+        parts: dict[str, Tensor] = {}
+        for e, out in outputs.items():
+            w = base[e] * mult[e]
+            scores = scores + w * out.scores.float().cpu()
+            parts[e] = out.scores.float().cpu()
+            if len(out.parts) > 1:
+                parts.update({f"{e}/{k}": v.float().cpu() for k, v in out.parts.items()})
+            parts[f"weight/{e}"] = w
+        self.weights_history.append({e: float(parts[f"weight/{e}"].mean()) for e in outputs})
+        return RewardOutput(scores, parts)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the same dynamic weights."""
+        return {"variance": dict(self.variance), "weights_history": list(self.weights_history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.variance = dict(state["variance"])
+        self.weights_history = list(state["weights_history"])
+
+
+# ================================================================================ configuration
+
+
+def _valid_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regex: {exc}") from exc
+    return pattern
+
+
+class RewardModelRewardConfig(Strict):
+    type: Literal["reward_model"]
+    path: str = Field(description="a save_reward_model directory or a reward-model run directory")
+    aspect: str | None = None
+    weights: dict[str, float] | None = Field(None, description="aspect -> weight; a weighted sum of heads")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = Field(8, gt=0)
+    max_length: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> "RewardModelRewardConfig":
+        if self.aspect is not None and self.weights is not None:
+            raise ValueError("aspect, weights: give one of them, not both")
+        return self
+
+
+class LengthRewardConfig(Strict):
+    type: Literal["length"]
+    min_length: int = Field(0, ge=0)
+    max_length: int | None = Field(None, ge=0)
+    unit: Literal["tokens", "chars"] = "tokens"
+    penalty: float = Field(0.01, ge=0, description="score lost per unit outside the range")
+
+    @model_validator(mode="after")
+    def _range(self) -> "LengthRewardConfig":
+        if self.max_length is not None and self.max_length < self.min_length:
+            raise ValueError(f"max_length: {self.max_length} is below min_length {self.min_length}")
+        return self
+
+
+class FormatRewardConfig(Strict):
+    type: Literal["format"]
+    pattern: str
+    fullmatch: bool = False
+
+    _pattern = field_validator("pattern")(_valid_regex)
+
+
+class BlocklistRewardConfig(Strict):
+    type: Literal["blocklist"]
+    patterns: list[str] = Field(min_length=1)
+    penalty: float = Field(1.0, ge=0)
+    ignore_case: bool = True
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            _valid_regex(p)
+        return v
+
+
+class VerifierRewardConfig(Strict):
+    type: Literal["verifier"]
+    extract: str = "last_number"
+
+    @field_validator("extract")
+    @classmethod
+    def _extract(cls, v: str) -> str:
+        return v if v in ("last_number", "first_line") else _valid_regex(v)
+
+
+class MixtureRewardConfig(Strict):
+    type: Literal["mixture"]
+    experts: dict[str, "RewardConfig"] = Field(min_length=1)
+    weights: dict[str, float] | None = Field(None, description="expert -> weight (default 1 each)")
+    dynamic: list[Literal["inverse_variance", "tags"]] = Field([], description="one mode or a list of them")
+    tag_weights: dict[str, dict[str, float]] = {}
+    ema: float = Field(0.9, ge=0, lt=1)
+    min_std: float = Field(1e-2, gt=0)
+
+    @field_validator("dynamic", mode="before")
+    @classmethod
+    def _one_or_list(cls, v: Any) -> Any:
+        return [] if v is None else [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _names(self) -> "MixtureRewardConfig":
+        unknown = sorted(set(self.weights or {}) - set(self.experts))
+        if unknown:
+            raise ValueError(f"weights: unknown experts {unknown}; experts are {list(self.experts)}")
+        for tag, mult in self.tag_weights.items():
+            unknown = sorted(set(mult) - set(self.experts))
+            if unknown:
+                raise ValueError(f"tag_weights.{tag}: unknown experts {unknown}; experts are {list(self.experts)}")
+        if "tags" in self.dynamic and not self.tag_weights:
+            raise ValueError("dynamic: 'tags' needs tag_weights (tag -> {expert: multiplier})")
+        if "inverse_variance" in self.dynamic and any(w < 0 for w in (self.weights or {}).values()):
+            raise ValueError("weights: dynamic 'inverse_variance' needs non-negative weights")
+        return self
+
+
+RewardConfig = Annotated[
+    RewardModelRewardConfig | LengthRewardConfig | FormatRewardConfig | BlocklistRewardConfig
+    | VerifierRewardConfig | MixtureRewardConfig,
+    Field(discriminator="type"),
+]
+MixtureRewardConfig.model_rebuild()
+REWARD_TYPES = ("reward_model", "length", "format", "blocklist", "verifier", "mixture")
+_ADAPTER = TypeAdapter(RewardConfig)
+
+
+def _error_key(loc: tuple) -> str:
+    """Dotted key with pydantic's union tags dropped: ('mixture', 'experts', 'x', 'length', 'penalty')
+    -> 'experts.x.penalty'. Tags sit first and right after an expert's name."""
+    keep = [p for i, p in enumerate(loc)
+            if not (p in REWARD_TYPES and (i == 0 or (i >= 2 and loc[i - 2] == "experts")))]
+    return ".".join(str(p) for p in keep)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid {source}:"]
+    for err in exc.errors():
+        key, msg = _error_key(err["loc"]), err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"must be one of {err['ctx']['expected']}; got {err['input']!r}"
+        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            key = f"{key}.type" if key else "type"
+            got = err["input"].get("type") if isinstance(err["input"], dict) else None
+            msg = f"must be one of {', '.join(REWARD_TYPES)}" + (f"; got {got!r}" if got is not None else " (missing)")
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            if not err["loc"] or err["loc"][-1] in REWARD_TYPES:  # a model-level check: msg starts with its keys
+                lines.append(f"  {key + '.' if key else ''}{msg}")
+                continue
+        lines.append(f"  {key or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_reward_config(data: dict | Any, source: str = "reward config") -> Any:
+    """A dict (e.g. a YAML section) -> validated RewardConfig, or ValueError naming each bad key."""
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise ValueError(_format_errors(exc, source)) from None
+
+
+def build_reward(cfg: dict | Any, tokenizer=None, name: str | None = None) -> RewardFunction:
+    """A RewardFunction from its config. `tokenizer` counts tokens for length scorers;
+    reward models bring their own. Mixture experts are named by their keys."""
+    if isinstance(cfg, dict):
+        cfg = parse_reward_config(cfg)
+    kind = cfg.type
+    name = name or kind
+    if kind == "reward_model":
+        rm, rm_tokenizer = load_reward_model(cfg.path, dtype=cfg.dtype)
+        return RewardModelScorer(rm, rm_tokenizer, aspect=cfg.aspect, weights=cfg.weights,
+                                 batch_size=cfg.batch_size, max_length=cfg.max_length, name=name)
+    if kind == "length":
+        if cfg.unit == "tokens" and tokenizer is None:
+            raise ValueError(f"{name}: unit 'tokens' needs a tokenizer (pass build_reward(..., tokenizer=...)) "
+                             "or use unit: chars")
+        return LengthScorer(cfg.min_length, cfg.max_length, cfg.unit, tokenizer, cfg.penalty, name=name)
+    if kind == "format":
+        return FormatScorer(cfg.pattern, cfg.fullmatch, name=name)
+    if kind == "blocklist":
+        return BlocklistScorer(cfg.patterns, cfg.penalty, cfg.ignore_case, name=name)
+    if kind == "verifier":
+        return AnswerVerifier(cfg.extract, name=name)
+    if kind == "mixture":
+        experts = {e: build_reward(sub, tokenizer, name=e) for e, sub in cfg.experts.items()}
+        return Mixture(experts, cfg.weights, cfg.dynamic, cfg.tag_weights, cfg.ema, cfg.min_std, name=name)
+    raise ValueError(f"unknown reward type {kind!r}; choose one of {', '.join(REWARD_TYPES)}")

@@ -1,0 +1,359 @@
+"""Reward models (Bradley-Terry, multi-head, LoRA, save/load) and the RewardFunction family."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain.adapters import AdapterConfig, apply_adapter
+from posttrain.data.templates import IGNORE, encode_chat
+from posttrain.models import load_model, save_model, tiny_model
+from posttrain.rl.rewards import (
+    AnswerVerifier,
+    BlocklistScorer,
+    FormatScorer,
+    LengthScorer,
+    Mixture,
+    RewardModelScorer,
+    RewardOutput,
+    bradley_terry_loss,
+    build_reward,
+    encode_for_reward,
+    load_reward_model,
+    pairwise_accuracy,
+    parse_reward_config,
+    reward_model_from_lm,
+    save_reward_model,
+)
+
+X = 1000  # the token every chosen completion of the toy set contains
+PAD = 2
+
+
+def toy_pairs(n: int, seed: int, aspect: int | None = None) -> list[dict]:
+    """Separable pairs in the shared format: same prompt, chosen completion contains X."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(2000, 3000) for _ in range(4)]
+        chosen = [rng.randrange(2000, 3000) for _ in range(rng.randrange(3, 7))]
+        rejected = [rng.randrange(2000, 3000) for _ in range(rng.randrange(3, 7))]
+        chosen[rng.randrange(len(chosen))] = X
+        ex = {"chosen_input_ids": prompt + chosen, "chosen_labels": [IGNORE] * 4 + chosen,
+              "rejected_input_ids": prompt + rejected, "rejected_labels": [IGNORE] * 4 + rejected}
+        if aspect is not None:
+            ex["aspect"] = aspect
+        out.append(ex)
+    return out
+
+
+def collate(examples: list[dict]) -> dict:
+    """The shared collated pair format (chosen rows first, right-padded)."""
+    rows = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
+    labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+    width = max(map(len, rows))
+    batch = {"input_ids": torch.full((len(rows), width), PAD), "labels": torch.full((len(rows), width), IGNORE),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        batch["input_ids"][i, : len(r)] = torch.tensor(r)
+        batch["labels"][i, : len(lab)] = torch.tensor(lab)
+        batch["attention_mask"][i, : len(r)] = 1
+    for key, dtype in (("margin", torch.float32), ("aspect", torch.long)):
+        if all(key in e for e in examples):
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+    return batch
+
+
+def train_bt(rm, pairs: list[dict], steps: int, lr: float = 1e-3, batch_size: int = 8) -> list[dict]:
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr)
+    history = []
+    for step in range(steps):
+        start = (step * batch_size) % len(pairs)
+        loss, metrics = bradley_terry_loss(rm, collate(pairs[start : start + batch_size]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(metrics)
+    return history
+
+
+def held_out(n: int = 64) -> list[dict]:
+    pairs = toy_pairs(n, seed=1)
+    return [collate(pairs[i : i + 16]) for i in range(0, n, 16)]
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+def test_bradley_terry_training_learns_toy_preference(tiny):
+    rm = reward_model_from_lm(tiny)
+    batches = held_out()
+    before = pairwise_accuracy(rm, batches)
+    history = train_bt(rm, toy_pairs(256, seed=0), steps=40)
+    after = pairwise_accuracy(rm, batches)
+    assert before < 0.7
+    assert after >= 0.95, (before, after)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert rm.training  # pairwise_accuracy restores the mode it found
+
+
+def test_bt_loss_and_metrics_by_hand(tiny):
+    rm = reward_model_from_lm(tiny, aspects=["helpful", "safe"])
+    pairs = toy_pairs(4, seed=3)
+    for i, e in enumerate(pairs):
+        e["aspect"], e["margin"] = i % 2, 0.5 * i
+    batch = collate(pairs)
+    loss, m = bradley_terry_loss(rm, batch)
+    with torch.no_grad():
+        s = rm(batch["input_ids"], batch["attention_mask"])
+    aspect = torch.tensor([0, 1, 0, 1])
+    rc, rr = s[:4][torch.arange(4), aspect], s[4:][torch.arange(4), aspect]
+    margin = torch.tensor([0.0, 0.5, 1.0, 1.5])
+    assert torch.allclose(loss, -F.logsigmoid(rc - rr - margin).mean(), atol=1e-6)
+    assert m["loss_tokens"] == 4
+    assert m["accuracy"] == pytest.approx((rc > rr).float().mean().item())
+    assert m["reward/chosen"] == pytest.approx(rc.mean().item(), abs=1e-6)
+    assert m["reward/rejected"] == pytest.approx(rr.mean().item(), abs=1e-6)
+    assert m["reward/margin"] == pytest.approx((rc - rr).mean().item(), abs=1e-6)
+
+
+def test_score_read_at_last_real_token_whatever_the_padding(tiny):
+    rm = reward_model_from_lm(tiny).eval()
+    short, long = [5, 6, 7], [8, 9, 10, 11, 12, 13]
+    with torch.no_grad():
+        alone = rm(torch.tensor([short]), torch.ones(1, 3, dtype=torch.long))
+        padded = rm(torch.tensor([short + [PAD] * 3, long]), torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6]))
+    assert torch.allclose(padded[0], alone[0], atol=1e-5)
+
+
+def test_multi_head_gradient_reaches_only_the_pairs_aspect(tiny):
+    rm = reward_model_from_lm(tiny, aspects=["helpful", "safe", "concise"])
+    loss, _ = bradley_terry_loss(rm, collate(toy_pairs(4, seed=2, aspect=1)))
+    loss.backward()
+    grad_w, grad_b = rm.head.weight.grad, rm.head.bias.grad
+    assert grad_w[1].abs().sum() > 0
+    assert torch.equal(grad_w[[0, 2]], torch.zeros_like(grad_w[[0, 2]]))
+    assert torch.equal(grad_b[[0, 2]], torch.zeros(2))
+    with pytest.raises(ValueError, match="heads 0..2"):
+        bradley_terry_loss(rm, collate(toy_pairs(2, seed=2, aspect=3)))
+
+
+def test_lora_backbone_trains_head_and_adapter_only(tiny):
+    lm = apply_adapter(tiny, AdapterConfig(method="lora", r=8, target_modules=["q_proj", "v_proj"]))
+    rm = reward_model_from_lm(lm)
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    frozen_before = {n: p.detach().clone() for n, p in rm.named_parameters() if not p.requires_grad}
+    lora_before = {n: p.detach().clone() for n, p in rm.named_parameters() if "lora_B" in n}
+    train_bt(rm, toy_pairs(256, seed=0), steps=40, lr=3e-3)
+    assert pairwise_accuracy(rm, held_out()) >= 0.9
+    assert all(torch.equal(p, frozen_before[n]) for n, p in rm.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in rm.named_parameters() if "lora_B" in n)
+
+
+def _scores(rm, batch):
+    with torch.no_grad():
+        return rm.eval()(batch["input_ids"], batch["attention_mask"])
+
+
+def test_save_load_round_trip_full(tiny, tokenizer, tmp_path):
+    rm = reward_model_from_lm(tiny, aspects=["helpful", "safe"])
+    train_bt(rm, toy_pairs(16, seed=0), steps=2)
+    out = save_reward_model(rm, tokenizer, tmp_path / "rm")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    loaded, tok = load_reward_model(out, dtype="fp32")
+    assert loaded.aspects == ["helpful", "safe"]
+    batch = collate(toy_pairs(4, seed=5))
+    assert torch.equal(_scores(loaded, batch), _scores(rm, batch))
+    assert tok.chat_template == tokenizer.chat_template
+    lm, _ = load_model(out, dtype="fp32")  # the directory is still a plain causal LM
+    assert type(lm).__name__ == "LlamaForCausalLM"
+
+
+def test_save_load_round_trip_lora(tokenizer, tmp_path):
+    save_model(tiny_model(tokenizer), tokenizer, tmp_path / "base")  # the adapter's base must be on disk
+    base, _ = load_model(tmp_path / "base", dtype="fp32")
+    rm = reward_model_from_lm(apply_adapter(base, AdapterConfig(method="lora", r=4, target_modules=["q_proj"])))
+    train_bt(rm, toy_pairs(16, seed=0), steps=2, lr=1e-2)  # lora_B leaves zero
+    save_reward_model(rm, tokenizer, tmp_path / "rm")
+    assert (tmp_path / "rm" / "adapter_config.json").is_file()
+    loaded, _ = load_reward_model(tmp_path / "rm", dtype="fp32")
+    batch = collate(toy_pairs(4, seed=5))
+    assert torch.allclose(_scores(loaded, batch), _scores(rm, batch), atol=1e-6)
+
+
+def test_load_reward_model_refuses_a_plain_model(tiny, tokenizer, tmp_path):
+    save_model(tiny, tokenizer, tmp_path / "lm")
+    with pytest.raises(ValueError, match="reward_model.json"):
+        load_reward_model(tmp_path / "lm")
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def test_reward_model_scorer_scores_what_training_encodes(tiny, tokenizer):
+    rm = reward_model_from_lm(tiny, aspects=["helpful", "safe"])
+    prompts, completions = ["hi", "what is 2+2?", "name a colour"], ["hello", "4", "a rather longer answer: blue"]
+    ids = [encode_chat(tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])["input_ids"]
+           for p, c in zip(prompts, completions)]
+    assert [encode_for_reward(tokenizer, p, c) for p, c in zip(prompts, completions)] == ids
+    with torch.no_grad():
+        expected = torch.cat([rm(torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long)) for i in ids])
+    out = RewardModelScorer(rm, tokenizer, batch_size=2)(prompts, completions)
+    assert torch.allclose(out.scores, expected[:, 0], atol=1e-5)
+    assert set(out.parts) == {"reward_model"}
+    safe = RewardModelScorer(rm, tokenizer, aspect="safe")(prompts, completions)
+    assert torch.allclose(safe.scores, expected[:, 1], atol=1e-5)
+    mixed = RewardModelScorer(rm, tokenizer, weights={"helpful": 0.25, "safe": 2.0})(prompts, completions)
+    assert torch.allclose(mixed.scores, 0.25 * expected[:, 0] + 2.0 * expected[:, 1], atol=1e-5)
+    assert torch.allclose(mixed.parts["reward_model/safe"], expected[:, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown aspect 'kind'"):
+        RewardModelScorer(rm, tokenizer, aspect="kind")
+
+
+def test_length_scorer_chars_and_tokens(tokenizer):
+    chars = LengthScorer(min_length=3, max_length=5, unit="chars", penalty=0.5)
+    out = chars(["p"] * 4, ["ab", "abc", "abcde", "abcdefgh"])
+    assert out.scores.tolist() == [-0.5, 0.0, 0.0, -1.5]
+    assert torch.equal(out.parts["length"], out.scores)
+    tokens = LengthScorer(max_length=2, unit="tokens", tokenizer=tokenizer, penalty=1.0)
+    text = "one two three four"
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert tokens(["p"], [text]).scores.tolist() == [-(n - 2)]
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        LengthScorer(unit="tokens")
+
+
+def test_format_blocklist_and_verifier():
+    fmt = FormatScorer(r"<answer>.*</answer>")
+    assert fmt(["p"] * 3, ["x <answer>4</answer>", "<answer>\n4\n</answer>", "4"]).scores.tolist() == [1.0, 1.0, 0.0]
+    assert FormatScorer(r"\d+", fullmatch=True)(["p"] * 2, ["42", "42!"]).scores.tolist() == [1.0, 0.0]
+    block = BlocklistScorer([r"\bidiot\b", "as an ai"], penalty=2.0)
+    assert block(["p"] * 3, ["fine", "As an AI, you idiot", "IDIOT"]).scores.tolist() == [0.0, -4.0, -2.0]
+    verify = AnswerVerifier()
+    records = [{"answer": "42"}, {"answer": 7}, {"answer": "1234"}]
+    assert verify(["q"] * 3, ["so 40+2 = 42.0", "it is 8", "1,234"], records).scores.tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="record 1 has no 'answer'"):
+        verify(["q"] * 2, ["1", "2"], [{"answer": "1"}, {}])
+    with pytest.raises(ValueError, match="needs records"):
+        verify(["q"], ["1"])
+    with pytest.raises(ValueError, match="not a valid regex"):
+        FormatScorer("(")
+
+
+class Fixed:
+    """A scorer returning given scores, to drive the mixture."""
+
+    def __init__(self, values, name="fixed"):
+        self.values, self.name = values, name
+
+    def __call__(self, prompts, completions, records=None):
+        s = torch.tensor(self.values(len(completions)) if callable(self.values) else self.values, dtype=torch.float32)
+        return RewardOutput(s, {self.name: s})
+
+
+def test_mixture_breakdown_sums_to_the_score():
+    mix = Mixture({"fmt": FormatScorer("ok"), "len": LengthScorer(max_length=3, unit="chars", penalty=1.0),
+                   "inner": Mixture({"a": Fixed([1.0, 2.0]), "b": Fixed([3.0, -1.0])}, {"a": 1.0, "b": 0.5})},
+                  weights={"fmt": 2.0, "len": 0.5, "inner": 1.0})
+    out = mix(["p", "p"], ["ok", "not this one"])
+    total = sum(out.parts[e] * out.parts[f"weight/{e}"] for e in ("fmt", "len", "inner"))
+    assert torch.allclose(out.scores, total)
+    assert out.scores.tolist() == pytest.approx([2.0 + 2.5, 0.5 * -9 + 1.5])  # 12 chars: 9 over
+    assert out.parts["inner/a"].tolist() == [1.0, 2.0] and out.parts["inner/weight/b"].tolist() == [0.5, 0.5]
+    assert mix.weights_history == [{"fmt": 2.0, "len": 0.5, "inner": 1.0}]
+
+
+def test_inverse_variance_weights_move_toward_the_steady_expert():
+    gen = torch.Generator().manual_seed(0)
+    noisy = Fixed(lambda n: (torch.randn(n, generator=gen) * 3.0).tolist(), "noisy")
+    steady = Fixed(lambda n: (torch.randn(n, generator=gen) * 0.3).tolist(), "steady")
+    mix = Mixture({"noisy": noisy, "steady": steady}, {"noisy": 1.0, "steady": 1.0}, dynamic="inverse_variance",
+                  ema=0.5)
+    for _ in range(10):
+        out = mix(["p"] * 64, ["c"] * 64)
+    w = mix.weights_history[-1]
+    assert w["noisy"] + w["steady"] == pytest.approx(2.0)  # the static total
+    assert w["steady"] / w["noisy"] == pytest.approx(10.0, rel=0.3)  # std ratio 3.0 / 0.3
+    assert torch.allclose(out.scores, out.parts["noisy"] * w["noisy"] + out.parts["steady"] * w["steady"], atol=1e-5)
+    state = mix.state_dict()
+    resumed = Mixture({"noisy": noisy, "steady": steady}, dynamic="inverse_variance", ema=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.current_weights() == mix.current_weights()
+
+
+def test_tag_weights_upweight_the_tagged_expert_per_sample():
+    mix = Mixture({"helpful": Fixed([1.0, 1.0, 1.0]), "safety": Fixed([-1.0, -1.0, -1.0])},
+                  dynamic="tags", tag_weights={"safety": {"safety": 4.0}, "easy": {"helpful": 0.5}})
+    records = [{"tags": ["safety"]}, {"tags": "easy"}, {}]
+    out = mix(["p"] * 3, ["c"] * 3, records)
+    assert out.parts["weight/safety"].tolist() == [4.0, 1.0, 1.0]
+    assert out.parts["weight/helpful"].tolist() == [1.0, 0.5, 1.0]
+    assert out.scores.tolist() == [-3.0, -0.5, 0.0]
+    with pytest.raises(ValueError, match="record 0: 'tags'"):
+        mix(["p"] * 3, ["c"] * 3, [{"tags": 3}, {}, {}])
+    with pytest.raises(ValueError, match="expert 'helpful' returned scores of shape \\(3,\\), expected \\(1,\\)"):
+        mix(["p"], ["c"], [{}])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_build_reward_from_yaml_config(tokenizer):
+    import yaml
+
+    cfg = yaml.safe_load("""
+type: mixture
+weights: {correct: 1.0, tidy: 0.2, safe: 1.0}
+dynamic: tags
+tag_weights: {sensitive: {safe: 5.0}}
+experts:
+  correct: {type: verifier}
+  tidy: {type: length, max_length: 4, unit: tokens, penalty: 0.1}
+  safe: {type: blocklist, patterns: ["\\\\bkill\\\\b"]}
+""")
+    fn = build_reward(cfg, tokenizer=tokenizer)
+    out = fn(["q", "q"], ["42", "kill it, 41"], [{"answer": "42"}, {"answer": "41", "tags": ["sensitive"]}])
+    assert out.parts["correct"].tolist() == [1.0, 1.0]
+    assert out.parts["safe"].tolist() == [0.0, -1.0]
+    assert out.parts["weight/safe"].tolist() == [1.0, 5.0]
+    assert torch.allclose(out.scores, sum(out.parts[e] * out.parts[f"weight/{e}"] for e in ("correct", "tidy", "safe")))
+
+
+def test_build_reward_model_from_config(tiny, tokenizer, tmp_path):
+    rm = reward_model_from_lm(tiny, aspects=["overall", "safe"])
+    save_reward_model(rm, tokenizer, tmp_path / "rm")
+    fn = build_reward({"type": "reward_model", "path": str(tmp_path / "rm"), "aspect": "safe", "dtype": "fp32"})
+    expected = RewardModelScorer(rm, tokenizer, aspect="safe")(["hi"], ["hello"]).scores
+    assert torch.allclose(fn(["hi"], ["hello"]).scores, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"type": "lenght"}, "type: must be one of reward_model, length"),
+    ({"min_length": 3}, "type: must be one of .* \\(missing\\)"),
+    ({"type": "length", "penalty": -1}, "penalty: Input should be greater than or equal to 0"),
+    ({"type": "length", "max_len": 3}, "max_len: unknown key"),
+    ({"type": "length", "min_length": 5, "max_length": 3}, "max_length: 3 is below min_length 5"),
+    ({"type": "format", "pattern": "("}, "pattern: '\\(' is not a valid regex"),
+    ({"type": "mixture", "experts": {"safe": {"type": "blocklist", "patterns": ["["]}}},
+     "experts.safe.patterns: '\\[' is not a valid regex"),
+    ({"type": "mixture", "experts": {"length": {"type": "length", "unit": "words"}}},
+     "experts.length.unit: must be one of"),
+    ({"type": "mixture", "experts": {"a": {"type": "verifier"}}, "weights": {"b": 1.0}},
+     "weights: unknown experts \\['b'\\]"),
+    ({"type": "mixture", "experts": {"a": {"type": "verifier"}}, "dynamic": "tags"}, "dynamic: 'tags' needs tag_weights"),
+    ({"type": "mixture", "experts": {"a": {"type": "verifier"}}, "tag_weights": {"t": {"z": 2.0}}},
+     "tag_weights.t: unknown experts \\['z'\\]"),
+    ({"type": "reward_model", "path": "x", "aspect": "a", "weights": {"a": 1.0}}, "aspect, weights: give one"),
+])
+def test_config_errors_name_the_field(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        parse_reward_config(cfg)
+
+
+def test_length_in_tokens_needs_a_tokenizer():
+    with pytest.raises(ValueError, match="tidy: unit 'tokens' needs a tokenizer"):
+        build_reward({"type": "mixture", "experts": {"tidy": {"type": "length"}}})
