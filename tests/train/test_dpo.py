@@ -247,26 +247,15 @@ def test_full_model_needs_a_reference(model):
     assert torch.isfinite(loss) and m["loss_tokens"] == 2
 
 
-def _train_pairs(model, objective, pairs, tmp_path, monkeypatch, epochs=3):
-    """Run the project's loop on pair examples.
-
-    loop.py does not yet know pair examples (it plans by e["input_ids"], counts label tokens
-    per example, and collates single sequences); these three patches are the change it needs,
-    reported to the loop's owner: plan by chosen+rejected length, one loss unit per pair,
-    collate_pairs.
-    """
-    plan = loop.plan_steps
-    monkeypatch.setattr(loop, "plan_steps", lambda exs, cfg, world: plan(
-        [{"input_ids": e["chosen_input_ids"] + e["rejected_input_ids"]} for e in exs], cfg, world))
-    monkeypatch.setattr(loop, "loss_tokens", lambda e: 1)
-    monkeypatch.setattr(loop, "make_collate", lambda packing, pad, tasks: lambda exs: collate_pairs(exs, pad))
+def _train_pairs(model, objective, pairs, tmp_path, epochs=3):
+    """Run the project's loop on pair examples (it plans, weights and collates them as pairs)."""
     cfg = TrainConfig(lr=2e-2, batch_size=4, packing=False, epochs=epochs, warmup_ratio=0.0, progress=False,
                       schedule="constant")
     return loop.train(model, objective, pairs, cfg, tmp_path, pad_token_id=0)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo"])
-def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, tmp_path, monkeypatch):
+def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, tmp_path):
     torch.manual_seed(0)  # LoRA A's init
     policy = apply_adapter(model, AdapterConfig(method="lora", r=4, alpha=8))  # B = 0: starts at the reference
     pairs = make_pairs(8)
@@ -283,7 +272,7 @@ def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, tmp_
 
     before = margin()
     first = objective(policy, batch)[1]
-    _, summary = _train_pairs(policy, objective, pairs, tmp_path, monkeypatch)
+    _, summary = _train_pairs(policy, objective, pairs, tmp_path)
     after = margin()
     last = objective(policy, batch)[1]
     assert summary["steps"] == 6  # 3 epochs of 2 batches

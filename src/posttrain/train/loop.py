@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from posttrain.config import TrainConfig
-from posttrain.data.collate import collate_packed, collate_padded, plan_batches
+from posttrain.data.collate import collate_packed, collate_padded, collate_pairs, plan_batches
 from posttrain.fileio import (
     atomic_write,
     publish_dir,
@@ -47,9 +47,23 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
+def is_pair(example: dict) -> bool:
+    return "chosen_input_ids" in example
+
+
 def loss_tokens(example: dict) -> int:
-    """Positions that predict a loss token (the first token is never predicted)."""
+    """What the objective's mean is over: positions that predict a loss token (the first
+    token is never predicted), or one per preference pair."""
+    if is_pair(example):
+        return 1
     return sum(1 for t in example["labels"][1:] if t != IGNORE)
+
+
+def example_length(example: dict) -> int:
+    """Tokens an example adds to a padded batch (a pair: two rows of the longer side)."""
+    if is_pair(example):
+        return 2 * max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
+    return len(example["input_ids"])
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -76,7 +90,7 @@ def _sizes(cfg: TrainConfig) -> dict:
 
 def plan_steps(examples: list[dict], cfg: TrainConfig, world: int) -> list[list[list[int]]]:
     """Optimizer steps, each a list of grad_accum*world micro-batches (example indices)."""
-    lengths = [len(e["input_ids"]) for e in examples]
+    lengths = [example_length(e) for e in examples]
     per_step = cfg.grad_accum * world
     epochs = math.ceil(cfg.epochs)
     micro: list[list[int]] = []
@@ -209,7 +223,11 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def make_collate(packing: bool, pad_token_id: int, tasks: list[str] | None):
+def make_collate(packing: bool, pad_token_id: int, tasks: list[str] | None, pairs: bool = False):
+    if pairs:
+        if packing:
+            raise ValueError("preference pairs are not packed: set train.packing=false")
+        return lambda exs: collate_pairs(exs, pad_token_id)
     if packing:
         return lambda exs: collate_packed(exs, tasks=tasks)
     return lambda exs: collate_padded(exs, pad_token_id, tasks=tasks)
@@ -226,7 +244,7 @@ def evaluate_loss(model, objective: Objective, examples: list[dict], cfg: TrainC
     """Token-mean loss over `examples`, split across processes."""
     was_training = model.training
     model.eval()
-    lengths = [len(e["input_ids"]) for e in examples]
+    lengths = [example_length(e) for e in examples]
     groups = plan_batches(lengths, shuffle=False, seed=0, epoch=0, **_sizes(cfg))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for g in groups[accelerator.process_index :: accelerator.num_processes]:
@@ -281,7 +299,7 @@ def train(
     steps = plan_steps(train_examples, cfg, world)
     total_steps = len(steps)
     n_loss = [loss_tokens(e) for e in train_examples]
-    collate = make_collate(cfg.packing, pad_token_id, tasks)
+    collate = make_collate(cfg.packing, pad_token_id, tasks, pairs=is_pair(train_examples[0]))
 
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
