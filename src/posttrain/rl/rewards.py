@@ -243,10 +243,9 @@ class RewardFunction(Protocol):
     """Anything that scores completions: ``fn(prompts, completions, records=None) -> RewardOutput``.
 
     `prompts` are strings or message lists; `records` are the data rows the prompts came
-    from (verifiers read ``answer``, tag weighting reads ``tags``).
+    from (verifiers read ``answer``, tag weighting reads ``tags``). The classes here also
+    carry a ``name`` (their key in ``parts``); a plain function works as a mixture expert too.
     """
-
-    name: str
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],
                  records: Sequence[dict] | None = None) -> RewardOutput: ...
