@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.adapters import AdapterConfig, apply_adapter
-from posttrain.data.templates import IGNORE, encode_chat
+from posttrain.config import TrainConfig
+from posttrain.data.collate import collate_pairs
+from posttrain.data.templates import IGNORE, encode_chat, encode_preference
 from posttrain.models import load_model, save_model, tiny_model
 from posttrain.rl.rewards import (
     AnswerVerifier,
@@ -28,6 +30,7 @@ from posttrain.rl.rewards import (
     reward_model_from_lm,
     save_reward_model,
 )
+from posttrain.train.loop import train
 
 X = 1000  # the token every chosen completion of the toy set contains
 PAD = 2
@@ -51,20 +54,7 @@ def toy_pairs(n: int, seed: int, aspect: int | None = None) -> list[dict]:
 
 
 def collate(examples: list[dict]) -> dict:
-    """The shared collated pair format (chosen rows first, right-padded)."""
-    rows = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-    labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
-    width = max(map(len, rows))
-    batch = {"input_ids": torch.full((len(rows), width), PAD), "labels": torch.full((len(rows), width), IGNORE),
-             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
-    for i, (r, lab) in enumerate(zip(rows, labels)):
-        batch["input_ids"][i, : len(r)] = torch.tensor(r)
-        batch["labels"][i, : len(lab)] = torch.tensor(lab)
-        batch["attention_mask"][i, : len(r)] = 1
-    for key, dtype in (("margin", torch.float32), ("aspect", torch.long)):
-        if all(key in e for e in examples):
-            batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
-    return batch
+    return collate_pairs(examples, PAD)
 
 
 def train_bt(rm, pairs: list[dict], steps: int, lr: float = 1e-3, batch_size: int = 8) -> list[dict]:
@@ -98,6 +88,15 @@ def test_bradley_terry_training_learns_toy_preference(tiny):
     assert after >= 0.95, (before, after)
     assert history[-1]["loss"] < history[0]["loss"]
     assert rm.training  # pairwise_accuracy restores the mode it found
+
+
+def test_bradley_terry_through_the_training_loop(tiny, tmp_path):
+    rm = reward_model_from_lm(tiny)
+    cfg = TrainConfig(packing=False, batch_size=8, max_steps=40, lr=1e-3, schedule="constant", warmup_ratio=0.0,
+                      progress=False)
+    _, summary = train(rm, bradley_terry_loss, toy_pairs(256, seed=0), cfg, tmp_path / "run", pad_token_id=PAD)
+    assert summary["steps"] == 40
+    assert pairwise_accuracy(rm, held_out()) >= 0.95
 
 
 def test_bt_loss_and_metrics_by_hand(tiny):
@@ -200,6 +199,11 @@ def test_reward_model_scorer_scores_what_training_encodes(tiny, tokenizer):
     ids = [encode_chat(tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])["input_ids"]
            for p, c in zip(prompts, completions)]
     assert [encode_for_reward(tokenizer, p, c) for p, c in zip(prompts, completions)] == ids
+    pair = encode_preference(tokenizer, {"prompt": prompts[1], "chosen": completions[1], "rejected": "5"})
+    assert pair["chosen_input_ids"] == ids[1]  # the scorer sees what reward-model training saw
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    pair = encode_preference(tokenizer, {"prompt": history, "chosen": "4", "rejected": "5"})
+    assert encode_for_reward(tokenizer, history, "5") == pair["rejected_input_ids"]
     with torch.no_grad():
         expected = torch.cat([rm(torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long)) for i in ids])
     out = RewardModelScorer(rm, tokenizer, batch_size=2)(prompts, completions)
