@@ -6,13 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-EPILOG = """sections: model, adapter, data, train, eval, ewc (all keys: --print-config).
+EPILOG = """sections: {sections} (all keys: --print-config).
 overrides: any config key as dotted key=value after the options, e.g.
-  posttrain sft --config recipes/sft_lora.yaml train.lr=1e-4 adapter.r=8 data.train=my.jsonl"""
+  posttrain {verb} --config recipes/{recipe}.yaml train.lr=1e-4 adapter.r=8 data.train=my.jsonl"""
+SECTIONS = {"sft": ("model, adapter, data, train, eval, ewc", "sft_lora"),
+            "pretrain": ("model, adapter, data, train, eval, ewc", "pretrain"),
+            "rm": ("model, adapter, aspects, data, train", "rm"),
+            "dpo": ("model, adapter, data, dpo, train, eval (incl. eval.win_rate)", "dpo")}
 
 
 def _add_stage(sub, name: str, help_text: str):
-    p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+    sections, recipe = SECTIONS[name]
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       epilog=EPILOG.format(sections=sections, verb=name, recipe=recipe),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="recipe YAML (see recipes/)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
@@ -63,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     _add_stage(sub, "sft", "supervised fine-tuning (full, freeze, LoRA/DoRA, IA3, prompt tuning, bottleneck adapters)")
     _add_stage(sub, "pretrain", "continued pre-training on raw text (domain adaptation)")
+    _add_stage(sub, "rm", "train a reward model (Bradley-Terry on preference pairs; one head per aspect)")
+    _add_stage(sub, "dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO")
 
     p = sub.add_parser("eval", help="evaluate a model (optionally against another) on local tasks",
                        description="Evaluate one model, or two side by side (--compare), on generation tasks "
@@ -145,10 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage(verb: str):
+    """(config class, run function) of a training verb."""
+    if verb in ("sft", "pretrain"):
+        from posttrain.train.sft import SFTConfig, run_sft
+
+        return SFTConfig, run_sft
+    from posttrain.train import preference
+
+    return {"rm": (preference.RMConfig, preference.run_rm), "dpo": (preference.DPOConfig, preference.run_dpo)}[verb]
+
+
 def cmd_stage(args) -> int:
     from posttrain.config import build_config
-    from posttrain.train.sft import SFTConfig, run_sft
 
+    config_cls, run = _stage(args.verb)
     overrides = list(args.overrides)
     if args.verb == "pretrain":
         overrides.insert(0, "stage=pretrain")
@@ -157,10 +176,10 @@ def cmd_stage(args) -> int:
 
         if not args.config and not any(o.startswith("data.train=") for o in overrides):
             overrides.append("data.train=TRAIN.jsonl")  # show the defaults without a data file
-        print(dump_config(build_config(SFTConfig, args.config, overrides)), end="")
+        print(dump_config(build_config(config_cls, args.config, overrides)), end="")
         return 0
-    cfg = build_config(SFTConfig, args.config, overrides)
-    manifest = run_sft(cfg, resume=args.resume, overwrite=args.overwrite)
+    cfg = build_config(config_cls, args.config, overrides)
+    manifest = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {cfg.output_dir}  (final model: {cfg.output_dir}/final)")
     return 0 if manifest else 1
 
@@ -316,7 +335,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
+COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
             "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data, "sam": cmd_sam}
 
 

@@ -1,0 +1,336 @@
+"""The reward-model and DPO stages: config -> preference pairs -> model -> loop -> run dir.
+
+`posttrain rm` trains a reward model (a scalar head per aspect on a causal LM) with
+the Bradley-Terry loss; `posttrain dpo` trains a policy with a DPO-family loss. Both
+read preference records (`prompt`, `chosen`, `rejected`, optional `margin` and
+`aspect`) and go through the one training loop (`train.loop.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from posttrain.adapters import AdapterConfig
+from posttrain.config import Strict, TrainConfig
+from posttrain.train.sft import EvalConfig, ModelConfig
+
+
+
+class PairTrainConfig(TrainConfig):
+    """The loop's settings with defaults for pairs: padded batches of 4 pairs, a gentle lr."""
+
+    packing: bool = False
+    batch_size: int = Field(4, gt=0, description="preference pairs per micro-batch")
+    lr: float = Field(5e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+
+class PairDataConfig(Strict):
+    train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect)")
+    eval: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out from train when no eval file")
+    max_length: int = Field(512, gt=8)
+    skip_invalid: bool = False
+
+
+def _pairs_train_check(train: TrainConfig) -> None:
+    if train.packing:
+        raise ValueError("train.packing: preference pairs are not packed; set train.packing=false")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_pairs(tokenizer, path: str, max_length: int, skip_invalid: bool,
+               aspects: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Load, validate and encode preference records. With `aspects`, a record's `aspect`
+    (a name from that list, or absent = the first) becomes the reward head's index;
+    without, the field is ignored (DPO)."""
+    from posttrain.data.formats import load_records
+    from posttrain.data.templates import encode_preference
+
+    data = load_records(path, kind="preference", skip_invalid=skip_invalid)
+    examples, dropped = [], 0
+    for i, record in enumerate(data.records):
+        record = dict(record)
+        aspect = record.pop("aspect", None)
+        if aspects is not None:
+            if aspect is None:
+                aspect = aspects[0]
+            if aspect not in aspects:
+                raise ValueError(f"{path}: record {i + 1}: field 'aspect' must be one of {aspects}; got {aspect!r}")
+            record["aspect"] = aspects.index(aspect)
+        ex = encode_preference(tokenizer, record, max_length=max_length)
+        if ex is None:
+            dropped += 1
+            continue
+        examples.append(ex)
+    if not examples:
+        raise ValueError(f"{path}: no pair fits in {max_length} tokens")
+    report = {"path": path, "records": len(data.records), "skipped_invalid": data.skipped,
+              "dropped_too_long": dropped, "pairs": len(examples)}
+    return examples, report
+
+
+def split_pairs(tokenizer, data: PairDataConfig, seed: int, aspects: list[str] | None = None):
+    """(train pairs, held-out pairs or None, data report)."""
+    examples, report = load_pairs(tokenizer, data.train, data.max_length, data.skip_invalid, aspects)
+    held = None
+    if data.eval:
+        held, _ = load_pairs(tokenizer, data.eval, data.max_length, data.skip_invalid, aspects)
+    elif data.eval_fraction:
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(len(examples) * data.eval_fraction))
+        held = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in order[n_eval:]]
+    return examples, held, report
+
+
+def _inputs(model_spec: str, data: PairDataConfig, extra: dict[str, str | None]) -> dict:
+    from posttrain.models import resolve_model_path
+    from posttrain.stage import content_hash
+
+    files = {"train": data.train, "eval": data.eval, **extra}
+    return {"model": {"spec": model_spec, "resolved": resolve_model_path(model_spec)},
+            "data": {k: {"path": p, "sha256": content_hash(p)} for k, p in files.items() if p}}
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+class RMConfig(Strict):
+    stage: Literal["rm"] = "rm"
+    output_dir: str = "runs/rm"
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    aspects: list[str] = Field(["overall"], min_length=1, description="one reward head per aspect")
+    data: PairDataConfig
+    train: PairTrainConfig = PairTrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RMConfig":
+        _pairs_train_check(self.train)
+        if self.adapter.method in ("prompt", "bottleneck"):
+            raise ValueError(f"adapter.method: {self.adapter.method} is not supported for reward models; "
+                             "use lora, dora, full or freeze")
+        return self
+
+
+@torch.no_grad()
+def pair_accuracy(rm, examples: list[dict], pad_token_id: int, batch_size: int = 8) -> dict:
+    """Held-out pairwise accuracy (chosen scored above rejected), overall and per aspect."""
+    from posttrain.data.collate import collate_pairs
+    from posttrain.rl.rewards import _pair_scores
+
+    was = rm.training
+    rm.eval()
+    hits: dict[str, list[float]] = {}
+    for i in range(0, len(examples), batch_size):
+        batch = collate_pairs(examples[i:i + batch_size], pad_token_id)
+        chosen, rejected = _pair_scores(rm, batch)
+        aspects = batch.get("aspect", torch.zeros(len(chosen), dtype=torch.long)).tolist()
+        for a, c, r in zip(aspects, chosen.tolist(), rejected.tolist()):
+            hits.setdefault(rm.aspects[a], []).append(float(c > r))
+    rm.train(was)
+    out = {"pair_accuracy": sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())}
+    out.update({f"pair_accuracy/{k}": sum(v) / len(v) for k, v in sorted(hits.items())})
+    return out
+
+
+def run_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a reward model; reports held-out pairwise accuracy before and after."""
+    from posttrain.adapters import apply_adapter, trainable_summary
+    from posttrain.models import load_model
+    from posttrain.rl.rewards import RewardModel, bradley_terry_loss, save_reward_model
+    from posttrain.stage import prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.train.loop import train
+
+    started = time.time()
+    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
+    torch.manual_seed(cfg.train.seed)
+    lm, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed, cfg.aspects)
+    print(f"data: {report}")
+    lm = apply_adapter(lm, cfg.adapter, tokenizer)
+    rm = RewardModel(lm, cfg.aspects, seed=cfg.train.seed)  # its head always trains
+    summary = trainable_summary(rm)
+    print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
+    pad = tokenizer.pad_token_id
+    before = pair_accuracy(rm, held, pad) if held else {}
+    rm, train_summary = train(rm, bradley_terry_loss, examples, cfg.train, run_dir, pad_token_id=pad,
+                              eval_examples=held, resume=resume)
+    after = pair_accuracy(rm, held, pad) if held else {}
+    save_reward_model(rm, tokenizer, run_dir / "final")
+    write_json_atomic(run_dir / "eval.json", {"before": before, "after": after})
+    if after:
+        print(f"held-out pairwise accuracy: {before['pair_accuracy']:.3f} -> {after['pair_accuracy']:.3f}")
+    from posttrain.train.sft import write_reports
+
+    write_reports(run_dir, before, after)
+    outputs = {"train": train_summary, "eval_before": before, "eval_after": after, "data": report,
+               "trainable": summary}
+    return write_manifest(run_dir, cfg.stage, _inputs(cfg.model.name, cfg.data, {}), outputs, started)
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+class DPOSettings(Strict):
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid/simpo)")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin")
+    reference: Literal["auto", "adapters_off", "precompute", "copy"] = Field(
+        "auto", description="auto: the base with adapters disabled for adapter methods, else log-probs "
+                            "precomputed from the starting weights (no second copy in memory)")
+    reference_model: str | None = Field(None, description="a different model as the frozen reference")
+
+
+class WinRateConfig(Strict):
+    prompts: str = Field(..., description="held-out prompts (JSONL with a prompt field)")
+    reward_model: str = Field(..., description="a reward model saved by `posttrain rm` (its run dir or final/)")
+    aspect: str | None = None
+    max_new_tokens: int = Field(96, gt=0)
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class DPOEvalConfig(EvalConfig):
+    win_rate: WinRateConfig | None = None
+
+
+class DPOConfig(Strict):
+    stage: Literal["dpo"] = "dpo"
+    output_dir: str = "runs/dpo"
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: PairDataConfig
+    dpo: DPOSettings = DPOSettings()
+    train: PairTrainConfig = PairTrainConfig()
+    eval: DPOEvalConfig = DPOEvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DPOConfig":
+        _pairs_train_check(self.train)
+        peft = self.adapter.method not in ("full", "freeze", "bottleneck")
+        if self.dpo.reference == "adapters_off" and not peft:
+            raise ValueError(f"dpo.reference: adapters_off needs an adapter method (lora, dora, ia3, prompt); "
+                             f"adapter.method is {self.adapter.method}")
+        if self.dpo.reference_model and self.dpo.reference not in ("auto", "copy"):
+            raise ValueError("dpo.reference_model is a frozen model: use dpo.reference=copy (or auto)")
+        if self.dpo.loss == "simpo" and (self.dpo.reference_model or self.dpo.reference != "auto"):
+            raise ValueError("dpo.loss: simpo is reference-free; leave dpo.reference=auto and no reference_model")
+        return self
+
+
+def _generate_completions(model, tokenizer, prompts: list, cfg: WinRateConfig) -> list[str]:
+    from posttrain.generate.engine import GenerationConfig, generate
+
+    texts: list[str] = []
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, chat=True)
+    for i in range(0, len(prompts), cfg.batch_size):
+        texts.extend(generate(model, tokenizer, prompts[i:i + cfg.batch_size], gen).texts)
+    return texts
+
+
+def win_rate(prompts: list, ours: list[str], theirs: list[str], scorer) -> dict:
+    """Share of prompts where the reward function scores `ours` above `theirs` (ties count half)."""
+    a = scorer(prompts, ours).scores
+    b = scorer(prompts, theirs).scores
+    wins = (a > b).float() + 0.5 * (a == b).float()
+    return {"win_rate": wins.mean().item(), "reward_ours": a.mean().item(), "reward_theirs": b.mean().item(),
+            "per_prompt": [{"ours": x, "theirs": y} for x, y in zip(a.tolist(), b.tolist())]}
+
+
+def _prompts(path: str, limit: int | None) -> list:
+    from posttrain.data.formats import load_records
+
+    data = load_records(path, kind="prompt")
+    return [r["prompt"] for r in data.records[:limit]]
+
+
+def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a policy with a DPO-family loss; evaluates before/after (tasks, refusal, RM win rate)."""
+    import copy
+
+    from posttrain.adapters import apply_adapter, trainable_summary
+    from posttrain.models import load_model, save_model
+    from posttrain.stage import prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.train.dpo import make_dpo_objective, precompute_reference_logps
+    from posttrain.train.loop import train
+    from posttrain.train.sft import evaluate_all, write_reports
+
+    started = time.time()
+    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed)
+    print(f"data: {report}")
+
+    wr = cfg.eval.win_rate
+    wr_prompts = _prompts(wr.prompts, wr.limit) if wr else []
+    before_path = run_dir / "eval_before.json"
+    if resume and before_path.exists():
+        saved = json.loads(before_path.read_text())
+        before, before_texts = saved["scores"], saved.get("win_rate_texts", [])
+    else:
+        before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
+        before_texts = _generate_completions(model, tokenizer, wr_prompts, wr) if wr else []
+        write_json_atomic(before_path, {"scores": before, "win_rate_texts": before_texts})
+
+    reference = None
+    mode = cfg.dpo.reference
+    peft = cfg.adapter.method not in ("full", "freeze", "bottleneck")
+    if cfg.dpo.loss != "simpo":
+        if cfg.dpo.reference_model:
+            reference, _ = load_model(cfg.dpo.reference_model, dtype=cfg.model.dtype)
+        elif mode == "copy":
+            reference = copy.deepcopy(model)
+        elif mode == "auto":
+            mode = "adapters_off" if peft else "precompute"
+        if reference is not None:
+            reference.eval().requires_grad_(False)
+        if mode == "precompute" and reference is None:
+            t = time.time()
+            for part in (examples, held or []):
+                precompute_reference_logps(model, part, tokenizer.pad_token_id, batch_size=cfg.train.batch_size,
+                                           adapters_off=False)
+            print(f"reference log-probs precomputed for {len(examples) + len(held or [])} pairs "
+                  f"in {time.time() - t:.1f} s")
+    model = apply_adapter(model, cfg.adapter, tokenizer)
+    summary = trainable_summary(model)
+    print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
+
+    objective = make_dpo_objective(cfg.dpo.loss, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
+                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference)
+    model, train_summary = train(model, objective, examples, cfg.train, run_dir, pad_token_id=tokenizer.pad_token_id,
+                                 eval_examples=held, resume=resume)
+    save_model(model, tokenizer, run_dir / "final")
+    after = evaluate_all(model, tokenizer, cfg.eval)
+    extra_inputs: dict[str, str | None] = {"reference_model": cfg.dpo.reference_model}
+    if wr:
+        from posttrain.rl.rewards import RewardModelScorer, load_reward_model
+
+        after_texts = _generate_completions(model, tokenizer, wr_prompts, wr)
+        rm, rm_tok = load_reward_model(wr.reward_model)
+        result = win_rate(wr_prompts, after_texts, before_texts, RewardModelScorer(rm, rm_tok, aspect=wr.aspect))
+        write_json_atomic(run_dir / "win_rate.json", {**result, "prompts": wr_prompts, "before_texts": before_texts,
+                                                      "after_texts": after_texts})
+        after["win_rate_vs_start"] = result["win_rate"]
+        after["rm_reward"], before["rm_reward"] = result["reward_ours"], result["reward_theirs"]
+        print(f"reward-model win rate against the starting model: {result['win_rate']:.3f} "
+              f"(mean reward {result['reward_theirs']:.3f} -> {result['reward_ours']:.3f})")
+        extra_inputs.update({"win_rate_prompts": wr.prompts})
+    write_reports(run_dir, before, after)
+    outputs = {"train": train_summary, "eval_before": before, "eval_after": after, "data": report,
+               "trainable": summary, "reference": mode if cfg.dpo.loss != "simpo" else "none"}
+    return write_manifest(run_dir, cfg.stage, _inputs(cfg.model.name, cfg.data, extra_inputs), outputs, started)

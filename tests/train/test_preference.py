@@ -1,0 +1,114 @@
+"""The reward-model and DPO stages end to end on a tiny model saved to disk."""
+
+import json
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.models import save_model, tiny_model
+from posttrain.rl.rewards import load_reward_model
+from posttrain.train.preference import DPOConfig, RMConfig, load_pairs, run_dpo, run_rm
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    save_model(tiny_model(tokenizer, seed=3), tokenizer, path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def pair_rows(n, start=0):
+    """Separable pairs: chosen answers are digits, rejected ones shout; two aspects."""
+    return [{"prompt": f"What is {i} plus 1?", "chosen": f"{i + 1}", "rejected": "NO NO NO NO!",
+             "aspect": "correctness" if i % 2 else "format"} for i in range(start, start + n)]
+
+
+def test_aspects_map_to_heads_and_unknown_ones_are_named(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", pair_rows(4))
+    pairs, report = load_pairs(tokenizer, path, 64, False, aspects=["format", "correctness"])
+    assert [p["aspect"] for p in pairs] == [0, 1, 0, 1] and report["pairs"] == 4
+    dpo_pairs, _ = load_pairs(tokenizer, path, 64, False)
+    assert "aspect" not in dpo_pairs[0]
+    with pytest.raises(ValueError, match=r"record 1: field 'aspect' must be one of \['overall'\]"):
+        load_pairs(tokenizer, path, 64, False, aspects=["overall"])
+
+
+def test_rm_stage_learns_separable_pairs_and_reloads(tmp_path, tiny_dir):
+    cfg = RMConfig.model_validate({
+        "output_dir": str(tmp_path / "rm"), "model": {"name": str(tiny_dir), "dtype": "fp32"},
+        "adapter": {"method": "full"}, "aspects": ["format", "correctness"],
+        "data": {"train": write_jsonl(tmp_path / "train.jsonl", pair_rows(32)),
+                 "eval": write_jsonl(tmp_path / "test.jsonl", pair_rows(8, start=100))},
+        "train": {"epochs": 3, "lr": 1e-3, "batch_size": 8, "progress": False},
+    })
+    manifest = run_rm(cfg)
+    after = manifest["outputs"]["eval_after"]
+    assert after["pair_accuracy"] == 1.0
+    assert set(after) == {"pair_accuracy", "pair_accuracy/format", "pair_accuracy/correctness"}
+    rm, tok = load_reward_model(tmp_path / "rm" / "final")
+    assert rm.aspects == ["format", "correctness"]
+    eval_json = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert eval_json["after"] == after
+
+
+def dpo_cfg(tmp_path, tiny_dir, sections=None, **dpo):
+    return DPOConfig.model_validate({
+        "output_dir": str(tmp_path / "dpo"), "model": {"name": str(tiny_dir), "dtype": "fp32"},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8},
+        "data": {"train": write_jsonl(tmp_path / "train.jsonl", pair_rows(16)), "eval_fraction": 0.25},
+        "dpo": dpo,
+        "train": {"max_steps": 4, "lr": 5e-3, "batch_size": 4, "progress": False, "eval_every": 2},
+        **(sections or {}),
+    })
+
+
+@pytest.mark.parametrize("dpo", [{"loss": "sigmoid"}, {"loss": "ipo", "reference": "copy"}, {"loss": "simpo"}])
+def test_dpo_stage_lowers_the_held_out_loss(tmp_path, tiny_dir, dpo):
+    manifest = run_dpo(dpo_cfg(tmp_path, tiny_dir, **dpo))
+    history = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert len(evals) == 2 and evals[-1] < evals[0]
+    assert manifest["outputs"]["reference"] == {"sigmoid": "adapters_off", "ipo": "copy", "simpo": "none"}[dpo["loss"]]
+    assert (tmp_path / "dpo" / "final" / "adapter_config.json").exists()
+
+
+def test_full_dpo_precomputes_the_reference(tmp_path, tiny_dir, capsys):
+    manifest = run_dpo(dpo_cfg(tmp_path, tiny_dir, {"adapter": {"method": "full"}}))
+    assert manifest["outputs"]["reference"] == "precompute"
+    assert "reference log-probs precomputed for 16 pairs" in capsys.readouterr().out
+
+
+def test_dpo_win_rate_judged_by_a_reward_model(tmp_path, tiny_dir, tokenizer):
+    from posttrain.rl.rewards import RewardModel, save_reward_model
+
+    save_reward_model(RewardModel(tiny_model(tokenizer, seed=5)), tokenizer, tmp_path / "judge")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {i}."} for i in range(4)])
+    cfg = dpo_cfg(tmp_path, tiny_dir, {"eval": {"win_rate": {
+        "prompts": prompts, "reward_model": str(tmp_path / "judge"), "max_new_tokens": 6}}})
+    manifest = run_dpo(cfg)
+    result = json.loads((tmp_path / "dpo" / "win_rate.json").read_text())
+    assert len(result["per_prompt"]) == 4 and len(result["after_texts"]) == 4
+    wins = sum((p["ours"] > p["theirs"]) + 0.5 * (p["ours"] == p["theirs"]) for p in result["per_prompt"]) / 4
+    assert manifest["outputs"]["eval_after"]["win_rate_vs_start"] == pytest.approx(wins)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.packing=true"], "preference pairs are not packed"),
+    (["adapter.method=full", "dpo.reference=adapters_off"], "adapters_off needs an adapter method"),
+    (["dpo.loss=simpo", "dpo.reference=copy"], "simpo is reference-free"),
+    (["dpo.loss=kto"], "dpo.loss"),
+])
+def test_bad_dpo_configs_are_refused(overrides, message, capsys):
+    assert main(["dpo", "data.train=x.jsonl", *overrides]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rm_print_config_shows_the_sections(capsys):
+    assert main(["rm", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "aspects:\n- overall" in out and "packing: false" in out
