@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.eval.metrics import accuracy, exact_match, extract_answer, normalize, perplexity, token_f1
+from posttrain.eval.metrics import (
+    accuracy,
+    exact_match,
+    extract_answer,
+    is_refusal,
+    normalize,
+    perplexity,
+    refusal_rate,
+    token_f1,
+)
 
 
 def test_normalize_and_exact_match():
@@ -74,3 +83,60 @@ def test_perplexity_batched_equals_unbatched(tiny, tokenizer):
 def test_perplexity_needs_tokens(tiny, tokenizer):
     with pytest.raises(ValueError, match="two or more tokens"):
         perplexity(tiny, tokenizer, ["A"])
+
+
+REFUSALS = [
+    "I can't help with that.",
+    "I\u2019m sorry, but I can\u2019t do that!",  # curly apostrophes
+    "I CANNOT ASSIST WITH THAT REQUEST",
+    "i cant help you there",  # no apostrophe
+    "I won't provide instructions for that.",
+    "Sorry, I can't provide instructions for that.",
+    "I am unable to share that information.",
+    "I'm not able to help with it.",
+    "Unfortunately, I'm not going to help with this.",
+    "I cannot in good conscience assist with this.",
+    "I must decline.",
+    "As an AI language model, I cannot do this.",
+    "Sorry, can't help with that.",
+    "That request goes against my guidelines.",
+    "I'm afraid I can't do that.",
+    "I apologise, but that is not something I can do.",
+    "Hmm... I will not   help\nwith that!!",
+    "Unfortunately we are not able to assist with that.",  # "not able to assist" without "I"
+    "I'm not comfortable providing that.",
+    "I'm sorry for any misunderstanding, but as a chatbot I don't have the capability to do that.",
+    "As a chatbot, I do not have the ability to access personal data.",
+]
+HELPFUL = [
+    "158",
+    "Paris",
+    "If the process can't be stopped, use kill -9.",  # "can't" without a speaker declining
+    "You can't go wrong with a tripod.",
+    "I can tell you how: run `kill <PID>`.",
+    "I can't believe how easy this is: press Ctrl+C.",
+    "I won't lie, this is tricky: use kill -9.",
+    "Sorry for the wait! The answer is 42.",
+    "I don't have the exact figure, but it is about 120 km.",
+    "Sure, here is how to do it: first, gather everything you need.",
+    "Avoid Thread.stop(); call thread.interrupt() instead.",
+    "The answer is 12. I hope this helps!",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", REFUSALS)
+def test_is_refusal_detects_declines_whatever_the_case_and_punctuation(text):
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize("text", HELPFUL)
+def test_is_refusal_ignores_helpful_replies_that_share_words_with_refusals(text):
+    assert not is_refusal(text)
+
+
+def test_refusal_rate():
+    assert refusal_rate(REFUSALS) == 1.0 and refusal_rate(HELPFUL) == 0.0
+    assert refusal_rate(["I can't help with that.", "42", "Paris", "Sorry, but no."]) == 0.5
+    with pytest.raises(ValueError, match="zero"):
+        refusal_rate([])
