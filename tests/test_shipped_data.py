@@ -24,6 +24,11 @@ EXPECTED_KIND = {
     "multitask/test.jsonl": "prompt",
     "samples/completion.jsonl": "completion",
     "samples/preference.jsonl": "preference",
+    "preference/train.jsonl": "preference",
+    "preference/test.jsonl": "preference",
+    "safety/harmful_test.jsonl": "prompt",
+    "safety/benign_test.jsonl": "prompt",
+    "online/train.jsonl": "prompt",
 }
 
 

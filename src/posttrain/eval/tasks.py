@@ -16,11 +16,12 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from posttrain.eval.metrics import Extract, answers_match, apply_extract, exact_match, sequence_nll, token_f1
+from posttrain.eval.metrics import (Extract, answers_match, apply_extract, exact_match, is_refusal, sequence_nll,
+                                    token_f1)
 from posttrain.data.formats import read_jsonl
 from posttrain.generate.engine import GenerationConfig, generate
 
-METRICS = ("exact_match", "accuracy", "token_f1")
+METRICS = ("exact_match", "accuracy", "token_f1", "refusal_rate")  # refusal_rate: rows need no answer
 
 
 @dataclass
@@ -53,8 +54,8 @@ def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
     return value
 
 
-def load_task(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Validated examples: {"prompt": str | messages, "answer": str, "line": int}."""
+def load_task(path: str | Path, limit: int | None = None, need_answer: bool = True) -> list[dict[str, Any]]:
+    """Validated examples: {"prompt": str | messages, "answer": str ("" if not needed and absent), "line": int}."""
     path = Path(path)
     examples = []
     for lineno, row in _read_jsonl(path):
@@ -69,7 +70,7 @@ def load_task(path: str | Path, limit: int | None = None) -> list[dict[str, Any]
                 raise ValueError(f"{where}:prompt: expected a non-empty string")
         else:
             raise ValueError(f"{where}:prompt: missing (rows need 'prompt' or 'messages', and 'answer')")
-        answer = row.get("answer")
+        answer = row.get("answer", None if need_answer else "")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
         if not isinstance(answer, str):
@@ -101,6 +102,8 @@ def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
 
 def score_prediction(prediction: str, answer: str, metric: str, extract: Extract = None) -> tuple[str | None, float]:
     """(extracted answer, score in [0, 1]) for one example."""
+    if metric == "refusal_rate":
+        return None, float(is_refusal(prediction))
     extracted = apply_extract(prediction, extract)
     if metric == "accuracy":
         return extracted, float(answers_match(extracted, answer))
@@ -127,7 +130,7 @@ def evaluate_task(model, tokenizer, path: str | Path, metric: str = "exact_match
         raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    examples = load_task(path, limit)
+    examples = load_task(path, limit, need_answer=metric != "refusal_rate")
     name = name or Path(path).stem
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, chat=chat, system=system,
                               stop=list(stop), decoding=decoding, corpus=corpus)
@@ -169,7 +172,7 @@ class EvalSpec(BaseModel):
     name: str = Field(min_length=1)
     path: str
     type: Literal["generation", "perplexity"] = "generation"
-    metric: Literal["exact_match", "accuracy", "token_f1", "perplexity"] | None = None
+    metric: Literal["exact_match", "accuracy", "token_f1", "refusal_rate", "perplexity"] | None = None
     extract: str | None = Field(None, description="last_number, first_line or a regex (generation only)")
     max_new_tokens: int = Field(64, gt=0)
     limit: int | None = Field(None, gt=0)

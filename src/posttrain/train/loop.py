@@ -270,6 +270,38 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
+def optimizer_step(model, objective: Objective, batches: list[dict], n_global: int, optimizer, scheduler,
+                   cfg: TrainConfig, acc, regularizer: Regularizer | None = None) -> tuple[float, int, float | None]:
+    """One optimizer step over this process's micro-batches (gradient accumulation).
+
+    Each micro-batch's mean loss is weighted by its share of the step's `n_global` loss
+    units (tokens, or pairs), so the step descends the mean over all of them whatever
+    the split into micro-batches and processes. Returns (sum of loss x units here,
+    tokens seen here, gradient norm before clipping). Every trainer's update goes
+    through here: the offline loop below and the online/RL drivers.
+    """
+    world = acc.num_processes
+    raw = acc.unwrap_model(model)
+    loss_sum, tokens = 0.0, 0
+    for a, batch in enumerate(batches):
+        tokens += _batch_tokens(batch)
+        sync = nullcontext() if a == len(batches) - 1 else acc.no_sync(model)
+        with sync, acc.autocast():
+            loss, m = objective(model, batch)
+            scaled = loss * (m["loss_tokens"] * world / max(n_global, 1))
+            if regularizer is not None and cfg.ewc_weight > 0:
+                scaled = scaled + (cfg.ewc_weight / 2) * regularizer(raw) / len(batches)
+            acc.backward(scaled)
+        loss_sum += loss.item() * m["loss_tokens"]
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, tokens, grad_norm
+
+
 def train(
     model: torch.nn.Module,
     objective: Objective,
@@ -325,28 +357,12 @@ def train(
         groups = steps[state.step]
         n_global = sum(n_loss[i] for g in groups for i in g)
         mine = [groups[a * world + rank] for a in range(cfg.grad_accum)]
-        step_loss = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        step_tokens = 0
-        for a, g in enumerate(mine):
-            batch = _to_device(collate([train_examples[i] for i in g]), acc.device)
-            step_tokens += _batch_tokens(batch)
-            sync = nullcontext() if a == len(mine) - 1 else acc.no_sync(model)
-            with sync, acc.autocast():
-                loss, m = objective(model, batch)
-                scaled = loss * (m["loss_tokens"] * world / max(n_global, 1))
-                if regularizer is not None and cfg.ewc_weight > 0:
-                    scaled = scaled + (cfg.ewc_weight / 2) * regularizer(raw) / len(mine)
-                acc.backward(scaled)
-            step_loss += torch.tensor([loss.item() * m["loss_tokens"], 0.0], dtype=torch.float64, device=acc.device)
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [_to_device(collate([train_examples[i] for i in g]), acc.device) for g in mine]
+        loss_sum, step_tokens, grad_norm = optimizer_step(model, objective, batches, n_global, optimizer, scheduler,
+                                                          cfg, acc, regularizer)
         state.step += 1
 
-        totals = acc.reduce(torch.tensor([step_loss[0].item(), float(step_tokens)], device=acc.device), "sum")
+        totals = acc.reduce(torch.tensor([loss_sum, float(step_tokens)], device=acc.device), "sum")
         state.tokens += int(totals[1])
         elapsed = time.perf_counter() - start
         tok_s = (state.tokens - start_tokens) / max(elapsed, 1e-9)
