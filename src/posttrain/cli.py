@@ -12,7 +12,8 @@ overrides: any config key as dotted key=value after the options, e.g.
 SECTIONS = {"sft": ("model, adapter, data, train, eval, ewc", "sft_lora"),
             "pretrain": ("model, adapter, data, train, eval, ewc", "pretrain"),
             "rm": ("model, adapter, aspects, data, train", "rm"),
-            "dpo": ("model, adapter, data, dpo, train, eval (incl. eval.win_rate)", "dpo")}
+            "dpo": ("model, adapter, data, dpo, train, eval (incl. eval.win_rate)", "dpo"),
+            "online-dpo": ("model, adapter, data, reward, sampling, dpo, train, eval, eval_every", "online_dpo")}
 
 
 def _add_stage(sub, name: str, help_text: str):
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "pretrain", "continued pre-training on raw text (domain adaptation)")
     _add_stage(sub, "rm", "train a reward model (Bradley-Terry on preference pairs; one head per aspect)")
     _add_stage(sub, "dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO")
+    _add_stage(sub, "online-dpo", "online DPO: sample from the policy, rank with a reward function, DPO step")
 
     p = sub.add_parser("eval", help="evaluate a model (optionally against another) on local tasks",
                        description="Evaluate one model, or two side by side (--compare), on generation tasks "
@@ -159,6 +161,10 @@ def _stage(verb: str):
         from posttrain.train.sft import SFTConfig, run_sft
 
         return SFTConfig, run_sft
+    if verb == "online-dpo":
+        from posttrain.rl.online_dpo import OnlineDPOConfig, run_online_dpo
+
+        return OnlineDPOConfig, run_online_dpo
     from posttrain.train import preference
 
     return {"rm": (preference.RMConfig, preference.run_rm), "dpo": (preference.DPOConfig, preference.run_dpo)}[verb]
@@ -174,8 +180,11 @@ def cmd_stage(args) -> int:
     if args.print_config:
         from posttrain.config import dump_config
 
-        if not args.config and not any(o.startswith("data.train=") for o in overrides):
-            overrides.append("data.train=TRAIN.jsonl")  # show the defaults without a data file
+        placeholders = (["data.prompts=PROMPTS.jsonl", "reward.type=verifier"] if args.verb == "online-dpo"
+                        else ["data.train=TRAIN.jsonl"])  # show the defaults without a data file
+        if not args.config:
+            given = {o.split("=", 1)[0] for o in overrides}
+            overrides += [p for p in placeholders if p.split("=", 1)[0] not in given]
         print(dump_config(build_config(config_cls, args.config, overrides)), end="")
         return 0
     cfg = build_config(config_cls, args.config, overrides)
@@ -335,7 +344,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
+COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "online-dpo": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
             "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data, "sam": cmd_sam}
 
 

@@ -72,3 +72,14 @@ def test_write_json_atomic_roundtrip_and_failure_keeps_old(tmp_path):
         write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text(encoding="utf-8"))["a"] == {"b": 1.5}
     assert os.listdir(path.parent) == ["results.json"]
+
+
+def test_metric_curves_plot_the_keys_rows_have(tmp_path):
+    from posttrain.eval.report import metric_curves
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": i, "reward": i / 10, "kl": 0.01 * i}) + "\n" for i in range(1, 6)))
+    png = metric_curves(path, tmp_path / "rl.png", ["reward", "kl", "missing"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no rows with any of"):
+        metric_curves(path, tmp_path / "none.png", ["missing"])

@@ -139,3 +139,24 @@ def loss_curve(metrics_jsonl_path: str | os.PathLike, png_path: str | os.PathLik
     ax.legend()
     ax.set_title(title or Path(metrics_jsonl_path).parent.name or "loss")
     return atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def metric_curves(metrics_jsonl_path: str | os.PathLike, png_path: str | os.PathLike, keys: list[str],
+                  title: str | None = None) -> Path:
+    """One panel per metric vs step (RL runs: reward, KL, length...); keys no row has are left out."""
+    from matplotlib.figure import Figure
+
+    rows = [row for _, row in read_jsonl(Path(metrics_jsonl_path))]
+    series = {k: [(r["step"], float(r[k])) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        raise ValueError(f"{metrics_jsonl_path}: no rows with any of {keys} to plot")
+    fig = Figure(figsize=(4.2 * len(series), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(series), squeeze=False)[0]
+    for ax, (key, points) in zip(axes, series.items()):
+        ax.plot(*zip(*points), color="C0", linewidth=1.2, marker="." if len(points) < 40 else None)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or Path(metrics_jsonl_path).parent.name)
+    return atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))

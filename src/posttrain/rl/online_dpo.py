@@ -1,0 +1,206 @@
+"""Online DPO: sample from the current policy, rank with a reward function, take a DPO step.
+
+Each step: take `prompts_per_step` prompts, sample `samples_per_prompt` completions
+for each from the policy being trained (the generation engine), score them with a
+`RewardFunction` (a reward model, a verifier, or a multi-expert mixture), pair the
+best against the worst of each prompt (prompts whose samples all score the same
+carry no preference and are skipped), and update with the DPO objective through
+the loop's `optimizer_step`. The judged reward of the fresh samples is logged per
+step, so the curve shows the policy improving on its own samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from posttrain.adapters import AdapterConfig
+from posttrain.config import Strict, TrainConfig
+from posttrain.train.preference import DPOSettings
+from posttrain.train.sft import EvalConfig, ModelConfig
+
+
+class OnlineDataConfig(Strict):
+    prompts: str = Field(..., description="prompt records (prompt, optional answer for verifiers, tags)")
+    max_prompt_length: int = Field(256, gt=8)
+
+
+class SamplingConfig(Strict):
+    samples_per_prompt: int = Field(4, ge=2)
+    prompts_per_step: int = Field(8, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+
+
+class OnlineTrainConfig(TrainConfig):
+    """The loop's optimizer settings; `max_steps` = number of sample-rank-update rounds."""
+
+    max_steps: int = Field(20, gt=0)
+    packing: bool = False
+    lr: float = Field(5e-5, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+
+
+class OnlineDPOConfig(Strict):
+    stage: Literal["online_dpo"] = "online_dpo"
+    output_dir: str = "runs/online_dpo"
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: OnlineDataConfig
+    reward: dict[str, Any] = Field(..., description="a reward function config (see rl/rewards.py build_reward)")
+    sampling: SamplingConfig = SamplingConfig()
+    dpo: DPOSettings = DPOSettings()
+    train: OnlineTrainConfig = OnlineTrainConfig()
+    eval: EvalConfig = EvalConfig()
+    eval_every: int | None = Field(None, gt=0, description="steps between task evaluations")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OnlineDPOConfig":
+        from posttrain.rl.rewards import parse_reward_config
+
+        parse_reward_config(self.reward, source="reward")  # fail at load time, naming the field
+        if self.dpo.reference_model or self.dpo.reference == "precompute":
+            raise ValueError("dpo.reference: online pairs are new every step; use auto, adapters_off or copy")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: each step's fresh pairs form one batch; leave it at 1")
+        return self
+
+
+def best_worst_pairs(prompts: list, records: list[dict], completions: list[list[str]],
+                     scores: torch.Tensor) -> list[dict]:
+    """One preference record per prompt: its best-scored sample over its worst (ties: none)."""
+    pairs = []
+    k = len(completions[0]) if completions else 0
+    for i, (prompt, record) in enumerate(zip(prompts, records)):
+        s = scores[i * k:(i + 1) * k]
+        hi, lo = int(s.argmax()), int(s.argmin())
+        if s[hi] > s[lo]:
+            pairs.append({"prompt": prompt, "chosen": completions[i][hi], "rejected": completions[i][lo],
+                          "chosen_reward": float(s[hi]), "rejected_reward": float(s[lo]),
+                          **({"answer": record["answer"]} if "answer" in record else {})})
+    return pairs
+
+
+def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the stage end to end; returns the manifest."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from posttrain.adapters import apply_adapter, trainable_summary
+    from posttrain.data.collate import collate_pairs
+    from posttrain.data.formats import load_records
+    from posttrain.data.templates import encode_preference
+    from posttrain.eval.report import metric_curves
+    from posttrain.fileio import write_text_atomic
+    from posttrain.generate.engine import GenerationConfig, generate
+    from posttrain.models import load_model, resolve_model_path, save_model
+    from posttrain.rl.rewards import build_reward
+    from posttrain.stage import content_hash, prepare_run_dir, write_manifest
+    from posttrain.train.dpo import make_dpo_objective
+    from posttrain.train.loop import build_optimizer, lr_lambda, optimizer_step
+    from posttrain.train.sft import evaluate_all, write_reports
+
+    if resume:
+        raise ValueError("online DPO has no checkpoints to resume from yet; rerun with --overwrite")
+    started = time.time()
+    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=overwrite)
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    records = load_records(cfg.data.prompts, kind="prompt").records
+    reward_fn = build_reward(cfg.reward, tokenizer=tokenizer)
+    before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
+
+    peft = cfg.adapter.method not in ("full", "freeze", "bottleneck")
+    reference = None
+    if cfg.dpo.loss != "simpo" and (cfg.dpo.reference == "copy" or not peft):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model = apply_adapter(model, cfg.adapter, tokenizer)
+    summary = trainable_summary(model)
+    print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
+    objective = make_dpo_objective(cfg.dpo.loss, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
+                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.train.max_steps))
+    model, optimizer = acc.prepare(model, optimizer)
+    raw = acc.unwrap_model(model)
+
+    s = cfg.sampling
+    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                           top_k=s.top_k, chat=True)
+    order = list(range(len(records)))
+    rng = random.Random(cfg.train.seed)
+    rng.shuffle(order)
+    cursor, history = 0, []
+    metrics_path = run_dir / "metrics.jsonl"
+    lines: list[str] = []
+    bar = tqdm(range(cfg.train.max_steps), desc="online dpo", disable=not cfg.train.progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        batch_records = []
+        for _ in range(s.prompts_per_step):
+            if cursor == len(order):
+                rng.shuffle(order)
+                cursor = 0
+            batch_records.append(records[order[cursor]])
+            cursor += 1
+        prompts = [r["prompt"] for r in batch_records]
+        flat_prompts = [p for p in prompts for _ in range(s.samples_per_prompt)]
+        flat_records = [r for r in batch_records for _ in range(s.samples_per_prompt)]
+        gen.seed = cfg.train.seed * 100_003 + step
+        out = generate(raw, tokenizer, flat_prompts, gen)
+        judged = reward_fn(flat_prompts, out.texts, flat_records)
+        completions = [out.texts[i * s.samples_per_prompt:(i + 1) * s.samples_per_prompt] for i in range(len(prompts))]
+        pairs = best_worst_pairs(prompts, batch_records, completions, judged.scores)
+        t_sample = time.perf_counter() - t0
+        examples = [e for e in (encode_preference(tokenizer, {k: p[k] for k in ("prompt", "chosen", "rejected")},
+                                                  max_length=cfg.data.max_prompt_length + s.max_new_tokens + 8)
+                                for p in pairs) if e is not None]
+        row: dict[str, Any] = {"step": step + 1, "reward": judged.scores.mean().item(),
+                               "reward_best": judged.scores.view(len(prompts), -1).max(1).values.mean().item(),
+                               "pairs": len(examples), "sample_s": round(t_sample, 2)}
+        for name, part in judged.parts.items():
+            if not name.startswith("weight/"):
+                row[f"reward/{name}"] = part.float().mean().item()
+        if examples:
+            model.train()
+            batch = {k: v.to(acc.device) for k, v in collate_pairs(examples, tokenizer.pad_token_id).items()}
+            loss_sum, _, grad_norm = optimizer_step(model, objective, [batch], len(examples), optimizer, scheduler,
+                                                    cfg.train, acc)
+            row.update({"loss": loss_sum / len(examples), "lr": scheduler.get_last_lr()[0]})
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+        else:
+            scheduler.step()  # the schedule counts rounds, with or without an update
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and cfg.eval.tasks:
+            row.update({f"eval/{k}": v for k, v in evaluate_all(raw, tokenizer, cfg.eval).items()})
+        row["step_s"] = round(time.perf_counter() - t0, 2)
+        history.append(row)
+        lines.append(json.dumps(row))
+        write_text_atomic(metrics_path, "\n".join(lines) + "\n")
+        bar.set_postfix(reward=f"{row['reward']:.3f}", pairs=row["pairs"])
+
+    save_model(raw, tokenizer, run_dir / "final")
+    after = evaluate_all(raw, tokenizer, cfg.eval)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    metric_curves(metrics_path, plots / "online_dpo.png", ["reward", "reward_best", "loss", "pairs"])
+    write_reports(run_dir, before, after)
+    first = sum(h["reward"] for h in history[:5]) / len(history[:5])
+    last = sum(h["reward"] for h in history[-5:]) / len(history[-5:])
+    print(f"mean judged reward of fresh samples: first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
+    outputs = {"steps": len(history), "reward_first5": first, "reward_last5": last, "eval_before": before,
+               "eval_after": after, "trainable": summary,
+               "pairs_total": sum(h["pairs"] for h in history)}
+    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)},
+              "data": {"prompts": {"path": cfg.data.prompts, "sha256": content_hash(cfg.data.prompts)}}}
+    return write_manifest(run_dir, cfg.stage, inputs, outputs, started)
