@@ -116,7 +116,8 @@ def accuracy(preds: Sequence[str], refs: Sequence[str], extract: Extract = None)
     return sum(answers_match(apply_extract(p, extract), r) for p, r in zip(preds, refs)) / len(preds)
 
 
-def _right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> right-padded (input_ids, attention_mask) on `device`."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -150,7 +151,7 @@ def sequence_nll(model, tokenizer, texts: Sequence[str], max_length: int = 512,
                 batch = [encoded[i] for i in order[start:start + batch_size]]
                 batch = [s for s in batch if len(s) >= 2]
                 if batch:
-                    ids, mask = _right_pad(batch, pad_id, device)
+                    ids, mask = right_pad(batch, pad_id, device)
                     logits = model(input_ids=ids, attention_mask=mask).logits
                     for row, seq in enumerate(batch):
                         n = len(seq) - 1

@@ -21,8 +21,8 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import Strict, TrainConfig
-from posttrain.train.preference import DPOSettings
+from posttrain.config import Strict
+from posttrain.train.preference import DPOSettings, PairTrainConfig
 from posttrain.train.sft import EvalConfig, ModelConfig
 
 
@@ -40,12 +40,10 @@ class SamplingConfig(Strict):
     top_k: int = Field(0, ge=0)
 
 
-class OnlineTrainConfig(TrainConfig):
+class OnlineTrainConfig(PairTrainConfig):
     """The loop's optimizer settings; `max_steps` = number of sample-rank-update rounds."""
 
     max_steps: int = Field(20, gt=0)
-    packing: bool = False
-    lr: float = Field(5e-5, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "constant"
 

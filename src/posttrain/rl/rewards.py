@@ -28,7 +28,7 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator, model
 from torch import Tensor, nn
 
 from posttrain.config import Strict
-from posttrain.eval.metrics import answers_match, extract_answer
+from posttrain.eval.metrics import answers_match, extract_answer, right_pad
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -320,14 +320,8 @@ class RewardModelScorer:
         self.rm.eval()
         try:
             for start in range(0, len(ids), self.batch_size):
-                chunk = ids[start:start + self.batch_size]
-                width = max(len(s) for s in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, s in enumerate(chunk):
-                    input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-                    mask[i, :len(s)] = 1
-                out.append(self.rm(input_ids.to(device), mask.to(device)).float().cpu())
+                input_ids, mask = right_pad(ids[start:start + self.batch_size], pad, device)
+                out.append(self.rm(input_ids, mask).float().cpu())
         finally:
             self.rm.train(was_training)
         return torch.cat(out) if out else torch.zeros((0, len(self.rm.aspects)))

@@ -35,6 +35,7 @@ from posttrain.train.objectives import (
     is_prompt_learning,
     is_wrapped,
     loss_position_hidden,
+    wrapper_label_logits,
 )
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
@@ -76,15 +77,8 @@ def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor
 
 def _wrapped_logps(model, batch: dict, keep: Tensor, rows: Tensor) -> Tensor:
     """completion_logps through the model's own forward (see objectives._forward_loss)."""
-    targets = batch["labels"][:, 1:]
-    inputs = model_inputs(batch)
-    if is_prompt_learning(model):
-        logits = model(**inputs).logits[:, -batch["input_ids"].shape[1] :][:, :-1]  # drop virtual tokens
-    else:
-        cols = keep.any(0).nonzero().squeeze(1)
-        logits = model(**inputs, logits_to_keep=cols).logits
-        targets, keep = targets[:, cols], keep[:, cols]
-    token_logps = -F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    logits, targets = wrapper_label_logits(model, batch)
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
     return token_logps.new_zeros(keep.shape[0]).index_add(0, rows, token_logps)
 
 

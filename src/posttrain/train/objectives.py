@@ -394,14 +394,9 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, 
     return loss, {"loss": loss.item(), "loss_tokens": n, "token_acc": correct / n}
 
 
-def _forward_loss(model, batch: dict) -> tuple[Tensor, dict]:
-    """Loss through the wrapper's own forward.
-
-    DDP/FSDP/DeepSpeed synchronise gradients from hooks set up in their forward, and
-    PEFT prompt tuning prepends virtual tokens there, so neither may be bypassed.
-    `logits_to_keep` still limits the head to positions that predict a loss token in
-    some row of the batch.
-    """
+def wrapper_label_logits(model, batch: dict) -> tuple[Tensor, Tensor]:
+    """(fp32 logits, targets) at every label position, row by row, via the model's own forward;
+    `logits_to_keep` limits the head to columns where some row has a label."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     inputs = model_inputs(batch)
@@ -411,8 +406,18 @@ def _forward_loss(model, batch: dict) -> tuple[Tensor, dict]:
         cols = keep.any(0).nonzero().squeeze(1)
         logits = model(**inputs, logits_to_keep=cols).logits
         targets, keep = targets[:, cols], keep[:, cols]
-    sel = logits[keep].float()
-    t = targets[keep]
+    return logits[keep].float(), targets[keep]
+
+
+def _forward_loss(model, batch: dict) -> tuple[Tensor, dict]:
+    """Loss through the wrapper's own forward.
+
+    DDP/FSDP/DeepSpeed synchronise gradients from hooks set up in their forward, and
+    PEFT prompt tuning prepends virtual tokens there, so neither may be bypassed.
+    `logits_to_keep` still limits the head to positions that predict a loss token in
+    some row of the batch.
+    """
+    sel, t = wrapper_label_logits(model, batch)
     n = t.numel()
     loss = F.cross_entropy(sel, t, reduction="sum") / max(n, 1)
     acc = (sel.argmax(-1) == t).float().mean().item() if n else 0.0
