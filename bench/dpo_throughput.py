@@ -50,11 +50,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, library_versions, load_average, machine_info, write_json  # noqa: E402
+from common import RESULTS_DIR, library_versions, load_average, machine_info, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILES = (REPO / "data" / "preference" / "train.jsonl", REPO / "data" / "samples" / "preference.jsonl")
-LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 BETA = 0.1
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -163,7 +163,7 @@ def run_ours(pairs: list[dict], args) -> dict:
     AcceleratorState._reset_state(reset_partial_state=True)
     with tempfile.TemporaryDirectory() as run_dir:
         t0 = time.perf_counter()
-        model, summary = train(model, objective, pairs, cfg, run_dir, pad_token_id=tokenizer.pad_token_id)
+        model, _ = train(model, objective, pairs, cfg, run_dir, pad_token_id=tokenizer.pad_token_id)
         wall = time.perf_counter() - t0
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     # the loop logs cumulative tokens and cumulative tokens/s since its start: recover step end times
@@ -376,19 +376,19 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     ours, trl, c = r["ours"], r["trl"] or {}, r["loss_check"] or {}
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    get = lambda d, k, i: (d.get(k) or [None])[i]  # noqa: E731
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    get = lambda d, k, i: (d.get(k) or [None])[i]
     lines = [
         f"{'':30}{'ours':>14}{'TRL DPOTrainer':>16}",
         f"{'pairs/s (timed steps)':30}{ours['pairs_per_s']:>14.3f}{fmt(trl.get('pairs_per_s'), '.3f'):>16}",
         f"{'tokens/s (non-pad, timed)':30}{ours['tokens_per_s']:>14.1f}{fmt(trl.get('tokens_per_s'), '.1f'):>16}",
-        f"{'timed pairs / seconds':30}{ours['timed_pairs']:>8d}{ours['timed_seconds']:>6.1f}"
-        f"{fmt(trl.get('timed_pairs'), 'd'):>10}{fmt(trl.get('timed_seconds'), '.1f'):>6}",
+        (f"{'timed pairs / seconds':30}{ours['timed_pairs']:>8d}{ours['timed_seconds']:>6.1f}"
+        f"{fmt(trl.get('timed_pairs'), 'd'):>10}{fmt(trl.get('timed_seconds'), '.1f'):>6}"),
         f"{'loss, step 1':30}{ours['losses'][0]:>14.6f}{fmt(get(trl, 'losses', 0), '.6f'):>16}",
-        f"{'logps/chosen, batch 1':30}{ours['first_batch']['logps/chosen']:>14.4f}"
-        f"{fmt((trl.get('first_batch') or {}).get('logps/chosen'), '.4f'):>16}",
-        f"{'logps/rejected, batch 1':30}{ours['first_batch']['logps/rejected']:>14.4f}"
-        f"{fmt((trl.get('first_batch') or {}).get('logps/rejected'), '.4f'):>16}",
+        (f"{'logps/chosen, batch 1':30}{ours['first_batch']['logps/chosen']:>14.4f}"
+        f"{fmt((trl.get('first_batch') or {}).get('logps/chosen'), '.4f'):>16}"),
+        (f"{'logps/rejected, batch 1':30}{ours['first_batch']['logps/rejected']:>14.4f}"
+        f"{fmt((trl.get('first_batch') or {}).get('logps/rejected'), '.4f'):>16}"),
         f"{'grad norm, step 1':30}{ours['grad_norms'][0]:>14.5f}{fmt(get(trl, 'grad_norms', 0), '.5f'):>16}",
         f"{'loss, last step':30}{ours['losses'][-1]:>14.6f}{fmt(get(trl, 'losses', -1), '.6f'):>16}",
     ]
