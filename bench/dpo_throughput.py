@@ -233,7 +233,7 @@ def run_trl(pairs: list[dict], args, *, autocast: bool = True) -> dict:
         trainer.train()
         wall = time.perf_counter() - t0
         logs = [h for h in trainer.state.log_history if "loss" in h]
-        optim = trainer.args.optim
+        optim = getattr(trainer.args.optim, "value", trainer.args.optim)
     pairs_s, n_pairs, secs = timed_rate(stamps, args.batch_size, args.warmup)
     tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"])
                  for e in pairs[args.warmup * args.batch_size : (args.warmup + args.steps) * args.batch_size])
