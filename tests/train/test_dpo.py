@@ -81,6 +81,30 @@ def test_completion_logps_equals_naive_full_logits(model):
     torch.testing.assert_close(g, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_packed_pairs_give_the_padded_logps_loss_and_gradients(model):
+    pairs = make_pairs(5)
+    padded, packed = collate_pairs(pairs, pad_token_id=0), collate_pairs(pairs, pad_token_id=0, packed=True)
+    assert packed["input_ids"].shape[0] == 1 and packed["seq_index"].max().item() == 9
+    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum())  # no padding
+    want, want_n = completion_logps(model, padded)
+    got, n = completion_logps(model, packed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert n.tolist() == want_n.tolist()
+    policy = apply_adapter(model, AdapterConfig(method="lora", r=4, alpha=8))
+    objective = make_dpo_objective("sigmoid", beta=0.1)
+    grads = []
+    for batch in (padded, packed):
+        loss, metrics = objective(policy, batch)
+        loss.backward()
+        grads.append([p.grad.clone() for p in policy.parameters() if p.requires_grad])
+        policy.zero_grad()
+        assert metrics["loss_tokens"] == 5
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="odd"):
+        objective(policy, {**packed, "seq_index": packed["seq_index"].clamp(max=8)})
+
+
 def test_completion_logps_through_the_wrapper_forward(model, monkeypatch):
     # DDP/FSDP models and prompt tuning go through model(...) with logits_to_keep / virtual tokens
     batch = collate_pairs(make_pairs(4), pad_token_id=0)
@@ -247,15 +271,16 @@ def test_full_model_needs_a_reference(model):
     assert torch.isfinite(loss) and m["loss_tokens"] == 2
 
 
-def _train_pairs(model, objective, pairs, tmp_path, epochs=3):
+def _train_pairs(model, objective, pairs, tmp_path, epochs=3, packing=False):
     """Run the project's loop on pair examples (it plans, weights and collates them as pairs)."""
-    cfg = TrainConfig(lr=2e-2, batch_size=4, packing=False, epochs=epochs, warmup_ratio=0.0, progress=False,
-                      schedule="constant")
+    cfg = TrainConfig(lr=2e-2, batch_size=4, packing=packing, max_tokens=4096, epochs=epochs, warmup_ratio=0.0,
+                      progress=False, schedule="constant")
     return loop.train(model, objective, pairs, cfg, tmp_path, pad_token_id=0)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo"])
-def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, tmp_path):
+@pytest.mark.parametrize("loss_type,packing", [("sigmoid", False), ("ipo", False), ("hinge", False),
+                                               ("simpo", False), ("sigmoid", True)])
+def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, packing, tmp_path):
     torch.manual_seed(0)  # LoRA A's init
     policy = apply_adapter(model, AdapterConfig(method="lora", r=4, alpha=8))  # B = 0: starts at the reference
     pairs = make_pairs(8)
@@ -272,7 +297,7 @@ def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, tmp_
 
     before = margin()
     first = objective(policy, batch)[1]
-    _, summary = _train_pairs(policy, objective, pairs, tmp_path)
+    _, summary = _train_pairs(policy, objective, pairs, tmp_path, packing=packing)
     after = margin()
     last = objective(policy, batch)[1]
     assert summary["steps"] == 6  # 3 epochs of 2 batches

@@ -98,7 +98,6 @@ def test_dpo_win_rate_judged_by_a_reward_model(tmp_path, tiny_dir, tokenizer):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["train.packing=true"], "preference pairs are not packed"),
     (["adapter.method=full", "dpo.reference=adapters_off"], "adapters_off needs an adapter method"),
     (["dpo.loss=simpo", "dpo.reference=copy"], "simpo is reference-free"),
     (["dpo.loss=kto"], "dpo.loss"),
@@ -106,6 +105,11 @@ def test_dpo_win_rate_judged_by_a_reward_model(tmp_path, tiny_dir, tokenizer):
 def test_bad_dpo_configs_are_refused(overrides, message, capsys):
     assert main(["dpo", "data.train=x.jsonl", *overrides]) != 0
     assert message in capsys.readouterr().err
+
+
+def test_reward_models_refuse_packed_pairs(capsys):
+    assert main(["rm", "data.train=x.jsonl", "train.packing=true"]) != 0
+    assert "reads each sequence's last token from padded rows" in capsys.readouterr().err
 
 
 def test_cli_rm_print_config_shows_the_sections(capsys):

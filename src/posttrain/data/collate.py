@@ -151,10 +151,13 @@ PAIR_FIELDS = {"margin": torch.float32, "aspect": torch.long,
                "ref_chosen_logp": torch.float32, "ref_rejected_logp": torch.float32}
 
 
-def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Preference pairs -> one right-padded batch of 2B rows: chosen 0..B-1, rejected B..2B-1.
+def collate_pairs(examples: list[dict], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Preference pairs -> one batch of 2B sequences: chosen 0..B-1, rejected B..2B-1.
 
     Both halves go through one forward (DPO's concatenated forward, one reward-model pass).
+    Right-padded rows by default; `packed=True` puts all 2B sequences in one row without
+    padding (as `collate_packed`) and adds `seq_index` [1, T], each token's sequence, so
+    per-sequence sums need no rows (DPO only: a reward model reads each row's last token).
     Per-pair fields (margin, aspect, precomputed reference log-probs) come as [B] tensors;
     a field that only some examples carry is an error rather than silently dropped.
     """
@@ -167,7 +170,12 @@ def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
             raise ValueError(f"pair example {i} has no {', '.join(missing)} (encode it with encode_preference)")
     rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
             for side in ("chosen", "rejected") for e in examples]
-    batch = collate_padded(rows, pad_token_id)
+    if packed:
+        batch = collate_packed(rows)
+        batch["seq_index"] = torch.tensor([[k for k, r in enumerate(rows) for _ in r["input_ids"]]],
+                                          dtype=torch.long)
+    else:
+        batch = collate_padded(rows, pad_token_id)
     for key, dtype in PAIR_FIELDS.items():
         has = [key in e for e in examples]
         if all(has):

@@ -43,6 +43,7 @@ class SamplingConfig(Strict):
 class OnlineTrainConfig(PairTrainConfig):
     """The loop's optimizer settings; `max_steps` = number of sample-rank-update rounds."""
 
+    packing: bool = True  # a step's pairs in one row without padding
     max_steps: int = Field(20, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "constant"
@@ -171,14 +172,13 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
                 row[f"reward/{name}"] = part.float().mean().item()
         if examples:
             model.train()
-            batch = {k: v.to(acc.device) for k, v in collate_pairs(examples, tokenizer.pad_token_id).items()}
+            collated = collate_pairs(examples, tokenizer.pad_token_id, packed=cfg.train.packing)
+            batch = {k: v.to(acc.device) for k, v in collated.items()}
             loss_sum, _, grad_norm = optimizer_step(model, objective, [batch], len(examples), optimizer, scheduler,
                                                     cfg.train, acc)
             row.update({"loss": loss_sum / len(examples), "lr": scheduler.get_last_lr()[0]})
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
-        else:
-            scheduler.step()  # the schedule counts rounds, with or without an update
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and cfg.eval.tasks:
             row.update({f"eval/{k}": v for k, v in evaluate_all(raw, tokenizer, cfg.eval).items()})
         row["step_s"] = round(time.perf_counter() - t0, 2)

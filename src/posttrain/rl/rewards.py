@@ -112,6 +112,8 @@ def reward_model_from_lm(lm: nn.Module, aspects: Sequence[str] = ("overall",), s
 
 def _pair_scores(rm: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) scores ``[B]`` of a collated pair batch, each on its pair's aspect head."""
+    if "seq_index" in batch:
+        raise ValueError("reward models score padded pair batches (each row's last token); set train.packing=false")
     scores = rm(batch["input_ids"], batch["attention_mask"]).float()
     n, heads = scores.shape
     if n % 2:

@@ -55,11 +55,16 @@ def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    rows = keep.nonzero()[:, 0]  # the row of each selected position, in the order selected below
-    counts = keep.sum(1)
+    if "seq_index" in batch:  # packed: one row, sequences told apart by seq_index
+        rows = batch["seq_index"][:, 1:][keep]
+        n_seq = int(batch["seq_index"].max()) + 1
+    else:
+        rows = keep.nonzero()[:, 0]  # the row of each selected position, in the order selected below
+        n_seq = keep.shape[0]
+    counts = torch.zeros(n_seq, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
     with _routing(model, batch), _fused_lora(model), fused_layers(model):
         if is_prompt_learning(model) or is_wrapped(model):
-            return _wrapped_logps(model, batch, keep, rows), counts
+            return _wrapped_logps(model, batch, n_seq, rows), counts
         hidden, labels = loss_position_hidden(model, batch)
     head = _unwrap(model).get_output_embeddings()
     n = labels.numel()
@@ -71,15 +76,15 @@ def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor
         else:
             parts.append(_label_logps(head, h, t))
     token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    sums = token_logps.new_zeros(keep.shape[0]).index_add(0, rows, token_logps)
+    sums = token_logps.new_zeros(n_seq).index_add(0, rows, token_logps)
     return sums, counts
 
 
-def _wrapped_logps(model, batch: dict, keep: Tensor, rows: Tensor) -> Tensor:
+def _wrapped_logps(model, batch: dict, n_seq: int, rows: Tensor) -> Tensor:
     """completion_logps through the model's own forward (see objectives._forward_loss)."""
     logits, targets = wrapper_label_logits(model, batch)
     token_logps = -F.cross_entropy(logits, targets, reduction="none")
-    return token_logps.new_zeros(keep.shape[0]).index_add(0, rows, token_logps)
+    return token_logps.new_zeros(n_seq).index_add(0, rows, token_logps)
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
@@ -166,9 +171,9 @@ def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoo
             p.requires_grad_(False)
 
     def objective(model, batch: dict) -> tuple[Tensor, dict]:
-        if batch["input_ids"].shape[0] % 2:
-            raise ValueError("a DPO batch has chosen rows then rejected rows (collate_pairs); got an odd row count")
         logps, counts = completion_logps(model, batch)
+        if logps.shape[0] % 2:
+            raise ValueError("a DPO batch has chosen sequences then rejected ones (collate_pairs); got an odd count")
         b = logps.shape[0] // 2
         ref_chosen = ref_rejected = None
         if loss_type not in REFERENCE_FREE:

@@ -59,10 +59,11 @@ def loss_tokens(example: dict) -> int:
     return sum(1 for t in example["labels"][1:] if t != IGNORE)
 
 
-def example_length(example: dict) -> int:
-    """Tokens an example adds to a padded batch (a pair: two rows of the longer side)."""
+def example_length(example: dict, packing: bool = False) -> int:
+    """Tokens an example adds to a batch (a padded pair: two rows of the longer side)."""
     if is_pair(example):
-        return 2 * max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
+        chosen, rejected = len(example["chosen_input_ids"]), len(example["rejected_input_ids"])
+        return chosen + rejected if packing else 2 * max(chosen, rejected)
     return len(example["input_ids"])
 
 
@@ -81,21 +82,23 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return f
 
 
-def _sizes(cfg: TrainConfig) -> dict:
-    """Packed rows are filled to max_tokens; padded batches hold batch_size examples."""
+def _sizes(cfg: TrainConfig, pairs: bool = False) -> dict:
+    """Packed rows are filled to max_tokens (pairs: also at most batch_size pairs per row, so a
+    step holds a known number of pairs); padded batches hold batch_size examples."""
     if cfg.packing:
-        return {"packing": True, "batch_size": None, "max_tokens": cfg.max_tokens}
+        return {"packing": True, "batch_size": cfg.batch_size if pairs else None, "max_tokens": cfg.max_tokens}
     return {"packing": False, "batch_size": cfg.batch_size, "max_tokens": None}
 
 
 def plan_steps(examples: list[dict], cfg: TrainConfig, world: int) -> list[list[list[int]]]:
     """Optimizer steps, each a list of grad_accum*world micro-batches (example indices)."""
-    lengths = [example_length(e) for e in examples]
+    lengths = [example_length(e, cfg.packing) for e in examples]
     per_step = cfg.grad_accum * world
     epochs = math.ceil(cfg.epochs)
     micro: list[list[int]] = []
     for epoch in range(epochs):
-        groups = plan_batches(lengths, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch, **_sizes(cfg))
+        groups = plan_batches(lengths, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch,
+                              **_sizes(cfg, bool(examples) and is_pair(examples[0])))
         if epoch == epochs - 1 and cfg.epochs < epochs:  # fractional last epoch
             groups = groups[: int(len(groups) * (cfg.epochs - epoch))]
         micro.extend(groups)
@@ -225,9 +228,7 @@ def _to_device(batch: dict, device) -> dict:
 
 def make_collate(packing: bool, pad_token_id: int, tasks: list[str] | None, pairs: bool = False):
     if pairs:
-        if packing:
-            raise ValueError("preference pairs are not packed: set train.packing=false")
-        return lambda exs: collate_pairs(exs, pad_token_id)
+        return lambda exs: collate_pairs(exs, pad_token_id, packed=packing)
     if packing:
         return lambda exs: collate_packed(exs, tasks=tasks)
     return lambda exs: collate_padded(exs, pad_token_id, tasks=tasks)
@@ -244,8 +245,8 @@ def evaluate_loss(model, objective: Objective, examples: list[dict], cfg: TrainC
     """Token-mean loss over `examples`, split across processes."""
     was_training = model.training
     model.eval()
-    lengths = [example_length(e) for e in examples]
-    groups = plan_batches(lengths, shuffle=False, seed=0, epoch=0, **_sizes(cfg))
+    lengths = [example_length(e, cfg.packing) for e in examples]
+    groups = plan_batches(lengths, shuffle=False, seed=0, epoch=0, **_sizes(cfg, bool(examples) and is_pair(examples[0])))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for g in groups[accelerator.process_index :: accelerator.num_processes]:
         batch = _to_device(collate([examples[i] for i in g]), accelerator.device)

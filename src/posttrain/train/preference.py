@@ -32,6 +32,14 @@ class PairTrainConfig(TrainConfig):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
 
 
+class DPOTrainConfig(PairTrainConfig):
+    """DPO packs a step's pairs into rows without padding (sequences stay separate)."""
+
+    packing: bool = True
+    batch_size: int = Field(8, gt=0, description="pairs per micro-batch (packed: at most this many per row)")
+    max_tokens: int = Field(4096, gt=0, description="tokens per packed micro-batch")
+
+
 class PairDataConfig(Strict):
     train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect)")
     eval: str | None = None
@@ -42,7 +50,8 @@ class PairDataConfig(Strict):
 
 def _pairs_train_check(train: TrainConfig) -> None:
     if train.packing:
-        raise ValueError("train.packing: preference pairs are not packed; set train.packing=false")
+        raise ValueError("train.packing: a reward model reads each sequence's last token from padded rows; "
+                         "set train.packing=false")
 
 
 # ----------------------------------------------------------------------------- data
@@ -214,12 +223,11 @@ class DPOConfig(Strict):
     adapter: AdapterConfig = AdapterConfig()
     data: PairDataConfig
     dpo: DPOSettings = DPOSettings()
-    train: PairTrainConfig = PairTrainConfig()
+    train: DPOTrainConfig = DPOTrainConfig()
     eval: DPOEvalConfig = DPOEvalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "DPOConfig":
-        _pairs_train_check(self.train)
         peft = self.adapter.method not in ("full", "freeze", "bottleneck")
         if self.dpo.reference == "adapters_off" and not peft:
             raise ValueError(f"dpo.reference: adapters_off needs an adapter method (lora, dora, ia3, prompt); "
