@@ -154,7 +154,9 @@ def run_ours(pairs: list[dict], args) -> dict:
         seen.append(metrics)
         return loss, metrics
 
-    cfg = TrainConfig(max_steps=args.warmup + args.steps, packing=False, batch_size=args.batch_size, shuffle=False,
+    # packed (our DPO default): a step's pairs in one row without padding, exactly batch_size pairs per step
+    cfg = TrainConfig(max_steps=args.warmup + args.steps, packing=not args.no_packing, max_tokens=1 << 20,
+                      batch_size=args.batch_size, shuffle=False,
                       lr=args.lr, schedule="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
                       seed=args.seed, progress=False, log_every=1)
     # accelerate keeps one process-wide state; a TRL run with bf16=True before this one left it at
@@ -177,8 +179,9 @@ def run_ours(pairs: list[dict], args) -> dict:
         "first_batch": {"logps/chosen": seen[0]["logps/chosen"], "logps/rejected": seen[0]["logps/rejected"]},
         "last_step": {k: seen[-1][k] for k in ("rewards/margin", "rewards/accuracy")},
         "lora_fingerprint": fingerprint, "params": n_params,
-        "settings": (f"load_model {args.dtype}, apply_adapter LoRA (fp32 adapter weights), loop.train(packing=False, "
-                     "shuffle=False) + make_dpo_objective('sigmoid', beta=0.1), reference = PEFT base with the "
+        "settings": (f"load_model {args.dtype}, apply_adapter LoRA (fp32 adapter weights), "
+                     f"loop.train(packing={not args.no_packing}, shuffle=False) + make_dpo_objective('sigmoid', "
+                     "beta=0.1), reference = PEFT base with the "
                      "adapter disabled; head only at completion tokens, fused LoRA/RMSNorm/rotary (bf16 only); "
                      "torch AdamW"),
     }
@@ -258,6 +261,7 @@ def run_trl(pairs: list[dict], args, *, autocast: bool = True) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per trainer")
+    p.add_argument("--no-packing", action="store_true", help="ours on padded pair batches (TRL's layout)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (2x rows per forward)")
     p.add_argument("--max-length", type=int, default=512, help="max tokens of prompt + completion, both sides")
