@@ -8,6 +8,9 @@ from posttrain.generate.engine import GenerationConfig, generate
 from posttrain.generate.native import NativeError, native_lm, unsupported_reason
 from posttrain.models import tiny_model
 
+_why = unsupported_reason(tiny_model(None, heads=2, kv_heads=1, vocab_size=64))
+pytestmark = pytest.mark.skipif(_why is not None,
+                                reason=f"native decoder cannot run on this machine: {_why}")
 needs_bf16 = pytest.mark.skipif(
     unsupported_reason(tiny_model(None, heads=2, kv_heads=1, dtype=torch.bfloat16, vocab_size=64)) is not None,
     reason="native bf16 decoder cannot run on this machine")
