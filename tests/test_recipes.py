@@ -6,7 +6,7 @@ import pytest
 
 from posttrain.config import build_config, load_yaml
 from posttrain.eval.tasks import EvalSpec
-from posttrain.train.sft import SFTConfig
+from posttrain.cli import _stage
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name != "eval.yaml")
@@ -15,15 +15,26 @@ STAGE_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name !=
 def test_there_is_a_quickstart_and_one_recipe_per_method():
     names = {p.stem for p in STAGE_RECIPES}
     assert {"quickstart", "sft_full", "sft_freeze", "sft_lora", "sft_dora", "sft_ia3", "sft_prompt",
-            "sft_bottleneck_multitask", "sft_ewc", "pretrain_domain"} <= names
+            "sft_bottleneck_multitask", "sft_ewc", "pretrain_domain", "rm", "dpo", "online_dpo"} <= names
+
+
+def _data_files(value) -> list[str]:
+    """Every .jsonl path anywhere in a dumped config (models and run dirs are made by other stages)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _data_files(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _data_files(v)]
+    return [value] if isinstance(value, str) and value.endswith(".jsonl") else []
 
 
 @pytest.mark.parametrize("recipe", STAGE_RECIPES, ids=lambda p: p.stem)
 def test_recipe_validates_and_its_files_exist(recipe):
-    cfg = build_config(SFTConfig, recipe)
-    paths = [cfg.data.train, cfg.data.eval, cfg.ewc.reference, cfg.eval.forgetting]
-    paths += [t.path for t in cfg.eval.tasks]
-    for path in filter(None, paths):
+    verb = load_yaml(recipe).get("stage", "sft").replace("_", "-")
+    config_cls, _ = _stage("sft" if verb == "pretrain" else verb)
+    cfg = build_config(config_cls, recipe)
+    paths = _data_files(cfg.model_dump())
+    assert paths, f"{recipe.name}: no data file"
+    for path in paths:
         assert (ROOT / path).is_file(), f"{recipe.name}: {path} missing"
 
 
