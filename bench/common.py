@@ -101,3 +101,20 @@ def write_json(path: str | Path, data: dict) -> Path:
     from posttrain.fileio import write_json_atomic
 
     return write_json_atomic(path, data)
+
+
+def run_context(load_before, load_after, *libraries: str) -> dict:
+    """What a results JSON records about where it ran: machine, load, OMP policy, versions."""
+    import os
+
+    return {"machine": machine_info(), "load_average_before": load_before, "load_average_after": load_after,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "versions": library_versions(*libraries)}
+
+
+def finish(result: dict, out: str | Path, quick: bool, print_table) -> dict:
+    """Print the table and, for a full run, write the results JSON."""
+    print_table(result)
+    if not quick:
+        write_json(out, result)
+        print(f"wrote {out}")
+    return result

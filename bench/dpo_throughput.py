@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, library_versions, load_average, machine_info, write_json
+from common import RESULTS_DIR, finish, load_average, run_context  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILES = (REPO / "data" / "preference" / "train.jsonl", REPO / "data" / "samples" / "preference.jsonl")
@@ -365,17 +365,9 @@ def main(argv=None) -> dict:
                    "seed": args.seed},
         "ours": ours,
         "trl": trl,
-        "machine": machine_info(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "versions": library_versions("torch", "transformers", "peft", "trl", "accelerate"),
+        **run_context(load_before, load_after, "torch", "transformers", "peft", "trl", "accelerate"),
     }
-    print_table(result)
-    if not args.quick:
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
-    return result
+    return finish(result, args.out, args.quick, print_table)
 
 
 def print_table(r: dict) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, best_matmul_peak, library_versions, load_average, machine_info, write_json  # noqa: E402
+from common import RESULTS_DIR, best_matmul_peak, finish, load_average, run_context  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "data" / "quickstart" / "train.jsonl"
@@ -318,17 +318,9 @@ def main(argv=None) -> dict:
                    "train_examples": len(train_ex), "heldout_examples": len(eval_ex)},
         "ours": {k: v for k, v in ours.items()},
         "trl": trl,
-        "machine": machine_info(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "versions": library_versions("torch", "transformers", "peft", "trl", "accelerate"),
+        **run_context(load_before, load_after, "torch", "transformers", "peft", "trl", "accelerate"),
     }
-    print_table(result)
-    if not args.quick:
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
-    return result
+    return finish(result, args.out, args.quick, print_table)
 
 
 def print_table(r: dict) -> None:
