@@ -306,3 +306,16 @@ def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, pack
     assert last["rewards/margin"] > first["rewards/margin"] and last["loss"] < first["loss"]
     if loss_type != "simpo":
         assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+
+
+def test_rpo_adds_the_chosen_token_mean_nll(model):
+    policy = apply_adapter(model, AdapterConfig(method="lora", r=4, alpha=8))
+    batch = collate_pairs(make_pairs(4), pad_token_id=0)
+    plain, m0 = make_dpo_objective("sigmoid", beta=0.1)(policy, batch)
+    rpo, m1 = make_dpo_objective("sigmoid", beta=0.1, rpo_alpha=0.5)(policy, batch)
+    logps, counts = completion_logps(policy, batch)
+    nll = -(logps[:4].sum() / counts[:4].sum())
+    torch.testing.assert_close(rpo, plain + 0.5 * nll, rtol=1e-5, atol=1e-6)
+    assert m1["nll/chosen"] == pytest.approx(nll.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        make_dpo_objective("sigmoid", rpo_alpha=-1.0)

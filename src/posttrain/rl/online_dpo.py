@@ -126,7 +126,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     summary = trainable_summary(model)
     print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
     objective = make_dpo_objective(cfg.dpo.loss, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference)
+                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference, rpo_alpha=cfg.dpo.rpo_alpha)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.train.max_steps))

@@ -154,8 +154,13 @@ def _reference_logps(model, batch: dict, reference) -> Tensor:
 
 
 def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                       simpo_gamma: float = 0.5, reference: torch.nn.Module | None = None) -> Objective:
+                       simpo_gamma: float = 0.5, reference: torch.nn.Module | None = None,
+                       rpo_alpha: float = 0.0) -> Objective:
     """objective(model, batch) -> (mean loss over pairs, metrics) for the loop.
+
+    `rpo_alpha` > 0 adds alpha x the chosen completions' token-mean NLL (RPO, as TRL's
+    `rpo_alpha`): plain DPO can widen the margin by pushing the rejected text down while the
+    chosen text gains nothing, which leaves greedy generations unchanged on templated data.
 
     Reference (not used by simpo): `reference` (a frozen model) if given; else the batch's
     precomputed ref_chosen_logp/ref_rejected_logp; else the PEFT policy with its adapters
@@ -165,6 +170,8 @@ def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoo
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0; got {beta}")
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0; got {rpo_alpha}")
     if reference is not None:
         reference.eval()
         for p in reference.parameters():
@@ -186,9 +193,13 @@ def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoo
             logps[:b], logps[b:], ref_chosen, ref_rejected, loss_type, beta, label_smoothing, simpo_gamma,
             counts[:b], counts[b:])
         loss = losses.mean()
+        nll = -logps[:b].sum() / counts[:b].sum().clamp(min=1)
+        if rpo_alpha > 0:
+            loss = loss + rpo_alpha * nll
         margin = chosen_rewards - rejected_rewards
         metrics = {
             "loss": loss.item(),
+            "nll/chosen": nll.item(),
             "loss_tokens": b,
             "rewards/chosen": chosen_rewards.mean().item(),
             "rewards/rejected": rejected_rewards.mean().item(),

@@ -197,6 +197,7 @@ class DPOSettings(Strict):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid/simpo)")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin")
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen replies' NLL added to the loss (RPO)")
     reference: Literal["auto", "adapters_off", "precompute", "copy"] = Field(
         "auto", description="auto: the base with adapters disabled for adapter methods, else log-probs "
                             "precomputed from the starting weights (no second copy in memory)")
@@ -319,7 +320,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
 
     objective = make_dpo_objective(cfg.dpo.loss, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference)
+                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference, rpo_alpha=cfg.dpo.rpo_alpha)
     model, train_summary = train(model, objective, examples, cfg.train, run_dir, pad_token_id=tokenizer.pad_token_id,
                                  eval_examples=held, resume=resume)
     save_model(model, tokenizer, run_dir / "final")
