@@ -80,6 +80,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | 
     return table[dtype]
 
 
+def base_model(model):
+    """The HF causal LM under DDP / PEFT wrappers (LoRA layers live inside its modules)."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Dequantize a GGUF into a plain, trainable safetensors HF model directory (fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -18,17 +18,15 @@ import inspect
 
 import torch
 
+from posttrain.models import base_model
+
 BACKENDS = ("auto", "native", "torch")
 PREFILL_CHUNK = 256  # rows per native prefill call: bounds the step's scratch memory
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _cache_kwarg(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache`; accept either model style."""
-    params = inspect.signature(_base(model).forward).parameters
+    params = inspect.signature(base_model(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -41,7 +39,7 @@ class TorchRows:
         self.model = model
         self.device = next(model.parameters()).device
         self.cache_kw = _cache_kwarg(model)
-        self.cache = DynamicCache(config=_base(model).config)
+        self.cache = DynamicCache(config=base_model(model).config)
         width = max(len(p) for p in prompt_ids)
         self.ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
         self.mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.models import base_model
+
 SOURCE = Path(__file__).with_name("native.c")
 CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512bf16", "-mfma"]
@@ -86,10 +88,6 @@ class _Model(ctypes.Structure):
          "bqkv", "bo", "bgu", "bdown", "kcache", "vcache", "cos", "sin")]
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def unsupported_reason(model) -> str | None:
     """Why the native decoder cannot run this model here, or None if it can."""
     if os.environ.get("POSTTRAIN_NATIVE", "1") == "0":
@@ -148,7 +146,7 @@ class NativeLM:
     """Packed weights of one model plus, after `allocate`, a KV cache of `n_seq` sequences."""
 
     def __init__(self, model):
-        base = _base(model)
+        base = base_model(model)
         cfg = base.config
         self.config = cfg
         self.signature = _signature(model)

@@ -47,8 +47,9 @@ class AuxDrafter:
 
     def __init__(self, model):
         self.model = model.eval()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.config = base.config
+        from posttrain.models import base_model
+
+        self.config = base_model(model).config
         self.device = next(model.parameters()).device
 
     def start(self, prompt: list[int]) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from posttrain.config import Strict
 from posttrain.eval.metrics import answers_match, extract_answer, right_pad
+from posttrain.models import base_model
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -36,12 +37,6 @@ META_FORMAT = "posttrain-reward-model"
 
 
 # ================================================================================ reward model
-
-
-def _base_lm(lm: nn.Module) -> nn.Module:
-    """The HF causal LM under DDP / PEFT wrappers (LoRA layers live inside its modules)."""
-    lm = getattr(lm, "module", lm)
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
@@ -75,7 +70,7 @@ class RewardModel(nn.Module):
                              "(virtual tokens) are not supported: use LoRA, full or freeze")
         self.lm = lm
         self.aspects = aspects
-        hidden = _base_lm(lm).config.hidden_size
+        hidden = base_model(lm).config.hidden_size
         self.head = nn.Linear(hidden, len(aspects))
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():  # scores start at ~unit scale: final-norm hidden states are ~unit per entry
@@ -96,7 +91,7 @@ class RewardModel(nn.Module):
         """Scores ``[N, n_heads]`` (fp32), each row read at its last non-pad token."""
         from posttrain.train.objectives import _fused_lora, fused_layers
 
-        base = _base_lm(self.lm)
+        base = base_model(self.lm)
         with _fused_lora(self.lm), fused_layers(self.lm):
             hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                         use_cache=False).last_hidden_state

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from posttrain.data.collate import collate_pairs, model_inputs
+from posttrain.data.collate import collate_pairs
+from posttrain.models import base_model
 from posttrain.train.objectives import (
     IGNORE,
     Objective,
     _fused_lora,
     _routing,
-    _unwrap,
     fused_layers,
     is_prompt_learning,
     is_wrapped,
@@ -66,7 +66,7 @@ def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor
         if is_prompt_learning(model) or is_wrapped(model):
             return _wrapped_logps(model, batch, n_seq, rows), counts
         hidden, labels = loss_position_hidden(model, batch)
-    head = _unwrap(model).get_output_embeddings()
+    head = base_model(model).get_output_embeddings()
     n = labels.numel()
     parts = []
     for i in range(0, n, chunk_size):

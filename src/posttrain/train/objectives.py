@@ -16,17 +16,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.data.collate import model_inputs
+from posttrain.models import base_model
 
 Objective = Callable[[torch.nn.Module, dict], tuple[Tensor, dict]]
 IGNORE = -100
-
-
-def _unwrap(model):
-    """The HF causal LM under PEFT / DDP wrappers (LoRA layers live inside its modules)."""
-    model = getattr(model, "module", model)  # DDP
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
 
 
 def is_prompt_learning(model) -> bool:
@@ -199,7 +192,7 @@ def _fused_lora(model):
 
     Off under activation checkpointing: a recomputed forward runs after the block is left.
     """
-    if _checkpointing(_unwrap(model)):
+    if _checkpointing(base_model(model)):
         return nullcontext()
     from posttrain.adapters import fused_lora
 
@@ -314,7 +307,7 @@ def fused_layers(model) -> Iterator[None]:
     checkpointing: a recomputed forward would run after the block is left.
     """
     global _llama_rotary
-    base = _unwrap(model)
+    base = base_model(model)
     if _checkpointing(base):
         yield
         return
@@ -357,7 +350,7 @@ def loss_position_hidden(model, batch) -> tuple[Tensor, Tensor]:
     every position costs more than the layers for short prompts with short answers.
     Packed rows need `use_cache=False` (model_inputs) for transformers' block mask.
     """
-    base = _unwrap(model)
+    base = base_model(model)
     with packed_attention(base, batch) as extra:
         hidden = base.get_decoder()(**model_inputs(batch), **extra).last_hidden_state
     targets = batch["labels"][:, 1:]
@@ -379,7 +372,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, 
     if n == 0:
         zero = hidden.sum() * 0.0
         return zero, {"loss": 0.0, "loss_tokens": 0, "token_acc": 0.0}
-    head = _unwrap(model).get_output_embeddings()
+    head = base_model(model).get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
     for i in range(0, n, chunk_size):
