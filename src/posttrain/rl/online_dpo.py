@@ -12,7 +12,6 @@ step, so the curve shows the policy improving on its own samples.
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from typing import Any, Literal
@@ -22,7 +21,7 @@ from pydantic import Field, model_validator
 
 from posttrain.adapters import AdapterConfig
 from posttrain.config import Strict
-from posttrain.train.preference import DPOSettings, PairTrainConfig
+from posttrain.train.preference import DPOSettings, PairTrainConfig, disables_to_base
 from posttrain.train.sft import EvalConfig, ModelConfig
 
 
@@ -99,13 +98,11 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     from posttrain.data.formats import load_records
     from posttrain.data.templates import encode_preference
     from posttrain.eval.report import metric_curves
-    from posttrain.fileio import write_text_atomic
     from posttrain.generate.engine import GenerationConfig, generate
     from posttrain.models import load_model, resolve_model_path, save_model
     from posttrain.rl.rewards import build_reward
     from posttrain.stage import content_hash, prepare_run_dir, write_manifest
-    from posttrain.train.dpo import make_dpo_objective
-    from posttrain.train.loop import build_optimizer, lr_lambda, optimizer_step
+    from posttrain.train.loop import MetricsLog, build_optimizer, lr_lambda, optimizer_step
     from posttrain.train.sft import evaluate_all, write_reports
 
     if resume:
@@ -118,15 +115,13 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     reward_fn = build_reward(cfg.reward, tokenizer=tokenizer)
     before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
 
-    peft = cfg.adapter.method not in ("full", "freeze", "bottleneck")
     reference = None
-    if cfg.dpo.loss != "simpo" and (cfg.dpo.reference == "copy" or not peft):
+    if cfg.dpo.loss != "simpo" and (cfg.dpo.reference == "copy" or not disables_to_base(cfg.adapter)):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)
     print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
-    objective = make_dpo_objective(cfg.dpo.loss, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference, rpo_alpha=cfg.dpo.rpo_alpha)
+    objective = cfg.dpo.objective(reference)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.train.max_steps))
@@ -140,8 +135,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     rng = random.Random(cfg.train.seed)
     rng.shuffle(order)
     cursor, history = 0, []
-    metrics_path = run_dir / "metrics.jsonl"
-    lines: list[str] = []
+    log = MetricsLog(run_dir, None, enabled=True)  # metrics.jsonl + TensorBoard, as the offline loop
     bar = tqdm(range(cfg.train.max_steps), desc="online dpo", disable=not cfg.train.progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
@@ -183,15 +177,15 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
             row.update({f"eval/{k}": v for k, v in evaluate_all(raw, tokenizer, cfg.eval).items()})
         row["step_s"] = round(time.perf_counter() - t0, 2)
         history.append(row)
-        lines.append(json.dumps(row))
-        write_text_atomic(metrics_path, "\n".join(lines) + "\n")
+        log.write(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", pairs=row["pairs"])
 
+    log.close()
     save_model(raw, tokenizer, run_dir / "final")
     after = evaluate_all(raw, tokenizer, cfg.eval)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    metric_curves(metrics_path, plots / "online_dpo.png", ["reward", "reward_best", "loss", "pairs"])
+    metric_curves(log.path, plots / "online_dpo.png", ["reward", "reward_best", "loss", "pairs"])
     write_reports(run_dir, before, after)
     first = sum(h["reward"] for h in history[:5]) / len(history[:5])
     last = sum(h["reward"] for h in history[-5:]) / len(history[-5:])

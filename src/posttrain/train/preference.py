@@ -191,6 +191,12 @@ def run_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> dict
 # ----------------------------------------------------------------------------- DPO
 
 
+def disables_to_base(adapter: AdapterConfig) -> bool:
+    """PEFT methods: with the adapters disabled the policy is its starting model, a reference
+    that costs no second copy."""
+    return adapter.method not in ("full", "freeze", "bottleneck")
+
+
 class DPOSettings(Strict):
     loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
@@ -201,6 +207,13 @@ class DPOSettings(Strict):
         "auto", description="auto: the base with adapters disabled for adapter methods, else log-probs "
                             "precomputed from the starting weights (no second copy in memory)")
     reference_model: str | None = Field(None, description="a different model as the frozen reference")
+
+    def objective(self, reference=None):
+        """The loop objective these settings describe (`reference`: a frozen model, if one is used)."""
+        from posttrain.train.dpo import make_dpo_objective
+
+        return make_dpo_objective(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
+                                  simpo_gamma=self.simpo_gamma, reference=reference, rpo_alpha=self.rpo_alpha)
 
 
 class WinRateConfig(Strict):
@@ -228,8 +241,7 @@ class DPOConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DPOConfig":
-        peft = self.adapter.method not in ("full", "freeze", "bottleneck")
-        if self.dpo.reference == "adapters_off" and not peft:
+        if self.dpo.reference == "adapters_off" and not disables_to_base(self.adapter):
             raise ValueError(f"dpo.reference: adapters_off needs an adapter method (lora, dora, ia3, prompt); "
                              f"adapter.method is {self.adapter.method}")
         if self.dpo.reference_model and self.dpo.reference not in ("auto", "copy"):
@@ -272,7 +284,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     from posttrain.adapters import apply_adapter, trainable_summary
     from posttrain.models import load_model, save_model
     from posttrain.stage import prepare_run_dir, write_json_atomic, write_manifest
-    from posttrain.train.dpo import make_dpo_objective, precompute_reference_logps
+    from posttrain.train.dpo import precompute_reference_logps
     from posttrain.train.loop import train
     from posttrain.train.sft import evaluate_all, write_reports
 
@@ -297,14 +309,13 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
 
     reference = None
     mode = cfg.dpo.reference
-    peft = cfg.adapter.method not in ("full", "freeze", "bottleneck")
     if cfg.dpo.loss != "simpo":
         if cfg.dpo.reference_model:
             reference, _ = load_model(cfg.dpo.reference_model, dtype=cfg.model.dtype)
         elif mode == "copy":
             reference = copy.deepcopy(model)
         elif mode == "auto":
-            mode = "adapters_off" if peft else "precompute"
+            mode = "adapters_off" if disables_to_base(cfg.adapter) else "precompute"
         if reference is not None:
             reference.eval().requires_grad_(False)
         if mode == "precompute" and reference is None:
@@ -318,8 +329,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     summary = trainable_summary(model)
     print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
 
-    objective = make_dpo_objective(cfg.dpo.loss, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                                   simpo_gamma=cfg.dpo.simpo_gamma, reference=reference, rpo_alpha=cfg.dpo.rpo_alpha)
+    objective = cfg.dpo.objective(reference)
     model, train_summary = train(model, objective, examples, cfg.train, run_dir, pad_token_id=tokenizer.pad_token_id,
                                  eval_examples=held, resume=resume)
     save_model(model, tokenizer, run_dir / "final")
