@@ -120,7 +120,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)
-    print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
+    print(summary["line"])
     objective = cfg.dpo.objective(reference)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     optimizer = build_optimizer(model, cfg.train)

@@ -170,7 +170,7 @@ def run_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> dict
     lm = apply_adapter(lm, cfg.adapter, tokenizer)
     rm = RewardModel(lm, cfg.aspects, seed=cfg.train.seed)  # its head always trains
     summary = trainable_summary(rm)
-    print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
+    print(summary["line"])
     pad = tokenizer.pad_token_id
     before = pair_accuracy(rm, held, pad) if held else {}
     rm, train_summary = train(rm, bradley_terry_loss, examples, cfg.train, run_dir, pad_token_id=pad,
@@ -327,7 +327,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
                   f"in {time.time() - t:.1f} s")
     model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)
-    print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
+    print(summary["line"])
 
     objective = cfg.dpo.objective(reference)
     model, train_summary = train(model, objective, examples, cfg.train, run_dir, pad_token_id=tokenizer.pad_token_id,

@@ -133,7 +133,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> di
         write_json_atomic(before_path, before)
     model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)
-    print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} ({summary['percent']:.3f}%)")
+    print(summary["line"])
 
     objective = get_objective(cfg.stage)
     regularizer = None
