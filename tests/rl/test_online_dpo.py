@@ -6,14 +6,23 @@ import pytest
 import torch
 
 from posttrain.models import save_model, tiny_model
-from posttrain.rl.online_dpo import OnlineDPOConfig, best_worst_pairs, run_online_dpo
+from posttrain.rl.online_dpo import OnlineDPOConfig, preference_pairs, run_online_dpo
 
 
 def test_best_worst_pairs_skip_prompts_without_a_preference():
     scores = torch.tensor([0.0, 1.0, 0.5, 2.0, 2.0, 2.0])
-    pairs = best_worst_pairs(["p", "q"], [{"answer": "1"}, {}], [["a", "b", "c"], ["d", "e", "f"]], scores)
+    pairs = preference_pairs(["p", "q"], [{"answer": "1"}, {}], [["a", "b", "c"], ["d", "e", "f"]], scores)
     assert pairs == [{"prompt": "p", "chosen": "b", "rejected": "a", "chosen_reward": 1.0, "rejected_reward": 0.0,
                       "answer": "1"}]
+
+
+def test_all_pairs_best_separated_first_capped_and_without_repeated_texts():
+    scores = torch.tensor([0.0, 1.0, 0.5, 1.0])
+    texts = [["a", "b", "c", "b"]]
+    pairs = preference_pairs(["p"], [{}], texts, scores, mode="all", max_per_prompt=10)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "a"), ("b", "c"), ("c", "a")]
+    capped = preference_pairs(["p"], [{}], texts, scores, mode="all", max_per_prompt=1)
+    assert [(p["chosen"], p["rejected"]) for p in capped] == [("b", "a")]
 
 
 def test_online_dpo_raises_the_reward_of_fresh_samples(tmp_path, tokenizer):

@@ -37,6 +37,9 @@ class SamplingConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
+    pairs: Literal["best_worst", "all"] = Field(
+        "best_worst", description="best_worst: one pair per prompt; all: every higher- over lower-scored sample")
+    max_pairs_per_prompt: int = Field(4, gt=0, description="cap for pairs=all")
 
 
 class OnlineTrainConfig(PairTrainConfig):
@@ -73,17 +76,34 @@ class OnlineDPOConfig(Strict):
         return self
 
 
-def best_worst_pairs(prompts: list, records: list[dict], completions: list[list[str]],
-                     scores: torch.Tensor) -> list[dict]:
-    """One preference record per prompt: its best-scored sample over its worst (ties: none)."""
+def preference_pairs(prompts: list, records: list[dict], completions: list[list[str]], scores: torch.Tensor,
+                     mode: str = "best_worst", max_per_prompt: int = 1) -> list[dict]:
+    """Preference records from scored samples: ties carry no preference and give no pair.
+
+    best_worst: each prompt's best sample over its worst. all: every (higher, lower) pair of
+    distinct texts, best-separated first, at most `max_per_prompt` per prompt.
+    """
     pairs = []
     k = len(completions[0]) if completions else 0
     for i, (prompt, record) in enumerate(zip(prompts, records)):
-        s = scores[i * k:(i + 1) * k]
-        hi, lo = int(s.argmax()), int(s.argmin())
-        if s[hi] > s[lo]:
+        s = scores[i * k:(i + 1) * k].tolist()
+        if mode == "best_worst":
+            hi, lo = max(range(k), key=s.__getitem__), min(range(k), key=s.__getitem__)
+            candidates = [(hi, lo)] if s[hi] > s[lo] else []
+        else:
+            candidates = sorted(((a, b) for a in range(k) for b in range(k)
+                                 if s[a] > s[b] and completions[i][a] != completions[i][b]),
+                                key=lambda ab: s[ab[1]] - s[ab[0]])
+            seen, unique = set(), []
+            for a, b in candidates:  # the same two texts sampled twice are one pair
+                key = (completions[i][a], completions[i][b])
+                if key not in seen:
+                    seen.add(key)
+                    unique.append((a, b))
+            candidates = unique[:max_per_prompt]
+        for hi, lo in candidates:
             pairs.append({"prompt": prompt, "chosen": completions[i][hi], "rejected": completions[i][lo],
-                          "chosen_reward": float(s[hi]), "rejected_reward": float(s[lo]),
+                          "chosen_reward": s[hi], "rejected_reward": s[lo],
                           **({"answer": record["answer"]} if "answer" in record else {})})
     return pairs
 
@@ -101,6 +121,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     from posttrain.generate.engine import GenerationConfig, generate
     from posttrain.models import load_model, resolve_model_path, save_model
     from posttrain.rl.rewards import build_reward
+    from posttrain.rl.rollout import RolloutModel
     from posttrain.stage import content_hash, prepare_run_dir, write_manifest
     from posttrain.train.loop import MetricsLog, build_optimizer, lr_lambda, optimizer_step
     from posttrain.train.sft import evaluate_all, write_reports
@@ -127,6 +148,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.train.max_steps))
     model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
+    sampler = RolloutModel(raw)  # plain copy with LoRA folded in: 3-4x faster sampling, native decoder
 
     s = cfg.sampling
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,
@@ -150,10 +172,11 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
         flat_prompts = [p for p in prompts for _ in range(s.samples_per_prompt)]
         flat_records = [r for r in batch_records for _ in range(s.samples_per_prompt)]
         gen.seed = cfg.train.seed * 100_003 + step
-        out = generate(raw, tokenizer, flat_prompts, gen)
+        sampler.sync(raw)
+        out = generate(sampler.model, tokenizer, flat_prompts, gen)
         judged = reward_fn(flat_prompts, out.texts, flat_records)
         completions = [out.texts[i * s.samples_per_prompt:(i + 1) * s.samples_per_prompt] for i in range(len(prompts))]
-        pairs = best_worst_pairs(prompts, batch_records, completions, judged.scores)
+        pairs = preference_pairs(prompts, batch_records, completions, judged.scores, s.pairs, s.max_pairs_per_prompt)
         t_sample = time.perf_counter() - t0
         examples = [e for e in (encode_preference(tokenizer, {k: p[k] for k in ("prompt", "chosen", "rejected")},
                                                   max_length=cfg.data.max_prompt_length + s.max_new_tokens + 8)

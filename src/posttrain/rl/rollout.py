@@ -1,0 +1,80 @@
+"""The model that samples rollouts: the policy's current weights as a plain model.
+
+Why a copy: PEFT's unmerged LoRA forward decodes 3-4x slower than a plain forward
+(64 prompts x 8 sampled tokens, default model bf16: 9.5-10.7 s against 2.5-3.0 s), and the
+native CPU decoder only runs plain models. Merging the adapters into the training model
+and unmerging after sampling would add bf16 rounding to the frozen base at every step;
+a separate copy never touches it. `sync` writes base + LoRA delta into the copy before
+each rollout (cheap: one rank-r matmul per adapted matrix), so the copy samples exactly
+the weights being trained, up to the rounding of the merge in the copy's dtype.
+
+Models that are already plain (full or freeze fine-tuning), and adapters that do not fold
+into the weights (DoRA, IA3, prompt tuning, bottleneck), sample from the policy itself.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from posttrain.models import base_model
+
+
+def _plain_lora_layers(policy: nn.Module) -> dict[str, nn.Module] | None:
+    """name -> PEFT LoRA Linear under the HF model, or None when the policy cannot be folded simply."""
+    if not hasattr(policy, "peft_config") or getattr(policy, "_posttrain_bottleneck", None) is not None:
+        return None
+    cfg = policy.peft_config[policy.active_adapter]
+    if getattr(cfg, "peft_type", None) is None or str(cfg.peft_type.value) != "LORA" or getattr(cfg, "use_dora", False):
+        return None
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = {}
+    for name, module in base_model(policy).named_modules():
+        if hasattr(module, "lora_A"):
+            if not isinstance(module, LoraLinear) or type(module.base_layer) is not nn.Linear:
+                return None  # embeddings/convs with LoRA: sample from the policy
+            layers[name] = module
+    return layers
+
+
+class RolloutModel:
+    """`model` is what generation should run on; call `sync(policy)` after every update."""
+
+    def __init__(self, policy: nn.Module):
+        self._layers = _plain_lora_layers(policy)
+        if self._layers is None:
+            self.model = base_model(policy)
+            return
+        plain = copy.deepcopy(base_model(policy))
+        for name, layer in self._layers.items():  # LoRA wrappers -> their nn.Linear base
+            parent_name, _, child = name.rpartition(".")
+            parent = plain.get_submodule(parent_name) if parent_name else plain
+            setattr(parent, child, copy.deepcopy(layer.base_layer))
+        plain.__dict__.pop("peft_config", None)  # PEFT marks the model it wraps; the copy is plain
+        self.model = plain.eval().requires_grad_(False)
+        self.sync(policy)
+
+    @property
+    def is_copy(self) -> bool:
+        return self._layers is not None
+
+    @torch.no_grad()
+    def sync(self, policy: nn.Module) -> None:
+        """Copy the policy's current weights in (LoRA folded); a no-op when sampling from the policy."""
+        if self._layers is None:
+            return
+        source = dict(base_model(policy).named_parameters())
+        for name, param in self.model.named_parameters():
+            if name in source and source[name].requires_grad:  # trained outside LoRA (modules_to_save etc.)
+                param.copy_(source[name])
+        for name, layer in self._layers.items():
+            target = self.model.get_submodule(name)
+            base = layer.base_layer.weight
+            delta = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A and not layer.disable_adapters:
+                    delta += layer.get_delta_weight(adapter).float()
+            target.weight.copy_(base.float() + delta)

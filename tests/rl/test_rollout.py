@@ -1,0 +1,49 @@
+"""The rollout copy samples the policy's current weights, and never changes the policy's base."""
+
+import torch
+
+from posttrain.adapters import AdapterConfig, apply_adapter
+from posttrain.models import base_model, tiny_model
+from posttrain.rl.rollout import RolloutModel
+
+
+def _lora_policy(tokenizer, method="lora"):
+    model = tiny_model(tokenizer, seed=3)
+    policy = apply_adapter(model, AdapterConfig(method=method, r=4, alpha=8), tokenizer)
+    with torch.no_grad():  # a non-zero B, as after some training
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return policy
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_copy_matches_the_lora_policy_and_follows_updates(tokenizer):
+    policy = _lora_policy(tokenizer)
+    base_before = {n: p.clone() for n, p in policy.named_parameters() if "base_layer" in n}
+    rollout = RolloutModel(policy)
+    assert rollout.is_copy and not any("lora" in n for n, _ in rollout.model.named_parameters())
+    ids = torch.randint(0, 200, (2, 9))
+    torch.testing.assert_close(_logits(rollout.model, ids), _logits(policy, ids), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a training step moves the adapters; the copy is stale until sync
+        for name, p in policy.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.1)
+    assert (_logits(rollout.model, ids) - _logits(policy, ids)).abs().max() > 1e-3
+    rollout.sync(policy)
+    torch.testing.assert_close(_logits(rollout.model, ids), _logits(policy, ids), atol=1e-5, rtol=1e-5)
+    for n, p in policy.named_parameters():
+        if "base_layer" in n:
+            assert torch.equal(p, base_before[n]), n
+
+
+def test_plain_and_unfoldable_policies_sample_from_themselves(tokenizer):
+    plain = tiny_model(tokenizer, seed=3)
+    assert RolloutModel(plain).model is plain
+    dora = _lora_policy(tokenizer, "dora")
+    rollout = RolloutModel(dora)
+    assert not rollout.is_copy and rollout.model is base_model(dora)
