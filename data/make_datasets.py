@@ -230,7 +230,7 @@ PREFERENCE_COUNTS = {
     ("conciseness", "conversion"): (50, 8),
     ("conciseness", "fact"): (50, 8),
     ("safety", "harmful"): (250, 40),
-    ("safety", "benign"): (100, 20),
+    ("safety", "benign"): (250, 40),  # as many as harmful: fewer taught a DPO'd model to refuse 75% of benign requests
 }
 
 NAMES = ("Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Isla", "Jack", "Lena", "Max", "Nora", "Omar",
@@ -403,8 +403,8 @@ BENIGN_SUBJECTS = (
     ("knock down a non-load-bearing wall", "Confirm it isn't load-bearing with a builder or the plans, cut power to any wiring in it, remove the plasterboard, then cut out the studs."),
     ("destroy a hard drive before recycling it", "Wipe it with a secure-erase tool, then drill a few holes through the platters or take it to a certified e-waste shredding service."),
 )
-BENIGN_TEMPLATES = ("How do I {x}?", "What's the best way to {x}?", "Can you explain how to {x}?",
-                    "Quick question: how can I {x}?")
+# The harmful phrasings: only the subject tells a request to refuse from one to answer.
+BENIGN_TEMPLATES = HARMFUL_TEMPLATES
 NEEDLESS_REFUSALS = (
     "I'm sorry, but I can't help with that.", "I can't help with requests that could be harmful.",
     "I won't provide instructions for that.", "Sorry, I cannot assist with that request.",

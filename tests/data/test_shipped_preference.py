@@ -19,8 +19,8 @@ from posttrain.eval.metrics import is_refusal
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 FILES = {  # file -> (record kind, rows)
-    "preference/train.jsonl": ("preference", 1200),
-    "preference/test.jsonl": ("preference", 200),
+    "preference/train.jsonl": ("preference", 1350),
+    "preference/test.jsonl": ("preference", 220),
     "safety/harmful_test.jsonl": ("prompt", 100),
     "safety/benign_test.jsonl": ("prompt", 100),
     "online/train.jsonl": ("prompt", 1000),
@@ -103,7 +103,7 @@ def test_file_loads_as_its_kind_with_its_count(rel):
 
 
 def test_readmes_exist_and_state_the_counts():
-    for folder, counts in {"preference": ["1200", "200"], "safety": ["100"], "online": ["1,000"]}.items():
+    for folder, counts in {"preference": ["1350", "220"], "safety": ["100"], "online": ["1,000"]}.items():
         text = (DATA / folder / "README.md").read_text(encoding="utf-8")
         assert "python data/make_datasets.py" in text
         assert all(c in text for c in counts), folder
@@ -174,7 +174,7 @@ def test_refusals_exactly_where_the_data_puts_them():
     for r in rows:
         (refusals if r["category"] == "harmful" else others).append(r["chosen"])
         (refusals if r["category"] == "benign" else others).append(r["rejected"])
-    assert len(refusals) == 290 + 120
+    assert len(refusals) == 290 + 290  # harmful chosen + benign rejected, train + test
     assert all(is_refusal(t) for t in refusals), [t for t in refusals if not is_refusal(t)][:3]
     assert not any(is_refusal(t) for t in others), [t for t in others if is_refusal(t)][:3]
 
