@@ -13,7 +13,7 @@ from posttrain.config import TrainConfig
 from posttrain.data.collate import collate_pairs, model_inputs
 from posttrain.data.templates import IGNORE
 from posttrain.models import tiny_model
-from posttrain.train import dpo, loop
+from posttrain.train import dpo, loop, objectives
 from posttrain.train.dpo import (
     completion_logps,
     dpo_loss,
@@ -109,7 +109,7 @@ def test_completion_logps_through_the_wrapper_forward(model, monkeypatch):
     # DDP/FSDP models and prompt tuning go through model(...) with logits_to_keep / virtual tokens
     batch = collate_pairs(make_pairs(4), pad_token_id=0)
     want, _ = completion_logps(model, batch)
-    monkeypatch.setattr(dpo, "is_wrapped", lambda m: True)
+    monkeypatch.setattr(objectives, "is_wrapped", lambda m: True)
     torch.testing.assert_close(completion_logps(model, batch)[0], want, rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
     prompted = apply_adapter(model, AdapterConfig(method="prompt", num_virtual_tokens=3))

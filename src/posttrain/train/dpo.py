@@ -22,69 +22,27 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from posttrain.data.collate import collate_pairs
-from posttrain.models import base_model
-from posttrain.train.objectives import (
-    IGNORE,
-    Objective,
-    _fused_lora,
-    _routing,
-    fused_layers,
-    is_prompt_learning,
-    is_wrapped,
-    loss_position_hidden,
-    wrapper_label_logits,
-)
+from posttrain.train.objectives import IGNORE, Objective, label_token_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 REFERENCE_FREE = ("simpo",)
 
 
-def _label_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
-
-
 def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, Tensor]:
-    """Per-row sum of log p(label token) and per-row label-token count ([rows] each).
-
-    Like causal_lm_loss: hidden states only where a label is predicted, the head in
-    chunks (checkpointed when there are several, so [tokens, vocab] never lives at once).
-    Wrapped models (DDP/FSDP/DeepSpeed) and prompt tuning go through the wrapper's forward.
-    """
+    """Per-row sum of log p(label token) and per-row label-token count ([rows] each)."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     if "seq_index" in batch:  # packed: one row, sequences told apart by seq_index
         rows = batch["seq_index"][:, 1:][keep]
         n_seq = int(batch["seq_index"].max()) + 1
     else:
-        rows = keep.nonzero()[:, 0]  # the row of each selected position, in the order selected below
+        rows = keep.nonzero()[:, 0]  # the row of each selected position, in label order
         n_seq = keep.shape[0]
     counts = torch.zeros(n_seq, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
-    with _routing(model, batch), _fused_lora(model), fused_layers(model):
-        if is_prompt_learning(model) or is_wrapped(model):
-            return _wrapped_logps(model, batch, n_seq, rows), counts
-        hidden, labels = loss_position_hidden(model, batch)
-    head = base_model(model).get_output_embeddings()
-    n = labels.numel()
-    parts = []
-    for i in range(0, n, chunk_size):
-        h, t = hidden[i : i + chunk_size], labels[i : i + chunk_size]
-        if n > chunk_size and torch.is_grad_enabled():
-            parts.append(checkpoint(_label_logps, head, h, t, use_reentrant=False))
-        else:
-            parts.append(_label_logps(head, h, t))
-    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    sums = token_logps.new_zeros(n_seq).index_add(0, rows, token_logps)
-    return sums, counts
-
-
-def _wrapped_logps(model, batch: dict, n_seq: int, rows: Tensor) -> Tensor:
-    """completion_logps through the model's own forward (see objectives._forward_loss)."""
-    logits, targets = wrapper_label_logits(model, batch)
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")
-    return token_logps.new_zeros(n_seq).index_add(0, rows, token_logps)
+    token_logps = label_token_logps(model, batch, chunk_size=chunk_size)
+    return token_logps.new_zeros(n_seq).index_add(0, rows, token_logps), counts
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,

@@ -387,6 +387,38 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, 
     return loss, {"loss": loss.item(), "loss_tokens": n, "token_acc": correct / n}
 
 
+def _label_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def label_token_logps(model, batch: dict, temperature: float = 1.0, chunk_size: int = 2048) -> Tensor:
+    """log p(label token) at every label position, in row-major order ([n], fp32).
+
+    Like causal_lm_loss: hidden states only where a label is predicted, the head in chunks
+    (checkpointed when there are several, so [tokens, vocab] never lives at once). Wrapped
+    models (DDP/FSDP/DeepSpeed) and prompt tuning go through the wrapper's forward.
+    `temperature` divides the logits, as the sampler did (RL's old/new log-probs).
+    """
+    with _routing(model, batch), _fused_lora(model), fused_layers(model):
+        if is_prompt_learning(model) or is_wrapped(model):
+            logits, targets = wrapper_label_logits(model, batch)
+            return -F.cross_entropy(logits / temperature, targets, reduction="none")
+        hidden, labels = loss_position_hidden(model, batch)
+    head = base_model(model).get_output_embeddings()
+    n = labels.numel()
+    parts = []
+    for i in range(0, n, chunk_size):
+        h, t = hidden[i : i + chunk_size], labels[i : i + chunk_size]
+        if n > chunk_size and torch.is_grad_enabled():
+            parts.append(checkpoint(_label_logps, head, h, t, temperature, use_reentrant=False))
+        else:
+            parts.append(_label_logps(head, h, t, temperature))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def wrapper_label_logits(model, batch: dict) -> tuple[Tensor, Tensor]:
     """(fp32 logits, targets) at every label position, row by row, via the model's own forward;
     `logits_to_keep` limits the head to columns where some row has a label."""
