@@ -1,0 +1,743 @@
+"""Single-controller RL driver (HybridFlow style): PPO, GRPO and RLOO read top to bottom.
+
+The driver owns no model. Roles live in worker groups: the actor (policy, its optimizer and
+the rollout copy it samples from; also the reference when training LoRA, as the base with
+adapters disabled), the critic (PPO only), a reference (full fine-tuning only: a frozen
+copy) and the reward (any `RewardFunction`). The driver moves one typed `Batch` between
+them: tensors plus per-row metadata, split across a group's data-parallel workers and
+merged back. A group runs its workers in this process (`local`, the default) or as Ray
+actors (`ray`); the driver code is the same, see `rl_step`.
+
+Per-token tensors are ``[B, T]`` over each rollout's response tokens, right padded, with
+`mask`. Training packs each (prompt, response) of a minibatch into one row without padding
+(as DPO's pairs), so an update costs the real tokens only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from posttrain.adapters import AdapterConfig
+from posttrain.config import Strict
+from posttrain.rl.online_dpo import OnlineDataConfig
+from posttrain.train.preference import PairTrainConfig
+from posttrain.train.sft import EvalConfig, ModelConfig
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class Batch:
+    """Rows of one rollout batch: tensors with a leading row dimension, and per-row metadata lists."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        for v in self.tensors.values():
+            return v.shape[0]
+        for v in self.meta.values():
+            return len(v)
+        return 0
+
+    def __post_init__(self) -> None:
+        sizes = {k: v.shape[0] for k, v in self.tensors.items()} | {k: len(v) for k, v in self.meta.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch fields disagree on the number of rows: {sizes}")
+
+    def __getitem__(self, key: str):
+        return self.tensors[key] if key in self.tensors else self.meta[key]
+
+    def split(self, n: int) -> list[Batch]:
+        """n contiguous parts (sizes differ by at most one); empty parts are dropped."""
+        size = len(self)
+        bounds = [round(i * size / n) for i in range(n + 1)]
+        return [self.slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def slice(self, a: int, b: int) -> Batch:
+        return Batch({k: v[a:b] for k, v in self.tensors.items()}, {k: v[a:b] for k, v in self.meta.items()})
+
+    def index(self, idx: list[int]) -> Batch:
+        t = torch.tensor(idx, dtype=torch.long)
+        return Batch({k: v[t] for k, v in self.tensors.items()}, {k: [v[i] for i in idx] for k, v in self.meta.items()})
+
+    def union(self, other: Batch) -> Batch:
+        """This batch's fields plus `other`'s (same rows); a field in both must not differ."""
+        if len(other) and len(self) and len(other) != len(self):
+            raise ValueError(f"cannot join batches of {len(self)} and {len(other)} rows")
+        for k in set(self.tensors) & set(other.tensors):
+            if not torch.equal(self.tensors[k], other.tensors[k]):
+                raise ValueError(f"both batches carry a different {k!r}")
+        return Batch({**self.tensors, **other.tensors}, {**self.meta, **other.meta})
+
+    @staticmethod
+    def cat(parts: list[Batch]) -> Batch:
+        """Rows of all parts in order; [B, T] tensors are right padded with zeros to the widest."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Batch()
+        tensors = {}
+        for k in parts[0].tensors:
+            vals = [p.tensors[k] for p in parts]
+            if vals[0].dim() == 2:
+                width = max(v.shape[1] for v in vals)
+                vals = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in vals]
+            tensors[k] = torch.cat(vals)
+        meta = {k: [x for p in parts for x in p.meta[k]] for k in parts[0].meta}
+        return Batch(tensors, meta)
+
+
+def pad_rows(rows: list[list[float]], dtype=torch.float32) -> Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def packed_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict[str, Tensor]:
+    """Prompt + response of every row in one packed row; labels on the response tokens only.
+
+    The label order (row-major) is row 0's response tokens, then row 1's, ...: the order of
+    `x[mask.bool()]` for a right-padded [B, T] tensor over the same responses.
+    """
+    from posttrain.data.collate import collate_packed
+
+    rows = [{"input_ids": p + r, "labels": [IGNORE] * len(p) + r} for p, r in zip(prompt_ids, response_ids)]
+    batch = collate_packed(rows)
+    batch["seq_index"] = torch.tensor([[k for k, r in enumerate(rows) for _ in r["input_ids"]]], dtype=torch.long)
+    return batch
+
+
+def micro_batches(n_tokens: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive row groups of at most max_tokens tokens (a longer row goes alone)."""
+    groups, cur, used = [], [], 0
+    for i, n in enumerate(n_tokens):
+        if cur and used + n > max_tokens:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+class RolloutSettings(Strict):
+    prompts_per_step: int = Field(8, gt=0)
+    samples_per_prompt: int = Field(4, gt=0, description="group size k (GRPO/RLOO need >= 2)")
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    greedy: bool = Field(False, description="greedy rollouts (benchmarks; no exploration)")
+    decoding: Literal["plain", "sam"] = Field("plain", description="sam: SAM speculative decoding, lossless")
+
+
+class AlgoSettings(Strict):
+    advantage: str | None = Field(None, description="estimator from rl.algorithms.ADVANTAGES; default per algorithm")
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: float | None = Field(None, gt=0, description="adaptive KL: the per-sequence KL to track (PPO)")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="default: k1 in the reward, k3 in the loss")
+    kl_in: Literal["reward", "loss"] | None = Field(None, description="default: PPO/RLOO reward, GRPO loss")
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    scale_by_std: bool = Field(True, description="GRPO: divide by the group's std (Dr. GRPO: false)")
+    eps: float = Field(1e-6, gt=0)
+    epochs: int = Field(1, gt=0, description="passes over each rollout batch")
+    minibatches: int = Field(1, gt=0, description="optimizer steps per pass")
+    tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling: weight tokens by "
+                                                           "min(p_trainer/p_rollout, cap)")
+
+
+class CriticSettings(Strict):
+    lr: float = Field(1e-4, gt=0)
+    adapter: AdapterConfig | None = Field(None, description="default: the actor's adapter settings")
+
+
+class RLTrainConfig(PairTrainConfig):
+    max_steps: int = Field(20, gt=0, description="rollout-update rounds")
+    lr: float = Field(1e-5, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    max_tokens: int = Field(4096, gt=0, description="tokens per packed micro-batch in updates and scoring")
+
+
+class HeldOutReward(Strict):
+    prompts: str = Field(..., description="held-out prompt records")
+    limit: int | None = Field(64, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollout.max_new_tokens")
+
+
+class RLEvalConfig(EvalConfig):
+    held_out_reward: HeldOutReward | None = None
+
+
+class RLConfig(Strict):
+    stage: Literal["ppo", "grpo", "rloo"] = "grpo"
+    output_dir: str = "runs/rl"
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(None, description="an existing Ray cluster; default: start one locally")
+    reward_workers: int = Field(1, gt=0, description="data-parallel reward workers")
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: OnlineDataConfig
+    reward: dict[str, Any] = Field(..., description="a reward function config (see rl/rewards.py build_reward)")
+    rollout: RolloutSettings = RolloutSettings()
+    algo: AlgoSettings = AlgoSettings()
+    critic: CriticSettings = CriticSettings()
+    train: RLTrainConfig = RLTrainConfig()
+    eval: RLEvalConfig = RLEvalConfig()
+    eval_every: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        from posttrain.rl.algorithms import ADVANTAGES
+        from posttrain.rl.rewards import parse_reward_config
+
+        parse_reward_config(self.reward, source="reward")
+        if self.algo.advantage is not None and self.algo.advantage not in ADVANTAGES:
+            raise ValueError(f"algo.advantage: unknown estimator {self.algo.advantage!r}; "
+                             f"registered: {', '.join(sorted(ADVANTAGES))}")
+        if self.stage in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"rollout.samples_per_prompt: {self.stage} compares samples of the same prompt; use >= 2")
+        if self.advantage_name == "gae" and self.stage != "ppo":
+            raise ValueError("algo.advantage: gae needs a critic, which only the ppo stage trains")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: use algo.minibatches; micro-batches follow train.max_tokens")
+        return self
+
+    @property
+    def advantage_name(self) -> str:
+        return self.algo.advantage or {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}[self.stage]
+
+    @property
+    def kl_in(self) -> str:
+        return self.algo.kl_in or ("loss" if self.stage == "grpo" else "reward")
+
+    @property
+    def kl_estimator(self) -> str:
+        return self.algo.kl_estimator or ("k3" if self.kl_in == "loss" else "k1")
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _setup(cfg: RLConfig, threads: int | None, offset: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed * 1000 + offset)
+
+
+def _response_logps(model, prompt_ids, response_ids, temperature: float, max_tokens: int) -> list[Tensor]:
+    """Per row: log p(response token) under `model` at the sampler's temperature (no grad)."""
+    from posttrain.train.objectives import label_token_logps
+
+    out: list[Tensor] = []
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    with torch.no_grad():
+        for group in micro_batches(lengths, max_tokens):
+            batch = packed_sequences([prompt_ids[i] for i in group], [response_ids[i] for i in group])
+            flat = label_token_logps(model, batch, temperature).float()
+            out += list(flat.split([len(response_ids[i]) for i in group]))
+    return out
+
+
+class ActorWorker:
+    """The policy: samples rollouts, recomputes log-probs, updates; with LoRA also the reference."""
+
+    def __init__(self, cfg: RLConfig, threads: int | None = None, rank: int = 0):
+        from accelerate import Accelerator
+
+        from posttrain.adapters import apply_adapter, trainable_summary
+        from posttrain.models import load_model
+        from posttrain.rl.rollout import RolloutModel
+        from posttrain.train.loop import build_optimizer, lr_lambda
+
+        _setup(cfg, threads, 1)
+        self.cfg = cfg
+        model, self.tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
+                                           trust_remote_code=cfg.model.trust_remote_code)
+        self.model = apply_adapter(model, cfg.adapter, self.tokenizer)
+        self.summary = trainable_summary(self.model)
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        optimizer = build_optimizer(self.model, cfg.train)
+        total = cfg.train.max_steps * cfg.algo.epochs * cfg.algo.minibatches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, total))
+        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        self.raw = self.acc.unwrap_model(self.model)
+        self.rollout = RolloutModel(self.raw)
+
+    def info(self) -> dict:
+        return {"trainable": self.summary, "rollout_copy": self.rollout.is_copy}
+
+    def generate(self, batch: Batch, greedy: bool | None = None, max_new_tokens: int | None = None,
+                 seed: int | None = None) -> Batch:
+        """Sample one response per row (rows already repeated k times per prompt)."""
+        from posttrain.generate.engine import GenerationConfig, encode_prompts, generate
+
+        r = self.cfg.rollout
+        greedy = r.greedy if greedy is None else greedy
+        gen = GenerationConfig(max_new_tokens=max_new_tokens or r.max_new_tokens, do_sample=not greedy,
+                               temperature=1.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed,
+                               decoding=r.decoding)
+        prompt_ids = encode_prompts(self.tokenizer, batch["prompt"], chat=True)
+        self.rollout.sync(self.raw)
+        if r.decoding == "sam" and len(prompt_ids) > 1:
+            outs = [generate(self.rollout.model, self.tokenizer, [p], gen) for p in prompt_ids]
+            texts = [o.texts[0] for o in outs]
+            ids = [o.token_ids[0] for o in outs]
+            lps = [o.logprobs[0] for o in outs]
+        else:
+            out = generate(self.rollout.model, self.tokenizer, prompt_ids, gen)
+            texts, ids, lps = out.texts, out.token_ids, out.logprobs
+        mask = pad_rows([[1.0] * len(t) for t in ids])
+        return Batch({"mask": mask, "rollout_logp": pad_rows(lps)},
+                     {"prompt_ids": prompt_ids, "response_ids": ids, "response": texts})
+
+    def logprobs(self, batch: Batch) -> Batch:
+        """The trainer's log-probs of the sampled tokens before the update (PPO's old log-probs)."""
+        temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
+        lps = _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp, self.cfg.train.max_tokens)
+        return Batch({"old_logp": pad_rows([x.tolist() for x in lps])})
+
+    def ref_logprobs(self, batch: Batch) -> Batch:
+        """The reference's log-probs: the base with the adapters disabled (no second copy)."""
+        temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
+        with self.raw.disable_adapter():
+            lps = _response_logps(self.raw, batch["prompt_ids"], batch["response_ids"], temp,
+                                  self.cfg.train.max_tokens)
+        return Batch({"ref_logp": pad_rows([x.tolist() for x in lps])})
+
+    def update(self, batch: Batch) -> dict:
+        """algo.epochs passes of algo.minibatches clipped-surrogate steps over the rollout batch."""
+        from posttrain.rl.algorithms import kl_estimate, policy_loss
+        from posttrain.train.loop import optimizer_step
+        from posttrain.train.objectives import label_token_logps
+
+        cfg, a = self.cfg, self.cfg.algo
+        temp = 1.0 if cfg.rollout.greedy else cfg.rollout.temperature
+        kl_coef = float(batch["kl_coef"][0]) if "kl_coef" in batch.tensors else a.kl_coef
+        kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
+
+        def objective(model, mb):
+            logp = label_token_logps(model, mb, temp)
+            loss, m = policy_loss(logp, mb["old_logp"], mb["adv"], torch.ones_like(logp), a.clip, mb.get("is_weight"))
+            if kl_in_loss:
+                kl = kl_estimate(logp, mb["ref_logp"], cfg.kl_estimator).mean()
+                loss = loss + kl_coef * kl
+                m["kl_loss"] = kl.item()
+            m.update(loss=loss.item(), loss_tokens=logp.numel())
+            return loss, m
+
+        self.model.train()
+        history: list[dict] = []
+        rng = random.Random(cfg.train.seed)
+        order = list(range(len(batch)))
+        for _ in range(a.epochs):
+            rng.shuffle(order)
+            for part in [order[i::a.minibatches] for i in range(a.minibatches)]:
+                if not part:
+                    continue
+                sub = batch.index(sorted(part))
+                mask = sub["mask"].bool()
+                lengths = [len(p) + len(r) for p, r in zip(sub["prompt_ids"], sub["response_ids"])]
+                micro = []
+                for group in micro_batches(lengths, cfg.train.max_tokens):
+                    mb = packed_sequences([sub["prompt_ids"][i] for i in group], [sub["response_ids"][i] for i in group])
+                    sel = mask[group]
+                    for key in ("old_logp", "adv", "ref_logp", "is_weight"):
+                        if key in sub.tensors:
+                            mb[key] = sub[key][group][sel].float()
+                    micro.append(mb)
+                n_tokens = int(mask.sum())
+                seen: list[dict] = []
+
+                def tracked(model, mb, _seen=seen):
+                    loss, m = objective(model, mb)
+                    _seen.append(m)
+                    return loss, m
+
+                loss_sum, _, grad_norm = optimizer_step(self.model, tracked, micro, n_tokens, self.optimizer,
+                                                        self.scheduler, cfg.train, self.acc)
+                row = {k: sum(m[k] * m["loss_tokens"] for m in seen) / n_tokens
+                       for k in seen[0] if k not in ("loss_tokens",)}
+                row["loss"] = loss_sum / n_tokens
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                history.append(row)
+        out = {f"actor/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
+        out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def evaluate(self, eval_cfg: EvalConfig) -> dict:
+        from posttrain.train.sft import evaluate_all
+
+        self.rollout.sync(self.raw)
+        return evaluate_all(self.rollout.model, self.tokenizer, eval_cfg)
+
+    def save(self, path: str) -> None:
+        from posttrain.models import save_model
+
+        save_model(self.raw, self.tokenizer, path)
+
+
+class ReferenceWorker:
+    """A frozen copy of the starting model (full fine-tuning; LoRA uses the actor's base)."""
+
+    def __init__(self, cfg: RLConfig, threads: int | None = None, rank: int = 0):
+        from posttrain.models import load_model
+
+        _setup(cfg, threads, 2)
+        self.cfg = cfg
+        self.model, _ = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        self.model.eval().requires_grad_(False)
+
+    def ref_logprobs(self, batch: Batch) -> Batch:
+        temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
+        lps = _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp, self.cfg.train.max_tokens)
+        return Batch({"ref_logp": pad_rows([x.tolist() for x in lps])})
+
+
+class CriticWorker:
+    """PPO's value model: the starting model's decoder with its own adapter and a scalar head per token."""
+
+    def __init__(self, cfg: RLConfig, threads: int | None = None, rank: int = 0):
+        from accelerate import Accelerator
+
+        from posttrain.adapters import apply_adapter
+        from posttrain.models import load_model
+        from posttrain.rl.rewards import RewardModel
+        from posttrain.train.loop import build_optimizer, lr_lambda
+
+        _setup(cfg, threads, 3)
+        self.cfg = cfg
+        lm, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        lm = apply_adapter(lm, cfg.critic.adapter or cfg.adapter, tokenizer)
+        self.model = RewardModel(lm, ["value"], seed=cfg.train.seed)
+        with torch.no_grad():
+            self.model.head.weight.zero_()  # values start at 0: no made-up baseline in the first steps
+        train = cfg.train.model_copy(update={"lr": cfg.critic.lr})
+        self.train_cfg = train
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        optimizer = build_optimizer(self.model, train)
+        total = cfg.train.max_steps * cfg.algo.epochs * cfg.algo.minibatches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, total))
+        self.optimizer = optimizer
+
+    def _values(self, mb: dict) -> Tensor:
+        """One value per label (response) position, from the hidden state that predicts it."""
+        from posttrain.train.objectives import fused_layers, loss_position_hidden
+
+        with fused_layers(self.model.lm):
+            hidden, _ = loss_position_hidden(self.model.lm, mb)
+        return self.model.head(hidden.float()).squeeze(-1)
+
+    def values(self, batch: Batch) -> Batch:
+        rows: list[list[float]] = []
+        lengths = [len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"])]
+        self.model.eval()
+        with torch.no_grad():
+            for group in micro_batches(lengths, self.cfg.train.max_tokens):
+                mb = packed_sequences([batch["prompt_ids"][i] for i in group], [batch["response_ids"][i] for i in group])
+                flat = self._values(mb)
+                rows += [x.tolist() for x in flat.split([len(batch["response_ids"][i]) for i in group])]
+        return Batch({"values": pad_rows(rows)})
+
+    def update(self, batch: Batch) -> dict:
+        from posttrain.rl.algorithms import value_loss
+        from posttrain.train.loop import optimizer_step
+
+        a = self.cfg.algo
+
+        def objective(model, mb):
+            v = self._values(mb)
+            loss, m = value_loss(v, mb["old_values"], mb["returns"], torch.ones_like(v), a.value_clip)
+            m.update(value_loss=loss.item(), loss_tokens=v.numel())
+            return loss, m
+
+        self.model.train()
+        history = []
+        rng = random.Random(self.cfg.train.seed + 1)
+        order = list(range(len(batch)))
+        for _ in range(a.epochs):
+            rng.shuffle(order)
+            for part in [order[i::a.minibatches] for i in range(a.minibatches)]:
+                if not part:
+                    continue
+                sub = batch.index(sorted(part))
+                mask = sub["mask"].bool()
+                lengths = [len(p) + len(r) for p, r in zip(sub["prompt_ids"], sub["response_ids"])]
+                micro = []
+                for group in micro_batches(lengths, self.cfg.train.max_tokens):
+                    mb = packed_sequences([sub["prompt_ids"][i] for i in group], [sub["response_ids"][i] for i in group])
+                    mb["old_values"] = sub["values"][group][mask[group]].float()
+                    mb["returns"] = sub["returns"][group][mask[group]].float()
+                    micro.append(mb)
+                n_tokens = int(mask.sum())
+                loss_sum, _, grad_norm = optimizer_step(self.model, objective, micro, n_tokens, self.optimizer,
+                                                        self.scheduler, self.train_cfg, self.acc)
+                history.append({"critic/value_loss": loss_sum / n_tokens, "critic/grad_norm": grad_norm or 0.0})
+        return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+
+
+class RewardWorker:
+    """Scores (prompt, response) rows with the configured `RewardFunction`."""
+
+    def __init__(self, cfg: RLConfig, threads: int | None = None, rank: int = 0):
+        from posttrain.models import load_tokenizer
+        from posttrain.rl.rewards import build_reward
+
+        _setup(cfg, threads, 4)
+        self.reward_fn = build_reward(cfg.reward, tokenizer=load_tokenizer(cfg.model.name))
+
+    def score(self, batch: Batch) -> Batch:
+        judged = self.reward_fn(batch["prompt"], batch["response"], batch["record"])
+        tensors = {"scores": judged.scores.float()}
+        for name, part in judged.parts.items():
+            tensors[f"reward/{name}"] = part.float()
+        return Batch(tensors)
+
+
+# ----------------------------------------------------------------------------- worker groups
+
+
+class WorkerGroup:
+    """n workers of one role; `call` splits a batch over them and merges the results.
+
+    backend "local": the workers are objects in this process. backend "ray": each is a Ray
+    actor (its own process); arguments and results travel through Ray's object store.
+    """
+
+    def __init__(self, cls, n: int, backend: str, *args, **kwargs):
+        self.backend, self.n = backend, n
+        if backend == "local":
+            self.workers = [cls(*args, rank=i, **kwargs) for i in range(n)]
+        elif backend == "ray":
+            import ray
+
+            remote = ray.remote(num_cpus=0)(cls)  # CPU threads are set per worker, not reserved by Ray
+            self.workers = [remote.remote(*args, rank=i, **kwargs) for i in range(n)]
+        else:
+            raise ValueError(f"unknown backend {backend!r}; choose local or ray")
+
+    def _run(self, calls: list[tuple[Any, str, tuple, dict]]) -> list:
+        if self.backend == "local":
+            return [getattr(w, m)(*a, **k) for w, m, a, k in calls]
+        import ray
+
+        return ray.get([getattr(w, m).remote(*a, **k) for w, m, a, k in calls])
+
+    def call(self, method: str, batch: Batch, **kwargs) -> Batch | list:
+        """Split `batch` over the workers (data parallel), run `method` on each part, merge."""
+        parts = batch.split(self.n)
+        results = self._run([(w, method, (p,), kwargs) for w, p in zip(self.workers, parts)])
+        return Batch.cat(results) if all(isinstance(r, Batch) for r in results) else results
+
+    def broadcast(self, method: str, *args, **kwargs) -> list:
+        """The same call on every worker; one result per worker."""
+        return self._run([(w, method, args, kwargs) for w in self.workers])
+
+
+@dataclass
+class Groups:
+    actor: WorkerGroup
+    reference: WorkerGroup  # the actor group itself when training adapters
+    reward: WorkerGroup
+    critic: WorkerGroup | None
+
+
+def build_groups(cfg: RLConfig, threads: int | None = None) -> Groups:
+    from posttrain.train.preference import disables_to_base
+
+    b = cfg.backend
+    actor = WorkerGroup(ActorWorker, 1, b, cfg, threads)
+    reference = actor if disables_to_base(cfg.adapter) else WorkerGroup(ReferenceWorker, 1, b, cfg, threads)
+    reward = WorkerGroup(RewardWorker, cfg.reward_workers, b, cfg, threads)
+    critic = WorkerGroup(CriticWorker, 1, b, cfg, threads) if cfg.advantage_name == "gae" else None
+    return Groups(actor, reference, reward, critic)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def add_advantages(batch: Batch, cfg: RLConfig, kl_coef: float) -> tuple[Batch, dict]:
+    """Token rewards (KL in the reward), advantages and returns; also the drift/TIS weights."""
+    from posttrain.rl.algorithms import compute_advantages, kl_estimate, masked_mean, token_rewards
+
+    mask = batch["mask"]
+    kl_k1 = kl_estimate(batch["old_logp"], batch["ref_logp"], "k1") * mask
+    in_reward = kl_coef if cfg.kl_in == "reward" else 0.0
+    data = {"scores": batch["scores"], "mask": mask, "group": batch["group"]}
+    if cfg.advantage_name == "gae":
+        data["token_rewards"], _ = token_rewards(batch["scores"], batch["old_logp"], batch["ref_logp"], mask,
+                                                 in_reward, cfg.kl_estimator)
+        data["values"] = batch["values"]
+    elif in_reward:  # sequence-level methods: the summed KL penalty joins the score
+        data["scores"] = batch["scores"] - in_reward * (kl_estimate(batch["old_logp"], batch["ref_logp"],
+                                                                    cfg.kl_estimator) * mask).sum(1)
+    adv, returns = compute_advantages(cfg.advantage_name, data, cfg.algo)
+    tensors = {"adv": adv, "kl_coef": torch.full((len(batch),), kl_coef)}
+    if returns is not None:
+        tensors["returns"] = returns
+    drift = (batch["old_logp"] - batch["rollout_logp"]).abs() * mask
+    if cfg.algo.tis_cap is not None:
+        tensors["is_weight"] = torch.exp(batch["old_logp"] - batch["rollout_logp"]).clamp(max=cfg.algo.tis_cap) * mask
+    metrics = {"kl": kl_k1.sum(1).mean().item(), "adv_abs": masked_mean(adv.abs(), mask).item(),
+               "drift/mean_abs": masked_mean(drift, mask).item(), "drift/max_abs": drift.max().item()}
+    return batch.union(Batch(tensors)), metrics
+
+
+def rl_step(groups: Groups, cfg: RLConfig, prompts: Batch, kl_coef: float, seed: int) -> tuple[Batch, dict]:
+    """One round, top to bottom. `prompts` has one row per sample (each prompt repeated k times)."""
+    t = {}
+    clock = time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        t[f"time/{name}"] = now - clock
+        clock = now
+
+    batch = prompts.union(groups.actor.call("generate", prompts, seed=seed))        # 1. rollout
+    lap("rollout")
+    batch = batch.union(groups.reward.call("score", batch))                         # 2. reward
+    lap("reward")
+    batch = batch.union(groups.actor.call("logprobs", batch))                       # 3. old log-probs
+    batch = batch.union(groups.reference.call("ref_logprobs", batch))               # 4. reference
+    lap("logprobs")
+    if groups.critic is not None:
+        batch = batch.union(groups.critic.call("values", batch))                    # 5. values
+        lap("values")
+    batch, metrics = add_advantages(batch, cfg, kl_coef)                            # 6. advantages
+    if groups.critic is not None:
+        metrics.update(groups.critic.call("update", batch)[0])                      # 7. critic update
+        lap("critic_update")
+    metrics.update(groups.actor.call("update", batch)[0])                           # 8. actor update
+    lap("actor_update")
+    metrics.update(t)
+    return batch, metrics
+
+
+def prompt_batch(records: list[dict], k: int, first_group: int = 0) -> Batch:
+    """Each record repeated k times, with its group id (GRPO/RLOO compare within a group)."""
+    rows = [(r, first_group + i) for i, r in enumerate(records) for _ in range(k)]
+    return Batch({"group": torch.tensor([g for _, g in rows], dtype=torch.long)},
+                 {"prompt": [r["prompt"] for r, _ in rows], "record": [r for r, _ in rows]})
+
+
+def held_out_reward(groups: Groups, records: list[dict], max_new_tokens: int) -> dict:
+    """Greedy replies to held-out prompts, scored by the reward function."""
+    batch = prompt_batch(records, 1)
+    batch = batch.union(groups.actor.call("generate", batch, greedy=True, max_new_tokens=max_new_tokens))
+    scores = groups.reward.call("score", batch)
+    lengths = batch["mask"].sum(1)
+    return {"held_out/reward": scores["scores"].mean().item(), "held_out/length": lengths.mean().item()}
+
+
+def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """The ppo / grpo / rloo stage end to end; returns the manifest."""
+    from tqdm.auto import tqdm
+
+    from posttrain.data.formats import load_records
+    from posttrain.eval.report import metric_curves
+    from posttrain.models import resolve_model_path
+    from posttrain.rl.algorithms import AdaptiveKL
+    from posttrain.stage import content_hash, prepare_run_dir, write_manifest
+    from posttrain.train.loop import MetricsLog
+    from posttrain.train.sft import write_reports
+
+    if resume:
+        raise ValueError(f"{cfg.stage} has no checkpoints to resume from yet; rerun with --overwrite")
+    started = time.time()
+    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=overwrite)
+    records = load_records(cfg.data.prompts, kind="prompt").records
+    held = None
+    if cfg.eval.held_out_reward is not None:
+        h = cfg.eval.held_out_reward
+        held = load_records(h.prompts, kind="prompt").records[: h.limit]
+        held_tokens = h.max_new_tokens or cfg.rollout.max_new_tokens
+    if cfg.backend == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
+    threads = torch.get_num_threads()
+    groups = build_groups(cfg, threads)
+    print(groups.actor.broadcast("info")[0]["trainable"]["line"])
+
+    before = groups.actor.broadcast("evaluate", cfg.eval)[0] if cfg.eval.before and cfg.eval.tasks else {}
+    if held is not None:
+        before.update(held_out_reward(groups, held, held_tokens))
+    kl = AdaptiveKL(cfg.algo.kl_coef, cfg.algo.kl_target)
+    order = list(range(len(records)))
+    rng = random.Random(cfg.train.seed)
+    rng.shuffle(order)
+    cursor, history = 0, []
+    log = MetricsLog(run_dir, None, enabled=True)
+    k = cfg.rollout.samples_per_prompt
+    bar = tqdm(range(cfg.train.max_steps), desc=cfg.stage, disable=not cfg.train.progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        chosen = []
+        for _ in range(cfg.rollout.prompts_per_step):
+            if cursor == len(order):
+                rng.shuffle(order)
+                cursor = 0
+            chosen.append(records[order[cursor]])
+            cursor += 1
+        batch, m = rl_step(groups, cfg, prompt_batch(chosen, k), kl.value, seed=cfg.train.seed * 100_003 + step)
+        row = {"step": step + 1, "reward": batch["scores"].mean().item(), "kl_coef": kl.value,
+               "response_length": batch["mask"].sum(1).mean().item(), "loss": m["actor/loss"], **m}
+        for name in batch.tensors:
+            if name.startswith("reward/") and not name.startswith("reward/weight/"):
+                row[name] = batch[name].mean().item()
+        kl.update(m["kl"], len(batch))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            if cfg.eval.tasks:
+                row.update({f"eval/{n}": v for n, v in groups.actor.broadcast("evaluate", cfg.eval)[0].items()})
+            if held is not None:
+                row.update(held_out_reward(groups, held, held_tokens))
+        row["step_s"] = time.perf_counter() - t0
+        history.append(row)
+        log.write(row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{m['kl']:.3f}")
+    log.close()
+    groups.actor.broadcast("save", str(run_dir / "final"))
+    after = groups.actor.broadcast("evaluate", cfg.eval)[0] if cfg.eval.tasks else {}
+    if held is not None:
+        after.update(held_out_reward(groups, held, held_tokens))
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    metric_curves(log.path, plots / f"{cfg.stage}.png", ["reward", "kl", "response_length", "actor/loss"])
+    write_reports(run_dir, before, after)
+    n5 = min(5, len(history))
+    first = sum(h["reward"] for h in history[:n5]) / n5
+    last = sum(h["reward"] for h in history[-n5:]) / n5
+    print(f"mean reward of fresh samples: first {n5} steps {first:.3f} -> last {n5} steps {last:.3f}")
+    phases = [k for k in history[0] if k.startswith("time/")]
+    timing = {p: sum(h[p] for h in history) / len(history) for p in phases}
+    outputs = {"steps": len(history), "reward_first5": first, "reward_last5": last, "eval_before": before,
+               "eval_after": after, "mean_phase_s": timing, "backend": cfg.backend,
+               "final_kl": history[-1]["kl"]}
+    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)},
+              "data": {"prompts": {"path": cfg.data.prompts, "sha256": content_hash(cfg.data.prompts)}}}
+    return write_manifest(run_dir, cfg.stage, inputs, outputs, started)
