@@ -13,7 +13,10 @@ SECTIONS = {"sft": ("model, adapter, data, train, eval, ewc", "sft_lora"),
             "pretrain": ("model, adapter, data, train, eval, ewc", "pretrain"),
             "rm": ("model, adapter, aspects, data, train", "rm"),
             "dpo": ("model, adapter, data, dpo, train, eval (incl. eval.win_rate)", "dpo"),
-            "online-dpo": ("model, adapter, data, reward, sampling, dpo, train, eval, eval_every", "online_dpo")}
+            "online-dpo": ("model, adapter, data, reward, sampling, dpo, train, eval, eval_every", "online_dpo"),
+            **{v: ("backend, model, adapter, data, reward, rollout, algo, critic, train, eval, eval_every", v)
+               for v in ("ppo", "grpo", "rloo")}}
+RL_VERBS = ("ppo", "grpo", "rloo")
 
 
 def _add_stage(sub, name: str, help_text: str):
@@ -27,6 +30,9 @@ def _add_stage(sub, name: str, help_text: str):
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key with its value) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    if name in RL_VERBS:
+        p.add_argument("--backend", choices=["local", "ray"],
+                       help="where the worker groups run (default: the config's backend, local)")
     return p
 
 
@@ -73,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "rm", "train a reward model (Bradley-Terry on preference pairs; one head per aspect)")
     _add_stage(sub, "dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO")
     _add_stage(sub, "online-dpo", "online DPO: sample from the policy, rank with a reward function, DPO step")
+    _add_stage(sub, "ppo", "PPO (actor, critic with GAE, frozen reference, reward function; KL penalty)")
+    _add_stage(sub, "grpo", "GRPO: k samples per prompt, group-relative advantages, KL (k3) in the loss")
+    _add_stage(sub, "rloo", "RLOO: k samples per prompt, leave-one-out baseline")
 
     p = sub.add_parser("eval", help="evaluate a model (optionally against another) on local tasks",
                        description="Evaluate one model, or two side by side (--compare), on generation tasks "
@@ -165,6 +174,10 @@ def _stage(verb: str):
         from posttrain.rl.online_dpo import OnlineDPOConfig, run_online_dpo
 
         return OnlineDPOConfig, run_online_dpo
+    if verb in RL_VERBS:
+        from posttrain.rl.controller import RLConfig, run_rl
+
+        return RLConfig, run_rl
     from posttrain.train import preference
 
     return {"rm": (preference.RMConfig, preference.run_rm), "dpo": (preference.DPOConfig, preference.run_dpo)}[verb]
@@ -177,10 +190,14 @@ def cmd_stage(args) -> int:
     overrides = list(args.overrides)
     if args.verb == "pretrain":
         overrides.insert(0, "stage=pretrain")
+    if args.verb in RL_VERBS:
+        overrides.insert(0, f"stage={args.verb}")
+        if args.backend:
+            overrides.append(f"backend={args.backend}")
     if args.print_config:
         from posttrain.config import dump_config
 
-        placeholders = (["data.prompts=PROMPTS.jsonl", "reward.type=verifier"] if args.verb == "online-dpo"
+        placeholders = (["data.prompts=PROMPTS.jsonl", "reward.type=verifier"] if args.verb in ("online-dpo", *RL_VERBS)
                         else ["data.train=TRAIN.jsonl"])  # show the defaults without a data file
         if not args.config:
             given = {o.split("=", 1)[0] for o in overrides}
@@ -344,7 +361,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "online-dpo": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
+COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "online-dpo": cmd_stage, "ppo": cmd_stage, "grpo": cmd_stage, "rloo": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
             "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data, "sam": cmd_sam}
 
 
