@@ -126,3 +126,19 @@ def test_bad_rl_configs_name_the_field(extra, message):
         raw[key] = value
     with pytest.raises(ValueError, match=message):
         RLConfig.model_validate(raw)
+
+
+def test_greedy_sam_rollouts_equal_plain_and_repeated_prompts_decode_once(rl_setup):
+    from posttrain.rl.controller import ActorWorker, prompt_batch
+
+    cfg = rl_setup("grpo", 1, rollout={"max_new_tokens": 12})
+    actor = ActorWorker(cfg)
+    prompts = prompt_batch([{"prompt": "Count to 3."}, {"prompt": "Say hi."}], 3)
+    plain = actor.generate(prompts, greedy=True)
+    actor.cfg.rollout.decoding = "sam"
+    sam = actor.generate(prompts, greedy=True)
+    assert sam["response_ids"] == plain["response_ids"]
+    ids = plain["response_ids"]
+    assert ids[0] == ids[1] == ids[2] and ids[3] == ids[4] == ids[5] and len(ids) == 6
+    sampled = actor.generate(prompts, seed=1)  # SAM sampling: each row its own random stream
+    assert len({tuple(r) for r in sampled["response_ids"][:3]}) > 1

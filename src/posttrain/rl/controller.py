@@ -15,8 +15,7 @@ Per-token tensors are ``[B, T]`` over each rollout's response tokens, right padd
 
 from __future__ import annotations
 
-import copy
-import math
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -301,14 +300,21 @@ class ActorWorker:
                                decoding=r.decoding)
         prompt_ids = encode_prompts(self.tokenizer, batch["prompt"], chat=True)
         self.rollout.sync(self.raw)
-        if r.decoding == "sam" and len(prompt_ids) > 1:
-            outs = [generate(self.rollout.model, self.tokenizer, [p], gen) for p in prompt_ids]
-            texts = [o.texts[0] for o in outs]
-            ids = [o.token_ids[0] for o in outs]
-            lps = [o.logprobs[0] for o in outs]
+        # greedy: a prompt repeated k times has one reply; decode each distinct prompt once
+        unique = list(dict.fromkeys(map(tuple, prompt_ids))) if greedy else [tuple(p) for p in prompt_ids]
+        if r.decoding == "sam":  # speculative decoding runs one prompt at a time
+            # one seed per row: k samples of one prompt must not share a random stream
+            outs = [generate(self.rollout.model, self.tokenizer, [list(p)],
+                             dataclasses.replace(gen, seed=None if seed is None else seed * 4099 + i))
+                    for i, p in enumerate(unique)]
+            made = [(o.texts[0], o.token_ids[0], o.logprobs[0]) for o in outs]
         else:
-            out = generate(self.rollout.model, self.tokenizer, prompt_ids, gen)
-            texts, ids, lps = out.texts, out.token_ids, out.logprobs
+            out = generate(self.rollout.model, self.tokenizer, [list(p) for p in unique], gen)
+            made = list(zip(out.texts, out.token_ids, out.logprobs))
+        if greedy:
+            by_prompt = dict(zip(unique, made))
+            made = [by_prompt[tuple(p)] for p in prompt_ids]
+        texts, ids, lps = (list(x) for x in zip(*made))
         mask = pad_rows([[1.0] * len(t) for t in ids])
         return Batch({"mask": mask, "rollout_logp": pad_rows(lps)},
                      {"prompt_ids": prompt_ids, "response_ids": ids, "response": texts})
