@@ -134,6 +134,62 @@ def micro_batches(n_tokens: list[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
+def packed_groups(prompt_ids: list[list[int]], response_ids: list[list[int]], max_tokens: int):
+    """(row indices, packed batch) per micro-batch of at most max_tokens tokens."""
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    for group in micro_batches(lengths, max_tokens):
+        yield group, packed_sequences([prompt_ids[i] for i in group], [response_ids[i] for i in group])
+
+
+def per_row(flat: Tensor, response_ids: list[list[int]], group: list[int]) -> list[list[float]]:
+    """A micro-batch's per-token values (label order) back into one list per row."""
+    return [x.tolist() for x in flat.split([len(response_ids[i]) for i in group])]
+
+
+def minibatch_updates(model, objective, batch: Batch, fields: tuple[str, ...], algo, train_cfg, optimizer, scheduler,
+                      acc, seed: int) -> list[dict]:
+    """algo.epochs passes of algo.minibatches optimizer steps over a rollout batch.
+
+    Each step's rows are packed into micro-batches of at most train_cfg.max_tokens tokens, the
+    per-token `fields` of the batch flattened in label order beside them; the objective's
+    metrics come back token-weighted, one row per step, with the loss and gradient norm.
+    """
+    from posttrain.train.loop import optimizer_step
+
+    model.train()
+    history: list[dict] = []
+    rng = random.Random(seed)
+    order = list(range(len(batch)))
+    for _ in range(algo.epochs):
+        rng.shuffle(order)
+        for part in (order[i::algo.minibatches] for i in range(algo.minibatches)):
+            if not part:
+                continue
+            sub = batch.index(sorted(part))
+            mask = sub["mask"].bool()
+            micro = []
+            for group, mb in packed_groups(sub["prompt_ids"], sub["response_ids"], train_cfg.max_tokens):
+                for key in fields:
+                    if key in sub.tensors:
+                        mb[key] = sub[key][group][mask[group]].float()
+                micro.append(mb)
+            n_tokens = int(mask.sum())
+            seen: list[dict] = []
+
+            def tracked(m_, mb_, _seen=seen):
+                loss, metrics = objective(m_, mb_)
+                _seen.append(metrics)
+                return loss, metrics
+
+            loss_sum, _, grad_norm = optimizer_step(model, tracked, micro, n_tokens, optimizer, scheduler, train_cfg, acc)
+            row = {k: sum(m[k] * m["loss_tokens"] for m in seen) / n_tokens for k in seen[0] if k != "loss_tokens"}
+            row["loss"] = loss_sum / n_tokens
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            history.append(row)
+    return history
+
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -246,18 +302,16 @@ def _setup(cfg: RLConfig, threads: int | None, offset: int) -> None:
     torch.manual_seed(cfg.train.seed * 1000 + offset)
 
 
-def _response_logps(model, prompt_ids, response_ids, temperature: float, max_tokens: int) -> list[Tensor]:
-    """Per row: log p(response token) under `model` at the sampler's temperature (no grad)."""
+def _response_logps(model, prompt_ids, response_ids, temperature: float, max_tokens: int) -> Tensor:
+    """[B, T] log p(response token) under `model` at the sampler's temperature (no grad)."""
     from posttrain.train.objectives import label_token_logps
 
-    out: list[Tensor] = []
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    rows: list[list[float]] = [[] for _ in prompt_ids]
     with torch.no_grad():
-        for group in micro_batches(lengths, max_tokens):
-            batch = packed_sequences([prompt_ids[i] for i in group], [response_ids[i] for i in group])
-            flat = label_token_logps(model, batch, temperature).float()
-            out += list(flat.split([len(response_ids[i]) for i in group]))
-    return out
+        for group, batch in packed_groups(prompt_ids, response_ids, max_tokens):
+            for i, values in zip(group, per_row(label_token_logps(model, batch, temperature).float(), response_ids, group)):
+                rows[i] = values
+    return pad_rows(rows)
 
 
 class ActorWorker:
@@ -322,21 +376,19 @@ class ActorWorker:
     def logprobs(self, batch: Batch) -> Batch:
         """The trainer's log-probs of the sampled tokens before the update (PPO's old log-probs)."""
         temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
-        lps = _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp, self.cfg.train.max_tokens)
-        return Batch({"old_logp": pad_rows([x.tolist() for x in lps])})
+        return Batch({"old_logp": _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp,
+                                                  self.cfg.train.max_tokens)})
 
     def ref_logprobs(self, batch: Batch) -> Batch:
         """The reference's log-probs: the base with the adapters disabled (no second copy)."""
         temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
         with self.raw.disable_adapter():
-            lps = _response_logps(self.raw, batch["prompt_ids"], batch["response_ids"], temp,
-                                  self.cfg.train.max_tokens)
-        return Batch({"ref_logp": pad_rows([x.tolist() for x in lps])})
+            return Batch({"ref_logp": _response_logps(self.raw, batch["prompt_ids"], batch["response_ids"], temp,
+                                                      self.cfg.train.max_tokens)})
 
     def update(self, batch: Batch) -> dict:
         """algo.epochs passes of algo.minibatches clipped-surrogate steps over the rollout batch."""
         from posttrain.rl.algorithms import kl_estimate, policy_loss
-        from posttrain.train.loop import optimizer_step
         from posttrain.train.objectives import label_token_logps
 
         cfg, a = self.cfg, self.cfg.algo
@@ -354,42 +406,8 @@ class ActorWorker:
             m.update(loss=loss.item(), loss_tokens=logp.numel())
             return loss, m
 
-        self.model.train()
-        history: list[dict] = []
-        rng = random.Random(cfg.train.seed)
-        order = list(range(len(batch)))
-        for _ in range(a.epochs):
-            rng.shuffle(order)
-            for part in [order[i::a.minibatches] for i in range(a.minibatches)]:
-                if not part:
-                    continue
-                sub = batch.index(sorted(part))
-                mask = sub["mask"].bool()
-                lengths = [len(p) + len(r) for p, r in zip(sub["prompt_ids"], sub["response_ids"])]
-                micro = []
-                for group in micro_batches(lengths, cfg.train.max_tokens):
-                    mb = packed_sequences([sub["prompt_ids"][i] for i in group], [sub["response_ids"][i] for i in group])
-                    sel = mask[group]
-                    for key in ("old_logp", "adv", "ref_logp", "is_weight"):
-                        if key in sub.tensors:
-                            mb[key] = sub[key][group][sel].float()
-                    micro.append(mb)
-                n_tokens = int(mask.sum())
-                seen: list[dict] = []
-
-                def tracked(model, mb, _seen=seen):
-                    loss, m = objective(model, mb)
-                    _seen.append(m)
-                    return loss, m
-
-                loss_sum, _, grad_norm = optimizer_step(self.model, tracked, micro, n_tokens, self.optimizer,
-                                                        self.scheduler, cfg.train, self.acc)
-                row = {k: sum(m[k] * m["loss_tokens"] for m in seen) / n_tokens
-                       for k in seen[0] if k not in ("loss_tokens",)}
-                row["loss"] = loss_sum / n_tokens
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                history.append(row)
+        history = minibatch_updates(self.model, objective, batch, ("old_logp", "adv", "ref_logp", "is_weight"), a,
+                                    cfg.train, self.optimizer, self.scheduler, self.acc, cfg.train.seed)
         out = {f"actor/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         return out
@@ -419,8 +437,8 @@ class ReferenceWorker:
 
     def ref_logprobs(self, batch: Batch) -> Batch:
         temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
-        lps = _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp, self.cfg.train.max_tokens)
-        return Batch({"ref_logp": pad_rows([x.tolist() for x in lps])})
+        return Batch({"ref_logp": _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp,
+                                                  self.cfg.train.max_tokens)})
 
 
 class CriticWorker:
@@ -458,51 +476,28 @@ class CriticWorker:
         return self.model.head(hidden.float()).squeeze(-1)
 
     def values(self, batch: Batch) -> Batch:
-        rows: list[list[float]] = []
-        lengths = [len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"])]
+        rows: list[list[float]] = [[] for _ in range(len(batch))]
         self.model.eval()
         with torch.no_grad():
-            for group in micro_batches(lengths, self.cfg.train.max_tokens):
-                mb = packed_sequences([batch["prompt_ids"][i] for i in group], [batch["response_ids"][i] for i in group])
-                flat = self._values(mb)
-                rows += [x.tolist() for x in flat.split([len(batch["response_ids"][i]) for i in group])]
+            for group, mb in packed_groups(batch["prompt_ids"], batch["response_ids"], self.cfg.train.max_tokens):
+                for i, values in zip(group, per_row(self._values(mb), batch["response_ids"], group)):
+                    rows[i] = values
         return Batch({"values": pad_rows(rows)})
 
     def update(self, batch: Batch) -> dict:
         from posttrain.rl.algorithms import value_loss
-        from posttrain.train.loop import optimizer_step
 
         a = self.cfg.algo
 
         def objective(model, mb):
             v = self._values(mb)
-            loss, m = value_loss(v, mb["old_values"], mb["returns"], torch.ones_like(v), a.value_clip)
-            m.update(value_loss=loss.item(), loss_tokens=v.numel())
+            loss, m = value_loss(v, mb["values"], mb["returns"], torch.ones_like(v), a.value_clip)
+            m.update(loss_tokens=v.numel())
             return loss, m
 
-        self.model.train()
-        history = []
-        rng = random.Random(self.cfg.train.seed + 1)
-        order = list(range(len(batch)))
-        for _ in range(a.epochs):
-            rng.shuffle(order)
-            for part in [order[i::a.minibatches] for i in range(a.minibatches)]:
-                if not part:
-                    continue
-                sub = batch.index(sorted(part))
-                mask = sub["mask"].bool()
-                lengths = [len(p) + len(r) for p, r in zip(sub["prompt_ids"], sub["response_ids"])]
-                micro = []
-                for group in micro_batches(lengths, self.cfg.train.max_tokens):
-                    mb = packed_sequences([sub["prompt_ids"][i] for i in group], [sub["response_ids"][i] for i in group])
-                    mb["old_values"] = sub["values"][group][mask[group]].float()
-                    mb["returns"] = sub["returns"][group][mask[group]].float()
-                    micro.append(mb)
-                n_tokens = int(mask.sum())
-                loss_sum, _, grad_norm = optimizer_step(self.model, objective, micro, n_tokens, self.optimizer,
-                                                        self.scheduler, self.train_cfg, self.acc)
-                history.append({"critic/value_loss": loss_sum / n_tokens, "critic/grad_norm": grad_norm or 0.0})
-        return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        history = minibatch_updates(self.model, objective, batch, ("values", "returns"), a, self.train_cfg,
+                                    self.optimizer, self.scheduler, self.acc, self.cfg.train.seed + 1)
+        return {f"critic/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
 
 
 class RewardWorker:
