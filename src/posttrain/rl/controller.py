@@ -221,6 +221,10 @@ class AlgoSettings(Strict):
     minibatches: int = Field(1, gt=0, description="optimizer steps per pass")
     tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling: weight tokens by "
                                                            "min(p_trainer/p_rollout, cap)")
+    recompute_old_logp: bool | None = Field(
+        None, description="a separate no-grad pass for the trainer's log-probs before the update; default: only "
+                          "where they are needed (several updates per batch, TIS, KL in the reward). Otherwise "
+                          "the update's own forward gives them (and the drift monitor) for free")
 
 
 class CriticSettings(Strict):
@@ -283,6 +287,13 @@ class RLConfig(Strict):
     @property
     def advantage_name(self) -> str:
         return self.algo.advantage or {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}[self.stage]
+
+    @property
+    def recompute_old_logp(self) -> bool:
+        a = self.algo
+        if a.recompute_old_logp is not None:
+            return a.recompute_old_logp
+        return a.epochs * a.minibatches > 1 or a.tis_cap is not None or self.kl_in == "reward"
 
     @property
     def kl_in(self) -> str:
@@ -396,9 +407,17 @@ class ActorWorker:
         kl_coef = float(batch["kl_coef"][0]) if "kl_coef" in batch.tensors else a.kl_coef
         kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
 
+        drift_max = [0.0]
+
         def objective(model, mb):
             logp = label_token_logps(model, mb, temp)
-            loss, m = policy_loss(logp, mb["old_logp"], mb["adv"], torch.ones_like(logp), a.clip, mb.get("is_weight"))
+            # on-policy, one update: the trainer's log-probs before the step are this forward's own
+            old = mb["old_logp"] if "old_logp" in mb else logp.detach()
+            loss, m = policy_loss(logp, old, mb["adv"], torch.ones_like(logp), a.clip, mb.get("is_weight"))
+            if "old_logp" not in mb:
+                drift = (logp.detach() - mb["rollout_logp"]).abs()
+                m["drift_mean_abs"] = drift.mean().item()
+                drift_max[0] = max(drift_max[0], drift.max().item())
             if kl_in_loss:
                 kl = kl_estimate(logp, mb["ref_logp"], cfg.kl_estimator).mean()
                 loss = loss + kl_coef * kl
@@ -406,10 +425,14 @@ class ActorWorker:
             m.update(loss=loss.item(), loss_tokens=logp.numel())
             return loss, m
 
-        history = minibatch_updates(self.model, objective, batch, ("old_logp", "adv", "ref_logp", "is_weight"), a,
-                                    cfg.train, self.optimizer, self.scheduler, self.acc, cfg.train.seed)
-        out = {f"actor/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
+        fields = ("old_logp", "adv", "ref_logp", "is_weight", "rollout_logp")
+        history = minibatch_updates(self.model, objective, batch, fields, a, cfg.train, self.optimizer,
+                                    self.scheduler, self.acc, cfg.train.seed)
+        out = {f"actor/{k}": sum(h[k] for h in history) / len(history) for k in history[0] if k != "drift_mean_abs"}
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        if "old_logp" not in batch.tensors:
+            out["drift/mean_abs"] = history[0]["drift_mean_abs"]
+            out["drift/max_abs"] = drift_max[0]
         return out
 
     def evaluate(self, eval_cfg: EvalConfig) -> dict:
@@ -585,25 +608,28 @@ def add_advantages(batch: Batch, cfg: RLConfig, kl_coef: float) -> tuple[Batch, 
     from posttrain.rl.algorithms import compute_advantages, kl_estimate, masked_mean, token_rewards
 
     mask = batch["mask"]
-    kl_k1 = kl_estimate(batch["old_logp"], batch["ref_logp"], "k1") * mask
+    # the trainer's log-probs where a pass computed them, else the sampler's (equal up to drift)
+    logp = batch["old_logp"] if "old_logp" in batch.tensors else batch["rollout_logp"]
+    kl_k1 = kl_estimate(logp, batch["ref_logp"], "k1") * mask
     in_reward = kl_coef if cfg.kl_in == "reward" else 0.0
     data = {"scores": batch["scores"], "mask": mask, "group": batch["group"]}
     if cfg.advantage_name == "gae":
-        data["token_rewards"], _ = token_rewards(batch["scores"], batch["old_logp"], batch["ref_logp"], mask,
+        data["token_rewards"], _ = token_rewards(batch["scores"], logp, batch["ref_logp"], mask,
                                                  in_reward, cfg.kl_estimator)
         data["values"] = batch["values"]
     elif in_reward:  # sequence-level methods: the summed KL penalty joins the score
-        data["scores"] = batch["scores"] - in_reward * (kl_estimate(batch["old_logp"], batch["ref_logp"],
+        data["scores"] = batch["scores"] - in_reward * (kl_estimate(logp, batch["ref_logp"],
                                                                     cfg.kl_estimator) * mask).sum(1)
     adv, returns = compute_advantages(cfg.advantage_name, data, cfg.algo)
     tensors = {"adv": adv, "kl_coef": torch.full((len(batch),), kl_coef)}
     if returns is not None:
         tensors["returns"] = returns
-    drift = (batch["old_logp"] - batch["rollout_logp"]).abs() * mask
     if cfg.algo.tis_cap is not None:
         tensors["is_weight"] = torch.exp(batch["old_logp"] - batch["rollout_logp"]).clamp(max=cfg.algo.tis_cap) * mask
-    metrics = {"kl": kl_k1.sum(1).mean().item(), "adv_abs": masked_mean(adv.abs(), mask).item(),
-               "drift/mean_abs": masked_mean(drift, mask).item(), "drift/max_abs": drift.max().item()}
+    metrics = {"kl": kl_k1.sum(1).mean().item(), "adv_abs": masked_mean(adv.abs(), mask).item()}
+    if "old_logp" in batch.tensors:  # else the actor's update reports the drift from its own forward
+        drift = (batch["old_logp"] - batch["rollout_logp"]).abs() * mask
+        metrics.update({"drift/mean_abs": masked_mean(drift, mask).item(), "drift/max_abs": drift.max().item()})
     return batch.union(Batch(tensors)), metrics
 
 
@@ -622,7 +648,8 @@ def rl_step(groups: Groups, cfg: RLConfig, prompts: Batch, kl_coef: float, seed:
     lap("rollout")
     batch = batch.union(groups.reward.call("score", batch))                         # 2. reward
     lap("reward")
-    batch = batch.union(groups.actor.call("logprobs", batch))                       # 3. old log-probs
+    if cfg.recompute_old_logp:
+        batch = batch.union(groups.actor.call("logprobs", batch))                   # 3. old log-probs
     batch = batch.union(groups.reference.call("ref_logprobs", batch))               # 4. reference
     lap("logprobs")
     if groups.critic is not None:
