@@ -47,3 +47,15 @@ def test_plain_and_unfoldable_policies_sample_from_themselves(tokenizer):
     dora = _lora_policy(tokenizer, "dora")
     rollout = RolloutModel(dora)
     assert not rollout.is_copy and rollout.model is base_model(dora)
+
+
+def test_sync_skips_when_nothing_changed(tokenizer):
+    policy = _lora_policy(tokenizer)
+    rollout = RolloutModel(policy)
+    version = rollout.model.model.layers[0].self_attn.q_proj.weight._version
+    rollout.sync(policy)  # nothing trained since: the copy (and the native decoder's packing) stays
+    assert rollout.model.model.layers[0].self_attn.q_proj.weight._version == version
+    with torch.no_grad():
+        next(p for n, p in policy.named_parameters() if "lora_A" in n).add_(0.1)
+    rollout.sync(policy)
+    assert rollout.model.model.layers[0].self_attn.q_proj.weight._version > version
