@@ -68,9 +68,21 @@ def _rows(cfg):
     return [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray  # a dev dependency: these tests always run in CI
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
 @pytest.mark.parametrize("stage", ["grpo", "rloo", "ppo"])
-def test_rl_raises_the_reward_of_fresh_samples(rl_setup, stage):
-    cfg = rl_setup(stage, 20)
+def test_rl_raises_the_reward_of_fresh_samples(rl_setup, stage, backend, request):
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    cfg = rl_setup(stage, 20, backend=backend)
     manifest = run_rl(cfg)
     first, last = manifest["outputs"]["reward_first5"], manifest["outputs"]["reward_last5"]
     assert last > first + 0.15, (first, last)  # measured: grpo 0.78 -> 0.99, ppo 0.69 -> 0.96
@@ -97,16 +109,12 @@ def test_truncated_importance_weights_and_adaptive_kl(rl_setup):
     assert coefs[0] == 0.1 and coefs[-1] != 0.1
 
 
-def test_ray_backend_gives_the_local_result(rl_setup):
-    import ray  # a dev dependency: this test always runs in CI
-    local = rl_setup("grpo", 3)
-    remote = rl_setup("grpo", 3, backend="ray")
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_ray_backend_gives_the_local_result(rl_setup, ray_cluster, stage):
+    local = rl_setup(stage, 3)
+    remote = rl_setup(stage, 3, backend="ray")
     run_rl(local)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        run_rl(remote)
-    finally:
-        ray.shutdown()
+    run_rl(remote)
     a, b = _rows(local), _rows(remote)
     for x, y in zip(a, b, strict=True):
         for key in ("reward", "kl", "loss", "actor/grad_norm", "response_length"):
