@@ -59,3 +59,15 @@ def test_sync_skips_when_nothing_changed(tokenizer):
         next(p for n, p in policy.named_parameters() if "lora_A" in n).add_(0.1)
     rollout.sync(policy)
     assert rollout.model.model.layers[0].self_attn.q_proj.weight._version > version
+
+
+def test_prompt_batches_cover_every_record_once_per_pass_then_reshuffle():
+    from posttrain.rl.rollout import prompt_batches
+
+    records = [{"prompt": str(i)} for i in range(6)]
+    rounds = prompt_batches(records, 3, seed=0)
+    first_pass = next(rounds) + next(rounds)
+    assert sorted(r["prompt"] for r in first_pass) == [str(i) for i in range(6)]
+    again = prompt_batches(records, 3, seed=0)
+    assert next(again) + next(again) == first_pass  # seeded
+    assert len(next(rounds)) == 3  # continues into a reshuffled second pass

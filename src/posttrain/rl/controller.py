@@ -296,6 +296,11 @@ class RLConfig(Strict):
         return a.epochs * a.minibatches > 1 or a.tis_cap is not None or self.kl_in == "reward"
 
     @property
+    def logprob_temperature(self) -> float:
+        """The temperature the sampler's log-probs were taken at; every recomputation uses it."""
+        return 1.0 if self.rollout.greedy else self.rollout.temperature
+
+    @property
     def kl_in(self) -> str:
         return self.algo.kl_in or ("loss" if self.stage == "grpo" else "reward")
 
@@ -320,7 +325,7 @@ def _response_logps(model, prompt_ids, response_ids, temperature: float, max_tok
     rows: list[list[float]] = [[] for _ in prompt_ids]
     with torch.no_grad():
         for group, batch in packed_groups(prompt_ids, response_ids, max_tokens):
-            for i, values in zip(group, per_row(label_token_logps(model, batch, temperature).float(), response_ids, group)):
+            for i, values in zip(group, per_row(label_token_logps(model, batch, temperature), response_ids, group)):
                 rows[i] = values
     return pad_rows(rows)
 
@@ -386,13 +391,13 @@ class ActorWorker:
 
     def logprobs(self, batch: Batch) -> Batch:
         """The trainer's log-probs of the sampled tokens before the update (PPO's old log-probs)."""
-        temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
+        temp = self.cfg.logprob_temperature
         return Batch({"old_logp": _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp,
                                                   self.cfg.train.max_tokens)})
 
     def ref_logprobs(self, batch: Batch) -> Batch:
         """The reference's log-probs: the base with the adapters disabled (no second copy)."""
-        temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
+        temp = self.cfg.logprob_temperature
         with self.raw.disable_adapter():
             return Batch({"ref_logp": _response_logps(self.raw, batch["prompt_ids"], batch["response_ids"], temp,
                                                       self.cfg.train.max_tokens)})
@@ -403,7 +408,7 @@ class ActorWorker:
         from posttrain.train.objectives import label_token_logps
 
         cfg, a = self.cfg, self.cfg.algo
-        temp = 1.0 if cfg.rollout.greedy else cfg.rollout.temperature
+        temp = cfg.logprob_temperature
         kl_coef = float(batch["kl_coef"][0]) if "kl_coef" in batch.tensors else a.kl_coef
         kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
 
@@ -459,7 +464,7 @@ class ReferenceWorker:
         self.model.eval().requires_grad_(False)
 
     def ref_logprobs(self, batch: Batch) -> Batch:
-        temp = 1.0 if self.cfg.rollout.greedy else self.cfg.rollout.temperature
+        temp = self.cfg.logprob_temperature
         return Batch({"ref_logp": _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp,
                                                   self.cfg.train.max_tokens)})
 
@@ -689,6 +694,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     from posttrain.eval.report import metric_curves
     from posttrain.models import resolve_model_path
     from posttrain.rl.algorithms import AdaptiveKL
+    from posttrain.rl.rollout import prompt_batches, reward_ends
     from posttrain.stage import content_hash, prepare_run_dir, write_manifest
     from posttrain.train.loop import MetricsLog
     from posttrain.train.sft import write_reports
@@ -716,23 +722,14 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     if held is not None:
         before.update(held_out_reward(groups, held, held_tokens))
     kl = AdaptiveKL(cfg.algo.kl_coef, cfg.algo.kl_target)
-    order = list(range(len(records)))
-    rng = random.Random(cfg.train.seed)
-    rng.shuffle(order)
-    cursor, history = 0, []
+    history: list[dict] = []
+    rounds = prompt_batches(records, cfg.rollout.prompts_per_step, cfg.train.seed)
     log = MetricsLog(run_dir, None, enabled=True)
     k = cfg.rollout.samples_per_prompt
     bar = tqdm(range(cfg.train.max_steps), desc=cfg.stage, disable=not cfg.train.progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        chosen = []
-        for _ in range(cfg.rollout.prompts_per_step):
-            if cursor == len(order):
-                rng.shuffle(order)
-                cursor = 0
-            chosen.append(records[order[cursor]])
-            cursor += 1
-        batch, m = rl_step(groups, cfg, prompt_batch(chosen, k), kl.value, seed=cfg.train.seed * 100_003 + step)
+        batch, m = rl_step(groups, cfg, prompt_batch(next(rounds), k), kl.value, seed=cfg.train.seed * 100_003 + step)
         row = {"step": step + 1, "reward": batch["scores"].mean().item(), "kl_coef": kl.value,
                "response_length": batch["mask"].sum(1).mean().item(), "loss": m["actor/loss"], **m}
         for name in batch.tensors:
@@ -757,9 +754,8 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     plots.mkdir(exist_ok=True)
     metric_curves(log.path, plots / f"{cfg.stage}.png", ["reward", "kl", "response_length", "actor/loss"])
     write_reports(run_dir, before, after)
+    first, last = reward_ends(history)
     n5 = min(5, len(history))
-    first = sum(h["reward"] for h in history[:n5]) / n5
-    last = sum(h["reward"] for h in history[-n5:]) / n5
     print(f"mean reward of fresh samples: first {n5} steps {first:.3f} -> last {n5} steps {last:.3f}")
     phases = [k for k in history[0] if k.startswith("time/")]
     timing = {p: sum(h[p] for h in history) / len(history) for p in phases}

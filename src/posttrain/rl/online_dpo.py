@@ -12,7 +12,6 @@ step, so the curve shows the policy improving on its own samples.
 from __future__ import annotations
 
 import copy
-import random
 import time
 from typing import Any, Literal
 
@@ -121,7 +120,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     from posttrain.generate.engine import GenerationConfig, generate
     from posttrain.models import load_model, resolve_model_path, save_model
     from posttrain.rl.rewards import build_reward
-    from posttrain.rl.rollout import RolloutModel
+    from posttrain.rl.rollout import RolloutModel, prompt_batches, reward_ends
     from posttrain.stage import content_hash, prepare_run_dir, write_manifest
     from posttrain.train.loop import MetricsLog, build_optimizer, lr_lambda, optimizer_step
     from posttrain.train.sft import evaluate_all, write_reports
@@ -153,21 +152,13 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     s = cfg.sampling
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,
                            top_k=s.top_k, chat=True)
-    order = list(range(len(records)))
-    rng = random.Random(cfg.train.seed)
-    rng.shuffle(order)
-    cursor, history = 0, []
+    history: list[dict] = []
+    rounds = prompt_batches(records, s.prompts_per_step, cfg.train.seed)
     log = MetricsLog(run_dir, None, enabled=True)  # metrics.jsonl + TensorBoard, as the offline loop
     bar = tqdm(range(cfg.train.max_steps), desc="online dpo", disable=not cfg.train.progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        batch_records = []
-        for _ in range(s.prompts_per_step):
-            if cursor == len(order):
-                rng.shuffle(order)
-                cursor = 0
-            batch_records.append(records[order[cursor]])
-            cursor += 1
+        batch_records = next(rounds)
         prompts = [r["prompt"] for r in batch_records]
         flat_prompts = [p for p in prompts for _ in range(s.samples_per_prompt)]
         flat_records = [r for r in batch_records for _ in range(s.samples_per_prompt)]
@@ -210,8 +201,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     plots.mkdir(exist_ok=True)
     metric_curves(log.path, plots / "online_dpo.png", ["reward", "reward_best", "loss", "pairs"])
     write_reports(run_dir, before, after)
-    first = sum(h["reward"] for h in history[:5]) / len(history[:5])
-    last = sum(h["reward"] for h in history[-5:]) / len(history[-5:])
+    first, last = reward_ends(history)
     print(f"mean judged reward of fresh samples: first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
     outputs = {"steps": len(history), "reward_first5": first, "reward_last5": last, "eval_before": before,
                "eval_after": after, "trainable": summary,

@@ -15,6 +15,8 @@ into the weights (DoRA, IA3, prompt tuning, bottleneck), sample from the policy 
 from __future__ import annotations
 
 import copy
+import random
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -84,3 +86,26 @@ class RolloutModel:
                 if adapter in layer.lora_A and not layer.disable_adapters:
                     delta += layer.get_delta_weight(adapter).float()
             target.weight.copy_(base.float() + delta)
+
+
+def prompt_batches(records: list[dict], per_step: int, seed: int) -> Iterator[list[dict]]:
+    """`per_step` records per rollout round, endlessly: a seeded shuffle, reshuffled when used up."""
+    order = list(range(len(records)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    cursor = 0
+    while True:
+        batch = []
+        for _ in range(per_step):
+            if cursor == len(order):
+                rng.shuffle(order)
+                cursor = 0
+            batch.append(records[order[cursor]])
+            cursor += 1
+        yield batch
+
+
+def reward_ends(history: list[dict], n: int = 5) -> tuple[float, float]:
+    """Mean fresh-sample reward of the first and of the last n rounds (the run's headline)."""
+    n = min(n, len(history))
+    return (sum(h["reward"] for h in history[:n]) / n, sum(h["reward"] for h in history[-n:]) / n)
