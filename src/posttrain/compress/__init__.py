@@ -1,0 +1,1 @@
+"""Compression: quantization (PTQ, QAT), pruning, distillation, export."""
