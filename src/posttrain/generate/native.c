@@ -40,6 +40,14 @@ typedef struct {
     const float *const *bqkv, *const *bo, *const *bgu, *const *bdown; /* NULL entries: no bias */
     void *const *kcache, *const *vcache; /* per layer [n_seq, max_len, n_kv, head_dim] */
     const float *cos, *sin;              /* [max_len, head_dim] */
+    /* integer weights (dtype must be bf16): wtype 2 int8 (symmetric), 3 int4 (scale and minimum),
+     * packed like bf16 but one byte per value (int8) or two values per byte (int4: [N/16][K/2][16],
+     * even k in the low nibble); fp16 scales/minimums [N/16][K/group][16]; qgroup 0 = per channel */
+    int wtype, head_wtype, qgroup;
+    const uint16_t *const *sqkv, *const *so, *const *sgu, *const *sdown; /* scales */
+    const uint16_t *const *mqkv, *const *mo, *const *mgu, *const *mdown; /* int4 minimums */
+    const uint16_t *head_scale;   /* int8 head: [vocab/16][1][16] */
+    const float *embed_scale;     /* int8 embedding rows: [vocab] (NULL: embed is in dtype) */
 } Model;
 
 /* ------------------------------------------------------------------ helpers */
@@ -128,11 +136,92 @@ static const tile_bf16_fn TILES_BF16[MB + 1] = {NULL, tile_bf16_1, tile_bf16_2, 
 static const tile_f32_fn TILES_F32[MB + 1] = {NULL, tile_f32_1, tile_f32_2, tile_f32_3, tile_f32_4,
                                               tile_f32_5, tile_f32_6, tile_f32_7, tile_f32_8};
 
+/* Integer weights, converted to bf16 pairs in registers and fed to the same vdpbf16ps as the
+ * bf16 path (int8 and int4 values are exact in bf16). A group's products are summed, then
+ * scaled: y += s_g * sum(q x) (+ min_g * sum_g(x) for int4). Rows still accumulate in a fixed
+ * order whatever R is. */
+static inline __m512bh i8x32_to_bf16(const int8_t *p) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+static inline __m512bh u4x32_to_bf16(const uint8_t *p, __m512i table) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    /* lane = q_even | q_odd << 16, then each 16-bit index -> bf16(index) */
+    const __m512i idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
+    return (__m512bh)_mm512_permutexvar_epi16(idx, table);
+}
+
+static inline __m512 f16x16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+#define DEFINE_QTILES(R)                                                                                   \
+    static inline void tile_q_##R(int wt, const uint8_t *w, const uint16_t *sc, const uint16_t *mn,         \
+                                  const uint32_t *x, const float *xsum, int kp, int gp, int xs, __m512 *out) { \
+        __m512 tot[R];                                                                                     \
+        const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,             \
+            0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0,         \
+            0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);                                                       \
+        const int ng = kp / gp, bytes = wt == 2 ? 32 : 16;                                                 \
+        for (int i = 0; i < R; i++) tot[i] = _mm512_setzero_ps();                                          \
+        for (int g = 0; g < ng; g++) {                                                                     \
+            __m512 acc[R];                                                                                 \
+            for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();                                      \
+            for (int p = g * gp; p < (g + 1) * gp; p++) {                                                  \
+                const uint8_t *wp = w + (long)p * bytes;                                                   \
+                _mm_prefetch((const char *)wp + PREFETCH, _MM_HINT_T0);                                    \
+                const __m512bh wv = wt == 2 ? i8x32_to_bf16((const int8_t *)wp) : u4x32_to_bf16(wp, table); \
+                for (int i = 0; i < R; i++)                                                                \
+                    acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_set1_epi32(x[i * xs + p]));     \
+            }                                                                                              \
+            const __m512 s = f16x16(sc + g * 16);                                                          \
+            for (int i = 0; i < R; i++) tot[i] = _mm512_fmadd_ps(acc[i], s, tot[i]);                       \
+            if (mn) {                                                                                      \
+                const __m512 m = f16x16(mn + g * 16);                                                      \
+                for (int i = 0; i < R; i++) tot[i] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[i * ng + g]), m, tot[i]); \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int i = 0; i < R; i++) out[i] = tot[i];                                                       \
+    }
+DEFINE_QTILES(1)
+DEFINE_QTILES(2)
+DEFINE_QTILES(3)
+DEFINE_QTILES(4)
+DEFINE_QTILES(5)
+DEFINE_QTILES(6)
+DEFINE_QTILES(7)
+DEFINE_QTILES(8)
+typedef void (*tile_q_fn)(int, const uint8_t *, const uint16_t *, const uint16_t *, const uint32_t *, const float *,
+                          int, int, int, __m512 *);
+static const tile_q_fn TILES_Q[MB + 1] = {NULL, tile_q_1, tile_q_2, tile_q_3, tile_q_4,
+                                          tile_q_5, tile_q_6, tile_q_7, tile_q_8};
+
+typedef struct {
+    int wt;              /* 0: the model dtype, 2 int8, 3 int4 */
+    int group;           /* inputs per scale, 0 = all K */
+    const uint16_t *sc;  /* scales */
+    const uint16_t *mn;  /* int4 minimums */
+} Quant;
+
+/* sum of each group of bf16 inputs per row (int4 minimums multiply it); xsum [M][K/group] */
+static void group_sums(const uint16_t *X, float *xsum, int M, int K, int group) {
+    const int ng = K / group;
+#pragma omp for schedule(static)
+    for (int t = 0; t < M * ng; t++) {
+        const int m = t / ng, g = t % ng;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < group; i += 16) acc = _mm512_add_ps(acc, bf16x16_to_f32(X + (long)m * K + g * group + i));
+        xsum[t] = _mm512_reduce_add_ps(acc);
+    }
+}
+
 /* Y[m, n] (+)= X[m, :] . W[n, :] + bias[n]; X is [M, K] in the model dtype, Y fp32 with row stride ldy.
  * Called inside a parallel region: output blocks are split across threads. */
 static void matmul(int dt, const void *W, const float *bias, const void *X, float *Y, int ldy, int M, int N, int K,
-                   int accumulate) {
+                   int accumulate, Quant q, float *xsum) {
     const int nb = (N + 15) / 16;
+    const int group = q.group ? q.group : K, ng = K / group;
+    if (q.wt == 3) group_sums((const uint16_t *)X, xsum, M, K, group);
 #pragma omp for schedule(static)
     for (int b = 0; b < nb; b++) {
         const int valid = N - b * 16 < 16 ? N - b * 16 : 16;
@@ -141,7 +230,12 @@ static void matmul(int dt, const void *W, const float *bias, const void *X, floa
         for (int m0 = 0; m0 < M; m0 += MB) {
             const int mm = M - m0 < MB ? M - m0 : MB;
             __m512 acc[MB];
-            if (dt)
+            if (q.wt)
+                TILES_Q[mm](q.wt, (const uint8_t *)W + (long)b * 16 * K / (q.wt == 3 ? 2 : 1), q.sc + (long)b * 16 * ng,
+                            q.mn ? q.mn + (long)b * 16 * ng : NULL,
+                            (const uint32_t *)((const uint16_t *)X + (long)m0 * K), xsum + (long)m0 * ng, K / 2,
+                            group / 2, K / 2, acc);
+            else if (dt)
                 TILES_BF16[mm]((const uint16_t *)W + (long)b * 16 * K,
                                (const uint32_t *)((const uint16_t *)X + (long)m0 * K), K / 2, K / 2, acc);
             else
@@ -284,6 +378,9 @@ static void to_input(int dt, const float *src, void *dst, int M, int n) {
 
 /* ------------------------------------------------------------------ forward */
 
+#define QUANT(name) ((Quant){md->wtype, md->qgroup, md->wtype ? md->s##name[l] : NULL, \
+                              md->wtype == 3 ? md->m##name[l] : NULL})
+
 int pt_forward(const Model *md, int M, const int64_t *tokens, const int *seq, const int *pos, int n_out,
                const int *out_rows, float *logits) {
     const int H = md->hidden, I = md->inter, hd = md->head_dim, dt = md->dtype;
@@ -304,8 +401,10 @@ int pt_forward(const Model *md, int M, const int64_t *tokens, const int *seq, co
     int nt = md->n_threads > 0 ? md->n_threads : 1;
     float *scores = malloc(sizeof(float) * (size_t)nt * md->max_len);
     float *xo = malloc(sizeof(float) * (size_t)(n_out > 0 ? n_out : 1) * H);
-    if (!x || !tmp || !big || !in || !scores || !xo) {
-        free(x); free(tmp); free(big); free(in); free(scores); free(xo);
+    /* int4 group sums: the widest input (I) over the smallest group */
+    float *xsum = malloc(sizeof(float) * (size_t)(M > n_out ? M : n_out) * (md->qgroup ? in_w / md->qgroup + 1 : 1));
+    if (!x || !tmp || !big || !in || !scores || !xo || !xsum) {
+        free(x); free(tmp); free(big); free(in); free(scores); free(xo); free(xsum);
         return 4;
     }
 #pragma omp parallel num_threads(nt)
@@ -313,25 +412,34 @@ int pt_forward(const Model *md, int M, const int64_t *tokens, const int *seq, co
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) {
             float *xr = x + (long)m * H;
-            for (int i = 0; i < H; i += 16) _mm512_storeu_ps(xr + i, load16(dt, md->embed, tokens[m] * (long)H + i));
+            if (md->embed_scale) {
+                const int8_t *e = (const int8_t *)md->embed + tokens[m] * (long)H;
+                const __m512 s = _mm512_set1_ps(md->embed_scale[tokens[m]]);
+                for (int i = 0; i < H; i += 16)
+                    _mm512_storeu_ps(xr + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                        _mm_loadu_si128((const __m128i *)(e + i)))), s));
+            } else {
+                for (int i = 0; i < H; i += 16) _mm512_storeu_ps(xr + i, load16(dt, md->embed, tokens[m] * (long)H + i));
+            }
         }
         for (int l = 0; l < md->n_layers; l++) {
             rmsnorm(dt, x, md->attn_norm[l], md->eps, in, M, H, tmp);
-            matmul(dt, md->wqkv[l], md->bqkv[l], in, big, qkv_w, M, qkv_w, H, 0);
+            matmul(dt, md->wqkv[l], md->bqkv[l], in, big, qkv_w, M, qkv_w, H, 0, QUANT(qkv), xsum);
             store_kv(md, l, big, seq, pos, M);
             attention(md, l, big, seq, pos, M, tmp, scores);
             to_input(dt, tmp, in, M, q_w);
-            matmul(dt, md->wo[l], md->bo[l], in, x, H, M, H, q_w, 1);
+            matmul(dt, md->wo[l], md->bo[l], in, x, H, M, H, q_w, 1, QUANT(o), xsum);
             rmsnorm(dt, x, md->mlp_norm[l], md->eps, in, M, H, tmp);
-            matmul(dt, md->wgu[l], md->bgu[l], in, big, 2 * I, M, 2 * I, H, 0);
+            matmul(dt, md->wgu[l], md->bgu[l], in, big, 2 * I, M, 2 * I, H, 0, QUANT(gu), xsum);
             swiglu(dt, big, in, M, I);
-            matmul(dt, md->wdown[l], md->bdown[l], in, x, H, M, H, I, 1);
+            matmul(dt, md->wdown[l], md->bdown[l], in, x, H, M, H, I, 1, QUANT(down), xsum);
         }
 #pragma omp for schedule(static)
         for (int r = 0; r < n_out; r++) memcpy(xo + (long)r * H, x + (long)out_rows[r] * H, sizeof(float) * H);
         rmsnorm(dt, xo, md->final_norm, md->eps, in, n_out, H, tmp);
-        matmul(dt, md->head, NULL, in, logits, md->vocab, n_out, md->vocab, H, 0);
+        const Quant hq = {md->head_wtype, 0, md->head_scale, NULL};
+        matmul(dt, md->head, NULL, in, logits, md->vocab, n_out, md->vocab, H, 0, hq, xsum);
     }
-    free(x); free(tmp); free(big); free(in); free(scores); free(xo);
+    free(x); free(tmp); free(big); free(in); free(scores); free(xo); free(xsum);
     return 0;
 }

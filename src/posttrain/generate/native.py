@@ -85,7 +85,31 @@ class _Model(ctypes.Structure):
         ("eps", ctypes.c_float), ("max_len", ctypes.c_int), ("n_seq", ctypes.c_int), ("n_threads", ctypes.c_int)] + [
         (name, ctypes.c_void_p) for name in
         ("embed", "final_norm", "head", "attn_norm", "mlp_norm", "wqkv", "wo", "wgu", "wdown",
-         "bqkv", "bo", "bgu", "bdown", "kcache", "vcache", "cos", "sin")]
+         "bqkv", "bo", "bgu", "bdown", "kcache", "vcache", "cos", "sin")] + [
+        (name, ctypes.c_int) for name in ("wtype", "head_wtype", "qgroup")] + [
+        (name, ctypes.c_void_p) for name in
+        ("sqkv", "so", "sgu", "sdown", "mqkv", "mo", "mgu", "mdown", "head_scale", "embed_scale")]
+WTYPES = {"int8": 2, "int4": 3}
+
+
+def quant_layout(model) -> tuple[str | None, int | None, str | None]:
+    """(mode, group size, why not) of the decoder's projections: all float (None) or all one integer mode."""
+    from posttrain.compress.quantize import QuantLinear
+
+    base = base_model(model)
+    modes = set()
+    for layer in base.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            modes.add((lin.mode, lin.group_size) if isinstance(lin, QuantLinear) else (None, None))
+    if len(modes) > 1:
+        return None, None, "the projections mix quantized and float (or differently quantized) layers"
+    mode, group = modes.pop()
+    if mode == "int8dyn":
+        return None, None, "int8 dynamic activations run on the PyTorch path"
+    if mode is not None and group and (group % 32 or group < 32):
+        return None, None, f"group size {group} is not a multiple of 32"
+    return mode, group, None
 
 
 def unsupported_reason(model) -> str | None:
@@ -110,6 +134,11 @@ def unsupported_reason(model) -> str | None:
     dtypes = {p.dtype for p in params}
     if dtypes not in ({torch.float32}, {torch.bfloat16}):
         return f"parameters must be all fp32 or all bf16, got {sorted(map(str, dtypes))}"
+    mode, _, why = quant_layout(model)
+    if why:
+        return why
+    if mode is not None and dtypes != {torch.bfloat16}:
+        return "quantized weights run with bf16 activations: load the model with dtype bf16"
     flags = cpu_flags()
     need = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} | ({"avx512_bf16"} if torch.bfloat16 in dtypes else set())
     if not need <= flags:
@@ -134,8 +163,28 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(-1, 16, k).permute(0, 2, 1).contiguous()
 
 
+def _pack_q(q: torch.Tensor, int4: bool) -> torch.Tensor:
+    """int8 [N, K] -> [N/16, K/2, 16, 2]; packed int4 [N, K/2] -> [N/16, K/2, 16] (N padded with zeros)."""
+    n, k = q.shape
+    pad = (-n) % 16
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+    if int4:
+        return q.reshape(-1, 16, k).permute(0, 2, 1).contiguous()
+    return q.reshape(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _pack_scale(s: torch.Tensor) -> torch.Tensor:
+    """fp16 [N, G] -> raw fp16 bits [N/16, G, 16] (the C side converts with vcvtph2ps)."""
+    n, g = s.shape
+    pad = (-n) % 16
+    if pad:
+        s = torch.cat([s, s.new_zeros(pad, g)])
+    return s.to(torch.float16).reshape(-1, 16, g).permute(0, 2, 1).contiguous().view(torch.int16)
+
+
 def _signature(model) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    return tuple((p.data_ptr(), p._version) for p in [*model.parameters(), *model.buffers()])
 
 
 def _ptrs(tensors) -> ctypes.Array:
@@ -169,30 +218,62 @@ class NativeLM:
             return f32(torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
                                   for lin in linears]))
 
-        def packed(*linears):
-            t = _pack(torch.cat([lin.weight.detach() for lin in linears]))
+        from posttrain.compress.quantize import QuantEmbedding, QuantLinear
+
+        mode, group, _ = quant_layout(model)
+        self.wtype, self.qgroup = WTYPES.get(mode, 0), group or 0
+        scales: dict[str, list] = {k: [] for k in ("sqkv", "so", "sgu", "sdown", "mqkv", "mo", "mgu", "mdown")}
+
+        def packed(*linears, slot: str | None = None):
+            if isinstance(linears[0], QuantLinear):
+                t = _pack_q(torch.cat([lin.qweight for lin in linears]), linears[0].mode == "int4")
+                sc = _pack_scale(torch.cat([lin.scale for lin in linears]))
+                keep.append(sc)
+                if slot:
+                    scales["s" + slot].append(sc)
+                if linears[0].mode == "int4":
+                    mn = _pack_scale(torch.cat([lin.minimum for lin in linears]))
+                    keep.append(mn)
+                    scales["m" + slot].append(mn)
+            else:
+                t = _pack(torch.cat([lin.weight.detach() for lin in linears]))
             keep.append(t)
             return t
 
         attn = [layer.self_attn for layer in layers]
         mlp = [layer.mlp for layer in layers]
-        self.embed = base.model.embed_tokens.weight.detach().contiguous()
+        emb = base.model.embed_tokens
+        self.embed_scale = None
+        if isinstance(emb, QuantEmbedding):
+            self.embed = emb.qweight.contiguous()
+            self.embed_scale = f32(emb.scale[:, 0])
+        else:
+            self.embed = emb.weight.detach().contiguous()
         keep.append(self.embed)
         self.arrays = {
             "attn_norm": _ptrs([f32(layer.input_layernorm.weight) for layer in layers]),
             "mlp_norm": _ptrs([f32(layer.post_attention_layernorm.weight) for layer in layers]),
-            "wqkv": _ptrs([packed(a.q_proj, a.k_proj, a.v_proj) for a in attn]),
+            "wqkv": _ptrs([packed(a.q_proj, a.k_proj, a.v_proj, slot="qkv") for a in attn]),
             "bqkv": _ptrs([bias(a.q_proj, a.k_proj, a.v_proj) for a in attn]),
-            "wo": _ptrs([packed(a.o_proj) for a in attn]),
+            "wo": _ptrs([packed(a.o_proj, slot="o") for a in attn]),
             "bo": _ptrs([bias(a.o_proj) for a in attn]),
-            "wgu": _ptrs([packed(m.gate_proj, m.up_proj) for m in mlp]),
+            "wgu": _ptrs([packed(m.gate_proj, m.up_proj, slot="gu") for m in mlp]),
             "bgu": _ptrs([bias(m.gate_proj, m.up_proj) for m in mlp]),
-            "wdown": _ptrs([packed(m.down_proj) for m in mlp]),
+            "wdown": _ptrs([packed(m.down_proj, slot="down") for m in mlp]),
             "bdown": _ptrs([bias(m.down_proj) for m in mlp]),
         }
+        self.arrays.update({k: _ptrs(v) for k, v in scales.items() if v})
         if base.lm_head.bias is not None:
             raise NativeError("an LM head with a bias is not supported")
-        self.head = packed(base.lm_head)
+        head = base.lm_head
+        self.head_wtype, self.head_scale = 0, None
+        if isinstance(head, QuantLinear):
+            if head.mode != "int8" or head.group_size:
+                raise NativeError(f"an LM head quantized as {head.mode} (group {head.group_size}) is not supported")
+            self.head_wtype = 2
+            self.head_scale = _pack_scale(head.scale)
+            keep.append(self.head_scale)
+        self.head = packed(head)
         self.final_norm = f32(base.model.norm.weight)
         self.keep = keep
         self.vocab = base.lm_head.out_features
@@ -215,6 +296,9 @@ class NativeLM:
                    n_threads=torch.get_num_threads())
         m.embed, m.final_norm, m.head = self.embed.data_ptr(), self.final_norm.data_ptr(), self.head.data_ptr()
         m.cos, m.sin = self.cos.data_ptr(), self.sin.data_ptr()
+        m.wtype, m.head_wtype, m.qgroup = self.wtype, self.head_wtype, self.qgroup
+        m.head_scale = self.head_scale.data_ptr() if self.head_scale is not None else None
+        m.embed_scale = self.embed_scale.data_ptr() if self.embed_scale is not None else None
         for name, arr in {**self.arrays, **self.cache_arrays}.items():
             setattr(m, name, ctypes.cast(arr, ctypes.c_void_p))
         self.struct = m
