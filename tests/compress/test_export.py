@@ -1,0 +1,359 @@
+"""GGUF and merged-HF export: round trips through transformers' loaders.
+
+Most tests use a tiny Llama over a 300-token byte-level BPE trained here: transformers'
+GGUF loader parses every vocabulary entry twice in Python (~4 s for the default 49k
+vocabulary), so the default tokenizer is used only where the tokenizer itself is tested.
+
+The test model has its q/k/gate/up weights scaled 10x from the usual init (std 0.02 -> 0.2).
+At the usual init, attention is nearly uniform and the MLP nearly linear, so a GGUF
+written without the q/k permutation, or with gate/up swapped, changed the logits by
+only 0.006-0.01 -- as much as Q8_0 rounding itself (measured). Scaled, the same mistakes
+move the logits by 0.73-1.02 while the formats' own errors stay small.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import posttrain.compress.export as export
+from posttrain.compress.export import (ExportConfig, export_gguf, export_hf, load_gguf, logits_diff, permute_qk,
+                                       run_export, verify_gguf)
+from posttrain.config import build_config
+from posttrain.models import save_model, tiny_model
+
+# Max |logit diff| vs the fp32 source on CHECK_TEXT (118 tokens, logits |x| <= 0.7), with the
+# measured value over seeds 0-2 of the test model. Bounds are ~3x the worst measurement; a
+# missing q/k permutation or swapped gate/up gives >= 0.73, above every bound.
+TOLERANCE = {
+    "f32": 1e-5,   # same fp32 numbers, same kernels: measured 0.0
+    "f16": 4e-3,   # 11-bit mantissa, rel. error <= 2^-11 per weight: measured 0.95e-3 .. 1.3e-3
+    "bf16": 3e-2,  # 8-bit mantissa, rel. error <= 2^-8: measured 7.7e-3 .. 1.0e-2
+    "q8_0": 0.1,   # int8 per 32-value block, error <= block max / 254: measured 0.027 .. 0.036
+}
+ROOT = Path(__file__).resolve().parents[2]
+GENERAL_TEXT = ROOT / "data" / "general" / "text.jsonl"
+WRONG = 0.5  # a wrong layout must move the logits at least this much (measured >= 0.73)
+
+TEXTS = [
+    "The water cycle moves water between the oceans, the air and the land.",
+    "Plants turn light into chemical energy; 6 CO2 + 6 H2O -> C6H12O6 + 6 O2.",
+    "<|im_start|>user\nWhat is 12 * 7?<|im_end|>\n<|im_start|>assistant\n84<|im_end|>",
+]
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    """A 300-token byte-level BPE with the default model's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from posttrain.eval.tasks import load_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(load_texts(GENERAL_TEXT), trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                      unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    wrapped.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                             "{% endfor %}")
+    return wrapped
+
+
+def sharp(tokenizer, seed: int = 0, **kwargs):
+    """tiny_model with q/k/gate/up scaled 10x, so attention and MLP are far from uniform/linear."""
+    model = tiny_model(tokenizer, seed=seed, **kwargs)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+                module.weight.mul_(10)
+    return model.eval()
+
+
+@pytest.mark.parametrize("qtype", ["f32", "f16", "bf16", "q8_0"])
+def test_gguf_round_trip_matches_source_logits(bpe, tmp_path, qtype):
+    model = sharp(bpe)
+    result = export_gguf(model, bpe, tmp_path / f"m-{qtype}.gguf", qtype)
+    check = verify_gguf(model, bpe, result, TEXTS)
+    assert check["max_abs_logit_diff"] <= TOLERANCE[qtype], check
+    assert check["tokenizer_match"]
+    assert check["ppl_gguf"] == pytest.approx(check["ppl_source"], rel=0.01)
+    assert result.fallbacks == {}
+
+
+@pytest.mark.parametrize("mistake", ["no q/k permutation", "gate and up swapped"])
+def test_a_wrong_layout_fails_the_q8_0_bound(bpe, tmp_path, monkeypatch, mistake):
+    """The tolerances above are tight enough to catch the mistakes an exporter makes."""
+    model = sharp(bpe)
+    if mistake == "no q/k permutation":
+        monkeypatch.setattr(export, "permute_qk", lambda weight, n_head: weight)
+    else:
+        swapped = dict(export.LAYER_TENSORS, **{"mlp.gate_proj.weight": "ffn_up.weight",
+                                                "mlp.up_proj.weight": "ffn_gate.weight"})
+        monkeypatch.setattr(export, "LAYER_TENSORS", swapped)
+    export_gguf(model, bpe, tmp_path / "wrong.gguf", "f32")
+    reloaded, _ = load_gguf(tmp_path / "wrong.gguf")
+    ids = torch.tensor([bpe(export.CHECK_TEXT)["input_ids"]])
+    assert logits_diff(model, reloaded, ids) > max(WRONG, 5 * TOLERANCE["q8_0"])
+
+
+def test_permute_qk_is_undone_by_transformers():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    undo = LlamaTensorProcessor(config={})._reverse_permute_weights
+    q = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)  # 4 heads of 16
+    k = np.arange(32 * 8, dtype=np.float32).reshape(32, 8)  # 2 kv heads
+    assert not np.array_equal(permute_qk(q, 4), q)
+    np.testing.assert_array_equal(undo(permute_qk(q, 4), 4, 4), q)
+    np.testing.assert_array_equal(undo(permute_qk(k, 2), 4, 2), k)
+    # per head, llama.cpp interleaves the two rotary halves: rows 0, 8, 1, 9, ... of head 0
+    assert permute_qk(q, 4)[:4, 0].tolist() == [q[0, 0], q[8, 0], q[1, 0], q[9, 0]]
+
+
+def test_gguf_metadata_and_tensor_types(bpe, tmp_path):
+    model = sharp(bpe)
+    export_gguf(model, bpe, tmp_path / "m.gguf", "q8_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    cfg = model.config
+    assert field["general.architecture"] == "llama"
+    assert field["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert (field["llama.block_count"], field["llama.embedding_length"], field["llama.feed_forward_length"],
+            field["llama.attention.head_count"], field["llama.attention.head_count_kv"], field["llama.context_length"],
+            field["llama.rope.dimension_count"], field["llama.vocab_size"]) == (2, 64, 128, 4, 2, 2048, 16, len(bpe))
+    assert field["llama.rope.freq_base"] == pytest.approx(cfg.rope_parameters["rope_theta"])
+    assert field["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
+    assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt-2"
+    assert field["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert field["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]  # control, then normal
+    assert len(field["tokenizer.ggml.merges"]) == len(json.loads(bpe.backend_tokenizer.to_str())["model"]["merges"])
+    assert (field["tokenizer.ggml.bos_token_id"], field["tokenizer.ggml.eos_token_id"],
+            field["tokenizer.ggml.unknown_token_id"], field["tokenizer.ggml.padding_token_id"]) == (1, 2, 0, 2)
+    assert field["tokenizer.ggml.add_bos_token"] is False
+    assert field["tokenizer.chat_template"] == bpe.chat_template
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert len(kinds) == 1 + 2 * 9 + 1 and "output.weight" not in kinds  # tied embeddings
+    assert {kinds[n] for n in kinds if "norm" in n} == {"F32"}
+    assert {kinds[n] for n in kinds if "norm" not in n} == {"Q8_0"}
+
+
+def test_untied_embeddings_write_output_weight(bpe, tmp_path):
+    model = sharp(bpe)
+    model.config.tie_word_embeddings = False
+    embedding = model.model.embed_tokens.weight.detach()
+    model.lm_head.weight = nn.Parameter(embedding.flip(0).clone())  # distinct, same scale as the tolerances
+    result = export_gguf(model, bpe, tmp_path / "u.gguf", "f16")
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(result.path).tensors}
+    assert verify_gguf(model, bpe, result)["max_abs_logit_diff"] <= TOLERANCE["f16"]
+
+
+def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32(bpe, tmp_path):
+    model = sharp(bpe, hidden=48, heads=4, kv_heads=2, intermediate=96)  # rows of 48: no Q8_0 blocks
+    result = export_gguf(model, bpe, tmp_path / "odd.gguf", "q8_0")
+    assert "blk.0.attn_q.weight" in result.fallbacks and "F16" in result.fallbacks["blk.0.attn_q.weight"]
+    assert "blk.0.ffn_down.weight" not in result.fallbacks  # rows of 96 = 3 blocks
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(result.path).tensors}
+    assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.ffn_down.weight"] == "Q8_0"
+    assert verify_gguf(model, bpe, result)["max_abs_logit_diff"] <= TOLERANCE["q8_0"]
+
+
+def test_peft_adapter_is_merged_and_bf16_weights_export(bpe, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = sharp(bpe)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    ids = torch.tensor([bpe(export.CHECK_TEXT)["input_ids"]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        assert (want - sharp(bpe)(input_ids=ids).logits).abs().max() > WRONG  # the adapter matters
+    export_gguf(peft_model, bpe, tmp_path / "lora.gguf", "f32")
+    reloaded, _ = load_gguf(tmp_path / "lora.gguf")
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - want).abs().max() <= 1e-4  # merge rounding only
+
+    bf16 = sharp(bpe).to(torch.bfloat16)
+    result = export_gguf(bf16, bpe, tmp_path / "bf16.gguf", "f16")  # bf16 values fit F16 nearly exactly
+    reference = sharp(bpe)  # fp32 holding the bf16-rounded weights (`bf16.float()` would keep a bf16 RoPE table)
+    reference.load_state_dict(bf16.state_dict())
+    assert verify_gguf(reference, bpe, result)["max_abs_logit_diff"] <= TOLERANCE["f16"]
+
+
+def test_default_tokenizer_round_trips_through_gguf(tokenizer, tmp_path):
+    """The real 49k-vocabulary tokenizer: transformers rebuilds it from our metadata alone."""
+    export_gguf(tiny_model(tokenizer), tokenizer, tmp_path / "d.gguf", "q8_0")
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="d.gguf")
+    messages = [{"role": "user", "content": "Hi! What's 2+2?"}, {"role": "assistant", "content": "4."}]
+    samples = TEXTS + ["  spaces\tand\nnewlines, ünïcödé 日本語 🙂", tokenizer.apply_chat_template(messages, tokenize=False)]
+    for text in samples:
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 2)
+    assert loaded.chat_template == tokenizer.chat_template
+    assert loaded.decode(tokenizer(samples[3])["input_ids"]) == samples[3]
+
+
+def test_failed_write_leaves_no_file(bpe, tmp_path, monkeypatch):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old complete file")
+
+    def crash(self, *args, **kwargs):
+        self.fout[0].write(b"partial tensor data")
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", crash)
+    with pytest.raises(OSError, match="injected"):
+        export_gguf(sharp(bpe), bpe, target, "f16")
+    assert target.read_bytes() == b"old complete file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temp file left
+    with pytest.raises(OSError, match="injected"):
+        export_gguf(sharp(bpe), bpe, tmp_path / "new.gguf", "f16")
+    assert not (tmp_path / "new.gguf").exists()
+
+
+def test_bad_inputs_are_refused_with_clear_messages(bpe, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    model = sharp(bpe)
+    with pytest.raises(ValueError, match="qtype must be one of f32, f16, bf16, q8_0; got 'q4_k'"):
+        export_gguf(model, bpe, tmp_path / "m.gguf", "q4_k")
+    with pytest.raises(ValueError, match="must end in .gguf"):
+        export_gguf(model, bpe, tmp_path / "m.bin", "f16")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(bpe)))
+    with pytest.raises(ValueError, match="this model's type is 'gpt2'"):
+        export_gguf(gpt2, bpe, tmp_path / "m.gguf", "f16")
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=len(bpe), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               sliding_window=16))
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        export_gguf(mistral, bpe, tmp_path / "m.gguf", "f16")
+    word = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="byte-level BPE.*'WordLevel'"):
+        export_gguf(model, PreTrainedTokenizerFast(tokenizer_object=word), tmp_path / "m.gguf", "f16")
+    small = tiny_model(vocab_size=100)
+    with pytest.raises(ValueError, match="300 tokens but the embedding only 100 rows"):
+        export_gguf(small, bpe, tmp_path / "m.gguf", "f16")
+    assert not list(tmp_path.iterdir())
+
+
+class Int8Linear(nn.Module):
+    """Stands in for a quantized projection (int8 weight + per-row scale)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        scale = linear.weight.abs().amax(dim=1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(linear.weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return x @ (self.qweight.float() * self.scale).T
+
+
+def _quantize_q_proj(model):
+    for layer in model.model.layers:
+        layer.self_attn.q_proj = Int8Linear(layer.self_attn.q_proj)
+    return model
+
+
+def _fake_dequantize(model):
+    for layer in model.model.layers:
+        q = layer.self_attn.q_proj
+        linear = nn.Linear(q.qweight.shape[1], q.qweight.shape[0], bias=False)
+        linear.weight = nn.Parameter(q.qweight.float() * q.scale)
+        layer.self_attn.q_proj = linear
+    return model
+
+
+def test_quantized_projections_need_dequantize_model(bpe, tmp_path, monkeypatch):
+    model = _quantize_q_proj(sharp(bpe))
+    monkeypatch.setitem(__import__("sys").modules, "posttrain.compress.quantize", types.ModuleType("quantize"))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is a Int8Linear.*dequantize_model"):
+        export_gguf(model, bpe, tmp_path / "m.gguf", "f16")
+
+    fake = types.ModuleType("quantize")
+    fake.dequantize_model = _fake_dequantize
+    monkeypatch.setitem(__import__("sys").modules, "posttrain.compress.quantize", fake)
+    ids = torch.tensor([bpe(export.CHECK_TEXT)["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    export_gguf(model, bpe, tmp_path / "m.gguf", "f32")
+    reloaded, _ = load_gguf(tmp_path / "m.gguf")
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - want).abs().max() <= 1e-4
+
+
+def test_export_hf_merges_and_reloads_equal(bpe, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(sharp(bpe), LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    ids = torch.tensor([bpe(export.CHECK_TEXT)["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    out = export_hf(model, bpe, tmp_path / "hf", dtype="same")
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - want).abs().max() <= 1e-4
+    assert AutoTokenizer.from_pretrained(str(out))(TEXTS[0])["input_ids"] == bpe(TEXTS[0])["input_ids"]
+    export_hf(sharp(bpe), bpe, tmp_path / "bf16", dtype="bf16")
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+
+
+def test_run_export_writes_checked_outputs(bpe, tmp_path):
+    save_model(sharp(bpe), bpe, tmp_path / "src")
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    cfg = build_config(ExportConfig, overrides=[f"output_dir={tmp_path / 'run'}", f"model.name={tmp_path / 'src'}",
+                                                "formats=[gguf-f16, gguf-q8_0, hf]", f"check_data={data}"])
+    manifest = run_export(cfg)
+    run = tmp_path / "run"
+    assert manifest["stage"] == "export" and (run / "manifest.json").is_file() and (run / "config.yaml").is_file()
+    out = manifest["outputs"]
+    assert (run / "model-f16.gguf").is_file() and (run / "model-q8_0.gguf").is_file()
+    assert (run / "final" / "config.json").is_file()
+    for fmt, qtype in (("gguf-f16", "f16"), ("gguf-q8_0", "q8_0")):
+        check = out[fmt]["check"]
+        assert check["max_abs_logit_diff"] <= TOLERANCE[qtype] and check["tokenizer_match"]
+        assert check["ppl_gguf"] == pytest.approx(check["ppl_source"], rel=0.01)
+    assert out["gguf-q8_0"]["size_bytes"] < out["gguf-f16"]["size_bytes"]
+    assert out["hf"]["check"]["max_abs_logit_diff"] == 0.0
+    with pytest.raises(FileExistsError):
+        run_export(cfg)
+
+
+def test_export_config_validation():
+    with pytest.raises(ValueError, match="formats.0: must be one of"):
+        build_config(ExportConfig, overrides=["formats=[gguf-q4_k]"])
+    with pytest.raises(ValueError, match="listed twice"):
+        build_config(ExportConfig, overrides=["formats=[hf, hf]"])
+    with pytest.raises(ValueError, match="formats"):
+        build_config(ExportConfig, overrides=["formats=[]"])
+
+
+@pytest.mark.slow
+def test_default_model_q8_0_perplexity_within_one_percent(tmp_path):
+    from posttrain.eval.metrics import perplexity
+    from posttrain.eval.tasks import load_texts
+    from posttrain.models import load_model
+
+    model, tokenizer = load_model("default", dtype="fp32")
+    texts = load_texts(GENERAL_TEXT, limit=4)
+    result = export_gguf(model, tokenizer, tmp_path / "smollm2-q8_0.gguf", "q8_0")
+    assert result.fallbacks == {} and result.size_bytes < 160e6
+    reloaded, gguf_tokenizer = load_gguf(result)
+    source, exported = perplexity(model, tokenizer, texts), perplexity(reloaded, tokenizer, texts)
+    print(f"ppl source {source:.3f} q8_0 gguf {exported:.3f}, {result.size_bytes / 1e6:.1f} MB")
+    assert exported == pytest.approx(source, rel=0.01)
+    assert all(gguf_tokenizer(t)["input_ids"] == tokenizer(t)["input_ids"] for t in texts)
