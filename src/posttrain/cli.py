@@ -15,7 +15,13 @@ SECTIONS = {"sft": ("model, adapter, data, train, eval, ewc", "sft_lora"),
             "dpo": ("model, adapter, data, dpo, train, eval (incl. eval.win_rate)", "dpo"),
             "online-dpo": ("model, adapter, data, reward, sampling, dpo, train, eval, eval_every", "online_dpo"),
             **{v: ("backend, model, adapter, data, reward, rollout, algo, critic, train, eval, eval_every", v)
-               for v in ("ppo", "grpo", "rloo")}}
+               for v in ("ppo", "grpo", "rloo")},
+            "quantize": ("model, quant, qat, train, eval", "quantize_int8"),
+            "prune": ("model, method, calibration, recovery, train, eval", "prune_depth"),
+            "distill": ("model, teacher, adapter, data, distill, train, eval", "distill"),
+            "export": ("model, formats, check", "export"),
+            "scaling-fit": ("runs, held_out, output_dir", "scaling_fit")}
+COMPRESS_VERBS = ("quantize", "prune", "distill", "export", "scaling-fit")
 RL_VERBS = ("ppo", "grpo", "rloo")
 
 
@@ -82,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "ppo", "PPO (actor, critic with GAE, frozen reference, reward function; KL penalty)")
     _add_stage(sub, "grpo", "GRPO: k samples per prompt, group-relative advantages, KL (k3) in the loss")
     _add_stage(sub, "rloo", "RLOO: k samples per prompt, leave-one-out baseline")
+    _add_stage(sub, "quantize", "quantize weights: int8 / int4 PTQ, int8 dynamic activations, or QAT then convert")
+    _add_stage(sub, "prune", "prune: magnitude, Wanda, 2:4, depth (layers) or width (heads, MLP channels), "
+                             "with optional recovery training")
+    _add_stage(sub, "distill", "knowledge distillation: logit (forward/reverse KL, JSD), sequence-level, on-policy")
+    _add_stage(sub, "export", "export a model: merged HF directory, GGUF (F16, Q8_0) with a round-trip check")
+    _add_stage(sub, "scaling-fit", "fit the P2 law to pruning-recovery runs and predict a held-out ratio")
 
     p = sub.add_parser("eval", help="evaluate a model (optionally against another) on local tasks",
                        description="Evaluate one model, or two side by side (--compare), on generation tasks "
@@ -178,6 +190,26 @@ def _stage(verb: str):
         from posttrain.rl.controller import RLConfig, run_rl
 
         return RLConfig, run_rl
+    if verb == "quantize":
+        from posttrain.compress.quantize import QuantizeConfig, run_quantize
+
+        return QuantizeConfig, run_quantize
+    if verb == "prune":
+        from posttrain.compress.prune import PruneConfig, run_prune
+
+        return PruneConfig, run_prune
+    if verb == "distill":
+        from posttrain.compress.distill import DistillConfig, run_distill
+
+        return DistillConfig, run_distill
+    if verb == "export":
+        from posttrain.compress.export import ExportConfig, run_export
+
+        return ExportConfig, run_export
+    if verb == "scaling-fit":
+        from posttrain.compress.scaling import ScalingFitConfig, run_scaling_fit
+
+        return ScalingFitConfig, run_scaling_fit
     from posttrain.train import preference
 
     return {"rm": (preference.RMConfig, preference.run_rm), "dpo": (preference.DPOConfig, preference.run_dpo)}[verb]
@@ -198,6 +230,7 @@ def cmd_stage(args) -> int:
         from posttrain.config import dump_config
 
         placeholders = (["data.prompts=PROMPTS.jsonl", "reward.type=verifier"] if args.verb in ("online-dpo", *RL_VERBS)
+                        else [] if args.verb in COMPRESS_VERBS
                         else ["data.train=TRAIN.jsonl"])  # show the defaults without a data file
         if not args.config:
             given = {o.split("=", 1)[0] for o in overrides}
@@ -361,8 +394,9 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_stage, "pretrain": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "online-dpo": cmd_stage, "ppo": cmd_stage, "grpo": cmd_stage, "rloo": cmd_stage, "eval": cmd_eval, "generate": cmd_generate,
-            "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data, "sam": cmd_sam}
+COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
+            "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
+            "sam": cmd_sam}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from posttrain.config import Strict
+from posttrain.config import Strict, TrainConfig
+from posttrain.train.sft import EvalConfig, ModelConfig
 
 QUANT_FILE = "quantization.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -302,6 +303,82 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+# ----------------------------------------------------------------------------- activation-aware scaling
+
+
+@torch.no_grad()
+def awq_scale(model: nn.Module, batches: list[Tensor], spec: QuantSpec, grid: int = 11,
+              max_rows: int = 1024) -> dict[str, float]:
+    """AWQ-style: scale input channels that see large activations up before quantizing (so they
+    lose less), and fold the inverse scale into the op that feeds them (the RMSNorm weight, or
+    up_proj's rows for down_proj). The float model computes the same function afterwards.
+
+    For each group of linears sharing an input, s = mean|x|^a for a in [0, 1] (`grid` points);
+    the a that minimises the quantized outputs' squared error on calibration rows wins.
+    Returns the chosen exponent per group.
+    """
+    from posttrain.adapters import decoder_layers
+
+    _, layers = decoder_layers(model)
+    inputs: dict[str, list[Tensor]] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        for key, mod in ((f"{i}.attn", layer.self_attn.q_proj), (f"{i}.mlp", layer.mlp.gate_proj),
+                         (f"{i}.down", layer.mlp.down_proj)):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, args, key=key: inputs.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).float())))
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = {}
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = [(f"{i}.attn", [attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm.weight, None),
+                  (f"{i}.mlp", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm.weight, None),
+                  (f"{i}.down", [mlp.down_proj], None, mlp.up_proj)]
+        for key, linears, norm_w, feeder in groups:
+            if not all(_matches(n, spec) for n in _names(model, linears)):
+                continue
+            x = torch.cat(inputs[key])
+            x = x[torch.linspace(0, len(x) - 1, min(max_rows, len(x))).long()]
+            mean_abs = x.abs().mean(0).clamp_min(1e-6)
+            ws = [lin.weight.float() for lin in linears]
+            want = [x @ w.T for w in ws]
+            best = (float("inf"), 0.0, None)
+            for a in torch.linspace(0, 1, grid).tolist():
+                sc = mean_abs.pow(a)
+                sc = sc / (sc.max() * sc.min()).sqrt()
+                err = sum(((x / sc) @ fake_quantize(w * sc, spec.weights, spec.group_size).T - y).pow(2).sum().item()
+                          for w, y in zip(ws, want))
+                if err < best[0]:
+                    best = (err, a, sc)
+            _, a, sc = best
+            for lin in linears:
+                lin.weight.data = (lin.weight.float() * sc).to(lin.weight.dtype)
+            if norm_w is not None:
+                norm_w.data = (norm_w.float() / sc).to(norm_w.dtype)
+            else:
+                feeder.weight.data = (feeder.weight.float() / sc[:, None]).to(feeder.weight.dtype)
+            chosen[key] = a
+    return chosen
+
+
+def _names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    ids = {id(m) for m in modules}
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
+def calibration_ids(tokenizer, path: str, n_samples: int, max_length: int) -> list[Tensor]:
+    """Token ids of the first `n_samples` texts of a JSONL file (text, or prompt + completion)."""
+    from posttrain.eval.tasks import load_texts
+
+    texts = load_texts(path, limit=n_samples)
+    return [tokenizer(t, return_tensors="pt", truncation=True, max_length=max_length).input_ids for t in texts]
+
+
 # ----------------------------------------------------------------------------- save / load
 
 
@@ -420,7 +497,8 @@ class FakeQuant(nn.Module):
         self.weights, self.group_size = weights, group_size
 
     def forward(self, w: Tensor) -> Tensor:
-        return w + (fake_quantize(w.detach(), self.weights, self.group_size) - w).detach()
+        # exactly the quantized values forward (w - w.detach() is 0), identity gradient backward
+        return fake_quantize(w.detach(), self.weights, self.group_size) + (w - w.detach())
 
 
 def prepare_qat(model: nn.Module, spec: QuantSpec) -> nn.Module:
@@ -444,3 +522,126 @@ def convert_qat(model: nn.Module) -> nn.Module:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
     del model._posttrain_qat
     return quantize_model(model, spec)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class QATSettings(Strict):
+    """Quantization-aware training through the loop before converting."""
+
+    data: str = Field(..., description="training JSONL (text, chat or completion records)")
+    eval: str | None = Field(None, description="held-out JSONL for eval_loss during training")
+    kind: Literal["chat", "completion", "text"] | None = None
+    max_length: int = Field(512, gt=8)
+    objective: Literal["pretrain", "sft", "distill"] = Field(
+        "distill", description="distill: match the unquantized model's token distribution (forward KL)")
+    temperature: float = Field(1.0, gt=0)
+
+
+class CalibrationConfig(Strict):
+    data: str | None = Field(None, description="text JSONL for activation statistics (AWQ-style scaling)")
+    n_samples: int = Field(32, gt=0)
+    max_length: int = Field(256, gt=8)
+    awq: bool = Field(False, description="activation-aware input-channel scaling before quantizing")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CalibrationConfig":
+        if self.awq and not self.data:
+            raise ValueError("calibration.awq needs calibration.data (a text JSONL)")
+        return self
+
+
+class QuantizeConfig(Strict):
+    output_dir: str = "runs/quantize"
+    model: ModelConfig = ModelConfig()
+    quant: QuantSpec = QuantSpec()
+    calibration: CalibrationConfig = CalibrationConfig()
+    qat: QATSettings | None = Field(None, description="train with fake quantization before converting")
+    train: TrainConfig = TrainConfig(lr=2e-5, max_steps=40, weight_decay=0.0)
+    eval: EvalConfig = EvalConfig()
+
+
+def run_quantize(cfg: QuantizeConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """PTQ (or QAT then convert) -> quantized checkpoint in output_dir/final, with before/after eval."""
+    import time
+
+    from posttrain.models import load_model, resolve_model_path
+    from posttrain.stage import content_hash, prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.train.sft import evaluate_all, write_reports
+
+    if resume:
+        raise ValueError("quantize: --resume is not supported (PTQ takes seconds; rerun with --overwrite)")
+    started = time.time()
+    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=overwrite)
+    train_dtype = "fp32" if cfg.qat else cfg.model.dtype
+    model, tok = load_model(cfg.model.name, dtype=train_dtype, trust_remote_code=cfg.model.trust_remote_code)
+    before = evaluate_all(model, tok, cfg.eval) if cfg.eval.before else {}
+    bytes_before = weight_bytes(model)
+    train_summary = None
+    if cfg.calibration.awq:
+        ids = calibration_ids(tok, cfg.calibration.data, cfg.calibration.n_samples, cfg.calibration.max_length)
+        exponents = awq_scale(model, ids, cfg.quant)
+        print(f"awq: mean exponent {sum(exponents.values()) / max(len(exponents), 1):.2f} over {len(exponents)} groups")
+    if cfg.qat:
+        model, train_summary = _qat(model, tok, cfg, run_dir)
+        model = convert_qat(model)
+    else:
+        quantize_model(model, cfg.quant)
+    serve_dtype = resolve_dtype_name(cfg.model.dtype)
+    model.to(serve_dtype)
+    save_quantized(model, tok, run_dir / "final")
+    after = evaluate_all(model, tok, cfg.eval)
+    outputs = {"eval_before": before, "eval_after": after, "weight_bytes_before": bytes_before,
+               "weight_bytes_after": weight_bytes(model), "train": train_summary,
+               "spec": cfg.quant.model_dump(mode="json")}
+    write_json_atomic(run_dir / "eval.json", {"before": before, "after": after})
+    write_reports(run_dir, before, after)
+    print(f"weights: {bytes_before / 1e6:.1f} MB -> {outputs['weight_bytes_after'] / 1e6:.1f} MB")
+    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)}}
+    if cfg.qat:
+        inputs["data"] = {"train": {"path": cfg.qat.data, "sha256": content_hash(cfg.qat.data)}}
+    return write_manifest(run_dir, "quantize", inputs, outputs, started)
+
+
+def resolve_dtype_name(name: str) -> torch.dtype:
+    from posttrain.models import resolve_dtype
+
+    return resolve_dtype(name)
+
+
+def _qat(model: nn.Module, tok, cfg: QuantizeConfig, run_dir: Path):
+    """Fake-quantized training of the target linears (everything else frozen) through the loop."""
+    import copy
+
+    from posttrain.train.loop import train
+    from posttrain.train.objectives import get_objective
+    from posttrain.train.sft import encode_file
+
+    q = cfg.qat
+    kind = "text" if q.objective == "pretrain" else q.kind
+    examples, report = encode_file(tok, q.data, kind, q.max_length, False)
+    eval_examples = encode_file(tok, q.eval, kind, q.max_length, False)[0] if q.eval else None
+    print(f"qat data: {report}")
+    if q.objective == "distill":
+        from posttrain.compress.distill import make_distill_objective
+
+        teacher = copy.deepcopy(model).to(torch.bfloat16).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        objective = make_distill_objective(teacher, loss="forward_kl", temperature=q.temperature)
+    else:
+        objective = get_objective(q.objective)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prepare_qat(model, cfg.quant)
+    for name in target_linears_qat(model):
+        model.get_submodule(name).parametrizations.weight.original.requires_grad_(True)
+    return train(model, objective, examples, cfg.train, run_dir, pad_token_id=tok.pad_token_id,
+                 eval_examples=eval_examples)
+
+
+def target_linears_qat(model: nn.Module) -> list[str]:
+    from torch.nn.utils import parametrize
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight")]
