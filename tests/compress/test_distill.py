@@ -5,6 +5,8 @@ import copy
 import json
 import math
 import os
+import random
+import shutil
 
 import pytest
 import torch
@@ -260,6 +262,7 @@ def test_on_policy_lmbda_is_the_share_of_sampled_micro_batches(tokenizer, tiny):
                                          lmbda=0.5, max_new_tokens=1)
     batch = collate_packed(_examples(2))
     tiny.train()
+    random.seed(0)
     flags = [objective(tiny, batch)[1]["on_policy"] for _ in range(40)]
     assert 8 <= sum(flags) <= 32  # Binomial(40, 0.5): outside this range with probability < 1e-4
 
@@ -277,6 +280,32 @@ def test_on_policy_distillation_trains_a_lora_student_through_the_loop(tokenizer
                              pad_token_id=tokenizer.pad_token_id)
     assert summary["steps"] == 3 and math.isfinite(summary["train_loss"])
     assert any(not torch.equal(p, lora_before[k]) for k, p in student.named_parameters() if p.requires_grad)
+
+
+def test_on_policy_resume_samples_the_same_tokens(tokenizer, tmp_path):
+    """The coin and the sampler draw from the global RNGs the loop checkpoints: resuming from
+    step 2 reaches the weights of the uninterrupted 4-step run."""
+    from posttrain.adapters import AdapterConfig, apply_adapter
+
+    teacher = _teacher(tokenizer)
+
+    def run(run_dir, resume):
+        torch.manual_seed(0)
+        student = apply_adapter(tiny_model(tokenizer, seed=0), AdapterConfig(method="lora", r=4, alpha=8), tokenizer)
+        inner = make_distill_objective(teacher, "forward_kl", chunk_size=64)
+        objective = make_on_policy_objective(inner, tokenizer, lmbda=0.5, max_new_tokens=3)
+        cfg = TrainConfig(max_steps=4, lr=1e-2, max_tokens=64, save_every=2, progress=False)
+        student, _ = train(student, objective, _examples(12), cfg, run_dir, pad_token_id=tokenizer.pad_token_id,
+                           resume=resume)
+        return {k: p.detach().clone() for k, p in student.named_parameters() if p.requires_grad}
+
+    full = run(tmp_path / "a", resume=False)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", tmp_path / "b" / "checkpoints" / "step-2")
+    resumed = run(tmp_path / "b", resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 4]
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
 
 
 # ----------------------------------------------------------------------------- sequence level
@@ -363,6 +392,9 @@ def test_config_rejects_bad_combinations(dirs):
                                           distill={"mode": "on_policy", "lmbda": 0.5}))
     with pytest.raises(ValueError, match="teacher"):
         DistillConfig.model_validate({k: v for k, v in _cfg(dirs).items() if k != "teacher"})
+    with pytest.raises(ValueError, match="on-policy sampling"):
+        DistillConfig.model_validate(_cfg(dirs, adapter={"method": "prompt"}, distill={"mode": "on_policy"},
+                                          train={"packing": False}))
     with pytest.raises(ValueError, match="beta"):
         DistillConfig.model_validate(_cfg(dirs, distill={"beta": 1.5}))
 
