@@ -172,7 +172,7 @@ def test_gradients_reach_only_the_student(tokenizer, tiny):
 
 def test_bf16_teacher_with_fp32_student(tokenizer, tiny):
     teacher = _teacher(tokenizer).to(torch.bfloat16)
-    loss, metrics = make_distill_objective(teacher, chunk_size=8)(tiny, collate_packed(_examples(3)))
+    loss, _ = make_distill_objective(teacher, chunk_size=8)(tiny, collate_packed(_examples(3)))
     loss.backward()
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     want = _naive(tiny, teacher, collate_packed(_examples(3)), "forward_kl", 1.0, 0.5, 0.0)
@@ -236,7 +236,7 @@ def test_on_policy_scores_the_students_own_samples(tokenizer, tiny, layout):
     objective = make_on_policy_objective(spy, tokenizer, lmbda=1.0, max_new_tokens=5, temperature=1.0)
     tiny.train()
     torch.manual_seed(7)
-    loss, metrics = objective(tiny, batch)
+    _, metrics = objective(tiny, batch)
     prompts = [e["input_ids"][: len(e["input_ids"]) // 2] for e in examples]
     torch.manual_seed(7)
     samples = generate(tiny, tokenizer, prompts, GenerationConfig(max_new_tokens=5, do_sample=True)).token_ids

@@ -25,7 +25,9 @@ Modes (`DistillConfig.distill.mode`):
   sampled tokens under teacher and student. The data are ordinary chat/completion records:
   their reference completions are the off-policy share (1 - lmbda), as in GKD's mixed
   setting; prompt-only records get a one-token placeholder completion and need lmbda = 1.
-  Evaluation (model.eval()) never samples: held-out loss stays on the fixed data.
+  Evaluation (model.eval()) never samples: held-out loss stays on the fixed data (for
+  prompt-only records that is the divergence at the first reply token only; use
+  chat/completion eval data, or eval tasks, to judge an on-policy run).
   Normalisation: a resampled micro-batch returns the mean over its *sampled* tokens but
   reports `loss_tokens` = the label count the loop planned with, so the loop's weights
   (loss_tokens / step total) still sum to one and the step is a weighted mean of
@@ -54,6 +56,7 @@ import json
 import math
 import random
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -239,7 +242,7 @@ def batch_examples(batch: dict) -> list[tuple[list[int], list[int], int | None]]
     if "position_ids" in batch and "attention_mask" not in batch:  # one packed row
         pos = batch["position_ids"][0].tolist()
         starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-        for a, b in zip(starts, starts[1:]):
+        for a, b in pairwise(starts):
             out.append((ids[0][a:b], labels[0][a:b], tasks[0][a] if tasks else None))
         return out
     lengths = batch["attention_mask"].sum(1).tolist() if "attention_mask" in batch else [len(r) for r in ids]
@@ -383,7 +386,7 @@ class DistillConfig(Strict):
     eval: DistillEvalConfig = DistillEvalConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "DistillConfig":
+    def _check(self) -> DistillConfig:
         mode, kind = self.distill.mode, self.data.kind
         if mode == "logit" and kind == "prompt":
             raise ValueError("data.kind: logit distillation needs token sequences (chat/completion/text); prompt "
