@@ -279,7 +279,7 @@ def _fake_dequantize(model):
 def test_quantized_projections_need_dequantize_model(bpe, tmp_path, monkeypatch):
     model = _quantize_q_proj(sharp(bpe))
     monkeypatch.setitem(__import__("sys").modules, "posttrain.compress.quantize", types.ModuleType("quantize"))
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is a Int8Linear.*dequantize_model"):
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is a Int8Linear, not a plain.*dequantize_model"):
         export_gguf(model, bpe, tmp_path / "m.gguf", "f16")
 
     fake = types.ModuleType("quantize")
@@ -290,6 +290,21 @@ def test_quantized_projections_need_dequantize_model(bpe, tmp_path, monkeypatch)
         want = model(input_ids=ids).logits
     export_gguf(model, bpe, tmp_path / "m.gguf", "f32")
     reloaded, _ = load_gguf(tmp_path / "m.gguf")
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - want).abs().max() <= 1e-4
+
+
+def test_model_quantized_by_our_quantize_stage_exports(bpe, tmp_path):
+    """int8 weights (and int8 embedding) from compress.quantize: exported as their dequantized values."""
+    from posttrain.compress.quantize import QuantSpec, quantize_model
+
+    model = quantize_model(sharp(bpe), QuantSpec(weights="int8", embeddings="int8")).eval()
+    ids = torch.tensor([bpe(export.CHECK_TEXT)["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert (want - sharp(bpe)(input_ids=ids).logits).abs().max() > 0  # it is quantized
+    export_gguf(model, bpe, tmp_path / "int8.gguf", "f32")
+    reloaded, _ = load_gguf(tmp_path / "int8.gguf")
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - want).abs().max() <= 1e-4
 
@@ -311,8 +326,17 @@ def test_export_hf_merges_and_reloads_equal(bpe, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
 
 
-def test_run_export_writes_checked_outputs(bpe, tmp_path):
-    save_model(sharp(bpe), bpe, tmp_path / "src")
+def test_run_export_merges_a_lora_run_and_writes_checked_outputs(bpe, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    save_model(sharp(bpe), bpe, tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["k_proj", "gate_proj"], init_lora_weights=False))
+    save_model(lora, bpe, tmp_path / "src")  # an adapter directory over ../base, like an SFT run's final/
+    assert (tmp_path / "src" / "adapter_config.json").is_file()
+    ids = torch.tensor([bpe(export.CHECK_TEXT)["input_ids"]])
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     cfg = build_config(ExportConfig, overrides=[f"output_dir={tmp_path / 'run'}", f"model.name={tmp_path / 'src'}",
@@ -329,6 +353,9 @@ def test_run_export_writes_checked_outputs(bpe, tmp_path):
         assert check["ppl_gguf"] == pytest.approx(check["ppl_source"], rel=0.01)
     assert out["gguf-q8_0"]["size_bytes"] < out["gguf-f16"]["size_bytes"]
     assert out["hf"]["check"]["max_abs_logit_diff"] == 0.0
+    merged = AutoModelForCausalLM.from_pretrained(str(run / "final"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - want).abs().max() <= 1e-4  # the adapter is in the export
     with pytest.raises(FileExistsError):
         run_export(cfg)
 

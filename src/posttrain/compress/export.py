@@ -119,7 +119,7 @@ def plain_model(model) -> nn.Module:
         dequantize = _dequantizer()
         if dequantize is None:
             raise ValueError(
-                f"export: projection {odd[0][0]} is a {odd[0][1]}, not a plain nn.Linear with float weights "
+                f"export: {odd[0][0]} is a {odd[0][1]}, not a plain nn.Linear/nn.Embedding with float weights "
                 f"({len(odd)} such modules), and posttrain.compress.quantize.dequantize_model is not available"
             )
         model = dequantize(model)
@@ -141,15 +141,18 @@ def _dequantizer():
 
 
 def _non_linear_projections(model) -> list[tuple[str, str]]:
+    """(name, class) of every projection, embedding or head that is not a plain float module."""
     odd = []
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in PROJECTIONS:
+        want = nn.Embedding if module is embedding else nn.Linear
+        if module is not embedding and module is not head and name.rsplit(".", 1)[-1] not in PROJECTIONS:
             continue
         weight = getattr(module, "weight", None)
-        if type(module) is not nn.Linear or weight is None or type(weight.detach()) is not torch.Tensor \
-                or not weight.dtype.is_floating_point:
-            kind = type(module).__name__ if type(module) is not nn.Linear else f"nn.Linear with {type(weight).__name__}"
-            odd.append((name, kind))
+        if type(module) is not want:
+            odd.append((name, type(module).__name__))
+        elif weight is None or type(weight.detach()) is not torch.Tensor or not weight.dtype.is_floating_point:
+            odd.append((name, f"{want.__name__} with a {type(weight).__name__} weight"))
     return odd
 
 
@@ -405,11 +408,18 @@ def load_gguf(path: str | os.PathLike):
 
 
 @torch.inference_mode()
-def logits_diff(a, b, input_ids: torch.Tensor) -> float:
-    """Max |logit difference| of two models on the same ids (both computed in fp32)."""
+def compare_logits(a, b, input_ids: torch.Tensor) -> dict[str, float]:
+    """Max and mean |logit difference| of two models on the same ids (in fp32), and how often
+    their next-token argmax agrees."""
     la = a(input_ids=input_ids).logits.float()
     lb = b(input_ids=input_ids).logits.float()
-    return (la - lb).abs().max().item()
+    diff = (la - lb).abs()
+    return {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
+            "top1_agreement": (la.argmax(-1) == lb.argmax(-1)).float().mean().item()}
+
+
+def logits_diff(a, b, input_ids: torch.Tensor) -> float:
+    return compare_logits(a, b, input_ids)["max_abs_logit_diff"]
 
 
 def verify_gguf(source, tokenizer, path: str | os.PathLike, texts: list[str] | None = None,
@@ -423,10 +433,8 @@ def verify_gguf(source, tokenizer, path: str | os.PathLike, texts: list[str] | N
     reloaded, gguf_tokenizer = load_gguf(path)
     samples = [CHECK_TEXT] + list(texts or [])
     ids = torch.tensor([tokenizer(CHECK_TEXT)["input_ids"]])
-    result = {
-        "max_abs_logit_diff": logits_diff(source.eval(), reloaded, ids),
-        "tokenizer_match": all(tokenizer(t)["input_ids"] == gguf_tokenizer(t)["input_ids"] for t in samples),
-    }
+    result = compare_logits(source.eval(), reloaded, ids)
+    result["tokenizer_match"] = all(tokenizer(t)["input_ids"] == gguf_tokenizer(t)["input_ids"] for t in samples)
     if texts:
         result["ppl_source"] = perplexity(source, tokenizer, texts, max_length=max_length)
         result["ppl_gguf"] = perplexity(reloaded, tokenizer, texts, max_length=max_length)
@@ -438,10 +446,14 @@ def verify_gguf(source, tokenizer, path: str | os.PathLike, texts: list[str] | N
 ExportFormat = Literal["hf", "gguf-f32", "gguf-f16", "gguf-bf16", "gguf-q8_0"]
 
 
+class ExportModelConfig(ModelConfig):
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = Field("fp32", description="load dtype; quantize from fp32")
+
+
 class ExportConfig(Strict):
     stage: Literal["export"] = "export"
     output_dir: str = "runs/export"
-    model: ModelConfig = ModelConfig(dtype="fp32")
+    model: ExportModelConfig = ExportModelConfig()
     dtype: Literal["same", "fp32", "bf16", "fp16"] = Field(
         "same", description="dtype of the merged HF export ('same' keeps the loaded dtype)")
     formats: list[ExportFormat] = Field(["hf", "gguf-q8_0"], min_length=1)
@@ -506,9 +518,13 @@ def run_export(cfg: ExportConfig, resume: bool = False, overwrite: bool = False)
 
 
 def _fp32_copy(model):
-    import copy
+    """An fp32 model with the same weights. Built fresh, not `model.float()`: casting a bf16 model
+    back keeps its bf16-rounded RoPE frequency buffer, which alone moved tiny-model logits by 7e-3."""
+    from transformers import AutoModelForCausalLM
 
-    return copy.deepcopy(model).float().eval()
+    copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
 
 
 def _check_hf(model, tokenizer, out: Path) -> dict:
@@ -516,4 +532,4 @@ def _check_hf(model, tokenizer, out: Path) -> dict:
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=model.dtype).eval()
     ids = torch.tensor([tokenizer(CHECK_TEXT)["input_ids"]])
-    return {"max_abs_logit_diff": logits_diff(model.eval(), reloaded, ids)}
+    return compare_logits(model.eval(), reloaded, ids)
