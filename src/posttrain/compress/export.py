@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -156,38 +156,38 @@ def _non_linear_projections(model) -> list[tuple[str, str]]:
     return odd
 
 
-def gguf_tensors(model, shape: dict) -> list[tuple[str, np.ndarray]]:
-    """(llama.cpp name, fp32 array) for every weight, q/k permuted; refuses any extra parameter."""
-    state = model.state_dict()
-    used, out = set(), []
-
-    def take(hf: str, name: str) -> None:
-        if hf not in state:
-            raise ValueError(f"GGUF export: the model has no {hf}; not a Llama layout")
-        used.add(hf)
-        out.append((name, state[hf].detach().to(torch.float32).cpu().numpy()))
-
-    take("model.embed_tokens.weight", "token_embd.weight")
+def tensor_names(model, shape: dict) -> list[tuple[str, str]]:
+    """(HF state-dict key, llama.cpp name) for every weight; refuses a missing or extra parameter."""
+    pairs = [("model.embed_tokens.weight", "token_embd.weight")]
     for i in range(shape["block_count"]):
-        for hf, name in LAYER_TENSORS.items():
-            take(f"model.layers.{i}.{hf}", f"blk.{i}.{name}")
-    take("model.norm.weight", "output_norm.weight")
-    if shape["tied"]:
-        used.add("lm_head.weight")
-    else:
-        take("lm_head.weight", "output.weight")
+        pairs += [(f"model.layers.{i}.{hf}", f"blk.{i}.{name}") for hf, name in LAYER_TENSORS.items()]
+    pairs.append(("model.norm.weight", "output_norm.weight"))
+    if not shape["tied"]:
+        pairs.append(("lm_head.weight", "output.weight"))
+    state = model.state_dict()
+    missing = [hf for hf, _ in pairs if hf not in state]
+    if missing:
+        raise ValueError(f"GGUF export: the model has no {missing[0]}; not a Llama layout")
+    used = {hf for hf, _ in pairs} | {"lm_head.weight"}
     extra = [k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq")]
     if extra:
         raise ValueError(f"GGUF export: parameters with no place in a llama GGUF: {extra[:5]}")
-    for j, (name, array) in enumerate(out):
+    return pairs
+
+
+def gguf_tensors(model, shape: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(llama.cpp name, fp32 array), q/k permuted; one at a time, so only one fp32 copy is alive."""
+    state = model.state_dict()
+    for hf, name in tensor_names(model, shape):
+        array = state[hf].detach().to(torch.float32).cpu().numpy()
         if name.endswith(".attn_q.weight"):
-            out[j] = (name, permute_qk(array, shape["head_count"]))
+            array = permute_qk(array, shape["head_count"])
         elif name.endswith(".attn_k.weight"):
-            out[j] = (name, permute_qk(array, shape["head_count_kv"]))
-    return out
+            array = permute_qk(array, shape["head_count_kv"])
+        yield name, array
 
 
-def encode_tensor(name: str, array: np.ndarray, qtype: str) -> tuple[np.ndarray, str, str | None]:
+def encode_tensor(array: np.ndarray, qtype: str) -> tuple[np.ndarray, str, str | None]:
     """Array -> (data, GGML type name, why it fell back or None). 1-D tensors (norms) stay F32."""
     import gguf
 
@@ -316,7 +316,7 @@ def export_gguf(model, tokenizer, out_path: str | os.PathLike, qtype: GGUFType =
     tok = tokenizer_metadata(tokenizer, shape["vocab_size"])
     encoded, types, fallbacks = [], {}, {}
     for tensor_name, array in gguf_tensors(model, shape):
-        data, ggml_type, why = encode_tensor(tensor_name, array, qtype)
+        data, ggml_type, why = encode_tensor(array, qtype)
         encoded.append((tensor_name, data, ggml_type))
         types[ggml_type] = types.get(ggml_type, 0) + 1
         if why:
