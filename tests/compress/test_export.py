@@ -358,6 +358,10 @@ def test_run_export_merges_a_lora_run_and_writes_checked_outputs(bpe, tmp_path):
         assert (merged(input_ids=ids).logits - want).abs().max() <= 1e-4  # the adapter is in the export
     with pytest.raises(FileExistsError):
         run_export(cfg)
+    before = (run / "model-q8_0.gguf").stat().st_mtime_ns
+    again = run_export(cfg, resume=True)  # complete outputs are kept, and checked again
+    assert (run / "model-q8_0.gguf").stat().st_mtime_ns == before and again["outputs"]["gguf-q8_0"]["resumed"]
+    assert again["outputs"]["gguf-q8_0"]["check"]["max_abs_logit_diff"] <= TOLERANCE["q8_0"]
 
 
 def test_export_config_validation():
