@@ -331,3 +331,25 @@ def test_run_prune_width_heads_without_recovery(tokenizer, tmp_path):
     assert out["L0"] > 0 and out["loss_after_prune"] > 0 and out["recovery"] is None
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert final.config.num_key_value_heads == 1 and param_count(final) == out["pruning"]["params_after"]
+
+
+def test_run_prune_depth_with_distill_recovery_logs_the_lm_eval_loss(tokenizer, tmp_path):
+    model = tiny_model(tokenizer, layers=3)
+    save_model(model, tokenizer, tmp_path / "base")
+    texts = [f"{t} Sentence number {i} adds a little variety." for i in range(3) for t in TEXTS]
+    data = _write_jsonl(tmp_path / "text.jsonl", texts)
+    cfg = PruneConfig(output_dir=str(tmp_path / "run"), model={"name": str(tmp_path / "base"), "dtype": "fp32"},
+                      method="depth", n_drop=1, calibration={"path": data, "n_samples": 4, "max_length": 32},
+                      recovery={"objective": "distill", "distill": {"loss": "forward_kl"},
+                                "data": {"train": data, "eval_fraction": 0.25, "max_length": 64},
+                                "train": {"max_steps": 2, "eval_every": 1, "batch_size": 3, "packing": False,
+                                          "lr": 1e-7, "progress": False}})
+    out = run_prune(cfg)["outputs"]
+    assert out["pruning"]["layers_after"] == 2 and out["pruning"]["ratio"] == pytest.approx(1 / 3)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the training loss is the KL to the teacher; the eval loss is next-token CE, comparable to L0
+    first_eval = next(r["eval_loss"] for r in rows if "eval_loss" in r)
+    assert first_eval == pytest.approx(out["loss_after_prune"], abs=1e-3)
+    assert abs(rows[0]["loss"] - first_eval) > 1.0
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert final.config.num_hidden_layers == 2
