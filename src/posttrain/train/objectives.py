@@ -464,6 +464,9 @@ OBJECTIVES: dict[str, Objective] = {"sft": causal_lm_loss, "pretrain": causal_lm
 
 
 def get_objective(name: str) -> Objective:
+    if name == "distill":
+        raise ValueError("the distill objective needs a teacher: "
+                         "posttrain.compress.distill.make_distill_objective(teacher, ...)")
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
