@@ -30,11 +30,11 @@ from bench.common import RESULTS_DIR, library_versions, machine_info  # noqa: E4
 
 PTQ = {
     "int8": {"weights": "int8"},
-    "int8-g128": {"weights": "int8", "group_size": 128},
+    "int8-g64": {"weights": "int8", "group_size": 64},
     "int8dyn": {"weights": "int8", "activations": "int8"},
     "int4-g32": {"weights": "int4", "group_size": 32},
     "int4-g64": {"weights": "int4", "group_size": 64},
-    "int4-g128": {"weights": "int4", "group_size": 128},
+    "int4-g192": {"weights": "int4", "group_size": 192},
 }
 PROMPT = "Write a short story about a robot who learns to paint, with a beginning, a middle and an end."
 
@@ -106,7 +106,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="fp32,bf16,int8,int8-g128,int8dyn,int4-g32,int4-g64,int4-g128,torchao-int8wo",
+    ap.add_argument("--rows", default="fp32,bf16,int8,int8-g64,int8dyn,int4-g32,int4-g64,int4-g192,torchao-int8wo",
                     help="built-in rows, comma-separated")
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=MODEL",
                     help="a trained variant: run dir or model dir (repeatable)")

@@ -14,7 +14,7 @@ REC="recovery.objective=pretrain recovery.data.train=$TEXT recovery.data.eval=$H
      recovery.train.max_steps=20 recovery.train.max_tokens=1024 recovery.train.lr=1e-4 recovery.train.eval_every=5
      recovery.train.warmup_ratio=0.1 recovery.train.restore_best=false model.dtype=fp32"
 
-# QAT at int4 (group 128) against PTQ at the same group size
+# QAT at int4 (group 64) against PTQ at the same group size
 $PT quantize --config recipes/qat_int4.yaml output_dir=$R/qat-int4 --overwrite
 
 # P2 law: depth pruning at four ratios with recovery (0.1, 0.25, 0.4 fitted; 0.3 held out)

@@ -263,3 +263,10 @@ def test_awq_scaling_keeps_the_float_function_and_lowers_int4_error_with_outlier
         plain = quantize_model(outlier_model(), spec)
         err_plain = (plain(input_ids=ids[0]).logits - ref[:1]).abs().mean()
     assert err_awq < err_plain
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_with_the_sizes_that_fit(tokenizer):
+    model = tiny_model(tokenizer, hidden=96, heads=4, intermediate=192)
+    with pytest.raises(ValueError, match=r"does not divide the input size 96 of model.layers.0.self_attn.q_proj.*\[32, 96\]"):
+        quantize_model(model, QuantSpec(weights="int4", group_size=64))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)  # nothing half-done

@@ -230,6 +230,19 @@ def target_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
     return names
 
 
+def check_groups(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
+    """Every target's input size must be a multiple of the group size: say which is not, before changing anything."""
+    if spec.group_size is None:
+        return
+    for name in names:
+        k = model.get_submodule(name).in_features
+        if k % spec.group_size:
+            divisors = [g for g in (32, 64, 96, 128, 192, 256) if all(
+                model.get_submodule(n).in_features % g == 0 for n in names)]
+            raise ValueError(f"quant.group_size {spec.group_size} does not divide the input size {k} of {name}; "
+                             f"group sizes that fit every target layer: {divisors or 'none of 32..256'}")
+
+
 def is_tied(model: nn.Module) -> bool:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     return head is not None and isinstance(emb, nn.Embedding) and head.weight is emb.weight
@@ -242,7 +255,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     if spec.mode == "int8dyn" and any(p.dtype != torch.float32 for p in model.parameters()):
         pass  # the dynamic path computes in fp32 internally and returns the input dtype
     tied = is_tied(model)
-    for name in target_linears(model, spec):
+    names = target_linears(model, spec)
+    check_groups(model, names, spec)
+    for name in names:
         _set(model, name, QuantLinear.from_linear(model.get_submodule(name), spec.mode, spec.group_size))
     if spec.embeddings == "int8":
         emb = model.get_input_embeddings()
@@ -505,7 +520,9 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Fake-quantize the target linears' weights during training (activations stay float)."""
     from torch.nn.utils import parametrize
 
-    for name in target_linears(model, spec):
+    names = target_linears(model, spec)
+    check_groups(model, names, spec)
+    for name in names:
         parametrize.register_parametrization(model.get_submodule(name), "weight",
                                              FakeQuant(spec.weights, spec.group_size))
     model._posttrain_qat = spec
