@@ -22,7 +22,6 @@ import copy
 import json
 import random
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -80,7 +79,7 @@ def decoder_layers(model) -> nn.ModuleList:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: expected a Llama-family model with model.model.layers")
+        raise TypeError(f"{type(model).__name__}: expected a Llama-family model with model.model.layers")
     return layers
 
 
@@ -125,7 +124,7 @@ def _mask_from_scores(score: Tensor, sparsity: float | None, n_m: tuple[int, int
         mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep_idx, True)
         return mask.reshape(rows, cols)
     flat = score if per_row else score.reshape(1, -1)
-    k = int(round(flat.shape[1] * sparsity))  # pruned per group
+    k = round(flat.shape[1] * sparsity)  # pruned per group
     mask = torch.ones_like(flat, dtype=torch.bool)
     if k > 0:
         drop = flat.topk(k, dim=1, largest=False).indices
@@ -281,7 +280,7 @@ def drop_layers(model, indices: list[int]):
     """
     layers = decoder_layers(model)
     n = len(layers)
-    drop = sorted(set(int(i) for i in indices))
+    drop = sorted({int(i) for i in indices})
     bad = [i for i in drop if not 0 <= i < n]
     if bad:
         raise ValueError(f"layer indices {bad} out of range for a {n}-layer model")
@@ -310,7 +309,7 @@ def prune_depth(model, calib: list[dict[str, Tensor]], n_drop: int | None = None
     if n_drop is None:
         if not 0 < ratio < 1:
             raise ValueError(f"prune_depth: ratio must be in (0, 1), got {ratio}")
-        n_drop = int(round(ratio * n))
+        n_drop = round(ratio * n)
     if not 0 < n_drop < n:
         raise ValueError(f"prune_depth: n_drop must be in 1..{n - 1} for a {n}-layer model, got {n_drop}")
     scores = layer_importance(model, calib)
@@ -354,7 +353,7 @@ def prune_mlp(model, calib: list[dict[str, Tensor]], ratio: float) -> tuple[obje
     _check_ratio(ratio, "prune_mlp")
     layers = decoder_layers(model)
     inter = layers[0].mlp.down_proj.in_features
-    keep_n = inter - int(round(ratio * inter))
+    keep_n = inter - round(ratio * inter)
     if keep_n < 1 or keep_n == inter:
         raise ValueError(f"prune_mlp: ratio {ratio} of {inter} channels removes {inter - keep_n}; need 1..{inter - 1}")
     downs = {f"layer{i}": layer.mlp.down_proj for i, layer in enumerate(layers)}
@@ -391,13 +390,13 @@ def prune_heads(model, calib: list[dict[str, Tensor]], ratio: float,
     head_dim = layers[0].self_attn.head_dim
     per_group = heads // kv
     if unit == "query":
-        remove = int(round(ratio * per_group))
+        remove = round(ratio * per_group)
         if not 0 < remove < per_group:
             raise ValueError(f"prune_heads: ratio {ratio} of {per_group} query heads per kv group removes {remove}; "
                              f"need 1..{per_group - 1} (or unit='group')")
         new_heads, new_kv = kv * (per_group - remove), kv
     else:
-        remove = int(round(ratio * kv))
+        remove = round(ratio * kv)
         if not 0 < remove < kv:
             raise ValueError(f"prune_heads: ratio {ratio} of {kv} kv groups removes {remove}; need 1..{kv - 1}")
         new_heads, new_kv = (kv - remove) * per_group, kv - remove
@@ -455,7 +454,7 @@ class RecoveryConfig(Strict):
     distill: DistillSettings = DistillSettings()
 
     @model_validator(mode="after")
-    def _check(self) -> "RecoveryConfig":
+    def _check(self) -> RecoveryConfig:
         if not (self.data.eval or self.data.eval_fraction):
             raise ValueError("recovery.data: give eval or eval_fraction; the eval loss curve is what recovery "
                              "is measured by (and what the P2 fit reads)")
@@ -481,7 +480,7 @@ class PruneConfig(Strict):
     recovery: RecoveryConfig | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "PruneConfig":
+    def _check(self) -> PruneConfig:
         m = self.method
         if m.endswith("2:4"):
             if self.ratio is not None:
@@ -550,7 +549,12 @@ def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -
     """Load, measure L0, prune, measure, optionally recover through the loop, save final/; returns the manifest."""
     from posttrain.eval.tasks import load_texts
     from posttrain.models import load_model, resolve_model_path, save_model
-    from posttrain.stage import content_hash, prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.stage import (
+        content_hash,
+        prepare_run_dir,
+        write_json_atomic,
+        write_manifest,
+    )
     from posttrain.train.sft import encode_file
 
     started = time.time()

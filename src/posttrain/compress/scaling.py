@@ -25,6 +25,7 @@ a copy of its formula.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -80,7 +81,7 @@ def average_slope_difference(points, predicted) -> float:
     diffs = []
     for idx in by_run.values():
         idx = sorted(idx, key=lambda i: points[i]["D"])
-        for a, b in zip(idx, idx[1:]):
+        for a, b in itertools.pairwise(idx):
             dx = math.log(points[b]["D"]) - math.log(points[a]["D"])
             if dx <= 0:
                 continue
@@ -246,7 +247,7 @@ def plot_fit(fit: dict, groups: dict[str, list[dict]], path: str | Path, title: 
         runs: dict[str, list[dict]] = {}
         for p in pts:
             runs.setdefault(p.get("run", label), []).append(p)
-        for run, rp in runs.items():
+        for rp in runs.values():
             rp = sorted(rp, key=lambda p: p["D"])
             c = colors[k % len(colors)]
             k += 1
@@ -282,7 +283,7 @@ class ScalingFitConfig(Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "ScalingFitConfig":
+    def _check(self) -> ScalingFitConfig:
         both = set(self.runs) & set(self.heldout)
         if both:
             raise ValueError(f"heldout: {sorted(both)} also in runs; a held-out run must not be fitted")
@@ -292,7 +293,12 @@ class ScalingFitConfig(Strict):
 def run_scaling_fit(cfg: ScalingFitConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Fit on cfg.runs, predict cfg.heldout; writes p2_fit.json, plots/p2_fit.png and the manifest.
     The fit takes seconds, so resume simply fits again."""
-    from posttrain.stage import content_hash, prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.stage import (
+        content_hash,
+        prepare_run_dir,
+        write_json_atomic,
+        write_manifest,
+    )
 
     started = time.time()
     run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
