@@ -33,7 +33,7 @@ def test_recipe_validates_and_its_files_exist(recipe):
     config_cls, _ = _stage("sft" if verb == "pretrain" else verb)
     cfg = build_config(config_cls, recipe)
     paths = _data_files(cfg.model_dump())
-    assert paths, f"{recipe.name}: no data file"
+    assert paths or verb == "scaling-fit", f"{recipe.name}: no data file"  # scaling-fit reads run dirs
     for path in paths:
         assert (ROOT / path).is_file(), f"{recipe.name}: {path} missing"
 

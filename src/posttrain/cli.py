@@ -20,7 +20,7 @@ SECTIONS = {"sft": ("model, adapter, data, train, eval, ewc", "sft_lora"),
             "prune": ("model, method, calibration, recovery, train, eval", "prune_depth"),
             "distill": ("model, teacher, adapter, data, distill, train, eval", "distill"),
             "export": ("model, formats, check", "export"),
-            "scaling-fit": ("runs, held_out, output_dir", "scaling_fit")}
+            "scaling-fit": ("runs, heldout, rho, restarts", "scaling_fit")}
 COMPRESS_VERBS = ("quantize", "prune", "distill", "export", "scaling-fit")
 RL_VERBS = ("ppo", "grpo", "rloo")
 

@@ -570,6 +570,7 @@ class CalibrationConfig(Strict):
 
 
 class QuantizeConfig(Strict):
+    stage: Literal["quantize"] = "quantize"
     output_dir: str = "runs/quantize"
     model: ModelConfig = ModelConfig()
     quant: QuantSpec = QuantSpec()
