@@ -80,7 +80,7 @@ from posttrain.train.objectives import (
     loss_position_hidden,
     wrapper_label_logits,
 )
-from posttrain.train.sft import DataConfig, EvalConfig, ModelConfig
+from posttrain.train.sft import DataConfig, EvalConfig, ModelConfig, check_adapter_training
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 MODES = ("logit", "sequence", "on_policy")
@@ -399,12 +399,7 @@ class DistillConfig(Strict):
         if mode == "on_policy" and self.adapter.method in ("prompt", "bottleneck"):
             raise ValueError(f"adapter.method={self.adapter.method}: on-policy sampling needs a student that samples "
                              "without virtual tokens or task routing (full, freeze, lora, dora, ia3)")
-        if self.adapter.method == "prompt" and self.train.packing:
-            raise ValueError("adapter.method=prompt prepends virtual tokens per row: set train.packing=false")
-        if self.adapter.method == "bottleneck" and not self.adapter.tasks:
-            raise ValueError("adapter.method=bottleneck needs adapter.tasks")
-        if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_fraction):
-            raise ValueError("train.early_stopping_patience needs data.eval or data.eval_fraction")
+        check_adapter_training(self.adapter, self.train, self.data)
         return self
 
 

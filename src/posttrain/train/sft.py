@@ -62,13 +62,18 @@ class SFTConfig(Strict):
             raise ValueError(f"data.kind: pretrain trains on raw text; got {self.data.kind!r}")
         if self.train.ewc_weight > 0 and not self.ewc.reference:
             raise ValueError("train.ewc_weight > 0 needs ewc.reference (data to estimate the Fisher on)")
-        if self.adapter.method == "prompt" and self.train.packing:
-            raise ValueError("adapter.method=prompt prepends virtual tokens per row: set train.packing=false")
-        if self.adapter.method == "bottleneck" and not self.adapter.tasks:
-            raise ValueError("adapter.method=bottleneck needs adapter.tasks")
-        if self.train.early_stopping_patience and not (self.data.eval or self.data.eval_fraction):
-            raise ValueError("train.early_stopping_patience needs data.eval or data.eval_fraction")
+        check_adapter_training(self.adapter, self.train, self.data)
         return self
+
+
+def check_adapter_training(adapter: AdapterConfig, train: TrainConfig, data: DataConfig) -> None:
+    """Combinations every stage that trains an adapter on a data file refuses."""
+    if adapter.method == "prompt" and train.packing:
+        raise ValueError("adapter.method=prompt prepends virtual tokens per row: set train.packing=false")
+    if adapter.method == "bottleneck" and not adapter.tasks:
+        raise ValueError("adapter.method=bottleneck needs adapter.tasks")
+    if train.early_stopping_patience and not (data.eval or data.eval_fraction):
+        raise ValueError("train.early_stopping_patience needs data.eval or data.eval_fraction")
 
 
 def encode_file(tokenizer, path: str, kind: str | None, max_length: int, skip_invalid: bool,
