@@ -56,8 +56,11 @@ def build(label: str, spec: str | None):
         model, tok = load_model("default", dtype="bf16")
         if label == "torchao-int8wo":
             quantize_(model, Int8WeightOnlyConfig())
+        elif label.startswith("torchao-int4-g"):  # torchao's CPU int4 path (its main int4 config needs a GPU)
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=int(label.rsplit("g", 1)[1])))
         else:
-            from torchao.prototype.quantization.int4 import Int4WeightOnlyConfig as CpuInt4  # noqa: F401
             raise ValueError(f"unknown torchao row {label}")
         return model, tok, "torchao"
     raise ValueError(f"unknown row {label!r}")
@@ -106,7 +109,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="fp32,bf16,int8,int8-g64,int8dyn,int4-g32,int4-g64,int4-g192,torchao-int8wo",
+    ap.add_argument("--rows", default="fp32,bf16,int8,int8-g64,int8dyn,int4-g32,int4-g64,int4-g192,torchao-int8wo,torchao-int4-g64",
                     help="built-in rows, comma-separated")
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=MODEL",
                     help="a trained variant: run dir or model dir (repeatable)")
