@@ -173,8 +173,11 @@ def main() -> None:
             summary[f"{label}_decode_speedup_vs_bf16"] = r["decode_tokens_per_s"] / by["bf16"]["decode_tokens_per_s"]
     if args.p2:
         fit = json.loads(Path(args.p2).read_text())
-        summary["p2_r2"] = fit.get("r2_fit", fit.get("r2"))
-        summary["p2_r2_held_out"] = fit.get("r2_held_out")
+        summary["p2_r2"] = fit["fit"]["r2"]
+        summary["p2_average_slope_difference"] = fit["fit"]["asd"]
+        if fit.get("heldout"):
+            summary["p2_r2_held_out"] = fit["heldout"]["r2"]
+            summary["p2_held_out_runs"] = fit["heldout_runs"]
     out = {"rows": results, "summary": summary, "machine": machine_info(),
            "versions": library_versions("torch", "transformers", "torchao")}
     write_json_atomic(Path(args.out), out)
