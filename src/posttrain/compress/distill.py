@@ -80,7 +80,13 @@ from posttrain.train.objectives import (
     loss_position_hidden,
     wrapper_label_logits,
 )
-from posttrain.train.sft import DataConfig, EvalConfig, ModelConfig, check_adapter_training
+from posttrain.train.sft import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    check_adapter_training,
+    split_eval,
+)
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 MODES = ("logit", "sequence", "on_policy")
@@ -525,11 +531,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     if cfg.data.eval:
         eval_examples, _ = _load_examples(cfg, cfg.data.eval, tokenizer, teacher, run_dir, "eval", resume)
     elif cfg.data.eval_fraction:
-        order = list(range(len(examples)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, int(len(examples) * cfg.data.eval_fraction))
-        eval_examples = [examples[i] for i in order[:n_eval]]
-        examples = [examples[i] for i in order[n_eval:]]
+        examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
     print(f"data: {data_report}")
 
     before = _cached_eval(run_dir / "eval_before.json", resume,

@@ -257,7 +257,9 @@ def _has_byte_level(spec: dict) -> bool:
 
 def _pre_tokenizer_name(spec: dict) -> tuple[str, list[str]]:
     """The llama.cpp `tokenizer.ggml.pre` name whose split rule matches the HF pre-tokenizer."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_PRE_TOKENIZER_SPLITS,
+    )
 
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import time
 from typing import Literal
 
@@ -555,7 +554,7 @@ def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -
         write_json_atomic,
         write_manifest,
     )
-    from posttrain.train.sft import encode_file
+    from posttrain.train.sft import encode_file, split_eval
 
     started = time.time()
     run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
@@ -573,11 +572,7 @@ def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -
         if rec.data.eval:
             eval_examples, _ = encode_file(tokenizer, rec.data.eval, kind, rec.data.max_length, rec.data.skip_invalid)
         else:
-            order = list(range(len(examples)))
-            random.Random(train_cfg.seed).shuffle(order)
-            n_eval = max(1, int(len(examples) * rec.data.eval_fraction))
-            eval_examples = [examples[i] for i in order[:n_eval]]
-            examples = [examples[i] for i in order[n_eval:]]
+            examples, eval_examples = split_eval(examples, rec.data.eval_fraction, train_cfg.seed)
     elif cfg.eval:
         eval_examples, _ = encode_file(tokenizer, cfg.eval, None, cfg.eval_max_length, False)
 

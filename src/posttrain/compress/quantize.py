@@ -585,7 +585,12 @@ def run_quantize(cfg: QuantizeConfig, resume: bool = False, overwrite: bool = Fa
     import time
 
     from posttrain.models import load_model, resolve_model_path
-    from posttrain.stage import content_hash, prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.stage import (
+        content_hash,
+        prepare_run_dir,
+        write_json_atomic,
+        write_manifest,
+    )
     from posttrain.train.sft import evaluate_all, write_reports
 
     if resume:

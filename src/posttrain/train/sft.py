@@ -101,6 +101,14 @@ def encode_file(tokenizer, path: str, kind: str | None, max_length: int, skip_in
     return examples, report
 
 
+def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a seeded `fraction` of the examples (at least one) held out."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(examples) * fraction))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
 def run_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the stage end to end; returns the manifest."""
     from posttrain.adapters import apply_adapter, trainable_summary
@@ -123,11 +131,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> di
         eval_examples, _ = encode_file(tokenizer, cfg.data.eval, kind, cfg.data.max_length,
                                        cfg.data.skip_invalid, tasks)
     elif cfg.data.eval_fraction:
-        order = list(range(len(examples)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, int(len(examples) * cfg.data.eval_fraction))
-        eval_examples = [examples[i] for i in order[:n_eval]]
-        examples = [examples[i] for i in order[n_eval:]]
+        examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
     print(f"data: {data_report}")
 
     before_path = run_dir / "eval_before.json"
