@@ -270,3 +270,18 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_with_the_sizes_tha
     with pytest.raises(ValueError, match=r"does not divide the input size 96 of model.layers.0.self_attn.q_proj.*\[32, 96\]"):
         quantize_model(model, QuantSpec(weights="int4", group_size=64))
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)  # nothing half-done
+
+
+@pytest.mark.slow
+def test_default_model_int8_keeps_perplexity_within_two_percent_and_decodes_natively():
+    from posttrain.eval.metrics import perplexity
+    from posttrain.eval.tasks import load_texts
+    from posttrain.generate.native import native_lm
+
+    texts = load_texts("data/general/text.jsonl", limit=8)
+    model, tok = load_model("default", dtype="bf16")
+    base = perplexity(model, tok, texts, max_length=256)
+    quantize_model(model, QuantSpec())
+    assert weight_bytes(model) < 0.3 * 538e6
+    assert perplexity(model, tok, texts, max_length=256) < base * 1.02
+    assert native_lm(model, required=True).wtype == 2
