@@ -42,12 +42,12 @@ prune $R/depth25-before ratio=0.25 model.dtype=fp32 recovery=null eval=$HELD
 
 # distillation demo: half the layers, then the same tokens with KD (forward KL) or plain SFT (CE)
 prune $R/depth50 ratio=0.5 model.dtype=fp32 recovery=null eval=$HELD
-for w in 0 1; do
-  job $R/depth50-ce$w $PT distill --config recipes/distill.yaml model.name=$R/depth50 model.dtype=fp32 \
+for base in depth50 depth25; do for w in 0 1; do
+  job $R/$base-ce$w $PT distill --config recipes/distill.yaml model.name=$R/$base$([ $base = depth25 ] && echo -before) model.dtype=fp32 \
     distill.ce_weight=$w data.train=$TEXT data.kind=text data.eval=$HELD data.eval_fraction=0 data.max_length=256 \
     train.max_steps=30 train.max_tokens=1024 train.lr=1e-4 train.eval_every=10 train.save_every=null \
     "eval.tasks=[]" eval.forgetting=$HELD
-done
+done; done
 echo "--extra qat-int4=$R/qat-int4 --extra depth25=$R/depth25-before --extra depth25-rec=$R/depth-r0.25 \
 --extra magnitude50=$R/magnitude-before --extra magnitude50-rec=$R/magnitude-after \
 --extra wanda50=$R/wanda-before --extra wanda50-rec=$R/wanda-after --extra wanda24=$R/wanda-24-before \
