@@ -16,7 +16,7 @@ SECTIONS = {"sft": ("model, adapter, data, train, eval, ewc", "sft_lora"),
             "online-dpo": ("model, adapter, data, reward, sampling, dpo, train, eval, eval_every", "online_dpo"),
             **{v: ("backend, model, adapter, data, reward, rollout, algo, critic, train, eval, eval_every", v)
                for v in ("ppo", "grpo", "rloo")},
-            "quantize": ("model, quant, qat, train, eval", "quantize_int8"),
+            "quantize": ("model, quant, calibration, qat, train, eval", "quantize_int8"),
             "prune": ("model, method, calibration, recovery, train, eval", "prune_depth"),
             "distill": ("model, teacher, adapter, data, distill, train, eval", "distill"),
             "export": ("model, formats, check", "export"),
