@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="output model directory (required)")
     p.add_argument("--dtype", default="fp32", choices=["auto", "bf16", "fp32"])
 
+    p = sub.add_parser("filter", help="filter a JSONL file: dedup, length, PII, blocklist, regex, score",
+                       description="Drop (or redact) rows of IN by the rules in --rules and write the kept rows "
+                                   "to OUT atomically, plus a report of every dropped row and its reason "
+                                   "(default OUT.report.json). Without --rules: exact + near dedup and PII "
+                                   "redaction. See recipes/data/filter_rules.yaml.")
+    p.add_argument("input", metavar="IN", help="input JSONL file")
+    p.add_argument("output", metavar="OUT", help="output JSONL file (written atomically)")
+    p.add_argument("--rules", "-r", help="rules YAML (keys: exact_dedup, near_dedup, min_chars, max_chars, "
+                                         "min_words, max_words, pii, blocklist, regex, score)")
+    p.add_argument("--report", help="report JSON path (default: OUT.report.json)")
+
     p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", metavar="<tool>")
     q = p.add_parser("inspect", help="render records through the chat template and mark loss tokens",
                      description="Shows validation results, then a few records as the model sees them, with "
@@ -369,6 +380,16 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_filter(args) -> int:
+    from posttrain.data.filters import filter_file, load_rules, summary
+
+    rules = load_rules(args.rules)
+    result = filter_file(args.input, args.output, rules, report_path=args.report)
+    print(summary(result))
+    print(f"wrote {args.output} and {args.report or str(args.output) + '.report.json'}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from posttrain.data.formats import load_records
     from posttrain.data.templates import encode_record, render_loss_mask
@@ -396,6 +417,7 @@ def cmd_data(args) -> int:
 
 COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
+            "filter": cmd_filter,
             "sam": cmd_sam}
 
 
