@@ -50,6 +50,7 @@ class GenerationConfig:
     aux_model: Any = None  # SAM[aux]: a smaller causal LM with the same tokenizer drafts when no match
     # where forward passes run: "native" (our CPU decoder), "torch" (the model's forward), "auto" (native if it can)
     backend: str = "auto"
+    guard: Any = None  # GuardRules (generate/guard.py): replies are blocked or redacted after decoding
 
     def __post_init__(self) -> None:
         if self.decoding not in ("plain", "sam", "lookup"):
@@ -323,8 +324,16 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
     try:
         if config.decoding == "plain":
             rows, token_ids, logprobs = _generate(model, tokenizer, prompt_ids, config, stream)
-            return GenerationOutput([r.text for r in rows], token_ids, logprobs)
-        return _generate_speculative(model, tokenizer, prompt_ids, config, stream)
+            out = GenerationOutput([r.text for r in rows], token_ids, logprobs)
+        else:
+            out = _generate_speculative(model, tokenizer, prompt_ids, config, stream)
+        if config.guard is not None:
+            from posttrain.generate.guard import guard_text
+
+            checked = [guard_text(t, config.guard) for t in out.texts]
+            out.texts = [g.text for g in checked]
+            out.stats["guard_blocked"] = sum(g.blocked for g in checked)
+        return out
     finally:
         model.train(was_training)
 
