@@ -52,6 +52,17 @@ class TrainConfig(Strict):
         return self
 
 
+def valid_regex(pattern: str) -> str:
+    """A pydantic validator body: the pattern compiles, else a message quoting it."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regex: {exc}") from exc
+    return pattern
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); values parse as YAML scalars/lists."""
     if "=" not in item:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field, ValidationError, field_validator
 
-from posttrain.config import Strict, format_validation_error, load_yaml
+from posttrain.config import Strict, format_validation_error, load_yaml, valid_regex
 from posttrain.data.formats import DataError, detect_kind, read_jsonl, validate
 
 Scorer = Callable[[list[dict]], Sequence[float]]  # records -> one score per record
@@ -53,14 +53,10 @@ class RegexRule(Strict):
     replacement: str = "[REDACTED]"
     ignore_case: bool = False
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from None
-        return value
+    _pattern = field_validator("pattern")(valid_regex)
+
+    def compiled(self) -> re.Pattern:
+        return re.compile(self.pattern, re.IGNORECASE if self.ignore_case else 0)
 
 
 class ScoreRules(Strict):
@@ -178,7 +174,7 @@ def record_text(record: dict) -> str:
     return "\n".join(s for name in CONTENT_FIELDS if name in record for s in _strings(record[name]))
 
 
-def _whole_word(word: str) -> re.Pattern:
+def whole_word(word: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(word.strip())}(?!\w)", re.IGNORECASE)
 
 
@@ -227,8 +223,8 @@ def filter_records(records: Sequence[dict], rules: FilterRules | dict | None = N
     if rules.score.min is not None and scorer is None:
         raise ValueError("score.min is set but no scorer was given (pass scorer=, or score.reward_model in the CLI)")
     result = FilterResult(kept=[], kept_lines=[], total=len(records))
-    blocked = [(w.strip().lower(), _whole_word(w)) for w in rules.blocklist]
-    regexes = [(r, re.compile(r.pattern, re.IGNORECASE if r.ignore_case else 0)) for r in rules.regex]
+    blocked = [(w.strip().lower(), whole_word(w)) for w in rules.blocklist]
+    regexes = [(r, r.compiled()) for r in rules.regex]
     pii_kinds = [] if rules.pii.action == "off" else list(rules.pii.kinds)
     seen: dict[str, int] = {}  # normalized content -> line kept
     lsh = minhashes = None

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import Field
 
 from posttrain.config import Strict
-from posttrain.data.filters import PIIRules, RegexRule, _whole_word, redact_pii
+from posttrain.data.filters import PIIRules, RegexRule, redact_pii, whole_word
 
 
 class GuardRules(Strict):
@@ -43,9 +43,9 @@ def load_guard(path: str | Path) -> GuardRules:
 
 def guard_text(text: str, rules: GuardRules) -> GuardResult:
     """Block (refusal instead of the reply) or redact, with the reasons."""
-    reasons = [f"blocklist:{w}" for w in rules.blocklist if w.strip() and _whole_word(w).search(text)]
+    reasons = [f"blocklist:{w}" for w in rules.blocklist if w.strip() and whole_word(w).search(text)]
     for rule in rules.regex:
-        if rule.action == "drop" and _compile(rule).search(text):
+        if rule.action == "drop" and rule.compiled().search(text):
             reasons.append(f"regex:{rule.name}")
     if rules.pii.action == "drop":
         _, found = redact_pii(text, rules.pii.kinds)
@@ -55,17 +55,10 @@ def guard_text(text: str, rules: GuardRules) -> GuardResult:
     redactions: Counter = Counter()
     for rule in rules.regex:
         if rule.action == "redact":
-            text, n = _compile(rule).subn(rule.replacement, text)
+            text, n = rule.compiled().subn(rule.replacement, text)
             if n:
                 redactions[f"regex:{rule.name}"] += n
     if rules.pii.action == "redact":
         text, found = redact_pii(text, rules.pii.kinds)
         redactions.update({f"pii:{k}": n for k, n in found.items()})
     return GuardResult(text, redactions=redactions)
-
-
-def _compile(rule: RegexRule):
-    import re
-
-    return re.compile(rule.pattern, re.IGNORECASE if rule.ignore_case else 0)
-

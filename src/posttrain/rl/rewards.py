@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from torch import Tensor, nn
 
-from posttrain.config import Strict
+from posttrain.config import Strict, valid_regex
 from posttrain.eval.metrics import answers_match, extract_answer, right_pad
 from posttrain.models import base_model
 
@@ -548,14 +548,6 @@ class Mixture:
 # ================================================================================ configuration
 
 
-def _valid_regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{pattern!r} is not a valid regex: {exc}") from exc
-    return pattern
-
-
 class RewardModelRewardConfig(Strict):
     type: Literal["reward_model"]
     path: str = Field(description="a save_reward_model directory or a reward-model run directory")
@@ -591,7 +583,7 @@ class FormatRewardConfig(Strict):
     pattern: str
     fullmatch: bool = False
 
-    _pattern = field_validator("pattern")(_valid_regex)
+    _pattern = field_validator("pattern")(valid_regex)
 
 
 class BlocklistRewardConfig(Strict):
@@ -604,7 +596,7 @@ class BlocklistRewardConfig(Strict):
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
         for p in v:
-            _valid_regex(p)
+            valid_regex(p)
         return v
 
 
@@ -615,7 +607,7 @@ class VerifierRewardConfig(Strict):
     @field_validator("extract")
     @classmethod
     def _extract(cls, v: str) -> str:
-        return v if v in ("last_number", "first_line") else _valid_regex(v)
+        return v if v in ("last_number", "first_line") else valid_regex(v)
 
 
 class MixtureRewardConfig(Strict):
