@@ -95,6 +95,15 @@ MODES = ("logit", "sequence", "on_policy")
 # ----------------------------------------------------------------------------- divergences
 
 
+def _check_loss(kind: str, temperature: float, beta: float) -> None:
+    if kind not in LOSSES:
+        raise ValueError(f"unknown distillation loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1]; got {beta}")
+
+
 def distill_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward_kl",
                        temperature: float = 1.0, beta: float = 0.5) -> Tensor:
     """Per-position divergence [...] between student and teacher logits [..., vocab] (at least fp32).
@@ -102,12 +111,7 @@ def distill_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str
     See the module docstring for the conventions (forward_kl = KL(teacher || student);
     jsd with mixture beta * teacher + (1 - beta) * student; beta 0 / 1 = forward / reverse KL).
     """
-    if kind not in LOSSES:
-        raise ValueError(f"unknown distillation loss {kind!r}; choose one of {', '.join(LOSSES)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1]; got {beta}")
+    _check_loss(kind, temperature, beta)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ: teacher and student must share the vocabulary")
@@ -173,12 +177,7 @@ def make_distill_objective(teacher: torch.nn.Module, loss: str = "forward_kl", t
     temperature 1, comparable across settings), nll (student CE on the labels), agreement
     (student and teacher argmax equal), loss_tokens.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown distillation loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1]; got {beta}")
+    _check_loss(loss, temperature, beta)
     if not 0.0 <= ce_weight <= 1.0:
         raise ValueError(f"ce_weight must be in [0, 1]; got {ce_weight}")
     if chunk_size < 1:
