@@ -168,6 +168,13 @@ def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
+def frozen_bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The teacher for self-distillation (QAT, pruning recovery): the model before it changes."""
+    import copy
+
+    return freeze_teacher(copy.deepcopy(model).to(torch.bfloat16))
+
+
 def make_distill_objective(teacher: torch.nn.Module, loss: str = "forward_kl", temperature: float = 1.0,
                            beta: float = 0.5, ce_weight: float = 0.0, chunk_size: int = 512) -> Objective:
     """objective(student, batch) -> (token-mean loss, metrics) distilling `teacher` into the student.

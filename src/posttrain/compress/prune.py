@@ -18,7 +18,6 @@ Activation statistics come from forward hooks over calibration batches:
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from typing import Literal
@@ -587,7 +586,9 @@ def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -
 
     teacher = None
     if rec and rec.objective == "distill":
-        teacher = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+        from posttrain.compress.distill import frozen_bf16_copy
+
+        teacher = frozen_bf16_copy(model)
 
     texts = load_texts(cfg.calibration.path)
     calib = calibration_batches(tokenizer, texts, cfg.calibration.n_samples, cfg.calibration.max_length)

@@ -252,8 +252,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Replace target linears (and embeddings) in place with integer modules; returns the model."""
     if hasattr(model, "peft_config"):
         raise ValueError("quantize: the model carries PEFT adapters; merge them first (posttrain merge)")
-    if spec.mode == "int8dyn" and any(p.dtype != torch.float32 for p in model.parameters()):
-        pass  # the dynamic path computes in fp32 internally and returns the input dtype
     tied = is_tied(model)
     names = target_linears(model, spec)
     check_groups(model, names, spec)
@@ -482,10 +480,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
         if target.shape != v.shape:
             raise ValueError(f"{path}/model.safetensors: {k} has shape {tuple(v.shape)}, "
                              f"expected {tuple(target.shape)}")
-    model.load_state_dict({k: (v.to(dtype) if v.is_floating_point() and expected[k].dtype == dtype else v)
-                           for k, v in state.items()}, strict=False)
-    if spec.embeddings == "int8" and tied:
-        model.set_output_embeddings(tied_head(model.get_input_embeddings()))
+    # copied in place (cast to each tensor's dtype), so the tied head keeps sharing the embedding's
+    # tensors; strict=False: the tied head's own keys are not in the file
+    model.load_state_dict(state, strict=False)
     if spec.embeddings == "none" and tied:
         model.tie_weights()
     _init_rotary(model)
@@ -584,7 +581,7 @@ def run_quantize(cfg: QuantizeConfig, resume: bool = False, overwrite: bool = Fa
     """PTQ (or QAT then convert) -> quantized checkpoint in output_dir/final, with before/after eval."""
     import time
 
-    from posttrain.models import load_model, resolve_model_path
+    from posttrain.models import load_model, resolve_dtype, resolve_model_path
     from posttrain.stage import (
         content_hash,
         prepare_run_dir,
@@ -611,7 +608,7 @@ def run_quantize(cfg: QuantizeConfig, resume: bool = False, overwrite: bool = Fa
         model = convert_qat(model)
     else:
         quantize_model(model, cfg.quant)
-    serve_dtype = resolve_dtype_name(cfg.model.dtype)
+    serve_dtype = resolve_dtype(cfg.model.dtype)
     model.to(serve_dtype)
     save_quantized(model, tok, run_dir / "final")
     after = evaluate_all(model, tok, cfg.eval)
@@ -627,16 +624,8 @@ def run_quantize(cfg: QuantizeConfig, resume: bool = False, overwrite: bool = Fa
     return write_manifest(run_dir, "quantize", inputs, outputs, started)
 
 
-def resolve_dtype_name(name: str) -> torch.dtype:
-    from posttrain.models import resolve_dtype
-
-    return resolve_dtype(name)
-
-
 def _qat(model: nn.Module, tok, cfg: QuantizeConfig, run_dir: Path):
     """Fake-quantized training of the target linears (everything else frozen) through the loop."""
-    import copy
-
     from posttrain.train.loop import train
     from posttrain.train.objectives import get_objective
     from posttrain.train.sft import encode_file
@@ -647,24 +636,15 @@ def _qat(model: nn.Module, tok, cfg: QuantizeConfig, run_dir: Path):
     eval_examples = encode_file(tok, q.eval, kind, q.max_length, False)[0] if q.eval else None
     print(f"qat data: {report}")
     if q.objective == "distill":
-        from posttrain.compress.distill import make_distill_objective
+        from posttrain.compress.distill import frozen_bf16_copy, make_distill_objective
 
-        teacher = copy.deepcopy(model).to(torch.bfloat16).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        objective = make_distill_objective(teacher, loss="forward_kl", temperature=q.temperature)
+        objective = make_distill_objective(frozen_bf16_copy(model), loss="forward_kl", temperature=q.temperature)
     else:
         objective = get_objective(q.objective)
     for p in model.parameters():
         p.requires_grad_(False)
     prepare_qat(model, cfg.quant)
-    for name in target_linears_qat(model):
+    for name in target_linears(model, cfg.quant):
         model.get_submodule(name).parametrizations.weight.original.requires_grad_(True)
     return train(model, objective, examples, cfg.train, run_dir, pad_token_id=tok.pad_token_id,
                  eval_examples=eval_examples)
-
-
-def target_linears_qat(model: nn.Module) -> list[str]:
-    from torch.nn.utils import parametrize
-
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight")]
