@@ -125,7 +125,6 @@ def main() -> None:
     from posttrain.eval.tasks import evaluate_perplexity, evaluate_task
     from posttrain.fileio import write_json_atomic
 
-    torch.set_num_threads(torch.get_num_threads())
     rows = [(r, None) for r in args.rows.split(",") if r]
     rows += [tuple(e.split("=", 1)) for e in args.extra]
     results = []

@@ -222,15 +222,16 @@ class NativeLM:
 
         mode, group, _ = quant_layout(model)
         self.wtype, self.qgroup = WTYPES.get(mode, 0), group or 0
-        scales: dict[str, list] = {k: [] for k in ("sqkv", "so", "sgu", "sdown", "mqkv", "mo", "mgu", "mdown")}
+        scales: dict[str, list] = {k: [] for k in ("sqkv", "so", "sgu", "sdown", "mqkv", "mo", "mgu", "mdown",
+                                                   "shead")}
 
-        def packed(*linears, slot: str | None = None):
+        def packed(*linears, slot: str):
+            """Packed weights; for integer weights their packed scales (and minimums) go to scales[slot]."""
             if isinstance(linears[0], QuantLinear):
                 t = _pack_q(torch.cat([lin.qweight for lin in linears]), linears[0].mode == "int4")
                 sc = _pack_scale(torch.cat([lin.scale for lin in linears]))
                 keep.append(sc)
-                if slot:
-                    scales["s" + slot].append(sc)
+                scales["s" + slot].append(sc)
                 if linears[0].mode == "int4":
                     mn = _pack_scale(torch.cat([lin.minimum for lin in linears]))
                     keep.append(mn)
@@ -262,7 +263,7 @@ class NativeLM:
             "wdown": _ptrs([packed(m.down_proj, slot="down") for m in mlp]),
             "bdown": _ptrs([bias(m.down_proj) for m in mlp]),
         }
-        self.arrays.update({k: _ptrs(v) for k, v in scales.items() if v})
+        self.arrays.update({k: _ptrs(v) for k, v in scales.items() if v and k != "shead"})
         if base.lm_head.bias is not None:
             raise NativeError("an LM head with a bias is not supported")
         head = base.lm_head
@@ -271,9 +272,9 @@ class NativeLM:
             if head.mode != "int8" or head.group_size:
                 raise NativeError(f"an LM head quantized as {head.mode} (group {head.group_size}) is not supported")
             self.head_wtype = 2
-            self.head_scale = _pack_scale(head.scale)
-            keep.append(self.head_scale)
-        self.head = packed(head)
+        self.head = packed(head, slot="head")
+        if self.head_wtype:
+            self.head_scale = scales["shead"][0]
         self.final_norm = f32(base.model.norm.weight)
         self.keep = keep
         self.vocab = base.lm_head.out_features
