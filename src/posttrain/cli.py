@@ -174,6 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
                                          "min_words, max_words, pii, blocklist, regex, score)")
     p.add_argument("--report", help="report JSON path (default: OUT.report.json)")
 
+    p = sub.add_parser("reason", help="reasoning strategies: direct, CoT, self-consistency, Tree-of-Thoughts, router",
+                       description="Answer one question with a strategy (-p), or --eval: every strategy on a task, "
+                                   "a table of accuracy vs generated tokens, results JSON and a PNG curve.",
+                       epilog="tasks: arith, game24, mc (data/reason/) or a JSONL of {prompt, answer} "
+                              "(+ numbers for Game-of-24, options for multiple choice).\n"
+                              "  posttrain reason --strategy cot -p 'Tom has 3 apples and buys 4. How many?' --task arith\n"
+                              "  posttrain reason --eval --task game24 --strategies direct,cot,sc,tot,router --limit 10",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", default="default")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--task", "-t", default="arith", help="arith, game24, mc or a JSONL path")
+    p.add_argument("--strategy", "-s", default="cot", help="direct, cot, cot_fewshot, sc, tot, router")
+    p.add_argument("--prompt", "-p", help="one question (game24: the numbers are read from it)")
+    p.add_argument("--eval", action="store_true", help="evaluate --strategies on the task's file")
+    p.add_argument("--strategies", default="direct,cot,sc,tot,router", help="comma-separated (with --eval)")
+    p.add_argument("--limit", type=int, help="at most this many questions (with --eval)")
+    p.add_argument("--out", default="reason-out", help="directory for results.json and accuracy_vs_tokens.png")
+    for flag, kind, what in (("--samples", int, "self-consistency paths (5)"), ("--temperature", float, "sampling (0.7)"),
+                             ("--search", str, "ToT search: bfs or dfs"), ("--value", str, "ToT value: auto, checker, model"),
+                             ("--k", int, "ToT proposals per state (3)"), ("--beam", int, "ToT BFS beam (2)"),
+                             ("--depth", int, "ToT max depth (4)"), ("--threshold", float, "ToT DFS prune value (0.2)"),
+                             ("--budget", int, "ToT DFS expansions (12)"), ("--probe", str, "router probe: logprob or vote"),
+                             ("--confidence", float, "router: answer directly at or above (0.8)"),
+                             ("--final", str, "router last rung: auto, sc, tot"), ("--seed", int, "sampling seed (0)"),
+                             ("--cot-tokens", int, "CoT token budget (task default)")):
+        p.add_argument(flag, type=kind, help=what)
+    p.add_argument("--fewshot", action="store_true", help="chain-of-thought with the task's worked examples")
+
     p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", metavar="<tool>")
     q = p.add_parser("inspect", help="render records through the chat template and mark loss tokens",
                      description="Shows validation results, then a few records as the model sees them, with "
@@ -415,10 +443,52 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_reason(args) -> int:
+    import json
+    import re
+
+    from posttrain.fileio import write_json_atomic
+    from posttrain.models import load_model
+    from posttrain.reason.evaluate import evaluate_strategies, format_results, plot_accuracy_vs_tokens
+    from posttrain.reason.strategies import ReasonConfig, run_strategy
+    from posttrain.reason.tasks import LETTERS, load_reason_task
+
+    knobs = {k: getattr(args, k) for k in ("samples", "temperature", "search", "value", "k", "beam", "depth",
+                                           "threshold", "budget", "probe", "confidence", "final", "seed",
+                                           "cot_tokens") if getattr(args, k) is not None}
+    cfg = ReasonConfig(fewshot=args.fewshot, **knobs)
+    if args.eval == bool(args.prompt):
+        raise ValueError("give either --prompt QUESTION (one answer) or --eval (a task file), not both or neither")
+    task, examples = load_reason_task(args.task, args.limit if args.eval else 1)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    if not args.eval:
+        ex = {"prompt": args.prompt, "answer": ""}
+        if task.verify is not None:
+            ex["numbers"] = [int(n) for n in re.findall(r"\d+", args.prompt)]
+            if not ex["numbers"]:
+                raise ValueError(f"--task {args.task}: the question must contain the numbers to combine")
+        options = re.findall(r"^\s*[A-D][).]\s*(.+)$", args.prompt, re.MULTILINE)
+        if len(options) == len(LETTERS):
+            ex["options"] = options
+        ans = run_strategy(args.strategy, model, tok, task, [ex], cfg)[0]
+        print(json.dumps({"answer": ans.answer, "strategy": args.strategy, "rung": ans.rung, "tokens": ans.tokens,
+                          "calls": ans.calls, "verified": task.verify(ans.answer, ex) if task.verify else None}))
+        print(ans.text)
+        return 0
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    results = {task.name: evaluate_strategies(model, tok, task, examples, strategies, cfg)}
+    print(format_results(results))
+    out = Path(args.out)
+    write_json_atomic(out / "results.json", {"model": args.model, "config": vars(cfg), "results": results})
+    plot_accuracy_vs_tokens(results, out / "accuracy_vs_tokens.png", title=f"{args.model}: accuracy vs compute")
+    print(f"wrote {out}/results.json and {out}/accuracy_vs_tokens.png")
+    return 0
+
+
 COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter,
-            "sam": cmd_sam}
+            "sam": cmd_sam, "reason": cmd_reason}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,8 +103,15 @@ def use_chat(tokenizer, cfg: ReasonConfig) -> bool:
     return cfg.chat if cfg.chat is not None else bool(getattr(tokenizer, "chat_template", None))
 
 
+ANSWER_PREFIX = "The answer is"
+
+
 def build_prompt(tokenizer, task: Task, question: str, style: str, chat: bool) -> str:
-    """Prompt text ready for the reply. style: direct, cot, cot_fewshot."""
+    """Prompt text ready for the reply. style: direct, cot, cot_fewshot.
+
+    A direct prompt ends with the start of the reply, "The answer is", so even a small
+    model answers at once instead of restating the question, and the probe's
+    confidence is the probability of the answer tokens themselves."""
     if style not in ("direct", "cot", "cot_fewshot"):
         raise ValueError(f"prompt style must be direct, cot or cot_fewshot; got {style!r}")
     instruction = task.direct if style == "direct" else task.cot
@@ -116,8 +123,12 @@ def build_prompt(tokenizer, task: Task, question: str, style: str, chat: bool) -
             messages.append({"role": "user", "content": user})
             if assistant is not None:
                 messages.append({"role": "assistant", "content": assistant})
-        return render_chat(tokenizer, messages)
-    return "\n\n".join(f"Question: {u}\nAnswer:" + (f" {a}" if a is not None else "") for u, a in turns)
+        text = render_chat(tokenizer, messages)
+    else:
+        text = "\n\n".join(f"Question: {u}\nAnswer:" + (f" {a}" if a is not None else "") for u, a in turns)
+    if style == "direct":
+        text += ANSWER_PREFIX if chat else " " + ANSWER_PREFIX
+    return text
 
 
 def encode(tokenizer, text: str, chat: bool) -> list[int]:
@@ -220,10 +231,12 @@ def _extract(task: Task, answers: list[Answer], examples: list[Example]) -> list
 
 
 def direct(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
-    """Ask for the answer only (greedy)."""
+    """Ask for the answer only (greedy, the reply primed with "The answer is", one line)."""
     chat = use_chat(tokenizer, cfg)
     prompts = [build_prompt(tokenizer, task, ex["prompt"], "direct", chat) for ex in examples]
-    out = run_generation(model, tokenizer, prompts, chat, cfg, cfg.direct_tokens or task.direct_tokens)
+    out = run_generation(model, tokenizer, prompts, chat, cfg, cfg.direct_tokens or task.direct_tokens, stop=["\n"])
+    for a in out:
+        a.text = ANSWER_PREFIX + a.text
     return _extract(task, out, examples)
 
 
@@ -274,7 +287,7 @@ def self_consistency(model, tokenizer, task: Task, examples: list[Example], cfg:
 class SearchResult:
     best: Any  # the best final state found, else the best state left in the frontier (None if none)
     value: float
-    solved: bool  # best is a final state
+    final: bool  # best is a final state
     expanded: int  # states whose children were proposed
     scored: int
     pruned: int = 0
@@ -582,7 +595,7 @@ def tree_of_thoughts(model, tokenizer, task: Task, examples: list[Example], cfg:
         best = found.best
         steps = best.steps if isinstance(best, G24State) else (best or ())
         res = Answer(space.answer(best) if best is not None else None, "\n".join(steps),
-                     detail={"solved": found.solved, "value": found.value, "expanded": found.expanded,
+                     detail={"final": found.final, "value": found.value, "expanded": found.expanded,
                              "scored": found.scored, "pruned": found.pruned, "value_mode": mode})
         res.charge(cost)
         results.append(res)
@@ -602,7 +615,9 @@ def _probe(model, tokenizer, task, examples, cfg) -> list[tuple[Answer, float]]:
     prompts = [build_prompt(tokenizer, task, ex["prompt"], "direct", chat) for ex in examples]
     m = cfg.probe_samples
     samples = run_generation(model, tokenizer, [p for p in prompts for _ in range(m)], chat, cfg,
-                             cfg.direct_tokens or task.direct_tokens, sample=True, seed=cfg.seed + 1)
+                             cfg.direct_tokens or task.direct_tokens, sample=True, seed=cfg.seed + 1, stop=["\n"])
+    for s in samples:
+        s.text = ANSWER_PREFIX + s.text
     out = []
     for q, ex in enumerate(examples):
         mine = samples[q * m:(q + 1) * m]

@@ -128,7 +128,7 @@ ARITH_FEWSHOT = [
 
 def arith_task() -> Task:
     return Task(name="arith", direct="Reply with only the final number.",
-                cot="Solve it step by step, one short step per line, then write 'The answer is N.'",
+                cot="Solve it step by step, one short step per line. End with the line 'The answer is' followed by the number.",
                 fewshot=ARITH_FEWSHOT, extract=extract_number, check=_check_number, key=_number_key,
                 tot_step_checker=equations_correct, direct_tokens=16, cot_tokens=128)
 
@@ -146,10 +146,13 @@ def extract_letter(text: str, example: Example | None = None) -> str | None:
     """The chosen option letter: after "answer is", a leading "B)" / "B." / "B", else the
     single option whose text the reply mentions."""
     phrase = answer_phrase(text)
-    for chunk in ([phrase] if phrase else []) + [text.strip()]:
-        m = re.match(r"\(?\s*([A-D])\s*(?:[).:,\s]|$)", chunk)
+    if phrase:  # "The answer is B because ..." / "(B)" / "B."
+        m = re.match(r"\(?\s*([A-D])\s*(?:[).:,\s]|$)", phrase)
         if m:
             return m.group(1)
+    m = re.match(r"\(?([A-D])(?:[).:,]|\s*$)", text.strip())  # a leading "C)" or a bare "C", not the article "A "
+    if m:
+        return m.group(1)
     m = re.search(r"(?:option|choice)\s*\(?([A-D])\b", text, re.IGNORECASE)
     if m:
         return m.group(1).upper()
@@ -176,7 +179,7 @@ MC_FEWSHOT = [
 
 def mc_task() -> Task:
     return Task(name="mc", direct="Reply with only the letter of the correct option.",
-                cot="Think step by step, then write 'The answer is X.' where X is the letter.",
+                cot="Think step by step. End with the line 'The answer is' followed by the letter.",
                 fewshot=MC_FEWSHOT, extract=extract_letter, check=_check_letter, key=lambda a: a.strip().upper(),
                 direct_tokens=8, cot_tokens=128)
 
@@ -276,6 +279,7 @@ def extract_expression(text: str, example: Example | None = None) -> str | None:
     region = answer_phrase(text) or text
     candidates = []
     for line in region.splitlines():
+        line = re.sub(r"^\s*(?:\d+[.)]|[-*])\s+", "", line)  # list numbering is not part of the expression
         line = line.split("=")[0] if line.count("=") == 1 and line.split("=")[1].strip().startswith("24") else line
         for m in _EXPR_CHARS.finditer(line):
             chunk = m.group(0).strip().strip(".").strip()
@@ -299,8 +303,8 @@ GAME24_FEWSHOT = [
 
 def game24_task() -> Task:
     return Task(name="game24", direct="Reply with only the expression.",
-                cot="Combine two numbers per step, one step per line as 'a op b = c (left: ...)', "
-                    "then write 'The answer is EXPRESSION.'",
+                cot="Combine two numbers per step, one step per line as 'a op b = c (left: ...)'. "
+                    "End with the line 'The answer is' followed by the expression.",
                 fewshot=GAME24_FEWSHOT, extract=extract_expression, check=_check24_example,
                 key=lambda a: re.sub(r"\s+", "", a), verify=_check24_example, direct_tokens=32, cot_tokens=128)
 
@@ -323,7 +327,7 @@ def _generic_task(name: str, examples: list[Example]) -> Task:
         task = mc_task()
     else:
         task = Task(name=name, direct="Reply with only the answer.",
-                    cot="Think step by step, then write 'The answer is ...' on the last line.", fewshot=[],
+                    cot="Think step by step. End with the line 'The answer is' followed by the answer.", fewshot=[],
                     extract=lambda text, ex: answer_phrase(text) or extract_answer(text, "first_line"),
                     check=lambda a, ex: answers_match(a.rstrip(".") if a else a, str(ex["answer"])))
     task.name = name
