@@ -450,7 +450,7 @@ def cmd_reason(args) -> int:
     from posttrain.fileio import write_json_atomic
     from posttrain.models import load_model
     from posttrain.reason.evaluate import evaluate_strategies, format_results, plot_accuracy_vs_tokens
-    from posttrain.reason.strategies import ReasonConfig, run_strategy
+    from posttrain.reason.strategies import STRATEGIES, ReasonConfig, run_strategy
     from posttrain.reason.tasks import LETTERS, load_reason_task
 
     knobs = {k: getattr(args, k) for k in ("samples", "temperature", "search", "value", "k", "beam", "depth",
@@ -459,6 +459,10 @@ def cmd_reason(args) -> int:
     cfg = ReasonConfig(fewshot=args.fewshot, **knobs)
     if args.eval == bool(args.prompt):
         raise ValueError("give either --prompt QUESTION (one answer) or --eval (a task file), not both or neither")
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.eval else [args.strategy]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     task, examples = load_reason_task(args.task, args.limit if args.eval else 1)
     model, tok = load_model(args.model, dtype=args.dtype)
     if not args.eval:
@@ -475,7 +479,6 @@ def cmd_reason(args) -> int:
                           "calls": ans.calls, "verified": task.verify(ans.answer, ex) if task.verify else None}))
         print(ans.text)
         return 0
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     results = {task.name: evaluate_strategies(model, tok, task, examples, strategies, cfg)}
     print(format_results(results))
     out = Path(args.out)
