@@ -35,6 +35,18 @@ def test_majority_vote_counts_by_key_and_breaks_ties_by_mean_logprob():
     assert S.majority_vote([None, None], [0, 0], key) == (None, {})
 
 
+def test_answer_confidence_covers_the_answer_tokens_only(tokenizer):
+    ids = tokenizer(" 7. There are many apples", add_special_tokens=False)["input_ids"]
+    assert [tokenizer.decode([i]) for i in ids[:2]] == [" ", "7"]
+    lps = [-0.3, -0.1] + [-5.0] * (len(ids) - 2)
+    reply = S.Answer("7", "The answer is 7. There are many apples", detail={"token_ids": ids, "logprobs": lps})
+    assert S.answer_confidence(tokenizer, reply) == pytest.approx(0.818731, abs=1e-5)  # exp(-0.2): " " and "7"
+    reply.answer = "apples"
+    assert S.answer_confidence(tokenizer, reply) < 0.01
+    reply.answer = None
+    assert S.answer_confidence(tokenizer, reply) == 0.0
+
+
 def test_config_rejects_bad_values():
     for bad in ({"search": "astar"}, {"value": "oracle"}, {"k": 0}, {"confidence": 1.5}, {"temperature": 0}):
         with pytest.raises(ValueError):
@@ -225,7 +237,7 @@ def test_every_strategy_runs_on_a_tiny_model_and_accounts_tokens(tiny, tokenizer
     task, ex = load_reason_task(task_name, limit=2)
     cfg = S.ReasonConfig(direct_tokens=4, cot_tokens=6, step_tokens=6, samples=2, k=2, depth=2, budget=3,
                          probe="vote" if task_name == "mc" else "logprob", search="dfs" if task_name == "mc" else "bfs",
-                         value="model" if task_name == "game24" else "auto")
+                         value="model" if task_name == "game24" else "auto", chat=task_name != "arith")
     out = S.run_strategy(name, tiny, tokenizer, task, ex, cfg)
     assert len(out) == 2
     for a in out:

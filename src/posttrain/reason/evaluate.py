@@ -33,7 +33,7 @@ def evaluate_strategies(model, tokenizer, task: Task, examples: list[Example], s
             preds.append({"line": ex.get("line"), "prompt": ex["prompt"], "reference": ex.get("answer"),
                           "answer": a.answer, "correct": bool(task.check(a.answer, ex)), "tokens": a.tokens,
                           "calls": a.calls, "rung": a.rung, "text": a.text,
-                          "detail": {k: v for k, v in a.detail.items() if k != "logprobs"}})
+                          "detail": {k: v for k, v in a.detail.items() if k not in ("logprobs", "token_ids")}})
         row = {"n": n, "accuracy": sum(p["correct"] for p in preds) / n,
                "answered": sum(p["answer"] is not None for p in preds) / n,
                "tokens_per_q": sum(a.tokens for a in answers) / n, "calls_per_q": sum(a.calls for a in answers) / n,

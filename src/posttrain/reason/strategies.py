@@ -151,8 +151,22 @@ def run_generation(model, tokenizer, prompts: Sequence[str], chat: bool, cfg: Re
         res = generate(model, tokenizer, [ids[i] for i in idx], gen)
         for i, text, toks, lps in zip(idx, res.texts, res.token_ids, res.logprobs):
             out[i] = Answer(None, text, tokens=len(toks), calls=1, prompt_tokens=len(ids[i]),
-                            detail={"logprobs": lps})
+                            detail={"logprobs": lps, "token_ids": toks})
     return out  # type: ignore[return-value]
+
+
+def answer_confidence(tokenizer, reply: Answer) -> float:
+    """Probability per token (exp of the mean log-prob) of the reply up to the end of its
+    extracted answer: how sure the model was of the answer itself, not of the chatter after it."""
+    if reply.answer is None:
+        return 0.0
+    ids, lps = reply.detail.get("token_ids") or [], reply.detail.get("logprobs") or []
+    n = len(lps)
+    for end in range(1, len(ids) + 1):
+        if reply.answer in tokenizer.decode(ids[:end], skip_special_tokens=True):
+            n = end
+            break
+    return math.exp(sum(lps[:n]) / n) if n else 0.0
 
 
 def mean_logprob(answer: Answer) -> float:
@@ -610,7 +624,7 @@ def _probe(model, tokenizer, task, examples, cfg) -> list[tuple[Answer, float]]:
     """Cheap first look: (direct answer, confidence in [0, 1]) per question."""
     if cfg.probe == "logprob":
         out = direct(model, tokenizer, task, examples, cfg)
-        return [(a, math.exp(mean_logprob(a)) if a.answer is not None else 0.0) for a in out]
+        return [(a, answer_confidence(tokenizer, a)) for a in out]
     chat = use_chat(tokenizer, cfg)
     prompts = [build_prompt(tokenizer, task, ex["prompt"], "direct", chat) for ex in examples]
     m = cfg.probe_samples
@@ -639,7 +653,7 @@ def router(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonCon
     results: list[Answer] = []
     probe = _probe(model, tokenizer, task, examples, cfg)
     for (p, conf), ex in zip(probe, examples):
-        res = Answer(p.answer, p.text, rung="direct", detail={"confidence": conf})
+        res = Answer(p.answer, p.text, rung="direct", detail={"confidence": round(conf, 4)})
         res.charge(p)
         results.append(res)
 
