@@ -3,6 +3,7 @@ the router's escalation with a scripted model, and every strategy end to end on 
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -42,7 +43,7 @@ def test_answer_confidence_covers_the_answer_tokens_only(tokenizer):
     reply = S.Answer("7", "The answer is 7. There are many apples", detail={"token_ids": ids, "logprobs": lps})
     assert S.answer_confidence(tokenizer, reply) == pytest.approx(0.818731, abs=1e-5)  # exp(-0.2): " " and "7"
     reply.answer = "apples"
-    assert S.answer_confidence(tokenizer, reply) < 0.01
+    assert S.answer_confidence(tokenizer, reply) == pytest.approx(math.exp(-25.4 / 7))  # every token
     reply.answer = None
     assert S.answer_confidence(tokenizer, reply) == 0.0
 
