@@ -167,6 +167,22 @@ def test_tot_with_scripted_proposals_solves_game24_and_accounts_tokens(monkeypat
     assert out.answer == "(4 + 8) + (6 * 2)" and out.calls == 3
 
 
+def test_step_tot_stops_on_a_checked_answer_and_else_asks_for_one(monkeypatch, tokenizer):
+    ex = [{"prompt": "What is 3 + 3?", "answer": "6"}]
+    cfg = S.ReasonConfig(search="bfs", k=2, depth=2, value="checker")
+    # thoughts with no number: never final before the depth limit, no answer in them -> primed finish
+    monkeypatch.setattr(S, "generate", fake_engine(
+        lambda p: (" 6.", [-0.1]) if p.endswith(S.ANSWER_PREFIX) else ("Add the two numbers.", [-0.1] * 3)))
+    out = S.tree_of_thoughts(None, tokenizer, arith_task(), ex, cfg)[0]
+    assert out.answer == "6" and out.text.endswith("The answer is 6.")
+    assert out.calls == 2 + 2 + 1 and out.tokens == 4 * 3 + 1  # two depths x k samples, then the finish
+    # a checked equation followed by the answer line is accepted at once (value 1.0 >= accept), before depth 3
+    replies = iter(["3 + 3 = 6", "3 + 3 = 7", "The answer is 6.", "The answer is 6."])
+    monkeypatch.setattr(S, "generate", fake_engine(lambda p: (next(replies), [-0.1])))
+    out = S.tree_of_thoughts(None, tokenizer, arith_task(), ex, S.ReasonConfig(k=2, depth=3, beam=1))[0]
+    assert out.answer == "6" and out.text == "3 + 3 = 6\nThe answer is 6." and out.detail["value"] == 1.0
+
+
 def test_checker_value_on_a_task_without_one_is_refused(tokenizer):
     ex = [{"prompt": "q\nA) a\nB) b\nC) c\nD) d", "answer": "A"}]
     with pytest.raises(ValueError, match="no checker"):

@@ -409,6 +409,7 @@ class Space:
     sample: bool
     chat: bool  # prompts are rendered chat text
     rule_finals: bool = False  # final states are valued by the checker even in model-value mode
+    finish: bool = False  # no answer at the end of the search: prime the best state with "The answer is"
 
 
 G24_PROPOSE = """Input: 2 8 8 14
@@ -547,7 +548,7 @@ def steps_space(tokenizer, task: Task, example: Example, chat: bool, max_depth: 
     checker = (lambda steps: task.tot_step_checker(list(steps))) if task.tot_step_checker else None
     return Space(root=(), prompt=prompt, samples=k, parse=parse, is_final=is_final, checker=checker,
                  value_prompt=value_prompt, answer=lambda steps: task.extract("\n".join(steps), example),
-                 accept=0.5, stop=["\n"], sample=True, chat=chat)
+                 accept=0.75, stop=["\n"], sample=True, chat=chat, finish=True)
 
 
 def make_space(tokenizer, task: Task, example: Example, cfg: ReasonConfig) -> Space:
@@ -608,7 +609,14 @@ def tree_of_thoughts(model, tokenizer, task: Task, examples: list[Example], cfg:
                         accept=space.accept)
         best = found.best
         steps = best.steps if isinstance(best, G24State) else (best or ())
-        res = Answer(space.answer(best) if best is not None else None, "\n".join(steps),
+        answer = space.answer(best) if best is not None else None
+        if answer is None and space.finish:  # ask for the answer at the end of the best chain found
+            done = run_generation(model, tokenizer, [space.prompt(best or space.root) + ANSWER_PREFIX], space.chat,
+                                  cfg, cfg.direct_tokens or task.direct_tokens, stop=["\n"])[0]
+            cost.charge(done)
+            steps = tuple(steps) + (ANSWER_PREFIX + done.text,)
+            answer = task.extract(steps[-1], ex)
+        res = Answer(answer, "\n".join(steps),
                      detail={"final": found.final, "value": found.value, "expanded": found.expanded,
                              "scored": found.scored, "pruned": found.pruned, "value_mode": mode})
         res.charge(cost)
