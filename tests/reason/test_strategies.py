@@ -82,7 +82,7 @@ def is_final(s):
 
 def test_bfs_keeps_the_best_beam_states_per_depth():
     expand, score, log = scripted()
-    res = S.bfs("r", expand, score, is_final, beam=2, max_depth=5)
+    res = S.bfs(["r"], expand, score, is_final, beam=2, max_depth=5)[0]
     # depth 1 keeps a, b (c is cut by the beam); depth 2 keeps a1, b1; depth 3 finds b1! (a1 is a dead end)
     assert log["expanded"] == [["r"], ["a", "b"], ["a1", "b1"]]
     assert res.final and res.best == "b1!" and res.value == 0.8 and res.expanded == 5
@@ -90,14 +90,22 @@ def test_bfs_keeps_the_best_beam_states_per_depth():
 
 def test_bfs_wide_beam_finds_the_best_final_and_stops_when_accepted():
     expand, score, log = scripted()
-    res = S.bfs("r", expand, score, is_final, beam=3, max_depth=5, accept=1.0)
+    res = S.bfs(["r"], expand, score, is_final, beam=3, max_depth=5, accept=1.0)[0]
     assert res.best == "c1!" and res.value == 1.0
     assert len(log["expanded"]) == 2  # c1! (valued 1.0) appeared at depth 2: no third round
 
 
+def test_bfs_runs_several_searches_in_lockstep_with_one_expand_per_depth():
+    expand, score, log = scripted()
+    res = S.bfs(["r", "b"], expand, score, is_final, beam=2, max_depth=5, accept=0.75)
+    # root "b" finds b1! (0.8 >= accept) at depth 2 and stops; root "r" goes on alone
+    assert log["expanded"] == [["r", "b"], ["a", "b", "b1"], ["a1", "b1"]]
+    assert [(x.best, x.expanded) for x in res] == [("b1!", 5), ("b1!", 2)]
+
+
 def test_bfs_without_a_final_returns_the_best_open_state():
     expand, score, _ = scripted()
-    res = S.bfs("r", expand, score, is_final, beam=2, max_depth=1)
+    res = S.bfs(["r"], expand, score, is_final, beam=2, max_depth=1)[0]
     assert not res.final and res.best == "a"
 
 

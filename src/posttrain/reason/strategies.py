@@ -307,37 +307,50 @@ class SearchResult:
     pruned: int = 0
 
 
-def bfs(root, expand: Callable[[list], list[list]], score: Callable[[list], list[float]],
-        is_final: Callable[[Any], bool], beam: int, max_depth: int, accept: float | None = None) -> SearchResult:
-    """Breadth-first ToT: expand every frontier state (one batched call), score all children,
-    keep the best `beam` non-final ones. Final states are collected; the search stops once a
-    final state is valued >= accept (None: search every depth). Returns the best final state."""
-    frontier, finals, leftovers = [root], [], []
-    expanded = scored = 0
+def bfs(roots: list, expand: Callable[[list], list[list]], score: Callable[[list], list[float]],
+        is_final: Callable[[Any], bool], beam: int, max_depth: int, accept: float | None = None) -> list[SearchResult]:
+    """Breadth-first ToT over several independent searches in lockstep (one per root), so
+    each depth costs one batched expand and one batched score for all questions.
+
+    Per root: expand every frontier state, score the children, keep the best `beam`
+    non-final ones. Final states are collected; a root's search stops once one of its final
+    states is valued >= accept (None: search every depth). Returns per root the best final
+    state, else the best open state of the last depth."""
+    frontiers = [[root] for root in roots]
+    finals: list[list[tuple[float, Any]]] = [[] for _ in roots]
+    leftovers: list[list[tuple[float, Any]]] = [[] for _ in roots]
+    expanded, scored = [0] * len(roots), [0] * len(roots)
     for _ in range(max_depth):
-        if not frontier:
+        items = [(r, st) for r, frontier in enumerate(frontiers) for st in frontier]
+        if not items:
             break
-        children_lists = expand(frontier)
-        expanded += len(frontier)
-        children = [c for cl in children_lists for c in cl]
-        if not children:
-            break
-        values = score(children)
-        scored += len(children)
-        ranked = sorted(zip(values, range(len(children))), key=lambda t: (-t[0], t[1]))
-        open_ = []
-        for v, i in ranked:
-            (finals if is_final(children[i]) else open_).append((v, children[i]))
-        leftovers = open_[:beam]
-        frontier = [c for _, c in leftovers]
-        if accept is not None and any(v >= accept for v, _ in finals):
-            break
-    if finals:
-        v, best = max(finals, key=lambda t: t[0])
-        return SearchResult(best, v, True, expanded, scored)
-    if leftovers:
-        return SearchResult(leftovers[0][1], leftovers[0][0], False, expanded, scored)
-    return SearchResult(None, float("-inf"), False, expanded, scored)
+        children_lists = expand([st for _, st in items])
+        kids = []
+        for (r, _), cl in zip(items, children_lists):
+            expanded[r] += 1
+            kids.extend((r, c) for c in cl)
+        values = score([c for _, c in kids]) if kids else []
+        per_root: list[list[tuple[float, int, Any]]] = [[] for _ in roots]
+        for i, ((r, c), v) in enumerate(zip(kids, values)):
+            per_root[r].append((v, i, c))
+            scored[r] += 1
+        for r in {r for r, _ in items}:
+            ranked = sorted(per_root[r], key=lambda t: (-t[0], t[1]))
+            finals[r].extend((v, c) for v, _, c in ranked if is_final(c))
+            leftovers[r] = [(v, c) for v, _, c in ranked if not is_final(c)][:beam]
+            frontiers[r] = [c for _, c in leftovers[r]]
+            if accept is not None and any(v >= accept for v, _ in finals[r]):
+                frontiers[r] = []
+    out = []
+    for r in range(len(roots)):
+        if finals[r]:
+            v, best = max(finals[r], key=lambda t: t[0])
+            out.append(SearchResult(best, v, True, expanded[r], scored[r]))
+        elif leftovers[r]:
+            out.append(SearchResult(leftovers[r][0][1], leftovers[r][0][0], False, expanded[r], scored[r]))
+        else:
+            out.append(SearchResult(None, float("-inf"), False, expanded[r], scored[r]))
+    return out
 
 
 def dfs(root, expand: Callable[[list], list[list]], score: Callable[[list], list[float]],
@@ -560,67 +573,80 @@ def make_space(tokenizer, task: Task, example: Example, cfg: ReasonConfig) -> Sp
 
 def tree_of_thoughts(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
     """Propose cfg.k thoughts per state, value states with the task checker or the model
-    (cfg.value), search with BFS (beam) or DFS (threshold pruning, node budget)."""
+    (cfg.value), search with BFS (beam; all questions in lockstep, batched) or DFS
+    (threshold pruning, node budget; one question at a time)."""
+    spaces = [make_space(tokenizer, task, ex, cfg) for ex in examples]
+    if not spaces:
+        return []
+    mode = cfg.value
+    if mode == "checker" and spaces[0].checker is None:
+        raise ValueError(f"task {task.name!r} has no checker for partial states; use value=model or auto")
+    if mode == "auto":
+        mode = "checker" if spaces[0].checker is not None else "model"
+    kind = spaces[0]  # every question of a task has the same kind of space
+    costs = [Answer(None, "") for _ in examples]
+    rounds = [0]
+
+    def expand(items: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
+        rounds[0] += 1
+        prompts = [spaces[q].prompt(st) for q, st in items for _ in range(spaces[q].samples)]
+        gens = run_generation(model, tokenizer, prompts, kind.chat, cfg, cfg.step_tokens, sample=kind.sample,
+                              seed=cfg.seed + rounds[0], stop=kind.stop)
+        out, pos = [], 0
+        for q, st in items:
+            mine, pos = gens[pos:pos + spaces[q].samples], pos + spaces[q].samples
+            for g in mine:
+                costs[q].charge(g)
+            out.append([(q, c) for c in spaces[q].parse(st, [g.text for g in mine])])
+        return out
+
+    def score(items: list[tuple[int, Any]]) -> list[float]:
+        values: list[float | None] = [None] * len(items)
+        for i, (q, st) in enumerate(items):
+            # checker mode; or Game-of-24 end states, where the game's rule decides, not the model
+            if mode == "checker" or (spaces[q].rule_finals and spaces[q].is_final(st)):
+                values[i] = spaces[q].checker(st)  # type: ignore[misc]
+        open_ = [i for i, v in enumerate(values) if v is None]
+        if open_:
+            prompts = [spaces[items[i][0]].value_prompt(items[i][1]) for i in open_]
+            for i, p, v in zip(open_, prompts, option_values(model, tokenizer, prompts, VERDICTS,
+                                                             batch_size=cfg.batch_size)):
+                values[i] = v
+                cost = costs[items[i][0]]
+                cost.tokens, cost.calls = cost.tokens + 1, cost.calls + 1
+                cost.prompt_tokens += len(encode(tokenizer, p, False))
+        return values  # type: ignore[return-value]
+
+    def is_final(item: tuple[int, Any]) -> bool:
+        return spaces[item[0]].is_final(item[1])
+
+    roots = [(q, sp.root) for q, sp in enumerate(spaces)]
+    if cfg.search == "bfs":
+        found = bfs(roots, expand, score, is_final, cfg.beam, cfg.depth, accept=kind.accept)
+    else:
+        found = [dfs(root, expand, score, is_final, cfg.threshold, cfg.budget, cfg.depth, accept=kind.accept)
+                 for root in roots]
     results = []
-    for q, ex in enumerate(examples):
-        space = make_space(tokenizer, task, ex, cfg)
-        mode = cfg.value
-        if mode == "checker" and space.checker is None:
-            raise ValueError(f"task {task.name!r} has no checker for partial states; use value=model or auto")
-        if mode == "auto":
-            mode = "checker" if space.checker is not None else "model"
-        cost = Answer(None, "")
-        calls = {"n": 0}
-
-        def expand(states: list) -> list[list]:
-            prompts = [space.prompt(s) for s in states for _ in range(space.samples)]
-            calls["n"] += 1
-            gens = run_generation(model, tokenizer, prompts, space.chat, cfg, cfg.step_tokens, sample=space.sample,
-                                  seed=cfg.seed + 7919 * q + calls["n"], stop=space.stop)
-            for g in gens:
-                cost.charge(g)
-            return [space.parse(s, [g.text for g in gens[i * space.samples:(i + 1) * space.samples]])
-                    for i, s in enumerate(states)]
-
-        def score(states: list) -> list[float]:
-            if mode == "checker":
-                return [space.checker(s) for s in states]  # type: ignore[misc]
-            values: list[float | None] = [None] * len(states)
-            if space.rule_finals:  # Game-of-24 end states: the game's rule decides, not the model
-                for i, s in enumerate(states):
-                    if space.is_final(s):
-                        values[i] = space.checker(s)  # type: ignore[misc]
-            open_ = [i for i, v in enumerate(values) if v is None]
-            if open_:
-                vals = option_values(model, tokenizer, [space.value_prompt(states[i]) for i in open_], VERDICTS,
-                                     batch_size=cfg.batch_size)
-                for i, v in zip(open_, vals):
-                    values[i] = v
-                cost.tokens += len(open_)
-                cost.calls += len(open_)
-                cost.prompt_tokens += sum(len(encode(tokenizer, space.value_prompt(states[i]), False))
-                                          for i in open_)
-            return values  # type: ignore[return-value]
-
-        if cfg.search == "bfs":
-            found = bfs(space.root, expand, score, space.is_final, cfg.beam, cfg.depth, accept=space.accept)
-        else:
-            found = dfs(space.root, expand, score, space.is_final, cfg.threshold, cfg.budget, cfg.depth,
-                        accept=space.accept)
-        best = found.best
-        steps = best.steps if isinstance(best, G24State) else (best or ())
-        answer = space.answer(best) if best is not None else None
-        if answer is None and space.finish:  # ask for the answer at the end of the best chain found
-            done = run_generation(model, tokenizer, [space.prompt(best or space.root) + ANSWER_PREFIX], space.chat,
-                                  cfg, cfg.direct_tokens or task.direct_tokens, stop=["\n"])[0]
-            cost.charge(done)
-            steps = tuple(steps) + (ANSWER_PREFIX + done.text,)
-            answer = task.extract(steps[-1], ex)
-        res = Answer(answer, "\n".join(steps),
-                     detail={"final": found.final, "value": found.value, "expanded": found.expanded,
-                             "scored": found.scored, "pruned": found.pruned, "value_mode": mode})
-        res.charge(cost)
+    for q, (sp, f) in enumerate(zip(spaces, found)):
+        best = f.best[1] if f.best is not None else None
+        steps = tuple(best.steps if isinstance(best, G24State) else (best or ()))
+        res = Answer(sp.answer(best) if best is not None else None, "\n".join(steps),
+                     detail={"final": f.final, "value": f.value, "expanded": f.expanded, "scored": f.scored,
+                             "pruned": f.pruned, "value_mode": mode})
+        res.charge(costs[q])
         results.append(res)
+    # no answer at the end of the search: prime the best chain found with "The answer is" (one batch)
+    todo = [q for q, r in enumerate(results) if r.answer is None and spaces[q].finish]
+    if todo:
+        prompts = [spaces[q].prompt(found[q].best[1] if found[q].best is not None else spaces[q].root) + ANSWER_PREFIX
+                   for q in todo]
+        done = run_generation(model, tokenizer, prompts, kind.chat, cfg, cfg.direct_tokens or task.direct_tokens,
+                              stop=["\n"])
+        for q, d in zip(todo, done):
+            res = results[q]
+            res.charge(d)
+            res.text = (res.text + "\n" if res.text else "") + ANSWER_PREFIX + d.text
+            res.answer = task.extract(ANSWER_PREFIX + d.text, examples[q])
     return results
 
 
