@@ -27,12 +27,14 @@ def test_scores_and_costs_per_strategy(monkeypatch, tokenizer):
         return GenerationOutput(texts, [[1, 2, 3]] * len(texts), [[-0.1] * 3] * len(texts))
 
     monkeypatch.setattr(S, "generate", fake)
-    ex = [{"prompt": "What is 2 + 2?", "answer": "4", "line": 1}, {"prompt": "What is 3 + 3?", "answer": "6", "line": 2}]
+    ex = [{"prompt": "What is 2 + 2?", "answer": "4", "line": 1},
+          {"prompt": "What is 3 + 3?", "answer": "6", "line": 2}]
     res = evaluate_strategies(None, tokenizer, arith_task(), ex, ["direct", "cot"])
     assert res["direct"]["accuracy"] == 0.5 and res["cot"]["accuracy"] == 0.5  # cot says 6 to both
     assert [p["correct"] for p in res["cot"]["predictions"]] == [False, True]
     assert res["direct"]["tokens_per_q"] == 3 and res["direct"]["calls_per_q"] == 1
-    assert res["direct"]["predictions"][0]["answer"] == "4" and "logprobs" not in res["direct"]["predictions"][0]["detail"]
+    first = res["direct"]["predictions"][0]
+    assert first["answer"] == "4" and not {"logprobs", "token_ids"} & set(first["detail"])
     table = format_results({"arith": res})
     assert table.splitlines()[0].split()[:4] == ["task", "strategy", "n", "accuracy"]
     assert "0.500" in table and len(table.splitlines()) == 4

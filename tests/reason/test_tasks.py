@@ -115,7 +115,8 @@ def test_any_prompt_answer_file_becomes_a_task(tmp_path):
     assert task.name == "nums" and task.extract("so The answer is 4.", {}) == "4"
     task, _ = T.load_reason_task(_write(tmp_path / "letters.jsonl", [{"prompt": "q\nA) x\nB) y", "answer": "B"}]))
     assert task.extract("The answer is B", {}) == "B"
-    task, ex = T.load_reason_task(_write(tmp_path / "text.jsonl", [{"prompt": "Capital of France?", "answer": "Paris"}]))
+    rows = [{"prompt": "Capital of France?", "answer": "Paris"}]
+    task, ex = T.load_reason_task(_write(tmp_path / "text.jsonl", rows))
     assert task.check(task.extract("Hmm.\nThe answer is Paris.", ex[0]), ex[0])
     task, ex = T.load_reason_task(_write(tmp_path / "g.jsonl", [{"prompt": "make 24", "answer": "24",
                                                                   "numbers": [4, 6, 1, 1]}]))

@@ -5,8 +5,9 @@ Every strategy takes a batch of examples and returns one `Answer` per example wi
 cost: generated tokens and model calls (one call = one generated sequence, or one
 value-scoring forward pass, which is counted as one generated token since it reads one
 next-token distribution). That is what the eval plots accuracy against. Generation is
-batched across questions and samples through the shared engine; only ToT searches one
-question at a time (its frontier is batched).
+batched across questions and samples through the shared engine; ToT BFS runs every
+question's search in lockstep (one batched call per depth); ToT DFS, being sequential by
+nature, searches one question at a time.
 
 Strategies only see the task through `posttrain.reason.tasks.Task`, so any task and any
 causal LM with a tokenizer works; prompts use the tokenizer's chat template when it has
@@ -16,8 +17,9 @@ one, plain "Question:/Answer:" text otherwise.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Callable, Sequence
 
@@ -471,8 +473,6 @@ class G24State:
 def g24_children(state: G24State, texts: list[str], k: int) -> list[G24State]:
     """Valid "a op b = ..." lines -> states (result recomputed exactly; the model's own
     "= c" and "(left: ...)" are ignored); at most k, distinct remaining numbers."""
-    import re
-
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
            "/": lambda a, b: a / b if b != 0 else None}
     children, seen = [], set()
@@ -723,8 +723,6 @@ def router(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonCon
 
 def cot_fewshot(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
     """Few-shot chain-of-thought (the task's worked examples before the question)."""
-    from dataclasses import replace
-
     return chain_of_thought(model, tokenizer, task, examples, replace(cfg, fewshot=True))
 
 

@@ -128,7 +128,8 @@ ARITH_FEWSHOT = [
 
 def arith_task() -> Task:
     return Task(name="arith", direct="Reply with only the final number.",
-                cot="Solve it step by step, one short step per line. End with the line 'The answer is' followed by the number.",
+                cot="Solve it step by step, one short step per line. "
+                    "End with the line 'The answer is' followed by the number.",
                 fewshot=ARITH_FEWSHOT, extract=extract_number, check=_check_number, key=_number_key,
                 tot_step_checker=equations_correct, direct_tokens=16, cot_tokens=128)
 
