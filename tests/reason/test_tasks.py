@@ -170,3 +170,11 @@ def test_shipped_sets_are_correct():
             value = {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
             assert r["options"][T.LETTERS.index(r["answer"])] == str(value)
     assert {r["answer"] for r in rows["mc"]} == set(T.LETTERS)  # the correct letter is not always the same
+
+
+def test_fewshot_examples_are_not_eval_questions():
+    prompts = {json.loads(x)["prompt"] for n in T.BUILTIN for x in (DATA / f"{n}.jsonl").read_text().splitlines()}
+    shots = [q for make in T.TASKS.values() for q, _ in make().fewshot]
+    assert len(shots) == 6 and not prompts & set(shots)
+    g24 = {tuple(json.loads(x)["numbers"]) for x in (DATA / "game24.jsonl").read_text().splitlines()}
+    assert not g24 & {(4, 9, 10, 13), (1, 4, 8, 8), (2, 8, 8, 14)}  # few-shot and ToT proposal examples
