@@ -39,6 +39,7 @@ is not a proof). For hostile code use a container, gVisor or a VM.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -251,8 +252,8 @@ exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins
 
 # ------------------------------------------------------------------------ uids and processes
 
-def _live_pids(match: Callable[[dict[str, str]], bool]) -> list[int]:
-    """Pids of non-zombie processes whose /proc/PID/status fields satisfy `match`."""
+def _pids(match: Callable[[dict[str, str]], bool], zombies: bool = False) -> list[int]:
+    """Pids of processes (zombies only if asked) whose /proc/PID/status fields satisfy `match`."""
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -262,20 +263,20 @@ def _live_pids(match: Callable[[dict[str, str]], bool]) -> list[int]:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
             continue  # gone meanwhile
-        if fields.get("State", "").split()[:1] != ["Z"] and match(fields):
+        if (zombies or fields.get("State", "").split()[:1] != ["Z"]) and match(fields):
             pids.append(int(name))
     return pids
 
 
-def uid_pids(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is `uid`."""
-    return _live_pids(lambda f: int(f["Uid"].split()[0]) == uid)
+def uid_pids(uid: int, zombies: bool = False) -> list[int]:
+    """Processes whose real uid is `uid` (live ones; with zombies=True also the unreaped dead)."""
+    return _pids(lambda f: int(f["Uid"].split()[0]) == uid, zombies)
 
 
 def session_pids(sid: int) -> list[int]:
     """Live processes in session `sid` (the sandbox's session id is its first pid)."""
     out = []
-    for pid in _live_pids(lambda f: True):
+    for pid in _pids(lambda f: True):
         try:
             if os.getsid(pid) == sid:
                 out.append(pid)
@@ -299,23 +300,37 @@ def _kill_uid(uid: int) -> None:
         raise RuntimeError(f"sandbox uid {uid}: processes {left} survived SIGKILL")
 
 
+_next_slot = itertools.count()
+
+
 class _UidSlot:
     """A sandbox uid held for one run: an exclusive flock on LOCK_DIR/uid-N.lock, so runs in
-    other threads or processes never share a uid (kill-by-uid and RLIMIT_NPROC rely on it)."""
+    other threads or processes never share a uid (kill-by-uid and RLIMIT_NPROC rely on it).
+
+    Slots rotate, and one with zombies left is passed over for up to `patience` seconds: killed
+    processes are reaped by init (here after ~1.6 s), and until then they count against the
+    next run's RLIMIT_NPROC."""
+
+    def __init__(self, patience: float = 3.0):
+        self.patience = patience
 
     def __enter__(self) -> int:
         LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        deadline = time.monotonic() + self.patience
         while True:
-            for slot in range(UID_SLOTS):
-                fd = os.open(LOCK_DIR / f"uid-{UID_BASE + slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            for _ in range(UID_SLOTS):
+                uid = UID_BASE + next(_next_slot) % UID_SLOTS
+                fd = os.open(LOCK_DIR / f"uid-{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     os.close(fd)
                     continue
-                self.fd, self.uid = fd, UID_BASE + slot
-                _kill_uid(self.uid)  # leftovers of a crashed earlier run
-                return self.uid
+                _kill_uid(uid)  # leftovers of a crashed earlier run
+                if not uid_pids(uid, zombies=True) or time.monotonic() > deadline:
+                    self.fd, self.uid = fd, uid
+                    return uid
+                os.close(fd)
             time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
