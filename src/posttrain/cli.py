@@ -107,11 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
                                           "and any option below by its long name (model, compare, limit, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. limit=20")
     p.add_argument("--task", action="append", default=[], metavar="PATH[:METRIC]",
-                   help="generation task file; METRIC exact_match (default), accuracy or token_f1")
+                   help="generation task file; METRIC exact_match (default), accuracy or token_f1; "
+                        "or 'humaneval' (code, pass@k: see below)")
     p.add_argument("--perplexity", action="append", default=[], metavar="PATH", help="text JSONL for perplexity")
     p.add_argument("--limit", type=int, help="at most this many rows per task")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", help="directory for results.json and the bar chart (default: eval-out)")
+    g = p.add_argument_group("code (--task humaneval: pass@k, completions run in a sandbox)")
+    g.add_argument("--samples", type=int, default=1, help="completions per problem, n (default 1)")
+    g.add_argument("--k", default="1", help="comma-separated k of pass@k, each <= --samples (default 1)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); sampling uses top-p 0.95")
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds per program in the sandbox (default 5)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="per completion (default 256)")
+    g.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("generate", help="generate text from prompts",
                        description="Generate from one or more prompts (or a JSONL file of {prompt}).",
@@ -260,6 +268,8 @@ def cmd_eval(args) -> int:
     from posttrain.eval.tasks import EvalSpec, run_eval
     from posttrain.models import load_model
 
+    if "humaneval" in args.task:
+        return _eval_humaneval(args)
     specs = [EvalSpec.model_validate(t) for t in load_yaml(args.config).get("tasks", [])] if args.config else []
     for item in args.task:
         path, _, metric = item.partition(":")
@@ -283,6 +293,36 @@ def cmd_eval(args) -> int:
     write_json_atomic(out / "results.json", results)
     bar_chart(results, out / "eval.png")
     print(f"wrote {out}/results.json and {out}/eval.png")
+    return 0
+
+
+def _eval_humaneval(args) -> int:
+    """`eval --task humaneval`: pass@k per model; humaneval.json keeps every completion and its outcome."""
+    from posttrain.eval.code import evaluate_humaneval
+    from posttrain.eval.sandbox import SandboxLimits
+    from posttrain.fileio import write_json_atomic
+    from posttrain.models import load_model
+
+    if args.task != ["humaneval"] or args.perplexity:
+        raise ValueError("--task humaneval runs on its own: give the other tasks in a separate eval")
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        raise ValueError(f"--k: expected comma-separated integers like 1,10; got {args.k!r}") from None
+    results = {}
+    for spec in (s for s in (args.compare, args.model) if s is not None):
+        model, tok = load_model(spec, dtype=args.dtype)
+        results[spec] = evaluate_humaneval(model, tok, samples=args.samples, ks=ks, temperature=args.temperature,
+                                           limit=args.limit, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                           limits=SandboxLimits(timeout=args.timeout))
+        del model
+    for spec, r in results.items():
+        scores = "  ".join(f"pass@{k} {r[f'pass@{k}']:.4f}" for k in ks)
+        print(f"{spec}: humaneval ({r['problems']} problems, n={args.samples}, T={args.temperature:g}): {scores}  "
+              f"outcomes {r['outcomes']}")
+    out = Path(args.out or "eval-out")
+    write_json_atomic(out / "humaneval.json", results)
+    print(f"wrote {out}/humaneval.json")
     return 0
 
 
