@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=5.0, help="seconds per program in the sandbox (default 5)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="per completion (default 256)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="ask through the chat template; score the reply's code block")
 
     p = sub.add_parser("generate", help="generate text from prompts",
                        description="Generate from one or more prompts (or a JSONL file of {prompt}).",
@@ -314,12 +315,12 @@ def _eval_humaneval(args) -> int:
         model, tok = load_model(spec, dtype=args.dtype)
         results[spec] = evaluate_humaneval(model, tok, samples=args.samples, ks=ks, temperature=args.temperature,
                                            limit=args.limit, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                           limits=SandboxLimits(timeout=args.timeout))
+                                           chat=args.chat, limits=SandboxLimits(timeout=args.timeout))
         del model
     for spec, r in results.items():
         scores = "  ".join(f"pass@{k} {r[f'pass@{k}']:.4f}" for k in ks)
-        print(f"{spec}: humaneval ({r['problems']} problems, n={args.samples}, T={args.temperature:g}): {scores}  "
-              f"outcomes {r['outcomes']}")
+        print(f"{spec}: humaneval ({r['problems']} problems, n={args.samples}, T={args.temperature:g}"
+              f"{', chat' if args.chat else ''}): {scores}  outcomes {r['outcomes']}")
     out = Path(args.out or "eval-out")
     write_json_atomic(out / "humaneval.json", results)
     print(f"wrote {out}/humaneval.json")
