@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from posttrain.eval.code import (STOP, build_program, check_canonical, evaluate_humaneval, generate_completions,
-                                 load_humaneval, score_completions, summarize)
+from posttrain.eval.code import (STOP, build_program, check_canonical, code_block, evaluate_humaneval,
+                                 generate_completions, load_humaneval, score_completions, summarize)
 from posttrain.eval.metrics import pass_at_k
 from posttrain.eval.sandbox import SandboxLimits
 
@@ -48,6 +48,23 @@ def test_scoring_right_wrong_and_hanging_completions():
     assert program.rstrip().endswith(f"check({problems[0]['entry_point']})")
 
 
+def test_chat_replies_give_their_code_block_after_the_prompt_stub():
+    reply = "Sure!\n```python\ndef f(x):\n    return x + 1\n```\nThis adds one."
+    assert code_block(reply) == "def f(x):\n    return x + 1\n"
+    assert code_block("```python\ndef f(x):\n    return 2") == "def f(x):\n    return 2"  # stopped at the fence
+    assert code_block("no code here") == "no code here"
+    problems = load_humaneval(limit=2)
+    # a whole function as a chat reply gives it: the signature line(s) again, then the body
+    whole = [["\n".join(line for line in p["prompt"].splitlines() if line.startswith(("def ", "from ", "import ")))
+              + "\n" + p["canonical_solution"]] for p in problems]
+    body_only = [[p["canonical_solution"]] for p in problems]
+    wrong = [["def " + p["entry_point"] + "(*args):\n    return None\n"] for p in problems]
+    for completions, correct in ((whole, [1, 1]), (body_only, [1, 1]), (wrong, [0, 0])):
+        scored = score_completions(problems, completions, workers=2, chat=True)
+        assert [p["correct"] for p in scored] == correct, [s["samples"][0]["reason"] for s in scored]
+    assert build_program(problems[0], "x", chat=True).startswith(problems[0]["prompt"] + "\nx")
+
+
 def test_canonical_solutions_pass_in_the_sandbox():
     # the first 10 here; bench/humaneval.py checks all 164
     assert all(p["correct"] == 1 for p in check_canonical(limit=10, workers=2))
@@ -64,6 +81,8 @@ def test_generation_stops_and_sample_counts(tiny, tokenizer):
     assert outs == again  # seeded
     with pytest.raises(ValueError, match="identical samples"):
         generate_completions(tiny, tokenizer, problems, samples=2, temperature=0.0)
+    chat = generate_completions(tiny, tokenizer, problems, max_new_tokens=8, chat=True)
+    assert [len(o) for o in chat] == [1, 1] and not any("```" in o[0] for o in chat)
 
 
 def test_evaluate_humaneval_end_to_end_on_a_tiny_model(tiny, tokenizer):
