@@ -402,6 +402,9 @@ def _run(program: str, limits: SandboxLimits, guard: bool, uid: int | None, priv
             proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(config)],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=work, env=env,
                                     start_new_session=True, pass_fds=(write_end,))
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
     timed_out = False
