@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation task file; METRIC exact_match (default), accuracy or token_f1")
     p.add_argument("--perplexity", action="append", default=[], metavar="PATH", help="text JSONL for perplexity")
     p.add_argument("--limit", type=int, help="at most this many rows per task")
+    p.add_argument("--guard", metavar="RULES.yaml",
+                   help="output-guard rules applied to the replies of --task files (blocked = refusal text); "
+                        "e.g. --task data/safety/harmful_test.jsonl:refusal_rate --guard recipes/data/guard_rules.yaml")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", help="directory for results.json and the bar chart (default: eval-out)")
 
@@ -264,11 +267,13 @@ def cmd_eval(args) -> int:
     for item in args.task:
         path, _, metric = item.partition(":")
         specs.append(EvalSpec(name=Path(path).stem, path=path, type="generation", metric=metric or "exact_match",
-                              limit=args.limit))
+                              limit=args.limit, guard=args.guard))
     for path in args.perplexity:
         specs.append(EvalSpec(name=f"{Path(path).stem}_ppl", path=path, type="perplexity", limit=args.limit))
     if not specs:
         raise ValueError("nothing to evaluate: give --task FILE, --perplexity FILE or --config with tasks")
+    if args.guard and not args.task:
+        raise ValueError("--guard applies to --task files; in a --config, give each task its own guard: key")
     results = {}
     # the baseline (--compare) first, so the delta column reads "model minus baseline"
     for label, spec in ((args.compare, args.compare), (args.model, args.model)):
