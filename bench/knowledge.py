@@ -87,7 +87,7 @@ def train_domain_model(kb: K.KnowledgeBase, qa_train: list[dict], out: Path, cpt
     sft = SFTConfig.model_validate({
         "stage": "sft", "output_dir": str(out / "sft"), "model": {"name": str(out / "cpt_merged")},
         "adapter": {"method": "lora", "r": 16, "alpha": 32}, "data": {"train": str(data), "max_length": 1024},
-        "train": {"epochs": sft_epochs, "lr": 3e-4, "max_tokens": 2048, "progress": False, "log_every": 10},
+        "train": {"epochs": sft_epochs, "lr": 5e-4, "max_tokens": 1024, "progress": False, "log_every": 10},
         "eval": {"before": False}})
     run_sft(sft, overwrite=True)
     seconds["sft"] = time.perf_counter() - t
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="6 questions, 1 epoch each stage; no JSON")
     ap.add_argument("--work", default=str(ROOT / "runs" / "knowledge_bench"), help="run directories")
     ap.add_argument("--cpt-epochs", type=float, default=12)
-    ap.add_argument("--sft-epochs", type=float, default=4)
+    ap.add_argument("--sft-epochs", type=float, default=8)
     ap.add_argument("--out", default=str(RESULTS_DIR / "knowledge.json"))
     args = ap.parse_args(argv)
     load_before = load_average()
@@ -157,13 +157,14 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate("domain, closed-book, TRAIN questions", model, tok, qa_train, None, results, timings)
 
     result = {
-        "bench": "knowledge", "quick": args.quick, "n_test": len(qa_test), "n_recall": len(qa_test) + len(qa_train), "k": K_TOP, "recall_ks": list(ks),
+        "bench": "knowledge", "quick": args.quick, "n_test": len(qa_test),
+        "n_recall": len(qa_test) + len(qa_train), "k": K_TOP, "recall_ks": list(ks),
         "recall": recall, "recall_test_only": recall_test,
         "conditions": {label: {k: v for k, v in res.items() if k != "predictions"} for label, res in results.items()},
         "predictions": {label: res["predictions"] for label, res in results.items()},
         "training": {"cpt": {"method": "lora r64 alpha128, merged", "epochs": args.cpt_epochs, "lr": 5e-4,
                              "max_tokens": 512},
-                     "sft": {"method": "lora r16 alpha32", "epochs": args.sft_epochs, "lr": 3e-4,
+                     "sft": {"method": "lora r16 alpha32", "epochs": args.sft_epochs, "lr": 5e-4, "max_tokens": 1024,
                              "rows": 2 * len(qa_train)},
                      "seconds": {k: round(v, 1) for k, v in train_seconds.items()}},
         "eval_seconds": timings,

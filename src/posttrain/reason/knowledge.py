@@ -14,6 +14,7 @@ because a 135M model loses track of long contexts.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -280,19 +281,18 @@ def triple_chunks(triples: Sequence[tuple[str, str, str, int]], source: str, max
 _WORD = re.compile(r"\w+")
 
 
-def _stopwords() -> frozenset[str]:
+@functools.lru_cache(maxsize=1)
+def _stemmer_and_stopwords():
+    import Stemmer
     from bm25s.stopwords import STOPWORDS_EN
 
-    return frozenset(STOPWORDS_EN)
+    return Stemmer.Stemmer("english"), frozenset(STOPWORDS_EN)
 
 
 def tokenize(text: str) -> list[str]:
     """Lowercased words, English stopwords removed, Snowball-stemmed ('settlers' ~ 'settler')."""
-    import Stemmer
-
-    stop = _stopwords()
-    words = [w for w in _WORD.findall(text.lower()) if w not in stop]
-    return Stemmer.Stemmer("english").stemWords(words)
+    stemmer, stop = _stemmer_and_stopwords()
+    return stemmer.stemWords([w for w in _WORD.findall(text.lower()) if w not in stop])
 
 
 def _bm25(chunks: list[Chunk]):
