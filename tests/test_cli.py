@@ -171,5 +171,9 @@ def test_kb_build_search_and_eval_closed_book_vs_rag(tmp_path, tiny_dir, capsys)
         assert scores["n"] == 1 and 0 <= scores["f1"] <= 1
         assert ("recall@3" in scores) == (not extra)
     assert json.loads((tmp_path / "r.json").read_text())["predictions"][0]["retrieved"] == []
+    assert main(["kb", "ask", str(tmp_path / "kb"), "What is the capital?", "--model", str(tiny_dir),
+                 "--max-new-tokens", "3", "-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "[1]" in out and ("cited: " in out or "note: the model cited no" in out)
     assert main(["kb", "build", "--out", str(tmp_path / "kb2")]) == 2
     assert "give documents" in capsys.readouterr().err
