@@ -40,7 +40,8 @@ def test_text_chunks_are_paragraphs_with_start_lines_and_long_ones_are_windowed(
     assert [c.text for c in chunks[:2]] == ["First para continues here.", "Second para."]
     assert [(c.id, c.line) for c in chunks[:2]] == [("notes.txt:1", 1), ("notes.txt:5", 5)]
     windows = chunks[2:]
-    assert [c.id for c in windows] == ["notes.txt:7", "notes.txt:7#2", "notes.txt:7#3", "notes.txt:7#4"]  # starts 0, 7, 14, 21
+    # windows start at words 0, 7, 14, 21
+    assert [c.id for c in windows] == ["notes.txt:7", "notes.txt:7#2", "notes.txt:7#3", "notes.txt:7#4"]
     words = [c.text.split() for c in windows]
     assert all(len(w) <= 10 for w in words)
     assert words[0][-3:] == words[1][:3]  # the overlap
@@ -92,7 +93,8 @@ def test_triples_from_tsv_csv_jsonl_group_per_subject_and_keep_the_triples(tmp_p
     chunks = K.triple_chunks(triples, str(tsv))
     assert [c.id for c in chunks] == ["kg.tsv:Vessarin", "kg.tsv:Tallow"]
     assert chunks[0].text == "Vessarin has capital Hollowmere. Vessarin has currency the skell."
-    assert chunks[0].triples == [["Vessarin", "has_capital", "Hollowmere", 3], ["Vessarin", "has currency", "the skell", 5]]
+    assert chunks[0].triples == [["Vessarin", "has_capital", "Hollowmere", 3],
+                                 ["Vessarin", "has currency", "the skell", 5]]
     csv_path = _write(tmp_path / "kg.csv", 'a,"is, really",b\n')
     assert K.read_triples(csv_path) == [("a", "is, really", "b", 1)]
     jl = _write(tmp_path / "kg.jsonl", '{"subject": "a", "relation": "r", "object": "b"}\n')
@@ -227,7 +229,8 @@ def test_evaluate_qa_scores_answers_citations_and_recall(docs, tmp_path, monkeyp
     kb = K.build_kb([docs])
     qa_path = _write(tmp_path / "qa.jsonl",
                      '{"prompt": "Which town is the capital?", "answer": "Hollowmere", "gold": "island.md:3"}\n'
-                     '{"prompt": "What makes the electricity?", "answer": "tidal turbines", "gold": ["island.md:11"]}\n')
+                     '{"prompt": "What makes the electricity?", "answer": "tidal turbines", '
+                     '"gold": ["island.md:11"]}\n')
     qa = K.load_qa(qa_path)
     monkeypatch.setattr(engine, "generate", _fake_generate(
         {"Which town is the capital?": "Hollowmere [1]", "What makes the electricity?": "It is tidal turbines."}))

@@ -332,8 +332,9 @@ def build_index(chunks: list[Chunk], dense: bool = False, encoder: Encoder | Non
     """BM25 over the chunks; with dense=True also their embeddings (default encoder: MiniLM)."""
     if not chunks:
         raise ValueError("the knowledge base is empty: no chunks from the given documents or triples")
-    ids = [c.id for c in chunks]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    from collections import Counter
+
+    dupes = sorted(i for i, n in Counter(c.id for c in chunks).items() if n > 1)
     if dupes:
         raise ValueError(f"duplicate chunk ids {dupes[:5]}: two documents share a file name and line/id")
     kb = KnowledgeBase(chunks=list(chunks), bm25=_bm25(chunks))
