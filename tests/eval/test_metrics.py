@@ -140,3 +140,13 @@ def test_refusal_rate():
     assert refusal_rate(["I can't help with that.", "42", "Paris", "Sorry, but no."]) == 0.5
     with pytest.raises(ValueError, match="zero"):
         refusal_rate([])
+
+
+def test_contains_match_needs_the_whole_answer_as_a_word_run():
+    from posttrain.eval.metrics import contains_match
+
+    assert contains_match("It is Hollowmere [1].", "Hollowmere") == 1.0
+    assert contains_match("The Treaty of Lanthorn, signed", "treaty of lanthorn") == 1.0
+    assert contains_match("Hollowmerefield", "Hollowmere") == 0.0
+    assert contains_match("Lanthorn treaty", "Treaty of Lanthorn") == 0.0
+    assert contains_match("anything", "") == 0.0
