@@ -165,3 +165,13 @@ def test_pass_at_k_by_hand_and_by_brute_force():
             pass_at_k(*bad)
     with pytest.raises(ValueError, match="zero problems"):
         mean_pass_at_k([], 1)
+
+
+def test_contains_match_needs_the_whole_answer_as_a_word_run():
+    from posttrain.eval.metrics import contains_match
+
+    assert contains_match("It is Hollowmere [1].", "Hollowmere") == 1.0
+    assert contains_match("The Treaty of Lanthorn, signed", "treaty of lanthorn") == 1.0
+    assert contains_match("Hollowmerefield", "Hollowmere") == 0.0
+    assert contains_match("Lanthorn treaty", "Treaty of Lanthorn") == 0.0
+    assert contains_match("anything", "") == 0.0

@@ -53,6 +53,13 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def contains_match(pred: str, ref: str) -> float:
+    """1.0 if the reference's words appear as a contiguous run in the prediction (SQuAD-normalised):
+    'It is Hollowmere.' contains 'hollowmere'; 'Hollowmerefield' does not."""
+    r = " ".join(_squad_tokens(ref))
+    return float(bool(r) and f" {r} " in f" {' '.join(_squad_tokens(pred))} ")
+
+
 def extract_answer(text: str, mode: str = "last_number") -> str | None:
     """Pull the answer out of a generation; None when nothing matches.
 
