@@ -357,7 +357,8 @@ def sample_candidates(model, tokenizer, items: Sequence[dict], cfg: RejectionCon
         out = generate(model, tokenizer, prompts, cfg.sampling.generation_config(batch=b, system=cfg.system))
         for r, (text, ids) in enumerate(zip(out.texts, out.token_ids)):
             n, j = start + r // cfg.k, r % cfg.k
-            out_rows.append({"item": n, "sample": j, "batch": b, "text": text.strip(),
+            text = text.strip()  # what the row will hold is what gets checked
+            out_rows.append({"item": n, "sample": j, "batch": b, "text": text,
                              "extracted": extract_answer(text, cfg.extract),
                              "verified": bool(verify(items[n], text)),
                              "finished": len(ids) < cfg.sampling.max_new_tokens})
