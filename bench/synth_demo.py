@@ -16,6 +16,9 @@ STaR-style self-improvement on the quickstart arithmetic task, end to end:
 
     flock /tmp/posttrain-heavy.lock python bench/synth_demo.py        # writes bench/results/synth_demo.json
     python bench/synth_demo.py --quick                               # tiny smoke run, no JSON
+    # the same two datasets (runs/synth_demo/*.jsonl) trained again with other SFT seeds:
+    flock /tmp/posttrain-heavy.lock python bench/synth_demo.py --reuse-data --train-seeds 1,2 \
+        --out bench/results/synth_demo_seeds.json
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ REPO = Path(__file__).resolve().parents[1]
 TEST = "data/quickstart/test.jsonl"
 
 
-def sft(train_path: str, out_dir: str, epochs: float, quick: bool) -> dict:
+def sft(train_path: str, out_dir: str, epochs: float, quick: bool, seed: int = 0) -> dict:
     from posttrain.config import build_config
     from posttrain.train.sft import SFTConfig, run_sft
 
     overrides = [f"data.train={train_path}", f"output_dir={out_dir}", "train.max_steps=null",
                  f"train.epochs={epochs}", "train.save_every=null", "eval.tasks=[]", "eval.forgetting=null",
-                 "eval.before=false", "train.progress=false"]
+                 "eval.before=false", "train.progress=false", f"train.seed={seed}"]
     if quick:
         overrides.append("train.max_steps=2")
     cfg = build_config(SFTConfig, REPO / "recipes/quickstart.yaml", overrides)
@@ -73,6 +76,10 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None, help="held-out rows (default all 200)")
     ap.add_argument("--eval-tokens", type=int, default=32)
     ap.add_argument("--work", default="runs/synth_demo")
+    ap.add_argument("--train-seeds", default="0", help="comma-separated SFT seeds (each trains both sets)")
+    ap.add_argument("--reuse-data", action="store_true",
+                    help="train on WORK/verified.jsonl and WORK/unverified.jsonl from an earlier run: no "
+                         "sampling, no base evaluation")
     ap.add_argument("--quick", action="store_true", help="8 prompts, 2 SFT steps, 16 test rows; no JSON")
     ap.add_argument("--out", default=str(RESULTS_DIR / "synth_demo.json"))
     args = ap.parse_args()
@@ -92,54 +99,63 @@ def main() -> None:
                         f"output={work / 'verified.jsonl'}"])
     rc = cfg.rejection
     items = load_checkable(REPO / rc.prompts, rc.limit)
-    model, tok = load_model("default")
-    times = {}
+    times, scores = {}, {}
+    if args.reuse_data:
+        reports = {name: json.loads(Path(f"{work / name}.jsonl.report.json").read_text())
+                   for name in ("verified", "unverified")}
+        synthesis = {name: {k: v for k, v in r.items() if k != "output"} for name, r in reports.items()}
+    else:
+        model, tok = load_model("default")
+        t = time.perf_counter()
+        candidates = sample_candidates(model, tok, items, rc)
+        times["sampling_s"] = round(time.perf_counter() - t, 1)
 
-    t = time.perf_counter()
-    candidates = sample_candidates(model, tok, items, rc)
-    times["sampling_s"] = round(time.perf_counter() - t, 1)
+        verified = select_rejection(items, candidates, rc, teacher="default", source=rc.prompts, verified_only=True)
+        unverified = select_rejection(items, candidates, rc, teacher="default", source=rc.prompts,
+                                      verified_only=False)
+        n = len(verified.rows)
+        if n == 0:
+            raise SystemExit(f"no verified sample among {len(candidates)}: nothing to train on")
+        unverified.rows = random.Random(0).sample(unverified.rows, n)  # same size: only the verifier differs
+        unverified.report.update(kept=n, subsampled_to=n,
+                                 rows_with_correct_answer=sum(r["provenance"]["verified"] for r in unverified.rows))
+        write_dataset(verified, work / "verified.jsonl")
+        write_dataset(unverified, work / "unverified.jsonl")
+        synthesis = {"verified": verified.report, "unverified": unverified.report}
 
-    verified = select_rejection(items, candidates, rc, teacher="default", source=rc.prompts, verified_only=True)
-    unverified = select_rejection(items, candidates, rc, teacher="default", source=rc.prompts, verified_only=False)
-    n = len(verified.rows)
-    if n == 0:
-        raise SystemExit(f"no verified sample among {len(candidates)}: nothing to train on")
-    unverified.rows = random.Random(0).sample(unverified.rows, n)  # same size: only the verifier differs
-    unverified.report["kept"] = n
-    unverified.report["subsampled_to"] = n
-    unverified_correct = sum(r["provenance"]["verified"] for r in unverified.rows)
-    write_dataset(verified, work / "verified.jsonl")
-    write_dataset(unverified, work / "unverified.jsonl")
-
-    # held-out test prompts with the sampling suffix: what prompting alone gets
-    prompted = work / "test_prompted.jsonl"
-    write_text_atomic(prompted, "".join(json.dumps({"prompt": e["prompt"] + rc.prompt_suffix, "answer": e["answer"]})
-                                        + "\n" for e in load_checkable(REPO / TEST)))
-    scores = {}
-    t = time.perf_counter()
-    scores["base"] = evaluate(model, tok, str(REPO / TEST), args.test_limit, args.eval_tokens)
-    scores["base + suffix prompt"] = evaluate(model, tok, str(prompted), args.test_limit, args.eval_tokens)
-    times["eval_base_s"] = round(time.perf_counter() - t, 1)
-    del model
+        # held-out test prompts with the sampling suffix: what prompting alone gets
+        prompted = work / "test_prompted.jsonl"
+        write_text_atomic(prompted, "".join(json.dumps({"prompt": e["prompt"] + rc.prompt_suffix,
+                                                        "answer": e["answer"]}) + "\n"
+                                            for e in load_checkable(REPO / TEST)))
+        t = time.perf_counter()
+        scores["base"] = evaluate(model, tok, str(REPO / TEST), args.test_limit, args.eval_tokens)
+        scores["base + suffix prompt"] = evaluate(model, tok, str(prompted), args.test_limit, args.eval_tokens)
+        times["eval_base_s"] = round(time.perf_counter() - t, 1)
+        del model
 
     train_summaries = {}
-    for name in ("verified", "unverified"):
-        t = time.perf_counter()
-        train_summaries[name] = sft(str(work / f"{name}.jsonl"), str(work / f"sft_{name}"), args.epochs, args.quick)
-        times[f"sft_{name}_s"] = round(time.perf_counter() - t, 1)
-        m, tk = load_model(str(work / f"sft_{name}"), merge_adapter=True)
-        t = time.perf_counter()
-        scores[f"SFT on {name} samples"] = evaluate(m, tk, str(REPO / TEST), args.test_limit, args.eval_tokens)
-        times[f"eval_{name}_s"] = round(time.perf_counter() - t, 1)
-        del m
+    seeds = [int(x) for x in args.train_seeds.split(",")]
+    for seed in seeds:
+        for name in ("verified", "unverified"):
+            tag = name if seeds == [0] else f"{name}, seed {seed}"
+            t = time.perf_counter()
+            train_summaries[tag] = sft(str(work / f"{name}.jsonl"), str(work / f"sft_{name}_{seed}"), args.epochs,
+                                       args.quick, seed)
+            times[f"sft {tag} s"] = round(time.perf_counter() - t, 1)
+            m, tk = load_model(str(work / f"sft_{name}_{seed}"), merge_adapter=True)
+            t = time.perf_counter()
+            scores[f"SFT on {name} samples" + ("" if seeds == [0] else f" (seed {seed})")] = evaluate(
+                m, tk, str(REPO / TEST), args.test_limit, args.eval_tokens)
+            times[f"eval {tag} s"] = round(time.perf_counter() - t, 1)
+            del m
 
     result = {
         "setup": {"teacher": "default (SmolLM2-135M-Instruct, bf16)", "source": rc.prompts, "prompts": len(items),
                   "k": rc.k, "prompt_suffix": rc.prompt_suffix, "sampling": rc.sampling.model_dump(),
                   "sft": "recipes/quickstart.yaml (LoRA r16, lr 1e-3) with train.epochs=%g" % args.epochs,
                   "test": TEST, "eval": f"greedy, {args.eval_tokens} new tokens"},
-        "synthesis": {"verified": verified.report, "unverified": {**unverified.report,
-                                                                  "rows_with_correct_answer": unverified_correct}},
+        "synthesis": synthesis, "train_seeds": seeds, "reused_data": args.reuse_data,
         "train": {k: {kk: v.get(kk) for kk in ("steps", "tokens", "train_loss", "seconds") if kk in v}
                   for k, v in train_summaries.items()},
         "held_out": scores,
@@ -153,7 +169,8 @@ def main() -> None:
               f"({s['verified_rate']:.1%}), {s['prompts_with_verified']} prompts with one; kept {s['kept']} rows")
         print(f"unverified set: {r['synthesis']['unverified']['kept']} rows, "
               f"{r['synthesis']['unverified']['rows_with_correct_answer']} of them correct")
-        print(f"{'held-out (' + str(r['held_out']['base']['n']) + ' test prompts)':<36} {'acc (last number)':>18} "
+        n_test = next(iter(r["held_out"].values()))["n"]
+        print(f"{'held-out (' + str(n_test) + ' test prompts)':<36} {'acc (last number)':>18} "
               f"{'exact match':>12}")
         for name, v in r["held_out"].items():
             print(f"{name:<36} {v['accuracy_last_number']:>18.3f} {v['exact_match']:>12.3f}")
