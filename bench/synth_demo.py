@@ -104,6 +104,8 @@ def main() -> None:
         reports = {name: json.loads(Path(f"{work / name}.jsonl.report.json").read_text())
                    for name in ("verified", "unverified")}
         synthesis = {name: {k: v for k, v in r.items() if k != "output"} for name, r in reports.items()}
+        rows = [json.loads(line) for line in (work / "unverified.jsonl").read_text().splitlines()]
+        synthesis["unverified"]["rows_with_correct_answer"] = sum(r["provenance"]["verified"] for r in rows)
     else:
         model, tok = load_model("default")
         t = time.perf_counter()

@@ -102,7 +102,9 @@ def test_self_instruct_verifier_and_score_threshold_drop_rows(monkeypatch):
         return [next(v for k, v in scores.items() if f" {k} " in r["messages"][1]["content"]) for r in records]
 
     res = self_instruct(None, None, SEEDS, cfg, scorer=scorer, verifier=lambda row: "FOUR" not in str(row))
-    assert res.report["instructions_kept"] == 4
+    assert res.report["instructions_kept"] == 4 and res.report["instructions_generated"] == 4
+    capped = self_instruct(None, None, SEEDS, cfg.model_copy(update={"num_instructions": 3}), scorer=scorer)
+    assert capped.report["instruction_drops"] == {"over_num_instructions": 1}
     assert res.report["response_drops"] == {"score": 1, "verifier": 1}
     assert sorted(r["messages"][1]["content"].split()[4] for r in res.rows) == ["ONE", "THREE"]
     assert all(r["provenance"]["filters"] == "passed (verified)" for r in res.rows)

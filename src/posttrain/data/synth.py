@@ -298,7 +298,9 @@ def self_instruct(model, tokenizer, seeds: Sequence[dict], cfg: SelfInstructConf
     if counts["truncated"]:
         drops["truncated"] = counts["truncated"]
     del counts["truncated"]
-    kept = kept[:cfg.num_instructions]
+    if len(kept) > cfg.num_instructions:
+        drops["over_num_instructions"] = len(kept) - cfg.num_instructions
+        kept = kept[:cfg.num_instructions]
     counts.update({"rounds": rounds, "instructions_generated": len(candidates),
                    "instructions_kept": len(kept)})
 
