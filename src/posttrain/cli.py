@@ -175,11 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="report JSON path (default: OUT.report.json)")
 
     p = sub.add_parser("synth", help="synthetic data: self-instruct, or rejection sampling with a verifier",
-                       description="Generate a chat dataset with a teacher model. mode=self-instruct: new "
-                                   "instructions from seed tasks, filtered (dedup, length, ...), then responses "
-                                   "(optional reward-model threshold). mode=rejection: k samples per prompt with "
-                                   "a known answer, only verified ones kept (at most m per prompt). Every row "
-                                   "carries provenance; counts go to OUTPUT.report.json.",
+                       description="Generate a chat dataset with a teacher model (any model spec).\n"
+                                   "  mode=rejection: k samples per prompt with a known answer; only verified\n"
+                                   "    answers kept (deduplicated, at most m per prompt).\n"
+                                   "  mode=self-instruct: new instructions from seed tasks, filtered (dedup,\n"
+                                   "    length, PII, ...), then responses (optional reward-model threshold).\n"
+                                   "Every row carries provenance; counts go to OUTPUT.report.json.",
                        epilog="sections: mode, output, teacher, self_instruct | rejection (all keys: "
                               "--print-config).\n  posttrain synth --config recipes/synth_rejection.yaml "
                               "rejection.k=8 teacher.name=runs/sft output=synth.jsonl",
