@@ -219,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--limit", type=int, help="at most this many questions")
             q.add_argument("--out", help="write the scores and every prediction to this JSON file")
 
+    p = sub.add_parser("synth", help="synthetic data: self-instruct, or rejection sampling with a verifier",
+                       description="Generate a chat dataset with a teacher model (any model spec).\n"
+                                   "  mode=rejection: k samples per prompt with a known answer; only verified\n"
+                                   "    answers kept (deduplicated, at most m per prompt).\n"
+                                   "  mode=self-instruct: new instructions from seed tasks, filtered (dedup,\n"
+                                   "    length, PII, ...), then responses (optional reward-model threshold).\n"
+                                   "Every row carries provenance; counts go to OUTPUT.report.json.",
+                       epilog="sections: mode, output, teacher, self_instruct | rejection (all keys: "
+                              "--print-config).\n  posttrain synth --config recipes/synth_rejection.yaml "
+                              "rejection.k=8 teacher.name=runs/sft output=synth.jsonl",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="recipe YAML (recipes/synth_rejection.yaml, synth_self_instruct.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rejection.k=8")
+
     p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", metavar="<tool>")
     q = p.add_parser("inspect", help="render records through the chat template and mark loss tokens",
                      description="Shows validation results, then a few records as the model sees them, with "
@@ -469,6 +484,20 @@ def cmd_filter(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from posttrain.config import build_config, dump_config
+    from posttrain.data.synth import SynthConfig, run_synth, summary
+
+    cfg = build_config(SynthConfig, args.config, list(args.overrides))
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    result = run_synth(cfg)
+    print(summary(result.report))
+    print(f"wrote {cfg.output} and {cfg.output}.report.json")
+    return 0
+
+
 def cmd_data(args) -> int:
     from posttrain.data.formats import load_records
     from posttrain.data.templates import encode_record, render_loss_mask
@@ -535,7 +564,7 @@ def cmd_kb(args) -> int:
 
 COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
-            "filter": cmd_filter, "kb": cmd_kb,
+            "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
             "sam": cmd_sam}
 
 
