@@ -11,7 +11,7 @@ checked on the reference solutions.
    through the chat template (raw completion solved nothing with this instruct model: 0/164
    greedy, 0/100 samples on 20 problems in the first run).
 
-    flock /tmp/posttrain-heavy.lock python bench/humaneval.py     # ~10 min on 2 cores
+    python bench/humaneval.py     # ~10 min on 2 cores
     python bench/humaneval.py --quick                               # smoke run, no JSON
 """
 

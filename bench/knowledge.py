@@ -19,7 +19,7 @@ contains (the answer's words appear in the reply), citation rate (replies citing
 cited-gold (the cited passage is the gold one). Retrieval recall@k of the gold paragraph for
 BM25, dense (all-MiniLM-L6-v2) and hybrid (reciprocal-rank fusion) on all 48 questions.
 
-    flock /tmp/posttrain-heavy.lock python bench/knowledge.py     # ~8 min on 2 cores
+    python bench/knowledge.py     # ~8 min on 2 cores
     python bench/knowledge.py --quick                             # 6 questions, 1 epoch, no JSON
 """
 

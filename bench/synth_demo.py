@@ -14,10 +14,10 @@ STaR-style self-improvement on the quickstart arithmetic task, end to end:
    base prompted with the suffix, and both SFT models; scored as accuracy of the last
    number in the reply and as exact match of the whole reply.
 
-    flock /tmp/posttrain-heavy.lock python bench/synth_demo.py        # writes bench/results/synth_demo.json
+    python bench/synth_demo.py        # writes bench/results/synth_demo.json
     python bench/synth_demo.py --quick                               # tiny smoke run, no JSON
     # the same two datasets (runs/synth_demo/*.jsonl) trained again with other SFT seeds:
-    flock /tmp/posttrain-heavy.lock python bench/synth_demo.py --reuse-data --train-seeds 1,2 \
+    python bench/synth_demo.py --reuse-data --train-seeds 1,2 \
         --out bench/results/synth_demo_seeds.json
 """
 
