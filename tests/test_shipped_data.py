@@ -20,6 +20,8 @@ EXPECTED_KIND = {
     "general/text.jsonl": "text",
     "domain/text.jsonl": "text",
     "domain/qa.jsonl": "prompt",
+    "domain/qa_train.jsonl": "prompt",
+    "domain/qa_test.jsonl": "prompt",
     "multitask/train.jsonl": "chat",
     "multitask/test.jsonl": "prompt",
     "samples/completion.jsonl": "completion",
@@ -150,6 +152,30 @@ def test_domain_answers_are_stated_in_the_document():
         _check_prompt(row)
         assert row["answer"].lower() in document, row
         assert row["prompt"].lower() not in document  # questions are not copied sentences
+
+
+def test_domain_split_is_disjoint_and_each_gold_paragraph_states_its_answer():
+    """The held-out split (knowledge eval): train and test partition qa.jsonl; `gold` points at
+    the paragraph (line of text.jsonl) that states the answer, the chunk id the knowledge base uses."""
+    text = _rows("domain/text.jsonl")
+    train, test = _rows("domain/qa_train.jsonl"), _rows("domain/qa_test.jsonl")
+    assert (len(train), len(test)) == (24, 24)
+    key = lambda r: (r["prompt"], r["answer"])  # noqa: E731
+    assert sorted(map(key, train + test)) == sorted(map(key, _rows("domain/qa.jsonl")))
+    assert not {key(r) for r in train} & {key(r) for r in test}
+    for row in train + test:
+        assert set(row) == {"prompt", "answer", "gold"}
+        line = int(row["gold"].removeprefix("text.jsonl:"))
+        assert row["answer"].lower() in text[line - 1]["text"].lower(), row
+
+
+def test_domain_triples_are_about_the_document():
+    from posttrain.reason.knowledge import read_triples
+
+    triples = read_triples(DATA / "domain" / "triples.tsv")
+    document = " ".join(r["text"] for r in _rows("domain/text.jsonl")).lower()
+    assert len(triples) >= 40
+    assert all(subject.lower().split()[0] in document for subject, _, _, _ in triples)
 
 
 def test_samples_have_their_fields():

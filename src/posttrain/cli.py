@@ -107,11 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
                                           "and any option below by its long name (model, compare, limit, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. limit=20")
     p.add_argument("--task", action="append", default=[], metavar="PATH[:METRIC]",
-                   help="generation task file; METRIC exact_match (default), accuracy or token_f1")
+                   help="generation task file; METRIC exact_match (default), accuracy or token_f1; "
+                        "or 'humaneval' (code, pass@k: see below)")
     p.add_argument("--perplexity", action="append", default=[], metavar="PATH", help="text JSONL for perplexity")
     p.add_argument("--limit", type=int, help="at most this many rows per task")
+    p.add_argument("--guard", metavar="RULES.yaml",
+                   help="output-guard rules applied to the replies of --task files (blocked = refusal text); "
+                        "e.g. --task data/safety/harmful_test.jsonl:refusal_rate --guard recipes/data/guard_rules.yaml")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", help="directory for results.json and the bar chart (default: eval-out)")
+    g = p.add_argument_group("code (--task humaneval: pass@k, completions run in a sandbox)")
+    g.add_argument("--samples", type=int, default=1, help="completions per problem, n (default 1)")
+    g.add_argument("--k", default="1", help="comma-separated k of pass@k, each <= --samples (default 1)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); sampling uses top-p 0.95")
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds per program in the sandbox (default 5)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="per completion (default 256)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="ask through the chat template; score the reply's code block")
 
     p = sub.add_parser("generate", help="generate text from prompts",
                        description="Generate from one or more prompts (or a JSONL file of {prompt}).",
@@ -202,6 +214,54 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, help=what)
     p.add_argument("--fewshot", action="store_true", help="chain-of-thought with the task's worked examples")
 
+    p = sub.add_parser("kb", help="knowledge base: build, search, retrieval-augmented answers with citations")
+    p = p.add_subparsers(dest="kb_verb", metavar="<tool>")
+    q = p.add_parser("build", help="index documents (.md/.txt/.jsonl) and knowledge-graph triples",
+                     description="Chunk documents (Markdown by headings, text by paragraphs, JSONL rows with "
+                                 "'text' [+ 'title', 'id']) and triples (JSONL/TSV/CSV: subject, relation, object; "
+                                 "one statement chunk per subject) and write a BM25 (and --dense) index to --out.")
+    q.add_argument("documents", nargs="*", metavar="DOC")
+    q.add_argument("--triples", action="append", default=[], metavar="FILE", help="triples file (repeatable)")
+    q.add_argument("--out", "-o", required=True, help="index directory (kb.json [+ embeddings.npy])")
+    q.add_argument("--dense", action="store_true", help="also embed chunks with all-MiniLM-L6-v2 (offline package)")
+    q.add_argument("--max-words", type=int, default=120, help="words per chunk (longer blocks are windowed)")
+    q.add_argument("--overlap", type=int, default=20, help="words shared by consecutive windows")
+    for name, text in (("search", "print the top-k chunks for a query"),
+                       ("ask", "answer a question from the top-k chunks, citing them [n]"),
+                       ("eval", "score answers on a QA file {prompt, answer, gold?}: F1, exact, contains, "
+                                "citations, recall@k; --closed-book for the no-retrieval baseline")):
+        q = p.add_parser(name, help=text, description=text)
+        q.add_argument("index", help="directory written by `posttrain kb build`")
+        if name != "eval":
+            q.add_argument("query", help="the query / question")
+        q.add_argument("-k", type=int, default=3, help="chunks to retrieve (default 3: short prompts for small models)")
+        q.add_argument("--method", default="bm25", choices=["bm25", "dense", "hybrid"])
+        if name == "search":
+            continue
+        q.add_argument("--model", "-m", default="default", help="model spec: default, HF dir, run dir, hub id")
+        q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+        q.add_argument("--max-new-tokens", type=int, default=32 if name == "eval" else 64)
+        if name == "eval":
+            q.add_argument("--qa", required=True, help="QA JSONL: prompt, answer, optional gold chunk id(s)")
+            q.add_argument("--closed-book", action="store_true", help="no retrieval: the question alone")
+            q.add_argument("--limit", type=int, help="at most this many questions")
+            q.add_argument("--out", help="write the scores and every prediction to this JSON file")
+
+    p = sub.add_parser("synth", help="synthetic data: self-instruct, or rejection sampling with a verifier",
+                       description="Generate a chat dataset with a teacher model (any model spec).\n"
+                                   "  mode=rejection: k samples per prompt with a known answer; only verified\n"
+                                   "    answers kept (deduplicated, at most m per prompt).\n"
+                                   "  mode=self-instruct: new instructions from seed tasks, filtered (dedup,\n"
+                                   "    length, PII, ...), then responses (optional reward-model threshold).\n"
+                                   "Every row carries provenance; counts go to OUTPUT.report.json.",
+                       epilog="sections: mode, output, teacher, self_instruct | rejection (all keys: "
+                              "--print-config).\n  posttrain synth --config recipes/synth_rejection.yaml "
+                              "rejection.k=8 teacher.name=runs/sft output=synth.jsonl",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="recipe YAML (recipes/synth_rejection.yaml, synth_self_instruct.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rejection.k=8")
+
     p = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", metavar="<tool>")
     q = p.add_parser("inspect", help="render records through the chat template and mark loss tokens",
                      description="Shows validation results, then a few records as the model sees them, with "
@@ -288,15 +348,19 @@ def cmd_eval(args) -> int:
     from posttrain.eval.tasks import EvalSpec, run_eval
     from posttrain.models import load_model
 
+    if "humaneval" in args.task:
+        return _eval_humaneval(args)
     specs = [EvalSpec.model_validate(t) for t in load_yaml(args.config).get("tasks", [])] if args.config else []
     for item in args.task:
         path, _, metric = item.partition(":")
         specs.append(EvalSpec(name=Path(path).stem, path=path, type="generation", metric=metric or "exact_match",
-                              limit=args.limit))
+                              limit=args.limit, guard=args.guard))
     for path in args.perplexity:
         specs.append(EvalSpec(name=f"{Path(path).stem}_ppl", path=path, type="perplexity", limit=args.limit))
     if not specs:
         raise ValueError("nothing to evaluate: give --task FILE, --perplexity FILE or --config with tasks")
+    if args.guard and not args.task:
+        raise ValueError("--guard applies to --task files; in a --config, give each task its own guard: key")
     results = {}
     # the baseline (--compare) first, so the delta column reads "model minus baseline"
     for label, spec in ((args.compare, args.compare), (args.model, args.model)):
@@ -311,6 +375,36 @@ def cmd_eval(args) -> int:
     write_json_atomic(out / "results.json", results)
     bar_chart(results, out / "eval.png")
     print(f"wrote {out}/results.json and {out}/eval.png")
+    return 0
+
+
+def _eval_humaneval(args) -> int:
+    """`eval --task humaneval`: pass@k per model; humaneval.json keeps every completion and its outcome."""
+    from posttrain.eval.code import evaluate_humaneval
+    from posttrain.eval.sandbox import SandboxLimits
+    from posttrain.fileio import write_json_atomic
+    from posttrain.models import load_model
+
+    if args.task != ["humaneval"] or args.perplexity:
+        raise ValueError("--task humaneval runs on its own: give the other tasks in a separate eval")
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        raise ValueError(f"--k: expected comma-separated integers like 1,10; got {args.k!r}") from None
+    results = {}
+    for spec in (s for s in (args.compare, args.model) if s is not None):
+        model, tok = load_model(spec, dtype=args.dtype)
+        results[spec] = evaluate_humaneval(model, tok, samples=args.samples, ks=ks, temperature=args.temperature,
+                                           limit=args.limit, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                           chat=args.chat, limits=SandboxLimits(timeout=args.timeout))
+        del model
+    for spec, r in results.items():
+        scores = "  ".join(f"pass@{k} {r[f'pass@{k}']:.4f}" for k in ks)
+        print(f"{spec}: humaneval ({r['problems']} problems, n={args.samples}, T={args.temperature:g}"
+              f"{', chat' if args.chat else ''}): {scores}  outcomes {r['outcomes']}")
+    out = Path(args.out or "eval-out")
+    write_json_atomic(out / "humaneval.json", results)
+    print(f"wrote {out}/humaneval.json")
     return 0
 
 
@@ -418,6 +512,20 @@ def cmd_filter(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from posttrain.config import build_config, dump_config
+    from posttrain.data.synth import SynthConfig, run_synth, summary
+
+    cfg = build_config(SynthConfig, args.config, list(args.overrides))
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    result = run_synth(cfg)
+    print(summary(result.report))
+    print(f"wrote {cfg.output} and {cfg.output}.report.json")
+    return 0
+
+
 def cmd_data(args) -> int:
     from posttrain.data.formats import load_records
     from posttrain.data.templates import encode_record, render_loss_mask
@@ -488,9 +596,48 @@ def cmd_reason(args) -> int:
     return 0
 
 
+def cmd_kb(args) -> int:
+    import json
+
+    from posttrain.reason import knowledge as K
+
+    if args.kb_verb == "build":
+        if not args.documents and not args.triples:
+            raise ValueError("give documents (DOC...) and/or --triples FILE")
+        kb = K.build_kb(args.documents, args.triples, args.max_words, args.overlap, dense=args.dense)
+        K.save_index(kb, args.out)
+        print(f"{args.out}: {len(kb.chunks)} chunks from {len({c.source for c in kb.chunks})} files"
+              + (f", {kb.embeddings.shape[1]}-dim embeddings" if kb.embeddings is not None else ""))
+        return 0
+    if args.kb_verb not in ("search", "ask", "eval"):
+        raise ValueError("usage: posttrain kb build|search|ask|eval ... (see posttrain kb --help)")
+    kb = K.load_index(args.index)
+    if args.kb_verb == "search":
+        print(K.format_hits(K.search(kb, args.query, args.k, args.method)))
+        return 0
+    from posttrain.models import load_model
+
+    qa = K.load_qa(args.qa, args.limit) if args.kb_verb == "eval" else None
+    model, tok = load_model(args.model, dtype=args.dtype)
+    if args.kb_verb == "ask":
+        a = K.ask(model, tok, kb, [args.query], args.k, args.method, args.max_new_tokens)[0]
+        print(f"answer: {a.reply}\nretrieved:\n{K.format_hits(a.hits)}")
+        print(f"cited: {', '.join(c.id for c in a.cited)}" if a.cited else f"note: {a.note or 'nothing retrieved'}")
+        return 0
+    result = K.evaluate_qa(model, tok, qa, None if args.closed_book else kb, args.k, args.method,
+                           args.max_new_tokens)
+    print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in result.items()
+                      if key != "predictions"}))
+    if args.out:
+        from posttrain.fileio import write_json_atomic
+
+        write_json_atomic(args.out, result)
+    return 0
+
+
 COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
-            "filter": cmd_filter,
+            "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
             "sam": cmd_sam, "reason": cmd_reason}
 
 

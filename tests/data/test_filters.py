@@ -169,3 +169,28 @@ def test_bad_rules_and_bad_rows_give_clear_errors(tmp_path, capsys):
 def test_shipped_rules_validate():
     rules = load_rules(ROOT / "recipes" / "data" / "filter_rules.yaml")
     assert rules.near_dedup.threshold == 0.8 and rules.pii.action == "redact"
+
+
+def test_cli_score_rule_loads_a_saved_reward_model(tiny, tokenizer, tmp_path, capsys):
+    """score.reward_model in the rules file: the CLI loads the model and drops rows under score.min."""
+    from posttrain.data.filters import reward_model_scorer
+    from posttrain.rl.rewards import reward_model_from_lm, save_reward_model
+
+    save_reward_model(reward_model_from_lm(tiny, aspects=["helpful", "safe"]), tokenizer, tmp_path / "rm")
+    rows = [chat("q", f"answer number {i}: {word}") for i, word in enumerate(["apple", "zebra", "ocean", "pine"])]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = reward_model_scorer(tmp_path / "rm", aspect="safe")(rows)
+    assert len(set(scores)) == 4  # a random head still separates the rows
+    cut = sorted(scores)[2]  # keep the top two
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"exact_dedup: false\nnear_dedup: {{enabled: false}}\npii: {{action: 'off'}}\n"
+                     f"score: {{reward_model: {tmp_path / 'rm'}, aspect: safe, min: {cut!r}}}\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["filter", str(src), str(out), "--rules", str(rules)]) == 0
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert kept == [r for r, s in zip(rows, scores) if s >= cut] and len(kept) == 2
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert sorted(d["line"] for d in report["dropped_rows"]) == [i + 1 for i, s in enumerate(scores) if s < cut]
+    assert all(d["reason"].startswith("score<min (") for d in report["dropped_rows"])
+    assert "dropped      2  score" in capsys.readouterr().out

@@ -140,3 +140,38 @@ def test_refusal_rate():
     assert refusal_rate(["I can't help with that.", "42", "Paris", "Sorry, but no."]) == 0.5
     with pytest.raises(ValueError, match="zero"):
         refusal_rate([])
+
+
+def test_pass_at_k_by_hand_and_by_brute_force():
+    import itertools
+
+    from posttrain.eval.metrics import mean_pass_at_k, pass_at_k
+
+    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)  # pass@1 = c / n
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # C(3,2)/C(5,2) = 3/10
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # C(7,5)=21, C(10,5)=252
+    assert pass_at_k(5, 4, 2) == 1.0  # fewer than k failures: every k-subset has a pass
+    # definition: the fraction of k-subsets of the n samples that contain a correct one
+    for n, c, k in [(6, 2, 3), (7, 1, 4), (8, 5, 2), (6, 0, 2)]:
+        samples = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(samples, k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), abs=1e-12)
+    # large n: binomials would overflow a float, the product does not
+    assert pass_at_k(2000, 10, 100) == pytest.approx(1 - math.comb(1990, 100) / math.comb(2000, 100), rel=1e-9)
+    assert mean_pass_at_k([(5, 0), (5, 5), (5, 2)], 1) == pytest.approx((0 + 1 + 0.4) / 3)
+    for bad in [(5, 6, 1), (5, 2, 0), (5, 2, 6), (3, -1, 1)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+    with pytest.raises(ValueError, match="zero problems"):
+        mean_pass_at_k([], 1)
+
+
+def test_contains_match_needs_the_whole_answer_as_a_word_run():
+    from posttrain.eval.metrics import contains_match
+
+    assert contains_match("It is Hollowmere [1].", "Hollowmere") == 1.0
+    assert contains_match("The Treaty of Lanthorn, signed", "treaty of lanthorn") == 1.0
+    assert contains_match("Hollowmerefield", "Hollowmere") == 0.0
+    assert contains_match("Lanthorn treaty", "Treaty of Lanthorn") == 0.0
+    assert contains_match("anything", "") == 0.0

@@ -124,3 +124,25 @@ def test_refusal_rate_task_needs_no_answers(monkeypatch, tmp_path):
     assert spec.type == "generation"
     with pytest.raises(ValueError, match=r"harmful\.jsonl:1:answer"):
         evaluate_task(None, None, path, metric="exact_match")
+
+
+def test_guard_turns_blocked_replies_into_refusals(tiny, tokenizer, tmp_path):
+    """A guard in the spec runs on the real generations: blocked replies count as refusals."""
+    path = write_jsonl(tmp_path / "harmful.jsonl", [{"prompt": p} for p in ("one", "two", "three")])
+    rules = tmp_path / "guard.yaml"
+    rules.write_text("regex: [{name: anything, pattern: '\\S', action: drop}]\n")  # blocks every non-empty reply
+    base = dict(path=str(path), metric="refusal_rate", max_new_tokens=4, chat=False)
+    plain = tasks.run_spec(tiny, tokenizer, EvalSpec(name="plain", **base))
+    guarded = tasks.run_spec(tiny, tokenizer, EvalSpec(name="guarded", guard=str(rules), **base))
+    assert plain.score == 0.0 and all(p["prediction"].strip() for p in plain.predictions)
+    assert guarded.score == 1.0
+    assert {p["prediction"] for p in guarded.predictions} == {"I'm sorry, but I can't help with that."}
+    with pytest.raises(ValidationError, match="generation tasks only"):
+        EvalSpec(name="p", path="p.jsonl", type="perplexity", guard=str(rules))
+
+
+def test_cli_guard_needs_task_files(tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["eval", "--perplexity", "x.jsonl", "--guard", "g.yaml"]) == 2
+    assert "--guard applies to --task files" in capsys.readouterr().err

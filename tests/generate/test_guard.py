@@ -54,3 +54,13 @@ def test_generation_applies_the_guard_to_returned_texts(tokenizer, tiny):
     out = generate(tiny, tokenizer, ["hello"], GenerationConfig(max_new_tokens=5, backend="torch", guard=rules))
     assert out.texts == [rules.refusal] and out.stats["guard_blocked"] == 1
     assert out.token_ids == plain.token_ids  # the tokens are what was generated; the text is guarded
+
+
+def test_shipped_guard_rules_block_harm_words_and_instructions_only():
+    from pathlib import Path
+
+    rules = load_guard(Path(__file__).resolve().parents[2] / "recipes" / "data" / "guard_rules.yaml")
+    assert guard_text("Mix the explosives in a bucket.", rules).blocked
+    assert guard_text("First, assemble the parts of the bomb.", rules).reasons == ["regex:weapon_instructions"]
+    assert not guard_text("The bomb squad arrived at noon.", rules).blocked
+    assert not guard_text("Add two cups of flour and stir.", rules).blocked

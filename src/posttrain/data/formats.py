@@ -22,6 +22,7 @@ present, must be a non-empty string (it selects a task adapter).
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +52,13 @@ class LoadedData:
 # caller can skip or raise it like any other bad row.
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) per non-blank line of a JSONL file.
+    """(line number, parsed value) per non-blank line of a JSONL file (gzipped if it ends in .gz).
 
     A malformed line yields a DataError in place of its value instead of raising, so a
     caller that skips bad rows can; `read_jsonl` is the raising form.
     """
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -53,6 +53,13 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def contains_match(pred: str, ref: str) -> float:
+    """1.0 if the reference's words appear as a contiguous run in the prediction (SQuAD-normalised):
+    'It is Hollowmere.' contains 'hollowmere'; 'Hollowmerefield' does not."""
+    r = " ".join(_squad_tokens(ref))
+    return float(bool(r) and f" {r} " in f" {' '.join(_squad_tokens(pred))} ")
+
+
 def extract_answer(text: str, mode: str = "last_number") -> str | None:
     """Pull the answer out of a generation; None when nothing matches.
 
@@ -233,3 +240,25 @@ def refusal_rate(texts: Sequence[str]) -> float:
     if not texts:
         raise ValueError("refusal rate of zero replies is undefined")
     return sum(is_refusal(t) for t in texts) / len(texts)
+
+
+# ---------------------------------------------------------------- pass@k
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), as the product prod_{i=n-c+1}^{n} (1 - k/i), which stays
+    exact where the binomials overflow a float."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n; got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n (samples per problem); got n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:
+    """pass@k averaged over problems, each given as (n samples, c correct)."""
+    if not counts:
+        raise ValueError("pass@k of zero problems is undefined")
+    return sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)

@@ -20,6 +20,7 @@ from posttrain.eval.metrics import (Extract, answers_match, apply_extract, exact
                                     token_f1)
 from posttrain.data.formats import read_jsonl
 from posttrain.generate.engine import GenerationConfig, generate
+from posttrain.generate.guard import load_guard
 
 METRICS = ("exact_match", "accuracy", "token_f1", "refusal_rate")  # refusal_rate: rows need no answer
 
@@ -119,12 +120,14 @@ def score_prediction(prediction: str, answer: str, metric: str, extract: Extract
 def evaluate_task(model, tokenizer, path: str | Path, metric: str = "exact_match", extract: Extract = None,
                   max_new_tokens: int = 64, batch_size: int = 8, chat: bool = True, system: str | None = None,
                   limit: int | None = None, stop: Sequence[str] = (), name: str | None = None,
-                  decoding: str = "plain", corpus=None) -> TaskResult:
+                  decoding: str = "plain", corpus=None, guard=None) -> TaskResult:
     """Greedy-generate an answer for each example and score it; the score is the mean.
 
     String prompts use the chat template when `chat` is true; `messages` rows always
     do (with `system` prepended unless they start with a system turn). Prompts are
-    generated in batches of similar length to waste little on padding.
+    generated in batches of similar length to waste little on padding. `guard`
+    (GuardRules) checks each reply as a deployment would, so a blocked reply is scored
+    as the refusal text (what `refusal_rate` measures with the guard on).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
@@ -133,7 +136,7 @@ def evaluate_task(model, tokenizer, path: str | Path, metric: str = "exact_match
     examples = load_task(path, limit, need_answer=metric != "refusal_rate")
     name = name or Path(path).stem
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, chat=chat, system=system,
-                              stop=list(stop), decoding=decoding, corpus=corpus)
+                              stop=list(stop), decoding=decoding, corpus=corpus, guard=guard)
     order = sorted(range(len(examples)), key=lambda i: len(json.dumps(examples[i]["prompt"])))
     texts: list[str] = [""] * len(examples)
     for start in tqdm(range(0, len(order), batch_size), desc=f"eval {name}", unit="batch", leave=False):
@@ -183,14 +186,15 @@ class EvalSpec(BaseModel):
     max_length: int = Field(512, ge=2, description="tokens per text (perplexity only)")
     decoding: Literal["plain", "sam", "lookup"] = "plain"
     corpus: str | None = Field(None, description="static SAM corpus (decoding=sam): saved automaton or data files")
+    guard: str | None = Field(None, description="output-guard rules YAML applied to every reply (generation only)")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalSpec":
         if self.type == "perplexity":
             if self.metric not in (None, "perplexity"):
                 raise ValueError(f"task {self.name!r}: a perplexity task has metric 'perplexity', not {self.metric!r}")
-            if self.extract is not None:
-                raise ValueError(f"task {self.name!r}: extract applies to generation tasks only")
+            if self.extract is not None or self.guard is not None:
+                raise ValueError(f"task {self.name!r}: extract and guard apply to generation tasks only")
             self.metric = "perplexity"
         else:
             if self.metric == "perplexity":
@@ -216,7 +220,8 @@ def run_spec(model, tokenizer, spec: EvalSpec) -> TaskResult:
                          max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, chat=spec.chat,
                          system=spec.system, limit=spec.limit, stop=spec.stop, name=spec.name,
                          decoding=spec.decoding,
-                         corpus=load_corpus(spec.corpus, tokenizer) if spec.corpus else None)
+                         corpus=load_corpus(spec.corpus, tokenizer) if spec.corpus else None,
+                         guard=load_guard(spec.guard) if spec.guard else None)
 
 
 def run_eval(model, tokenizer, specs: Sequence[EvalSpec]) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""Inference-time reasoning and knowledge: strategies, retrieval-augmented prompting."""
