@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pytest
 import torch
 
-from posttrain.models import load_tokenizer, tiny_model
+from posttrain.models import load_tokenizer, save_model, tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,14 @@ def tiny(tokenizer):
     """A fresh 2-layer, 64-wide Llama over the default vocabulary, fp32, seeded."""
     torch.manual_seed(0)
     return tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """The tiny model saved as an HF directory, for tests that pass `--model PATH` (read-only)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(tiny_model(tokenizer), tokenizer, path)
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -8,14 +8,6 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
-from posttrain.models import save_model, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("cli") / "tiny"
-    save_model(tiny_model(tokenizer), tokenizer, path)
-    return path
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from posttrain.data.synth import (RejectionConfig, SelfInstructConfig, SynthConf
                                   load_checkable, load_seed_tasks, parse_instructions, rejection_sample,
                                   sample_candidates, select_rejection, self_instruct, write_dataset)
 from posttrain.generate.engine import GenerationOutput
-from posttrain.models import save_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [{"id": f"s{i}", "instruction": t} for i, t in enumerate(
@@ -227,15 +226,6 @@ def test_shipped_synth_recipes_validate_and_their_files_exist():
         src = cfg.rejection.prompts if cfg.rejection else cfg.self_instruct.seeds
         assert (ROOT / src).is_file()
     assert len(load_seed_tasks(ROOT / "recipes/data/synth_seed_tasks.jsonl")) >= 10
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    from posttrain.models import tiny_model
-
-    path = tmp_path_factory.mktemp("synth") / "tiny"
-    save_model(tiny_model(tokenizer), tokenizer, path)
-    return path
 
 
 def test_cli_synth_rejection_writes_rows_and_report(tmp_path, tiny_dir, capsys):

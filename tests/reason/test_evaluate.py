@@ -9,7 +9,6 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.generate.engine import GenerationOutput
-from posttrain.models import save_model, tiny_model
 from posttrain.reason import strategies as S
 from posttrain.reason.evaluate import evaluate_strategies, format_results, plot_accuracy_vs_tokens
 from posttrain.reason.tasks import arith_task
@@ -48,13 +47,6 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_accuracy_vs_tokens({}, tmp_path / "d.png")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(tiny_model(tokenizer), tokenizer, path)
-    return path
 
 
 def test_cli_single_question_and_eval(tiny_dir, tmp_path, capsys):
