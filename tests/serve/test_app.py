@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from posttrain.generate.engine import GenerationOutput, generate
 from posttrain.generate.guard import GuardRules
@@ -176,3 +177,38 @@ def test_guarded_stream_sends_the_checked_reply(tiny, tokenizer):
         pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
             model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True) if c.choices[0].delta.content]
         assert pieces == ["[CHECKED]"]  # never the unguarded tokens
+
+
+def test_lora_adapters_selected_by_model_name(tiny, tokenizer, tmp_path):
+    """Two LoRA adapters over one base: each model name gives that adapter's greedy output."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from posttrain.models import tiny_model
+    from posttrain.serve import load_adapters
+
+    for name, seed in (("a", 1), ("b", 2)):
+        base = tiny_model(tokenizer)
+        torch.manual_seed(seed)
+        peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        for p in peft.parameters():  # make the adapters matter at this tiny scale
+            if p.requires_grad:
+                p.data.mul_(20)
+        peft.save_pretrained(tmp_path / name)
+    prompt = "The sky is"
+    expected = {}
+    for name in ("a", "b"):
+        expected[name] = generate(PeftModel.from_pretrained(tiny_model(tokenizer), tmp_path / name), tokenizer,
+                                  [prompt], _greedy(8)).texts[0]
+    expected["tiny"] = generate(tiny_model(tokenizer), tokenizer, [prompt], _greedy(8)).texts[0]
+    assert len(set(expected.values())) == 3  # the adapters change the output
+
+    model = load_adapters(tiny_model(tokenizer), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    config = ServeConfig(model_name="tiny", adapters=["a", "b"])
+    with running(create_app(model, tokenizer, config)) as base:
+        got = {}
+        for name in ("b", "tiny", "a", "tiny"):
+            r = httpx.post(base + "/v1/completions", timeout=30,
+                           json={"model": name, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+            got[name] = r.json()["choices"][0]["text"]
+        assert got == expected
+        assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["tiny", "a", "b"]
