@@ -212,3 +212,30 @@ def test_lora_adapters_selected_by_model_name(tiny, tokenizer, tmp_path):
             got[name] = r.json()["choices"][0]["text"]
         assert got == expected
         assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["tiny", "a", "b"]
+
+
+def test_generation_failure_is_a_500_then_serving_continues(tiny, tokenizer):
+    calls = []
+
+    def flaky_generate(model, tok, prompts, config, stream=None):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("boom")
+        return generate(model, tok, prompts, config, stream)
+
+    with running(create_app(tiny, tokenizer, ServeConfig(model_name="tiny"), generate_fn=flaky_generate)) as base:
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 3}
+        failed = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        assert failed.status_code == 500 and "boom" in failed.json()["error"]["message"]
+        with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert '"server_error"' in events[-1] and "data: [DONE]" not in events
+        assert httpx.post(base + "/v1/completions", json=body, timeout=30).status_code == 200
+        assert httpx.get(base + "/health").json()["in_flight"] == 0
+
+
+def test_cli_serve_rejects_a_bad_adapter_flag(capsys):
+    from posttrain.cli import main
+
+    assert main(["serve", "default", "--adapter", "no-equals-sign"]) == 2
+    assert "NAME=RUN_DIR" in capsys.readouterr().err

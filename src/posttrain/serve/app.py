@@ -369,10 +369,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                 yield chunk({"content": piece} if chat else piece, None)
             try:
                 out = task.result()
-            except _Timeout:
-                status = "504"
-                m["errors"].labels("timeout_error").inc()
-                err = APIError(504, f"request timed out after {config.timeout_s} s", "timeout_error", code="timeout")
+            except Exception as exc:  # headers are sent: the error goes in the stream, as OpenAI does
+                timeout = isinstance(exc, _Timeout)
+                err = APIError(504, f"request timed out after {config.timeout_s} s", "timeout_error", code="timeout") \
+                    if timeout else APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+                status = str(err.status)
+                m["errors"].labels(err.type).inc()
                 yield f"data: {json.dumps(err.body())}\n\n"
                 return
             if config.guard is not None and out.texts[0]:
