@@ -239,3 +239,25 @@ def test_cli_serve_rejects_a_bad_adapter_flag(capsys):
 
     assert main(["serve", "default", "--adapter", "no-equals-sign"]) == 2
     assert "NAME=RUN_DIR" in capsys.readouterr().err
+
+
+def test_abandoned_stream_stops_decoding(tiny, tokenizer):
+    steps = []
+
+    def endless_generate(model, tok, prompts, config, stream=None):
+        """Would run 20 s: a piece every 10 ms until the stream callback raises."""
+        for _ in range(2000):
+            steps.append(1)
+            stream(0, 1, "x")
+            time.sleep(0.01)
+        return GenerationOutput(["x" * 2000], [[1] * 2000], [[0.0] * 2000])
+
+    with running(create_app(tiny, tokenizer, ServeConfig(model_name="tiny"), generate_fn=endless_generate)) as base:
+        with httpx.stream("POST", base + "/v1/completions", timeout=30,
+                          json={"model": "tiny", "prompt": "a", "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        deadline = time.monotonic() + 5
+        while httpx.get(base + "/health").json()["in_flight"]:
+            assert time.monotonic() < deadline, "the worker kept decoding after the client left"
+            time.sleep(0.05)
+        assert len(steps) < 1000
