@@ -168,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
+                       description="Serve MODEL over an OpenAI-compatible API: /v1/chat/completions and "
+                                   "/v1/completions (streaming with SSE), /v1/models, /health, /metrics (Prometheus). "
+                                   "Greedy and sampled decoding use SAM speculative decoding by default.")
+    p.add_argument("model", nargs="?", default="default", help="model spec: default, HF dir, run dir, .gguf")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="the model name clients send (default: MODEL as given)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept only 'Authorization: Bearer KEY' (repeatable; default: no auth)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
+                   help="a LoRA adapter (PEFT dir or run dir) over MODEL, served as model NAME (repeatable)")
+    p.add_argument("--guard", metavar="RULES.yaml", help="output-guard rules (guarded streams arrive in one chunk)")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted (default 512)")
+    p.add_argument("--queue", type=int, default=8, help="requests waiting or running; more get 429 (default 8)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--decoding", default="sam", choices=["sam", "lookup", "plain"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+
     p = sub.add_parser("merge", help="fold an adapter (LoRA/DoRA/IA3) into a full model directory",
                        description="Fold adapters into the base weights and save a plain transformers model.")
     _add_flag_config(p, overrides=False)
@@ -489,6 +509,30 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": out.texts[0]})
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from posttrain.models import load_model
+    from posttrain.serve import ServeConfig, create_app, load_adapters
+
+    adapters = dict(a.split("=", 1) for a in args.adapter if "=" in a)
+    if len(adapters) != len(args.adapter):
+        raise ValueError("--adapter takes NAME=RUN_DIR, e.g. --adapter math=runs/sft-math")
+    guard = None
+    if args.guard:
+        from posttrain.generate.guard import load_guard
+
+        guard = load_guard(args.guard)
+    config = ServeConfig(model_name=args.name or args.model, api_keys=args.api_key, max_tokens_cap=args.max_tokens_cap,
+                         queue_size=args.queue, timeout_s=args.timeout, max_body_bytes=args.max_body,
+                         decoding=args.decoding, guard=guard, adapters=list(adapters))
+    model, tok = load_model(args.model, dtype=args.dtype)
+    if adapters:
+        model = load_adapters(model, adapters)
+    uvicorn.run(create_app(model, tok, config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from posttrain.adapters import merge_adapter
     from posttrain.models import load_model, save_model
@@ -638,7 +682,7 @@ def cmd_kb(args) -> int:
 COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
-            "sam": cmd_sam, "reason": cmd_reason}
+            "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

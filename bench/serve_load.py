@@ -1,0 +1,206 @@
+"""A bounded load on `posttrain serve`: many concurrent clients, one local server.
+
+Starts `python -m posttrain.cli serve MODEL` as a subprocess on 127.0.0.1 (queue as large
+as the number of clients, so no request should be refused), then C client threads send
+N chat requests in total (greedy, SAM decoding, max_tokens T; every 4th one streamed
+over SSE); then the same load again on a server with `--decoding plain` for comparison. Latency is per request, from send to the last byte (streams: time to first
+chunk recorded too). Tokens are the server's own count (`/metrics` generated tokens);
+tokens/s = tokens / wall time of the whole load. Goal: zero errors.
+
+The server generates one request at a time (no batching of concurrent requests yet), so
+p50/p99 latency mostly measure queueing: ~C/2 and ~C requests' worth of decoding.
+
+    python bench/serve_load.py                    # 16 clients, 64 requests, 32 tokens (~3 min on 2 cores, both runs)
+    python bench/serve_load.py --quick            # 4 clients, 8 requests, no JSON
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/sft_throughput.py
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import tempfile
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, finish, load_average, run_context  # noqa: E402
+
+TOPICS = ["the moon", "rain", "volcanoes", "bread", "bicycles", "the ocean", "honey bees", "libraries",
+          "winter", "trains", "chess", "gardens", "clocks", "rivers", "music", "maps"]
+ASKS = ["Explain {} in one sentence.", "Give two facts about {}.", "Why do people like {}?",
+        "Write a short poem about {}."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of every sample of one Prometheus metric (all label sets)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]  # nearest rank
+
+
+def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
+    body = {"model": "default", "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": ASKS[i % len(ASKS)].format(TOPICS[i % len(TOPICS)])}]}
+    start = time.perf_counter()
+    record = {"i": i, "stream": i % 4 == 3}
+    try:
+        if record["stream"]:
+            first = None
+            text = ""
+            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                record["status"] = r.status_code
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(chunk["error"]["message"])
+                    piece = chunk["choices"][0]["delta"].get("content") or ""
+                    if piece and first is None:
+                        first = time.perf_counter() - start
+                    text += piece
+            record["first_chunk_ms"] = None if first is None else first * 1000
+        else:
+            r = client.post("/v1/chat/completions", json=body)
+            record["status"] = r.status_code
+            text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
+        record["ok"] = record["status"] == 200
+        record["chars"] = len(text)
+    except Exception as exc:  # counted as an error, with its message in the JSON
+        record.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+    record["latency_ms"] = (time.perf_counter() - start) * 1000
+    return record
+
+
+def run(args, decoding: str = "sam") -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "posttrain.cli", "serve", args.model, "--port", str(port),
+           "--queue", str(args.clients), "--max-tokens-cap", str(args.max_tokens), "--timeout", "600", "--decoding", decoding]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(Path(tempfile.gettempdir()) / "serve_load.server.log", "w")  # read it when the server fails
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with {server.returncode}: {' '.join(cmd)}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not answer /health within 120 s")
+            time.sleep(0.5)
+        with httpx.Client(base_url=base, timeout=600) as warm:  # first request pays one-off setup costs
+            one_request(warm, 0, 4)
+        before = httpx.get(base + "/metrics").text
+        load_before = load_average()
+        records: list[dict] = []
+        lock = threading.Lock()
+        next_i = iter(range(args.requests))
+
+        def client_loop() -> None:
+            with httpx.Client(base_url=base, timeout=600) as client:
+                while True:
+                    with lock:
+                        i = next(next_i, None)
+                    if i is None:
+                        return
+                    rec = one_request(client, i, args.max_tokens)
+                    with lock:
+                        records.append(rec)
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client_loop) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        after = httpx.get(base + "/metrics").text
+    finally:
+        server.terminate()
+        server.wait(30)
+    tokens = metric(after, "posttrain_generated_tokens_total") - metric(before, "posttrain_generated_tokens_total")
+    drafted = metric(after, "posttrain_draft_tokens_total") - metric(before, "posttrain_draft_tokens_total")
+    accepted = (metric(after, "posttrain_draft_tokens_accepted_total")
+                - metric(before, "posttrain_draft_tokens_accepted_total"))
+    latencies = [r["latency_ms"] for r in records if r["ok"]]
+    firsts = [r["first_chunk_ms"] for r in records if r["ok"] and r.get("first_chunk_ms") is not None]
+    errors = [r for r in records if not r["ok"]]
+    return {
+        "model": args.model, "decoding": decoding, "clients": args.clients, "requests": len(records), "max_tokens": args.max_tokens,
+        "streamed": sum(r["stream"] for r in records), "errors": len(errors),
+        "error_samples": [r.get("error") or r.get("status") for r in errors[:5]],
+        "wall_s": round(wall, 2), "requests_per_s": round(len(records) / wall, 3),
+        "tokens": int(tokens), "tokens_per_s": round(tokens / wall, 2),
+        "p50_ms": round(percentile(latencies, 50), 1) if latencies else None,
+        "p99_ms": round(percentile(latencies, 99), 1) if latencies else None,
+        "mean_ms": round(statistics.mean(latencies), 1) if latencies else None,
+        "stream_first_chunk_p50_ms": round(percentile(firsts, 50), 1) if firsts else None,
+        "draft_tokens": int(drafted), "draft_tokens_accepted": int(accepted),
+        "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
+        **run_context(load_before, load_average(), "fastapi", "uvicorn", "transformers"),
+    }
+
+
+def print_table(r: dict) -> None:
+    print(f"posttrain serve {r['model']}: {r['clients']} clients, {r['requests']} requests "
+          f"({r['streamed']} streamed), max_tokens {r['max_tokens']}, greedy")
+    print(f"  {'':<28}{'SAM (default)':>14}{'plain':>14}")
+    p = r.get("plain") or {}
+    rows = [("requests/s", r["requests_per_s"]), ("tokens/s", r["tokens_per_s"]), ("tokens", r["tokens"]),
+            ("p50 latency ms", r["p50_ms"]), ("p99 latency ms", r["p99_ms"]),
+            ("stream first chunk p50 ms", r["stream_first_chunk_p50_ms"]),
+            ("draft accepted / drafted", f"{r['draft_tokens_accepted']} / {r['draft_tokens']}"),
+            ("errors", r["errors"]), ("wall s", r["wall_s"])]
+    keys = ["requests_per_s", "tokens_per_s", "tokens", "p50_ms", "p99_ms", "stream_first_chunk_p50_ms", None,
+            "errors", "wall_s"]
+    for (name, value), key in zip(rows, keys):
+        other = p.get(key, "") if key else (f"{p['draft_tokens_accepted']} / {p['draft_tokens']}" if p else "")
+        print(f"  {name:<28}{str(value):>14}{str(other):>14}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-plain", action="store_true", help="skip the second run with --decoding plain")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.requests = 4, 8
+    result = run(args, "sam")
+    if not args.no_plain:
+        result["plain"] = {k: v for k, v in run(args, "plain").items() if k not in ("machine", "versions")}
+    finish(result, RESULTS_DIR / "serve_load.json", args.quick, print_table)
+
+
+if __name__ == "__main__":
+    main()
