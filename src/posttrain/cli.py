@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
 
+    p = sub.add_parser("run", help="run a pipeline YAML: stages in order, skip unchanged ones, stop on a failed gate",
+                       description="Run PIPELINE.yaml (see recipes/pipeline_demo.yaml): each stage writes "
+                                   "<output_dir>/<name>; unchanged stages are skipped, unfinished ones resumed.")
+    p.add_argument("pipeline", help="pipeline YAML")
+    p.add_argument("--force", action="store_true", help="re-run every stage even if unchanged")
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
                        description="Serve MODEL over an OpenAI-compatible API: /v1/chat/completions and "
                                    "/v1/completions (streaming with SSE), /v1/models, /health, /metrics (Prometheus). "
@@ -360,6 +366,14 @@ def cmd_stage(args) -> int:
     manifest = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {cfg.output_dir}  (final model: {cfg.output_dir}/final)")
     return 0 if manifest else 1
+
+
+def cmd_run(args) -> int:
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    state = run_pipeline(load_pipeline(args.pipeline), force=args.force)
+    print(f"pipeline {state['name']}: " + ", ".join(f"{k} {v['status']}" for k, v in state["stages"].items()))
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -682,7 +696,7 @@ def cmd_kb(args) -> int:
 COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
-            "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve}
+            "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:
