@@ -166,9 +166,9 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
     """Run (or skip, or resume) each stage in order; returns the pipeline state."""
     out = Path(pipe.output_dir)
     state = {"name": pipe.name, "stages": {}}
+    built = [stage_config(pipe, i) for i in range(len(pipe.stages))]  # every config valid before any runs
     input_fp, previous_metrics = model_fingerprint(pipe.model), None
-    for i, spec in enumerate(pipe.stages):
-        cfg, run = stage_config(pipe, i)
+    for spec, (cfg, run) in zip(pipe.stages, built):
         if "model.name" in spec.overrides:
             input_fp = model_fingerprint(cfg.model.name)
         fp = fingerprint(cfg, input_fp)
