@@ -132,9 +132,12 @@ def test_a_bad_stage_override_names_the_stage(tmp_path, tiny_dir, recipe):
     assert not (tmp_path / "out").exists()  # refused before stage a ran
 
 
-def test_the_demo_pipeline_validates():
+def test_the_demo_pipeline_validates(monkeypatch):
+    from pathlib import Path
+
     from posttrain.pipeline import stage_config
 
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipe paths are relative to the repo root
     pipe = load_pipeline("recipes/pipeline_demo.yaml")
     configs = [stage_config(pipe, i)[0] for i in range(len(pipe.stages))]
     assert [c.stage for c in configs] == ["sft", "dpo", "quantize", "export"]

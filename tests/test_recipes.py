@@ -9,9 +9,10 @@ from posttrain.eval.tasks import EvalSpec
 from posttrain.cli import _stage
 
 ROOT = Path(__file__).resolve().parents[1]
-# synth_*.yaml configure `posttrain synth` (tests/data/test_synth.py validates them)
+# synth_*.yaml configure `posttrain synth` (tests/data/test_synth.py validates them),
+# pipeline_*.yaml `posttrain run` (tests/test_pipeline.py validates them)
 STAGE_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
-                       if p.name != "eval.yaml" and not p.name.startswith("synth_"))
+                       if p.name != "eval.yaml" and not p.name.startswith(("synth_", "pipeline_")))
 
 
 def test_there_is_a_quickstart_and_one_recipe_per_method():
