@@ -84,6 +84,10 @@ def test_a_failed_gate_stops_the_run(tmp_path, tiny_dir, recipe, capsys):
                                                               "relative_to_previous": True}])
     with pytest.raises(ValueError, match=f"metric plus1 - previous \\({before:.4g}\\) = .* > max -1"):
         run_pipeline(load_pipeline(path))
+    # a dotted path into the manifest outputs
+    path = write_pipeline(tmp_path, tiny_dir, recipe, gate=[{"metric": "train.steps", "min": 3}])
+    with pytest.raises(ValueError, match="gate failed after stage a: metric train.steps = 2 < min 3"):
+        run_pipeline(load_pipeline(path))
     assert (tmp_path / "out" / "a" / "manifest.json").stat().st_mtime_ns == mtime
 
 
