@@ -94,7 +94,7 @@ def test_a_failed_gate_stops_the_run(tmp_path, tiny_dir, recipe, capsys):
 def test_an_unfinished_stage_resumes(tmp_path, tiny_dir, recipe, monkeypatch):
     from posttrain.train import sft
 
-    path = write_pipeline(tmp_path, tiny_dir, recipe)
+    path = write_pipeline(tmp_path, tiny_dir, recipe, second={"train.save_every": 1})  # b leaves checkpoints
     calls = []
     real = sft.run_sft
 
@@ -146,3 +146,17 @@ def test_the_demo_pipeline_validates(monkeypatch):
     configs = [stage_config(pipe, i)[0] for i in range(len(pipe.stages))]
     assert [c.stage for c in configs] == ["sft", "dpo", "quantize", "export"]
     assert configs[1].model.name == "runs/pipeline_demo/sft"
+
+
+def test_a_lora_stage_feeds_the_next_through_a_merged_copy(tmp_path, tiny_dir, recipe):
+    lora = {"adapter.method": "lora", "adapter.r": 4}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "out"), "model": str(tiny_dir),
+                                    "stages": [{"name": "a", "verb": "sft", "config": str(recipe), "overrides": lora},
+                                               {"name": "b", "verb": "sft", "config": str(recipe), "overrides": lora}]}))
+    state = run_pipeline(load_pipeline(path))
+    assert [s["status"] for s in state["stages"].values()] == ["done", "done"]
+    merged = tmp_path / "out" / "b" / "input_merged"
+    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
+    assert yaml.safe_load((tmp_path / "out" / "b" / "config.yaml").read_text())["model"]["name"] == str(merged)
+    assert [s["status"] for s in run_pipeline(load_pipeline(path))["stages"].values()] == ["skipped", "skipped"]

@@ -131,6 +131,26 @@ def fingerprint(cfg, input_fp: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def merge_input(cfg, stage_dir: Path, reuse: bool) -> None:
+    """Point cfg.model.name at a merged copy when it is a run dir holding a PEFT adapter.
+
+    A stage applies its own adapter (or quantizes, prunes) on a plain model, so an
+    adapter input is folded into `<stage dir>/input_merged` first; export merges itself.
+    """
+    from posttrain.adapters import merge_adapter
+    from posttrain.models import load_model, resolve_model_path, save_model
+
+    src = Path(cfg.model.name)
+    if cfg.stage == "export" or not src.is_dir() or not (Path(resolve_model_path(src)) / "adapter_config.json").is_file():
+        return
+    out = stage_dir / "input_merged"
+    if not (reuse and (out / "config.json").is_file()):
+        model, tok = load_model(str(src), dtype="auto")
+        save_model(merge_adapter(model), tok, out)
+        print(f"merged the adapter of {src} into {out}")
+    cfg.model.name = str(out)
+
+
 def lookup_metric(metrics: dict, outputs: dict, name: str) -> float | None:
     """A metric from eval_after, else a dotted path into the manifest outputs."""
     if name in metrics:
@@ -179,12 +199,14 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
             record = {**old, "status": "skipped"}
             print(f"[{spec.name}] skipped (unchanged)")
         else:
-            resume = same and (out / spec.name / "config.yaml").exists()
+            # started with the same inputs and left checkpoints: continue from them (else start over)
+            resume = same and (out / spec.name / "checkpoints").is_dir()
             print(f"[{spec.name}] {spec.verb}: {'resuming' if resume else 'running'}")
             record = {"stage": spec.name, "verb": spec.verb, "fingerprint": fp, "status": "running"}
             write_json_atomic(record_path, record)
             started = time.time()
             try:
+                merge_input(cfg, out / spec.name, reuse=resume)
                 manifest = run(cfg, resume=resume, overwrite=not resume)
             except Exception as exc:
                 record.update(status="error", error=f"{type(exc).__name__}: {exc}",
