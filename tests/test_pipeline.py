@@ -64,6 +64,13 @@ def test_chain_skip_and_rerun_of_a_changed_stage(tmp_path, tiny_dir, recipe, cap
     assert (out / "a" / "manifest.json").stat().st_mtime_ns == mtime_a
     assert yaml.safe_load((out / "b" / "config.yaml").read_text())["train"]["lr"] == 5e-4
 
+    train = yaml.safe_load(recipe.read_text())["data"]["train"]  # same path, new content: both re-run
+    with open(train, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "What is 99 plus 1?"},
+                                         {"role": "assistant", "content": "100"}]}) + "\n")
+    state = run_pipeline(load_pipeline(path))
+    assert [s["status"] for s in state["stages"].values()] == ["done", "done"]
+
 
 def test_a_failed_gate_stops_the_run(tmp_path, tiny_dir, recipe, capsys):
     path = write_pipeline(tmp_path, tiny_dir, recipe, gate=[{"metric": "plus1", "min": 2.0}])

@@ -104,7 +104,8 @@ def model_fingerprint(spec: str) -> str:
 
 
 def data_hashes(cfg) -> dict[str, str]:
-    """Content hashes of the files named in the config's data and eval sections."""
+    """Content hashes of every existing file the config names outside `model` and `output_dir`
+    (data, eval tasks, calibration, EWC reference, ...); directories are not hashed."""
     from posttrain.stage import content_hash
 
     found: dict[str, str] = {}
@@ -119,9 +120,7 @@ def data_hashes(cfg) -> dict[str, str]:
         elif isinstance(node, str) and Path(node).is_file():
             found[node] = content_hash(node)
 
-    dump = cfg.model_dump(mode="json")
-    for section in ("data", "eval", "check_data"):
-        walk(dump.get(section))
+    walk({k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("model", "output_dir")})
     return found
 
 
