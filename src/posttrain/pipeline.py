@@ -195,7 +195,7 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
         old = json.loads(record_path.read_text()) if record_path.exists() else None
         same = old is not None and old.get("fingerprint") == fp and not force
         if same and old["status"] in ("done", "failed_gate"):
-            record = {**old, "status": "skipped"}
+            record = {**{k: v for k, v in old.items() if k != "error"}, "status": "skipped"}  # gates re-checked
             print(f"[{spec.name}] skipped (unchanged)")
         else:
             # started with the same inputs and left checkpoints: continue from them (else start over)
