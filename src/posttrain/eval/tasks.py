@@ -55,8 +55,10 @@ def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
     return value
 
 
-def load_task(path: str | Path, limit: int | None = None, need_answer: bool = True) -> list[dict[str, Any]]:
-    """Validated examples: {"prompt": str | messages, "answer": str ("" if not needed and absent), "line": int}."""
+def load_task(path: str | Path, limit: int | None = None, need_answer: bool = True,
+              extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Validated examples: {"prompt": str | messages, "answer": str ("" if not needed and absent), "line": int},
+    plus each `extra` field the row has (unvalidated: the caller checks what it needs)."""
     path = Path(path)
     examples = []
     for lineno, row in _read_jsonl(path):
@@ -77,7 +79,7 @@ def load_task(path: str | Path, limit: int | None = None, need_answer: bool = Tr
         if not isinstance(answer, str):
             raise ValueError(f"{where}:answer: expected a string (or number), got "
                              f"{'nothing' if answer is None else type(answer).__name__}")
-        examples.append({"prompt": prompt, "answer": answer, "line": lineno})
+        examples.append({"prompt": prompt, "answer": answer, "line": lineno, **{k: row[k] for k in extra if k in row}})
         if limit is not None and len(examples) >= limit:
             break
     if not examples:

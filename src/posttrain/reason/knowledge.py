@@ -532,12 +532,11 @@ def load_qa(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """QA rows {prompt, answer, gold?}: gold is a citation id or a list of them (for recall)."""
     from posttrain.eval.tasks import load_task
 
-    examples = load_task(path, limit)
-    rows = dict(read_jsonl(path))
+    examples = load_task(path, limit, extra=("gold",))
     for ex in examples:
         if not isinstance(ex["prompt"], str):
             raise ValueError(f"{path}:{ex['line']}:prompt: knowledge QA needs a string question, not messages")
-        gold = rows[ex["line"]].get("gold", [])
+        gold = ex.get("gold", [])
         gold = [gold] if isinstance(gold, str) else gold
         if not isinstance(gold, list) or not all(isinstance(g, str) and g for g in gold):
             raise ValueError(f"{path}:{ex['line']}:gold: expected a chunk id or a list of chunk ids")

@@ -351,19 +351,10 @@ def load_reason_task(spec: str | Path, limit: int | None = None) -> tuple[Task, 
     path = DATA_DIR / f"{spec}.jsonl" if spec in BUILTIN else Path(spec)
     if spec in BUILTIN and not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run python data/reason/make_tasks.py")
-    from posttrain.data.formats import read_jsonl
-
-    raw = dict(read_jsonl(path)) if path.is_file() else {}
-    examples = []
-    for ex in load_task(path, limit):
-        row = raw[ex["line"]]
+    examples = load_task(path, limit, extra=("numbers", "options", "id", "solution"))
+    for ex in examples:
         if isinstance(ex["prompt"], list):
             raise ValueError(f"{path}:{ex['line']}:prompt: reasoning tasks need a string prompt, not messages")
-        example = {"prompt": ex["prompt"], "answer": ex["answer"], "line": ex["line"]}
-        for key in ("numbers", "options", "id", "solution"):
-            if key in row:
-                example[key] = row[key]
-        examples.append(example)
     name = spec if spec in BUILTIN else path.stem
     is24 = spec == "game24" or any("numbers" in e for e in examples)
     if is24:
