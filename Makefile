@@ -23,7 +23,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(VENV)/bin/posttrain sft --config recipes/quickstart.yaml --overwrite
+	$(VENV)/bin/posttrain run recipes/pipeline_demo.yaml
 
 bench: install
 	$(PY) bench/sft_throughput.py

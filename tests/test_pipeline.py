@@ -150,9 +150,16 @@ def test_the_demo_pipeline_validates(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipe paths are relative to the repo root
     pipe = load_pipeline("recipes/pipeline_demo.yaml")
-    configs = [stage_config(pipe, i)[0] for i in range(len(pipe.stages))]
-    assert [c.stage for c in configs] == ["sft", "dpo", "quantize", "export"]
-    assert configs[1].model.name == "runs/pipeline_demo/sft"
+    configs = [stage_config(pipe, i)[0] for i in range(len(pipe.all_stages()))]
+    assert [c.stage for c in configs] == ["sft", "dpo", "quantize", "eval", "export"]
+    assert [c.model.name for c in configs[1:]] == ["runs/pipeline_demo/sft", "runs/pipeline_demo/dpo",
+                                                    "runs/pipeline_demo/quantize", "runs/pipeline_demo/quantize"]
+    assert configs[1].data.train == "runs/pipeline_demo/data/preference.jsonl"
+    assert [c.eval.before for c in configs[:4]] == [True, False, True, False]  # quantize: its recipe's own
+    assert configs[1].eval.tasks == configs[3].eval.tasks and configs[1].eval.win_rate is None
+    assert configs[0].adapter.method == configs[1].adapter.method == "lora"
+    for entry in pipe.data.values():
+        assert all(Path(src).is_file() for src in entry.source)
 
 
 def test_a_lora_stage_feeds_the_next_through_a_merged_copy(tmp_path, tiny_dir, recipe):
@@ -167,3 +174,118 @@ def test_a_lora_stage_feeds_the_next_through_a_merged_copy(tmp_path, tiny_dir, r
     assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
     assert yaml.safe_load((tmp_path / "out" / "b" / "config.yaml").read_text())["model"]["name"] == str(merged)
     assert [s["status"] for s in run_pipeline(load_pipeline(path))["stages"].values()] == ["skipped", "skipped"]
+
+
+def test_data_entries_are_prepared_filtered_and_feed_the_stages(tmp_path, tiny_dir, recipe):
+    train = yaml.safe_load(recipe.read_text())["data"]["train"]
+    rows = [json.loads(line) for line in open(train)]
+    dupes = write_jsonl(tmp_path / "more.jsonl", rows[:3] + [{"messages": [
+        {"role": "user", "content": "Mail me at a.b@example.com"}, {"role": "assistant", "content": "ok"}]}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {i}", "answer": str(i)} for i in range(3)])
+    spec = {"name": "t", "output_dir": str(tmp_path / "out"), "model": str(tiny_dir),
+            "data": {"sft": {"source": [train, dupes], "filters": {"exact_dedup": True, "near_dedup": {"enabled": False},
+                                                                  "min_chars": 1, "pii": {"action": "redact"}}},
+                     "syn": {"synth": None, "source": prompts}},
+            "stages": [{"name": "a", "verb": "sft", "config": str(recipe), "overrides": {"data.train": "${data.sft}"}}]}
+    del spec["data"]["syn"]["synth"]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    state = run_pipeline(load_pipeline(path))
+    out = tmp_path / "out"
+    assert state["data"]["sft"]["rows"] == 16 and state["data"]["sft"]["kept"] == 13  # 3 exact duplicates
+    kept = (out / "data" / "sft.jsonl").read_text()
+    assert kept.count("\n") == 13 and "[EMAIL]" in kept and "a.b@example.com" not in kept
+    assert state["data"]["syn"]["kept"] == 3 and (out / "data" / "syn.jsonl").is_file()
+    assert yaml.safe_load((out / "a" / "config.yaml").read_text())["data"]["train"] == str(out / "data" / "sft.jsonl")
+
+    state = run_pipeline(load_pipeline(path))  # nothing changed: every step skipped
+    assert [r["status"] for r in [*state["data"].values(), *state["stages"].values()]] == ["skipped"] * 3
+    with open(dupes, "a") as f:  # a source changed: its entry and the stage that reads it run again
+        f.write(json.dumps({"messages": [{"role": "user", "content": "What is 77 plus 1?"},
+                                         {"role": "assistant", "content": "78"}]}) + "\n")
+    state = run_pipeline(load_pipeline(path))
+    assert [r["status"] for r in [*state["data"].values(), *state["stages"].values()]] == ["done", "skipped", "done"]
+    assert state["data"]["sft"]["kept"] == 14
+
+
+def test_a_synth_entry_appends_generated_rows(tmp_path, tiny_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {i}", "answer": str(i)} for i in range(3)])
+    spec = {"name": "t", "output_dir": str(tmp_path / "out"),
+            "data": {"mix": {"source": prompts, "kind": "prompt", "synth_overrides": {
+                "mode": "rejection", "teacher.name": str(tiny_dir), "rejection.prompts": prompts, "rejection.k": 2,
+                "rejection.verify": False, "rejection.sampling.max_new_tokens": 4}}},
+            "stages": [{"name": "a", "verb": "sft"}]}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="synth_overrides needs synth"):
+        load_pipeline(path)
+    recipe = tmp_path / "synth.yaml"
+    recipe.write_text(yaml.safe_dump({"mode": "rejection", "output": "ignored.jsonl"}))
+    spec["data"]["mix"]["synth"] = str(recipe)
+    spec["data"]["mix"]["kind"] = None
+    path.write_text(yaml.safe_dump(spec))
+    from posttrain.pipeline import prepare_data
+
+    with pytest.raises(ValueError, match="synth writes chat rows, the sources hold prompt rows"):
+        prepare_data(load_pipeline(path), "mix")
+    spec["data"]["mix"]["source"] = []
+    path.write_text(yaml.safe_dump(spec))
+    record = prepare_data(load_pipeline(path), "mix")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "data" / "mix.jsonl").read_text().splitlines()]
+    assert record["counts"]["synth"] == len(rows) == record["kept"] > 0
+    assert all(r["provenance"]["teacher"] == str(tiny_dir) for r in rows)
+
+
+def test_model_init_shared_eval_eval_stage_deploy_and_serve(tmp_path, tiny_dir, recipe, monkeypatch, capsys):
+    from posttrain import cli
+    from posttrain.models import load_model
+    from posttrain.pipeline import metric_table
+
+    task = yaml.safe_load(recipe.read_text())["eval"]["tasks"][0]
+    spec = {"name": "t", "output_dir": str(tmp_path / "out"),
+            "model": {"name": str(tiny_dir), "adapter": {"method": "lora", "r": 4}},
+            "eval": {"tasks": [task]},
+            "stages": [{"name": "a", "verb": "sft", "config": str(recipe)},
+                       {"name": "b", "verb": "eval", "gate": [{"metric": "plus1", "min": 0, "max": 0,
+                                                                "relative_to_previous": True}]}],
+            "deploy": {"formats": ["hf"], "overrides": {"check": False}, "serve": {"port": 8123, "args": ["--queue", "3"]}}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    served = []
+    monkeypatch.setitem(cli.COMMANDS, "serve", lambda args: served.append((args.model, args.port, args.queue)) or 0)
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    config_a = yaml.safe_load((out / "a" / "config.yaml").read_text())
+    assert config_a["adapter"]["method"] == "lora" and config_a["adapter"]["r"] == 4  # the pipeline's init
+    assert (out / "a" / "final" / "adapter_config.json").is_file()
+    assert yaml.safe_load((out / "b" / "config.yaml").read_text())["model"]["name"] == str(out / "a")
+    state = json.loads((out / "pipeline.json").read_text())
+    table = metric_table(state)
+    assert list(table) == ["input", "a", "b"] and table["b"] == table["a"]  # same model, same greedy eval
+    assert yaml.safe_load((out / "deploy" / "config.yaml").read_text())["model"]["name"] == str(out / "a")
+    assert (out / "deploy" / "final" / "config.json").is_file()
+    assert not (out / "deploy" / "final" / "adapter_config.json").exists()  # the adapter is merged
+    load_model(str(out / "deploy"), dtype="fp32")
+    assert served == [(str(out / "deploy"), 8123, 3)]
+    printed = capsys.readouterr().out
+    assert "plus1" in printed and "input" in printed and "deploy done" in printed
+
+    assert main(["run", str(path), "--no-serve"]) == 0 and len(served) == 1
+    assert capsys.readouterr().out.count("skipped (unchanged)") == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": [{"name": "a", "verb": "sft", "overrides": {"data.train": "${data.nope}"}}]},
+     "\\$\\{data.nope\\} names no entry of data"),
+    ({"deploy": {"source": "nope"}}, "deploy.source 'nope' is not a stage that makes a model"),
+    ({"data": {"x": {}}}, "needs source \\(files\\) or synth"),
+    ({"data": {"x": {"synth": "s.yaml", "synth_overrides": {"output": "o"}}}}, "output is set by the pipeline"),
+    ({"stages": [{"name": "deploy", "verb": "sft"}], "deploy": {}}, "'deploy' is taken"),
+    ({"eval": {"taskz": []}}, "taskz"),
+])
+def test_bad_sections_are_refused(tmp_path, change, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "out"),
+                                    "stages": [{"name": "a", "verb": "sft"}], **change}))
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(path)

@@ -168,11 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
 
-    p = sub.add_parser("run", help="run a pipeline YAML: stages in order, skip unchanged ones, stop on a failed gate",
-                       description="Run PIPELINE.yaml (see recipes/pipeline_demo.yaml): each stage writes "
-                                   "<output_dir>/<name>; unchanged stages are skipped, unfinished ones resumed.")
+    p = sub.add_parser("run", help="run a pipeline YAML: data, stages, gates, deploy; skip what is unchanged",
+                       description="Run PIPELINE.yaml (see recipes/pipeline_demo.yaml): prepare the data: entries "
+                                   "(<output_dir>/data/NAME.jsonl), run each stage into <output_dir>/<name> with the "
+                                   "model: initialisation and the shared eval:, check its gates, then export the "
+                                   "deploy: model to <output_dir>/deploy (and serve it if deploy.serve is set). "
+                                   "Unchanged steps are skipped, unfinished ones resumed; a failed gate stops the run.",
+                       epilog="keys: name, output_dir, data, model, eval, stages (name, verb, config, overrides, "
+                              "gate), deploy (source, config, formats, overrides, serve, gate)")
     p.add_argument("pipeline", help="pipeline YAML")
-    p.add_argument("--force", action="store_true", help="re-run every stage even if unchanged")
+    p.add_argument("--force", action="store_true", help="re-run every step even if unchanged")
+    p.add_argument("--no-serve", action="store_true", help="do not start the server of deploy.serve")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
                        description="Serve MODEL over an OpenAI-compatible API: /v1/chat/completions and "
@@ -369,10 +375,20 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from posttrain.pipeline import load_pipeline, run_pipeline
+    from posttrain.eval.report import format_table
+    from posttrain.pipeline import load_pipeline, metric_table, run_pipeline
 
-    state = run_pipeline(load_pipeline(args.pipeline), force=args.force)
+    pipe = load_pipeline(args.pipeline)
+    state = run_pipeline(pipe, force=args.force)
+    table = metric_table(state)
+    if table:
+        print(format_table(table))
     print(f"pipeline {state['name']}: " + ", ".join(f"{k} {v['status']}" for k, v in state["stages"].items()))
+    if pipe.deploy is not None and pipe.deploy.serve is not None and not args.no_serve:
+        serve = pipe.deploy.serve
+        print(f"serving {pipe.output_dir}/deploy on http://{serve.host}:{serve.port}/v1 (Ctrl-C stops)")
+        return main(["serve", str(Path(pipe.output_dir) / "deploy"), "--host", serve.host, "--port",
+                     str(serve.port), *serve.args])
     return 0
 
 

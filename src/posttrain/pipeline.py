@@ -1,9 +1,19 @@
-"""Pipeline runner: one YAML chains stages (sft -> dpo -> quantize -> export ...).
+"""Pipeline runner: one YAML is the whole loop, data -> model -> stages -> gates -> deploy.
 
-Each stage is built exactly like `posttrain VERB --config RECIPE key=value`, writes its run
-dir under `<output_dir>/<stage name>`, and reads the previous stage's run dir as its model.
+- `data:` entries load files (any format `load_records` reads), add synthetic rows
+  (`posttrain synth` recipes) and run the filters; each writes `<output_dir>/data/NAME.jsonl`,
+  which stage overrides name as `${data.NAME}`.
+- `model:` is the first stage's input, and its `dtype`/`adapter` (LoRA, freezing, ...)
+  initialise every stage that trains; `eval:` is one evaluation every stage runs, so the
+  metric table compares like with like (only the first stage also evaluates its input).
+- Each stage is built exactly like `posttrain VERB --config RECIPE key=value`, writes its
+  run dir under `<output_dir>/<stage name>`, and reads the previous stage's model. An
+  `eval` stage evaluates that model without changing it.
+- `deploy:` exports a stage's model (adapters merged, HF dir and GGUF files) as the last
+  stage, `<output_dir>/deploy`, and `posttrain run` can then serve it.
+
 A fingerprint (resolved config + input fingerprint + data content hashes) makes a re-run
-skip unchanged stages and resume a stage that did not finish; gates stop the run when a
+skip unchanged steps and resume a stage that did not finish; gates stop the run when a
 metric falls outside its bounds.
 """
 
@@ -11,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -19,9 +30,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from posttrain.config import Strict, build_config, format_validation_error, load_yaml
 from posttrain.fileio import write_json_atomic
+from posttrain.train.sft import EvalConfig, ModelConfig
 
 VERBS = ("sft", "pretrain", "rm", "dpo", "online-dpo", "ppo", "grpo", "rloo", "distill", "prune", "quantize",
-         "export")
+         "export", "eval")
+DATA_REF = re.compile(r"\$\{data\.([A-Za-z0-9_.-]+)\}")
 
 
 class Gate(Strict):
@@ -44,25 +57,135 @@ class StageSpec(Strict):
     verb: Literal[VERBS]
     config: str | None = Field(None, description="recipe YAML, as for `posttrain VERB --config`")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value")
+    eval: bool = Field(True, description="run the pipeline's eval section in this stage")
+    gate: list[Gate] = Field(default_factory=list)
+
+
+class DataPrep(Strict):
+    """One prepared dataset: source rows, then synthetic rows, then the filters."""
+
+    source: str | list[str] = Field(default_factory=list, description="files or `datasets` dirs, concatenated")
+    kind: Literal["chat", "completion", "text", "preference", "prompt"] | None = None
+    synth: str | None = Field(None, description="a `posttrain synth` recipe; its rows are appended")
+    synth_overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value")
+    filters: str | dict[str, Any] | None = Field(None, description="filter rules: a YAML path or the rules inline")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataPrep":
+        if isinstance(self.source, str):
+            self.source = [self.source]
+        if not self.source and not self.synth:
+            raise ValueError("a data entry needs source (files) or synth (a synth recipe), or both")
+        if self.synth_overrides and not self.synth:
+            raise ValueError("synth_overrides needs synth: a `posttrain synth` recipe to override")
+        if "output" in self.synth_overrides:
+            raise ValueError("synth_overrides.output is set by the pipeline")
+        return self
+
+
+class ModelInit(Strict):
+    """The input model, and how every training stage initialises it (unless its overrides say otherwise)."""
+
+    name: str = "default"
+    dtype: str | None = Field(None, description="model.dtype of every stage")
+    adapter: dict[str, Any] | None = Field(None, description="adapter section of every stage that trains one: "
+                                                             "{method: lora, r: 16} or {method: freeze, ...}")
+
+
+class ServeSpec(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    args: list[str] = Field(default_factory=list, description="more `posttrain serve` flags")
+
+
+class DeploySpec(Strict):
+    source: str | None = Field(None, description="the stage whose model is deployed (default: the last one "
+                                                 "that makes a model)")
+    config: str | None = Field(None, description="an export recipe (recipes/export.yaml)")
+    formats: list[str] = Field(["hf", "gguf-q8_0"], description="hf = adapters merged into a transformers dir")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    serve: ServeSpec | None = Field(None, description="serve the exported model after the run (`--no-serve` skips)")
     gate: list[Gate] = Field(default_factory=list)
 
 
 class PipelineConfig(Strict):
     name: str
     output_dir: str
-    model: str = Field("default", description="the first stage's input model spec")
+    data: dict[str, DataPrep] = Field(default_factory=dict)
+    model: ModelInit = Field(default_factory=ModelInit, description="a model spec, or {name, dtype, adapter}")
+    eval: dict[str, Any] | None = Field(None, description="the eval section every stage runs (tasks, forgetting)")
     stages: list[StageSpec] = Field(..., min_length=1)
+    deploy: DeploySpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_spec(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            data = {**data, "model": {"name": data["model"]}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
+        if self.eval is not None:
+            EvalConfig.model_validate(self.eval)
+        names = [s.name for s in self.stages]
+        if self.deploy is not None:
+            if "deploy" in names:
+                raise ValueError("stage name 'deploy' is taken by the deploy section")
+            makers = [s.name for s in self.stages if s.verb not in ("eval", "export")]
+            if self.deploy.source is not None and self.deploy.source not in makers:
+                raise ValueError(f"deploy.source {self.deploy.source!r} is not a stage that makes a model; "
+                                 f"choose one of {makers}")
+            if self.deploy.source is None and not makers:
+                raise ValueError("deploy: no stage makes a model to deploy")
         seen = set()
-        for stage in self.stages:
+        for stage in self.all_stages():
             if stage.name in seen:
                 raise ValueError(f"stage name {stage.name!r} is used twice; names must be unique")
             seen.add(stage.name)
             if "output_dir" in stage.overrides:
                 raise ValueError(f"stage {stage.name!r}: output_dir is set by the pipeline (<output_dir>/<name>)")
+            for ref in DATA_REF.findall(json.dumps(stage.overrides)):
+                if ref not in self.data:
+                    raise ValueError(f"stage {stage.name!r}: ${{data.{ref}}} names no entry of data: "
+                                     f"{sorted(self.data) or 'none defined'}")
         return self
+
+    def all_stages(self) -> list[StageSpec]:
+        """The stages, then the deploy section as one more: an export of the chosen stage's model."""
+        if self.deploy is None:
+            return list(self.stages)
+        source = self.deploy.source or [s.name for s in self.stages if s.verb not in ("eval", "export")][-1]
+        overrides = {"model.name": str(Path(self.output_dir) / source), "formats": self.deploy.formats,
+                     **self.deploy.overrides}
+        return [*self.stages, StageSpec(name="deploy", verb="export", config=self.deploy.config,
+                                        overrides=overrides, gate=self.deploy.gate)]
+
+
+class EvalStageConfig(Strict):
+    """An `eval` stage: score the previous stage's model (it is passed on unchanged)."""
+
+    stage: Literal["eval"] = "eval"
+    output_dir: str = "runs/eval"
+    model: ModelConfig = ModelConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def run_eval_stage(cfg: EvalStageConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    from posttrain.models import load_model, resolve_model_path
+    from posttrain.stage import prepare_run_dir, write_manifest
+    from posttrain.train.sft import evaluate_all, write_reports
+
+    if not cfg.eval.tasks and not cfg.eval.forgetting:
+        raise ValueError("eval stage: nothing to evaluate; give eval.tasks or eval.forgetting (or the pipeline's eval:)")
+    started = time.time()
+    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=True)
+    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    scores = evaluate_all(model, tok, cfg.eval)
+    write_json_atomic(run_dir / "eval.json", {"after": scores})
+    write_reports(run_dir, {}, scores)
+    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)}}
+    return write_manifest(run_dir, "eval", inputs, {"eval_after": scores}, started)
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -72,24 +195,53 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         raise ValueError(format_validation_error(exc, str(path))) from None
 
 
+def data_path(pipe: PipelineConfig, name: str) -> Path:
+    return Path(pipe.output_dir) / "data" / f"{name}.jsonl"
+
+
+def input_model(pipe: PipelineConfig, index: int) -> str:
+    """The model stage `index` reads: the last earlier stage that made one (eval stages pass theirs on)."""
+    stages = pipe.all_stages()
+    for prev in reversed(stages[:index]):
+        if prev.verb != "eval":
+            return str(Path(pipe.output_dir) / prev.name)
+    return pipe.model.name
+
+
 def stage_config(pipe: PipelineConfig, index: int):
-    """(config, run fn) of stage `index`, built like the CLI builds it."""
+    """(config, run fn) of stage `index`, built like the CLI builds it, plus the pipeline's
+    model initialisation and eval section where the stage's config has those fields."""
     from posttrain.cli import RL_VERBS, _stage
 
-    spec = pipe.stages[index]
-    cls, run = _stage(spec.verb)
-    overrides = []
+    stages = pipe.all_stages()
+    spec = stages[index]
+    cls, run = (EvalStageConfig, run_eval_stage) if spec.verb == "eval" else _stage(spec.verb)
+    fields = cls.model_fields
+    sets: dict[str, Any] = {}
     if spec.verb == "pretrain" or spec.verb in RL_VERBS:
-        overrides.append(f"stage={spec.verb}")
-    if "model.name" not in spec.overrides:
-        previous = str(Path(pipe.output_dir) / pipe.stages[index - 1].name) if index else pipe.model
-        overrides.append(f"model.name={json.dumps(previous)}")
-    overrides.append(f"output_dir={json.dumps(str(Path(pipe.output_dir) / spec.name))}")
-    overrides += [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]  # JSON is valid YAML
+        sets["stage"] = spec.verb
+    sets["model.name"] = input_model(pipe, index)
+    if pipe.model.dtype is not None and spec.verb != "export":
+        sets["model.dtype"] = pipe.model.dtype
+    if pipe.model.adapter is not None and "adapter" in fields:
+        sets.update({f"adapter.{k}": v for k, v in pipe.model.adapter.items()})
+    if pipe.eval is not None and spec.eval and "eval" in fields:
+        first = next(i for i, s in enumerate(stages) if s.eval and "eval" in _fields(s.verb))
+        sets["eval"] = {**pipe.eval, "before": index == first and spec.verb != "eval"}
+    sets["output_dir"] = str(Path(pipe.output_dir) / spec.name)
+    refs = {name: str(data_path(pipe, name)) for name in pipe.data}
+    sets.update(json.loads(DATA_REF.sub(lambda m: refs[m.group(1)], json.dumps(spec.overrides))))
+    overrides = [f"{k}={json.dumps(v)}" for k, v in sets.items()]  # JSON is valid YAML
     try:
         return build_config(cls, spec.config, overrides), run
     except ValueError as exc:
         raise ValueError(f"stage {spec.name!r} ({spec.verb}): {exc}") from None
+
+
+def _fields(verb: str) -> dict:
+    from posttrain.cli import _stage
+
+    return (EvalStageConfig if verb == "eval" else _stage(verb)[0]).model_fields
 
 
 def model_fingerprint(spec: str) -> str:
@@ -134,13 +286,14 @@ def merge_input(cfg, stage_dir: Path, reuse: bool) -> None:
     """Point cfg.model.name at a merged copy when it is a run dir holding a PEFT adapter.
 
     A stage applies its own adapter (or quantizes, prunes) on a plain model, so an
-    adapter input is folded into `<stage dir>/input_merged` first; export merges itself.
+    adapter input is folded into `<stage dir>/input_merged` first; export merges itself and
+    an eval stage loads the adapter as it is.
     """
     from posttrain.adapters import merge_adapter
     from posttrain.models import load_model, resolve_model_path, save_model
 
     src = Path(cfg.model.name)
-    if cfg.stage == "export" or not src.is_dir() or not (Path(resolve_model_path(src)) / "adapter_config.json").is_file():
+    if cfg.stage in ("export", "eval") or not src.is_dir() or not (Path(resolve_model_path(src)) / "adapter_config.json").is_file():
         return
     out = stage_dir / "input_merged"
     if not (reuse and (out / "config.json").is_file()):
@@ -181,15 +334,84 @@ def check_gates(spec: StageSpec, record: dict, previous: dict | None) -> None:
             raise ValueError(f"gate failed after stage {spec.name}: metric {label} = {value:.4g} > max {gate.max}")
 
 
+def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
+    """Write `<output_dir>/data/NAME.jsonl` (skipped when its inputs are unchanged); returns its record."""
+    from posttrain.data.filters import filter_file, load_rules
+    from posttrain.data.formats import load_records
+    from posttrain.data.synth import SynthConfig, run_synth
+    from posttrain.fileio import write_text_atomic
+    from posttrain.stage import content_hash
+
+    spec, path = pipe.data[name], data_path(pipe, name)
+    synth_cfg = None
+    if spec.synth:
+        sets = {**spec.synth_overrides, "output": str(path.with_suffix(".synth.jsonl"))}
+        try:
+            synth_cfg = build_config(SynthConfig, spec.synth, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+        except ValueError as exc:
+            raise ValueError(f"data {name!r} (synth): {exc}") from None
+    rules = spec.filters if isinstance(spec.filters, dict) else load_rules(spec.filters).model_dump(mode="json") \
+        if spec.filters else None
+    for src in spec.source:
+        if not Path(src).exists():
+            raise ValueError(f"data {name!r}: source {src} does not exist")
+    blob = {"spec": spec.model_dump(mode="json"), "rules": rules,
+            "sources": {src: content_hash(src) for src in spec.source},
+            "synth": synth_cfg and {"config": synth_cfg.model_dump(mode="json"), "data": data_hashes(synth_cfg),
+                                    "teacher": model_fingerprint(synth_cfg.teacher.name)}}
+    fp = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+    record_path = path.with_suffix(".json")
+    old = json.loads(record_path.read_text()) if record_path.exists() else None
+    if old and old.get("fingerprint") == fp and path.is_file() and not force:
+        print(f"[data {name}] skipped (unchanged)")
+        return {**old, "status": "skipped"}
+    print(f"[data {name}] preparing")
+    started = time.time()
+    rows, counts = [], {}
+    for src in spec.source:
+        loaded = load_records(src, kind=spec.kind)
+        if spec.kind is None and rows and loaded.kind != counts["kind"]:
+            raise ValueError(f"data {name!r}: {src} holds {loaded.kind} rows, the sources before it "
+                             f"{counts['kind']} rows; one entry holds one kind")
+        counts.setdefault("kind", loaded.kind)
+        counts[src] = len(loaded.records)
+        rows += loaded.records
+    if synth_cfg is not None:
+        if counts.get("kind", "chat") != "chat":
+            raise ValueError(f"data {name!r}: synth writes chat rows, the sources hold {counts['kind']} rows; "
+                             "one entry holds one kind")
+        result = run_synth(synth_cfg)
+        counts["synth"] = len(result.rows)
+        rows += result.rows
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if rules is None:
+        write_text_atomic(path, text)
+        kept, dropped = len(rows), 0
+    else:
+        raw = path.with_suffix(".raw.jsonl")
+        write_text_atomic(raw, text)
+        result = filter_file(raw, path, rules, report_path=path.with_suffix(".filter.json"))
+        kept, dropped = len(result.kept), len(result.dropped)
+    record = {"name": name, "status": "done", "fingerprint": fp, "path": str(path), "rows": len(rows),
+              "kept": kept, "dropped": dropped, "counts": counts, "seconds": round(time.time() - started, 1)}
+    write_json_atomic(record_path, record)
+    print(f"[data {name}] {len(rows)} rows -> {kept} kept ({dropped} dropped by the filters): {path}")
+    return record
+
+
 def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
-    """Run (or skip, or resume) each stage in order; returns the pipeline state."""
+    """Prepare the data, then run (or skip, or resume) each stage in order; returns the pipeline state."""
     out = Path(pipe.output_dir)
-    state = {"name": pipe.name, "stages": {}}
-    built = [stage_config(pipe, i) for i in range(len(pipe.stages))]  # every config valid before any runs
-    input_fp, previous_metrics = model_fingerprint(pipe.model), None
-    for spec, (cfg, run) in zip(pipe.stages, built):
-        if "model.name" in spec.overrides:
-            input_fp = model_fingerprint(cfg.model.name)
+    stages = pipe.all_stages()
+    built = [stage_config(pipe, i) for i in range(len(stages))]  # every config valid before any runs
+    state: dict[str, Any] = {"name": pipe.name, "data": {}, "stages": {}}
+    for name in pipe.data:
+        state["data"][name] = prepare_data(pipe, name, force)
+        write_json_atomic(out / "pipeline.json", state)
+    fps: dict[str, str] = {}  # stage run dir -> fingerprint: a stage's input is known by its inputs
+    previous_metrics = None
+    for spec, (cfg, run) in zip(stages, built):
+        input_fp = fps.get(cfg.model.name) or model_fingerprint(cfg.model.name)
         fp = fingerprint(cfg, input_fp)
         record_path = out / spec.name / "pipeline_stage.json"
         old = json.loads(record_path.read_text()) if record_path.exists() else None
@@ -228,5 +450,18 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
                                             else "done"})
             state["stages"][spec.name] = record
             write_json_atomic(out / "pipeline.json", state)
-        input_fp, previous_metrics = fp, record["metrics"]
+        fps[str(out / spec.name)] = fp
+        if spec.verb != "export":  # an export's checks are not model metrics
+            previous_metrics = {**(previous_metrics or {}), **record["metrics"]}  # the latest value of each
     return state
+
+
+def metric_table(state: dict) -> dict[str, dict[str, float]]:
+    """{column: metrics}: the input model (the first stage's eval before), then each stage's eval after."""
+    table: dict[str, dict[str, float]] = {}
+    for name, record in state["stages"].items():
+        if not table and record.get("metrics_before"):
+            table["input"] = record["metrics_before"]
+        if record.get("metrics"):
+            table[name] = record["metrics"]
+    return table
