@@ -289,3 +289,18 @@ def test_bad_sections_are_refused(tmp_path, change, message):
                                     "stages": [{"name": "a", "verb": "sft"}], **change}))
     with pytest.raises(ValueError, match=message):
         load_pipeline(path)
+
+
+def test_weights_changed_outside_the_pipeline_rerun_the_stages_after(tmp_path, tiny_dir, recipe):
+    path = write_pipeline(tmp_path, tiny_dir, recipe)
+    run_pipeline(load_pipeline(path))
+    weights = next((tmp_path / "out" / "a" / "final").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # same bytes: still unchanged
+    assert [s["status"] for s in run_pipeline(load_pipeline(path))["stages"].values()] == ["skipped", "skipped"]
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights, metadata={"format": "pt"})  # stage a's output edited by hand
+    assert [s["status"] for s in run_pipeline(load_pipeline(path))["stages"].values()] == ["skipped", "done"]

@@ -408,10 +408,11 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
     for name in pipe.data:
         state["data"][name] = prepare_data(pipe, name, force)
         write_json_atomic(out / "pipeline.json", state)
-    fps: dict[str, str] = {}  # stage run dir -> fingerprint: a stage's input is known by its inputs
+    fps: dict[str, str] = {}  # stage run dir -> fingerprint
     previous_metrics = None
     for spec, (cfg, run) in zip(stages, built):
-        input_fp = fps.get(cfg.model.name) or model_fingerprint(cfg.model.name)
+        # the input's weights, and for a pipeline stage also its inputs (a LoRA dir does not hold its base)
+        input_fp = f"{fps.get(cfg.model.name, '')}:{model_fingerprint(cfg.model.name)}"
         fp = fingerprint(cfg, input_fp)
         record_path = out / spec.name / "pipeline_stage.json"
         old = json.loads(record_path.read_text()) if record_path.exists() else None
