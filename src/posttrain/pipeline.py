@@ -229,7 +229,7 @@ def stage_config(pipe: PipelineConfig, index: int):
         first = next(i for i, s in enumerate(stages) if s.eval and "eval" in _fields(s.verb))
         sets["eval"] = {**pipe.eval, "before": index == first and spec.verb != "eval"}
     sets["output_dir"] = str(Path(pipe.output_dir) / spec.name)
-    refs = {name: str(data_path(pipe, name)) for name in pipe.data}
+    refs = {name: json.dumps(str(data_path(pipe, name)))[1:-1] for name in pipe.data}  # escaped inside JSON
     sets.update(json.loads(DATA_REF.sub(lambda m: refs[m.group(1)], json.dumps(spec.overrides))))
     overrides = [f"{k}={json.dumps(v)}" for k, v in sets.items()]  # JSON is valid YAML
     try:
