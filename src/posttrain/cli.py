@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run every step even if unchanged")
     p.add_argument("--no-serve", action="store_true", help="do not start the server of deploy.serve")
 
+    p = sub.add_parser("report", help="(re)write the HTML report of a pipeline run: OUTPUT_DIR/report/report.html",
+                       description="Write OUTPUT_DIR/report/report.html (self-contained: stages, timings, gates, "
+                                   "metrics before/after, training curves, compression, export) plus its PNGs, "
+                                   "from OUTPUT_DIR/pipeline.json and the stage run dirs. `run` does this itself.")
+    p.add_argument("output_dir", help="the pipeline's output_dir (holds pipeline.json)")
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
                        description="Serve MODEL over an OpenAI-compatible API: /v1/chat/completions and "
                                    "/v1/completions (streaming with SSE), /v1/models, /health, /metrics (Prometheus). "
@@ -375,11 +381,15 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from posttrain.eval.report import format_table
+    from posttrain.eval.report import format_table, write_pipeline_report
     from posttrain.pipeline import load_pipeline, metric_table, run_pipeline
 
     pipe = load_pipeline(args.pipeline)
-    state = run_pipeline(pipe, force=args.force)
+    try:
+        state = run_pipeline(pipe, force=args.force)
+    finally:  # also after a failed gate or an error: the report shows where the run stopped
+        if (Path(pipe.output_dir) / "pipeline.json").is_file():
+            print(f"report: {write_pipeline_report(pipe.output_dir)}")
     table = metric_table(state)
     if table:
         print(format_table(table))
@@ -389,6 +399,13 @@ def cmd_run(args) -> int:
         print(f"serving {pipe.output_dir}/deploy on http://{serve.host}:{serve.port}/v1 (Ctrl-C stops)")
         return main(["serve", str(Path(pipe.output_dir) / "deploy"), "--host", serve.host, "--port",
                      str(serve.port), *serve.args])
+    return 0
+
+
+def cmd_report(args) -> int:
+    from posttrain.eval.report import write_pipeline_report
+
+    print(write_pipeline_report(args.output_dir))
     return 0
 
 
@@ -712,7 +729,8 @@ def cmd_kb(args) -> int:
 COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
-            "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run}
+            "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -316,9 +316,12 @@ def lookup_metric(metrics: dict, outputs: dict, name: str) -> float | None:
 
 
 def check_gates(spec: StageSpec, record: dict, previous: dict | None) -> None:
-    """Raise ValueError naming the first gate the stage's metrics fail."""
+    """Raise ValueError naming the first gate the stage's metrics fail; record["gates"] lists the outcomes."""
+    record["gates"] = []
     for gate in spec.gate:
         value = lookup_metric(record["metrics"], record.get("outputs", {}), gate.metric)
+        outcome = {**gate.model_dump(), "label": gate.metric, "value": value, "passed": False}
+        record["gates"].append(outcome)
         if value is None:
             raise ValueError(f"gate after stage {spec.name}: metric {gate.metric!r} not found; "
                              f"available: {sorted(record['metrics'])}")
@@ -328,10 +331,12 @@ def check_gates(spec: StageSpec, record: dict, previous: dict | None) -> None:
             if base is None:
                 raise ValueError(f"gate after stage {spec.name}: no previous value of {gate.metric!r} to compare to")
             value, label = value - base, f"{gate.metric} - previous ({base:.4g})"
+            outcome.update(label=label, value=value)
         if gate.min is not None and value < gate.min:
             raise ValueError(f"gate failed after stage {spec.name}: metric {label} = {value:.4g} < min {gate.min}")
         if gate.max is not None and value > gate.max:
             raise ValueError(f"gate failed after stage {spec.name}: metric {label} = {value:.4g} > max {gate.max}")
+        outcome["passed"] = True
 
 
 def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
@@ -404,7 +409,8 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
     out = Path(pipe.output_dir)
     stages = pipe.all_stages()
     built = [stage_config(pipe, i) for i in range(len(stages))]  # every config valid before any runs
-    state: dict[str, Any] = {"name": pipe.name, "data": {}, "stages": {}}
+    state: dict[str, Any] = {"name": pipe.name, "data": {}, "stages": {},
+                             "plan": [{"stage": s.name, "verb": s.verb} for s in stages]}  # for the report
     for name in pipe.data:
         state["data"][name] = prepare_data(pipe, name, force)
         write_json_atomic(out / "pipeline.json", state)

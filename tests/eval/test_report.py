@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 
@@ -83,3 +84,164 @@ def test_metric_curves_plot_the_keys_rows_have(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no rows with any of"):
         metric_curves(path, tmp_path / "none.png", ["missing"])
+
+
+# --- pipeline report -------------------------------------------------------------------------
+
+HOSTILE = '<script>alert("x")</script> & <img src=https://evil.example/x.png>'
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_pipeline_dir(root, stopped: bool = False):
+    """A hand-written pipeline output dir: sft -> dpo -> grpo -> prune -> distill -> quantize -> export.
+
+    stopped=True: the quantize gate fails (with a hostile message), export is never reached, and sft
+    was skipped (reused, no metrics.jsonl).
+    """
+    out = root / "out"
+    gate_ok = {"metric": "acc", "min": 0.1, "max": None, "relative_to_previous": False, "label": "acc",
+               "value": 0.41, "passed": True}
+    stages = {
+        "sft": {"stage": "sft", "verb": "sft", "status": "done", "seconds": 12.5, "gates": [gate_ok],
+                "metrics_before": {"acc": 0.25, "ppl": 22.27}, "metrics": {"acc": 0.41, "ppl": 19.5},
+                "outputs": {"train": {"steps": 3, "train_loss": 1.2, "tokens_per_s": 640.0}}},
+        "dpo": {"stage": "dpo", "verb": "dpo", "status": "done", "seconds": 20.0,
+                "metrics_before": {"acc": 0.41, "ppl": 19.5}, "metrics": {"acc": 0.47, "ppl": 19.9}},
+        "grpo": {"stage": "grpo", "verb": "grpo", "status": "done", "seconds": 30.0, "metrics": {"acc": 0.5}},
+        "prune": {"stage": "prune", "verb": "prune", "status": "done", "seconds": 5.0, "metrics": {},
+                  "outputs": {"pruning": {"params_before": 134_515_008, "nonzero_params_after": 100_000_000},
+                              "L0": 2.9, "loss_after_prune": 4.2, "recovery": {"best_eval_loss": 3.1}}},
+        "distill": {"stage": "distill", "verb": "distill", "status": "done", "seconds": 9.0,
+                    "metrics_before": {"acc": 0.3}, "metrics": {"acc": 0.45},
+                    "outputs": {"trainable": {"total": 100_000_000}, "eval_teacher": {"acc": 0.5}}},
+        "quantize": {"stage": "quantize", "verb": "quantize", "status": "done", "seconds": 3.0,
+                     "metrics_before": {"acc": 0.45, "ppl": 21.0}, "metrics": {"acc": 0.44, "ppl": 21.3},
+                     "outputs": {"weight_bytes_before": 269_000_000, "weight_bytes_after": 141_000_000}},
+        "export": {"stage": "export", "verb": "export", "status": "done", "seconds": 4.0, "metrics": {},
+                   "outputs": {"gguf-q8_0": {"path": str(out / "export" / "model-q8_0.gguf"), "size_bytes": 145_000_000,
+                                             "check": {"ppl": 22.3, "ok": True}},
+                               "hf": {"path": str(out / "export" / "final"), "size_bytes": 270_000_000}}},
+    }
+    if stopped:
+        stages["sft"]["status"] = "skipped"
+        stages["quantize"].update(status="failed_gate", error="gate failed after stage quantize: " + HOSTILE,
+                                  gates=[{**gate_ok, "min": 0.9, "passed": False, "value": 0.44}])
+        del stages["export"]
+    plan = [{"stage": name, "verb": name} for name in ("sft", "dpo", "grpo", "prune", "distill", "quantize", "export")]
+    out.mkdir(parents=True)
+    (out / "pipeline.json").write_text(json.dumps({"name": "demo & co", "stages": stages, "plan": plan}))
+    if not stopped:
+        _jsonl(out / "sft" / "metrics.jsonl", [{"step": i, "loss": 2.0 / i, "lr": 1e-4, "tokens": 100 * i}
+                                               for i in range(1, 4)] + [{"step": 3, "eval_loss": 1.1}])
+    _jsonl(out / "dpo" / "metrics.jsonl", [{"step": i, "loss": 0.69 - 0.05 * i, "rewards/chosen": 0.1 * i,
+                                            "rewards/margin": 0.2 * i, "rewards/accuracy": 0.5 + 0.1 * i}
+                                           for i in range(1, 5)])
+    _jsonl(out / "grpo" / "metrics.jsonl", [{"step": i, "reward": 0.1 * i, "kl": 0.01 * i, "kl_coef": 0.05,
+                                             "actor/loss": 0.3} for i in range(1, 6)])
+    return out
+
+
+def _page_parts(text):
+    """(tags, src/href/action values) of real elements, as a browser parses the page."""
+    from html.parser import HTMLParser
+
+    tags, urls = [], []
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            tags.append(tag)
+            urls.extend(v or "" for k, v in attrs if k in ("src", "href", "action", "srcset", "poster"))
+
+    Parser().feed(text)
+    return tags, urls
+
+
+def _external_links(text):
+    """Every src/href of the page that is not an embedded data: URI; also url(...) in the CSS."""
+    import re
+
+    tags, urls = _page_parts(text)
+    return [u for u in urls if not u.startswith("data:image/png;base64,")] + re.findall(r"url\(|@import", text)
+
+
+def test_pipeline_report_has_every_section(tmp_path):
+    from posttrain.eval.report import write_pipeline_report
+
+    out = make_pipeline_dir(tmp_path)
+    path = write_pipeline_report(out)
+    assert path == out / "report" / "report.html"
+    text = path.read_text(encoding="utf-8")
+    for name in ("sft", "dpo", "grpo", "prune", "distill", "quantize", "export"):
+        assert f"<td>{name}</td>" in text
+    assert "demo &amp; co" in text and "status: <b>done</b>" in text and "total time 83.5 s" in text
+    assert ">0.4100<" in text and ">19.5000<" in text and "+0.1600" in text  # sft acc and its delta
+    assert "acc = 0.4100 (needs \u2265 0.1)" in text  # the gate outcome
+    assert ">141.00<" in text and ">269.00<" in text  # quantize weight MB before/after
+    assert ">2.9000<" in text and ">4.2000<" in text and ">3.1000<" in text  # prune L0, pruned, recovered
+    assert "export/model-q8_0.gguf" in text and "145.0 MB" in text and "ppl=22.3000" in text
+    assert "steps 3, final train loss 1.2000, tokens/s 640" in text  # the sft train summary
+    assert text.count('<img src="data:image/png;base64,') == 5
+    assert not _external_links(text) and "<script" not in text.lower()
+    pngs = sorted(p.name for p in (out / "report").glob("*.png"))
+    assert pngs == ["compression.png", "curves-dpo.png", "curves-grpo.png", "curves-sft.png", "metrics.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in (out / "report").glob("*.png"))
+    assert sorted(os.listdir(out / "report")) == sorted(pngs + ["report.html"])  # no temp files left
+
+
+def test_pipeline_report_of_a_stopped_run_escapes_and_shows_dashes(tmp_path):
+    from posttrain.eval.report import write_pipeline_report
+
+    out = make_pipeline_dir(tmp_path, stopped=True)
+    (out / "report").mkdir()
+    (out / "report" / "curves-old.png").write_bytes(PNG_MAGIC)  # a figure of an earlier run: removed
+    text = write_pipeline_report(out).read_text(encoding="utf-8")
+    assert "stopped by a gate after stage quantize" in text.replace("</b>", "")
+    assert HOSTILE not in text and not _external_links(text)
+    assert set(_page_parts(text)[0]) <= {"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "h3",
+                                         "p", "b", "span", "div", "table", "thead", "tbody", "tr", "th", "td", "img"}
+    assert text.count(html.escape(HOSTILE)) == 1  # shown as text under the failed gate
+    assert '<span class="badge failed">failed</span> acc = 0.4400 (needs \u2265 0.9)' in text
+    assert '<span class="badge not_reached">not reached</span>' in text  # export never ran
+    assert "reused; took 12.5 s" in text and "total time 67.0 s" in text  # the skipped sft is not counted
+    assert "\u2014 (no export stage finished)" in text
+    assert not (out / "report" / "curves-old.png").exists() and not (out / "report" / "curves-sft.png").exists()
+    # an error in a stage: its message is shown (escaped) in the status cell
+    state = json.loads((out / "pipeline.json").read_text())
+    state["stages"]["quantize"].update(status="error", error="RuntimeError: " + HOSTILE, gates=[])
+    (out / "pipeline.json").write_text(json.dumps(state))
+    text = write_pipeline_report(out).read_text(encoding="utf-8")
+    assert "status: <b>error in stage quantize</b>" in text and "<script" not in text.lower()
+    assert f'<span class="badge error">error</span><div class="msg">RuntimeError: {html.escape(HOSTILE)}</div>' in text
+
+
+def test_pipeline_report_bad_inputs(tmp_path):
+    from posttrain.eval.report import write_pipeline_report
+
+    with pytest.raises(FileNotFoundError, match="no pipeline.json"):
+        write_pipeline_report(tmp_path)
+    (tmp_path / "pipeline.json").write_text('{"name": "x",\n "stages": [}')
+    with pytest.raises(ValueError, match=r"pipeline\.json:2: not valid JSON"):
+        write_pipeline_report(tmp_path)
+    (tmp_path / "pipeline.json").write_text('{"name": "x", "stages": {"a": 3}}')
+    with pytest.raises(ValueError, match="stages.a: expected an object"):
+        write_pipeline_report(tmp_path)
+    # a broken metrics.jsonl is named in the page; the rest still renders
+    (tmp_path / "pipeline.json").write_text('{"name": "x", "stages": {"a": {"verb": "sft", "status": "done"}}}')
+    _jsonl(tmp_path / "a" / "metrics.jsonl", [{"loss": 1.0}])
+    text = write_pipeline_report(tmp_path).read_text()
+    assert "metrics.jsonl:1:step: a row with &#x27;loss&#x27; needs a numeric step" in text
+    assert "\u2014 (no stage recorded eval metrics)" in text
+
+
+def test_report_cli_prints_the_path(tmp_path, capsys):
+    from posttrain.cli import main
+
+    out = make_pipeline_dir(tmp_path)
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report" / "report.html")
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no pipeline.json" in capsys.readouterr().err
