@@ -80,6 +80,11 @@ def test_a_failed_gate_stops_the_run(tmp_path, tiny_dir, recipe, capsys):
     saved = json.loads((tmp_path / "out" / "pipeline.json").read_text())
     assert saved["stages"]["a"]["status"] == "failed_gate" and "b" not in saved["stages"]
     assert not (tmp_path / "out" / "b").exists()
+    gate = saved["stages"]["a"]["gates"][0]  # the outcome is recorded, and the report shows where the run stopped
+    assert gate == {"metric": "plus1", "min": 2.0, "max": None, "relative_to_previous": False, "label": "plus1",
+                    "value": saved["stages"]["a"]["metrics"]["plus1"], "passed": False}
+    report = (tmp_path / "out" / "report" / "report.html").read_text()
+    assert "stopped by a gate after stage a" in report and "not reached" in report and "&lt; min 2.0" in report
     # the gates are re-checked on the recorded metrics without re-training; a missing metric is named
     mtime = (tmp_path / "out" / "a" / "manifest.json").stat().st_mtime_ns
     path = write_pipeline(tmp_path, tiny_dir, recipe, gate=[{"metric": "nope", "max": 1}])
@@ -91,6 +96,8 @@ def test_a_failed_gate_stops_the_run(tmp_path, tiny_dir, recipe, capsys):
                                                               "relative_to_previous": True}])
     with pytest.raises(ValueError, match=f"metric plus1 - previous \\({before:.4g}\\) = .* > max -1"):
         run_pipeline(load_pipeline(path))
+    gate = json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"]["a"]["gates"][0]
+    assert gate["label"] == f"plus1 - previous ({before:.4g})" and not gate["passed"]
     # a dotted path into the manifest outputs
     path = write_pipeline(tmp_path, tiny_dir, recipe, gate=[{"metric": "train.steps", "min": 3}])
     with pytest.raises(ValueError, match="gate failed after stage a: metric train.steps = 2 < min 3"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -133,7 +135,9 @@ def make_pipeline_dir(root, stopped: bool = False):
         del stages["export"]
     plan = [{"stage": name, "verb": name} for name in ("sft", "dpo", "grpo", "prune", "distill", "quantize", "export")]
     out.mkdir(parents=True)
-    (out / "pipeline.json").write_text(json.dumps({"name": "demo & co", "stages": stages, "plan": plan}))
+    data = {"arith": {"name": "arith", "status": "done", "path": str(out / "data" / "arith.jsonl"), "rows": 2000,
+                      "kept": 1958, "dropped": 42, "seconds": 1.5}}
+    (out / "pipeline.json").write_text(json.dumps({"name": "demo & co", "data": data, "stages": stages, "plan": plan}))
     if not stopped:
         _jsonl(out / "sft" / "metrics.jsonl", [{"step": i, "loss": 2.0 / i, "lr": 1e-4, "tokens": 100 * i}
                                                for i in range(1, 4)] + [{"step": 3, "eval_loss": 1.1}])
@@ -177,13 +181,14 @@ def test_pipeline_report_has_every_section(tmp_path):
     text = path.read_text(encoding="utf-8")
     for name in ("sft", "dpo", "grpo", "prune", "distill", "quantize", "export"):
         assert f"<td>{name}</td>" in text
-    assert "demo &amp; co" in text and "status: <b>done</b>" in text and "total time 83.5 s" in text
+    assert "demo &amp; co" in text and "status: <b>done</b>" in text and "total time 85.0 s" in text
     assert ">0.4100<" in text and ">19.5000<" in text and "+0.1600" in text  # sft acc and its delta
     assert "acc = 0.4100 (needs \u2265 0.1)" in text  # the gate outcome
     assert ">141.00<" in text and ">269.00<" in text  # quantize weight MB before/after
     assert ">2.9000<" in text and ">4.2000<" in text and ">3.1000<" in text  # prune L0, pruned, recovered
     assert "export/model-q8_0.gguf" in text and "145.0 MB" in text and "ppl=22.3000" in text
     assert "steps 3, final train loss 1.2000, tokens/s 640" in text  # the sft train summary
+    assert "<td>arith</td>" in text and ">1,958<" in text and ">42<" in text and "data/arith.jsonl" in text
     assert text.count('<img src="data:image/png;base64,') == 5
     assert not _external_links(text) and "<script" not in text.lower()
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
@@ -206,7 +211,7 @@ def test_pipeline_report_of_a_stopped_run_escapes_and_shows_dashes(tmp_path):
     assert text.count(html.escape(HOSTILE)) == 1  # shown as text under the failed gate
     assert '<span class="badge failed">failed</span> acc = 0.4400 (needs \u2265 0.9)' in text
     assert '<span class="badge not_reached">not reached</span>' in text  # export never ran
-    assert "reused; took 12.5 s" in text and "total time 67.0 s" in text  # the skipped sft is not counted
+    assert "reused; took 12.5 s" in text and "total time 68.5 s" in text  # the skipped sft is not counted
     assert "\u2014 (no export stage finished)" in text
     assert not (out / "report" / "curves-old.png").exists() and not (out / "report" / "curves-sft.png").exists()
     # an error in a stage: its message is shown (escaped) in the status cell
@@ -245,3 +250,66 @@ def test_report_cli_prints_the_path(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out / "report" / "report.html")
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no pipeline.json" in capsys.readouterr().err
+
+
+def test_every_embedded_image_decodes(tmp_path):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from posttrain.eval.report import write_pipeline_report
+
+    text = write_pipeline_report(make_pipeline_dir(tmp_path)).read_text(encoding="utf-8")
+    blobs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(blobs) == 5
+    for blob in blobs:
+        with Image.open(io.BytesIO(base64.b64decode(blob, validate=True))) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _chromium_render(page, png, profile):
+    """Screenshot `page` headless; returns the page's console lines (Chromium logs them to stderr as
+    `INFO:CONSOLE(...)` with --enable-logging=stderr, errors and uncaught exceptions included)."""
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}",
+                           f"--screenshot={png}", "--window-size=1200,2000", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and png.is_file(), proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def _ink(png):
+    """(distinct colours, share of pixels that are not the page background) of a screenshot."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        rgb = im.convert("RGB")
+        colours = rgb.getcolors(maxcolors=1 << 20)
+    background = max(colours)[1]
+    return len(colours), 1 - max(colours)[0] / (rgb.size[0] * rgb.size[1]), background
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`.ci/run` installs the Debian package)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from posttrain.eval.report import write_pipeline_report
+
+    # the checks can fail: a page with console errors is caught, a blank page reads as blank
+    scratch = tmp_path / "scratch.html"
+    scratch.write_text('<html><body><script>console.error("deliberate"); notDefined();</script></body></html>')
+    console = _chromium_render(scratch, tmp_path / "scratch.png", tmp_path / "profile")
+    assert any('"deliberate"' in line for line in console), console
+    assert any("Uncaught ReferenceError" in line for line in console), console
+    assert _ink(tmp_path / "scratch.png")[0] == 1
+
+    page = write_pipeline_report(make_pipeline_dir(tmp_path, stopped=True))
+    shot = tmp_path / "report.png"
+    assert _chromium_render(page, shot, tmp_path / "profile") == []
+    colours, ink, background = _ink(shot)
+    assert colours > 200 and ink > 0.05, (colours, ink)
+    assert background == (255, 255, 255)

@@ -200,12 +200,12 @@ table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
 th,td{border:1px solid #d0d7de;padding:4px 9px;text-align:left;vertical-align:top}
 th{background:#f0f3f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr:nth-child(even) td{background:#fafbfc}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;background:#6e7781}
+.badge{display:inline-block;white-space:nowrap;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;background:#6e7781}
 .done,.passed{background:#1a7f37}.skipped{background:#0969da}.failed_gate,.error,.failed{background:#cf222e}
 .not_reached,.running{background:#9a6700}
 .delta{display:block;font-size:11px;color:#59636e}.better{color:#1a7f37}.worse{color:#cf222e}
 .msg{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;white-space:pre-wrap;word-break:break-word;color:#82071e}
-.gate{margin:1px 0}.note{color:#59636e;font-size:12px}
+.gate{margin:1px 0}.row{display:flex;flex-wrap:wrap;gap:0 28px}.note{color:#59636e;font-size:12px}
 img{max-width:100%;height:auto;border:1px solid #eaeef2;margin:4px 0 10px}
 """
 
@@ -317,6 +317,25 @@ def _stage_table(rows: list[tuple[str, dict]]) -> str:
         status = _badge(str(r.get("status", "unknown"))) + (f'<div class="msg">{_esc(error)}</div>' if error else "")
         body.append([_esc(name), _esc(r.get("verb", DASH)), status, shown, _gate_cell(r)])
     return _table(["stage", "verb", "status", "seconds", "gates"], body, {3})
+
+
+def _data_section(out: Path, state: dict) -> str | None:
+    """The pipeline's data-prep records (`data:` in the pipeline YAML), when it has any."""
+    data = state.get("data")
+    if not isinstance(data, dict) or not data:
+        return None
+    body = []
+    for name, r in data.items():
+        r = r if isinstance(r, dict) else {}
+        path = str(r.get("path", DASH))
+        try:
+            path = str(Path(path).relative_to(out))
+        except ValueError:
+            pass
+        body.append([_esc(name), _badge(str(r.get("status", "unknown"))),
+                     *(_esc(f"{r[k]:,}") if _is_number(r.get(k)) else DASH for k in ("rows", "kept", "dropped")),
+                     _secs(r.get("seconds")), _esc(path)])
+    return _table(["data", "status", "rows", "kept", "dropped", "seconds", "path"], body, {2, 3, 4, 5})
 
 
 def _metric_section(rows: list[tuple[str, dict]], report_dir: Path, pngs: dict[str, Path]) -> str:
@@ -433,11 +452,12 @@ def _compression_section(rows: list[tuple[str, dict]], report_dir: Path, pngs: d
         metrics = list(dict.fromkeys(k for _, _, q in points for k in q))
         body = [[_esc(label), _num(size), *(_num(q.get(k)) for k in metrics)] for label, size, q in points]
         table = _table(["point", unit, *metrics], body, set(range(1, len(metrics) + 2)))
-        parts.append(f"<h3>{_esc(name)} ({_esc(r.get('verb'))})</h3>{table}")
+        parts.append(f"<div><h3>{_esc(name)} ({_esc(r.get('verb'))})</h3>{table}</div>")
         for metric in metrics:
             xy = [(label, size, q[metric]) for label, size, q in points if size is not None and metric in q]
             if xy:
                 panels.append((f"{name}: {metric}", unit, xy))
+    parts = [f'<div class="row">{"".join(parts)}</div>']
     if panels:
         ncols = min(3, len(panels))
         nrows = -(-len(panels) // ncols)
@@ -496,12 +516,15 @@ def write_pipeline_report(output_dir: str | os.PathLike) -> Path:
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     pngs: dict[str, Path] = {}
-    ran = [r.get("seconds") for _, r in rows if r.get("status") not in ("skipped", "not_reached")]
+    data = list(state["data"].values()) if isinstance(state.get("data"), dict) else []
+    ran = [r.get("seconds") for r in [*data, *(r for _, r in rows)]
+           if isinstance(r, dict) and r.get("status") not in ("skipped", "not_reached")]
     total = sum(s for s in ran if _is_number(s))
     overall_key, overall = _overall(rows)
     name = str(state.get("name", out.name))
     updated = datetime.fromtimestamp((out / "pipeline.json").stat().st_mtime, timezone.utc)
     sections = [
+        ("Data", _data_section(out, state)),
         ("Stages", _stage_table(rows)),
         ("Eval metrics before and after each stage", _metric_section(rows, report_dir, pngs)),
         ("Training curves", _curves_section(out, rows, report_dir, pngs)),
@@ -520,7 +543,7 @@ def write_pipeline_report(output_dir: str | os.PathLike) -> Path:
         f'(stages run this time) \u00b7 {len(rows)} stage(s)</p>',
         f'<p class="meta">pipeline.json updated {updated:%Y-%m-%d %H:%M:%S} UTC \u00b7 report generated '
         f'{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC \u00b7 output dir {_esc(out)}</p>',
-        *(f"<h2>{_esc(title)}</h2>{body}" for title, body in sections),
+        *(f"<h2>{_esc(title)}</h2>{body}" for title, body in sections if body is not None),
         "</main></body></html>",
     ]
     return write_text_atomic(report_dir / "report.html", "\n".join(page) + "\n")
