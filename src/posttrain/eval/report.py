@@ -540,7 +540,7 @@ def write_pipeline_report(output_dir: str | os.PathLike) -> Path:
         f"<title>{_esc(name)} \u2014 pipeline report</title><style>{_CSS}</style></head><body><main>",
         f"<h1>Pipeline {_esc(name)} {_badge(overall_key)}</h1>",
         f'<p class="meta">status: <b>{_esc(overall)}</b> \u00b7 total time {_secs(total)} s '
-        f'(stages run this time) \u00b7 {len(rows)} stage(s)</p>',
+        f'(work done this time; skipped steps not counted) \u00b7 {len(rows)} stage(s)</p>',
         f'<p class="meta">pipeline.json updated {updated:%Y-%m-%d %H:%M:%S} UTC \u00b7 report generated '
         f'{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC \u00b7 output dir {_esc(out)}</p>',
         *(f"<h2>{_esc(title)}</h2>{body}" for title, body in sections if body is not None),
