@@ -338,15 +338,11 @@ def _data_section(out: Path, state: dict) -> str | None:
     return _table(["data", "status", "rows", "kept", "dropped", "seconds", "path"], body, {2, 3, 4, 5})
 
 
-def _metric_section(rows: list[tuple[str, dict]], report_dir: Path, pngs: dict[str, Path]) -> str:
+def _metric_section(state: dict, report_dir: Path, pngs: dict[str, Path]) -> str:
     """Input model (first stage's eval_before), then each stage's eval_after, each with its delta."""
-    results: dict[str, dict[str, float]] = {}
-    first = _numeric(rows[0][1].get("metrics_before")) if rows else {}
-    if first:
-        results["input model"] = first
-    for name, r in rows:
-        if _numeric(r.get("metrics")):
-            results[name] = _numeric(r.get("metrics"))
+    from posttrain.pipeline import metric_table
+
+    results = {col: _numeric(m) for col, m in metric_table(state).items() if _numeric(m)}
     if not results:
         return f"<p>{DASH} (no stage recorded eval metrics)</p>"
     columns = list(results)
@@ -526,7 +522,7 @@ def write_pipeline_report(output_dir: str | os.PathLike) -> Path:
     sections = [
         ("Data", _data_section(out, state)),
         ("Stages", _stage_table(rows)),
-        ("Eval metrics before and after each stage", _metric_section(rows, report_dir, pngs)),
+        ("Eval metrics before and after each stage", _metric_section(state, report_dir, pngs)),
         ("Training curves", _curves_section(out, rows, report_dir, pngs)),
         ("Compression trade-offs", _compression_section(rows, report_dir, pngs)),
         ("Export", _export_section(out, rows)),
