@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import json
 import random
 import types
 
@@ -306,6 +307,9 @@ def test_training_raises_the_chosen_minus_rejected_margin(model, loss_type, pack
     assert last["rewards/margin"] > first["rewards/margin"] and last["loss"] < first["loss"]
     if loss_type != "simpo":
         assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["rewards/margin"] for r in rows]  # the objective's metrics reach the log (and the report)
+    assert len(logged) == 6 and logged[-1] > logged[0] and all(0 <= r["rewards/accuracy"] <= 1 for r in rows)
 
 
 def test_rpo_adds_the_chosen_token_mean_nll(model):

@@ -47,6 +47,7 @@ def test_loss_goes_down_and_logs_are_written(tmp_path):
     assert rows[0]["step"] == 1 and rows[-1]["step"] == summary["steps"] == 32
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 <= r["token_acc"] <= 1 for r in rows)  # the objective's own metrics are logged too
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
 
 

@@ -272,18 +272,23 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def optimizer_step(model, objective: Objective, batches: list[dict], n_global: int, optimizer, scheduler,
-                   cfg: TrainConfig, acc, regularizer: Regularizer | None = None) -> tuple[float, int, float | None]:
+                   cfg: TrainConfig, acc, regularizer: Regularizer | None = None,
+                   stats: dict[str, float] | None = None) -> tuple[float, int, float | None]:
     """One optimizer step over this process's micro-batches (gradient accumulation).
 
     Each micro-batch's mean loss is weighted by its share of the step's `n_global` loss
     units (tokens, or pairs), so the step descends the mean over all of them whatever
     the split into micro-batches and processes. Returns (sum of loss x units here,
     tokens seen here, gradient norm before clipping). Every trainer's update goes
-    through here: the offline loop below and the online/RL drivers.
+    through here: the offline loop below and the online/RL drivers. `stats`, when
+    given, receives the objective's other scalar metrics (DPO rewards and margins,
+    token accuracy...) averaged over this process's micro-batches by their loss units.
     """
     world = acc.num_processes
     raw = acc.unwrap_model(model)
     loss_sum, tokens = 0.0, 0
+    sums: dict[str, float] = {}
+    units = 0
     for a, batch in enumerate(batches):
         tokens += _batch_tokens(batch)
         sync = nullcontext() if a == len(batches) - 1 else acc.no_sync(model)
@@ -294,6 +299,12 @@ def optimizer_step(model, objective: Objective, batches: list[dict], n_global: i
                 scaled = scaled + (cfg.ewc_weight / 2) * regularizer(raw) / len(batches)
             acc.backward(scaled)
         loss_sum += loss.item() * m["loss_tokens"]
+        units += m["loss_tokens"]
+        for key, value in m.items():
+            if key not in ("loss", "loss_tokens") and isinstance(value, (int, float)):
+                sums[key] = sums.get(key, 0.0) + float(value) * m["loss_tokens"]
+    if stats is not None:
+        stats.update({key: total / max(units, 1) for key, total in sums.items()})
     grad_norm = None
     if cfg.max_grad_norm is not None:
         grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
@@ -359,8 +370,9 @@ def train(
         n_global = sum(n_loss[i] for g in groups for i in g)
         mine = [groups[a * world + rank] for a in range(cfg.grad_accum)]
         batches = [_to_device(collate([train_examples[i] for i in g]), acc.device) for g in mine]
+        extra: dict[str, float] = {}
         loss_sum, step_tokens, grad_norm = optimizer_step(model, objective, batches, n_global, optimizer, scheduler,
-                                                          cfg, acc, regularizer)
+                                                          cfg, acc, regularizer, stats=extra)
         state.step += 1
 
         totals = acc.reduce(torch.tensor([loss_sum, float(step_tokens)], device=acc.device), "sum")
@@ -371,6 +383,7 @@ def train(
                "lr": scheduler.get_last_lr()[0], "tokens": state.tokens, "tokens_per_s": round(tok_s, 1)}
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
+        row.update({k: round(v, 6) for k, v in extra.items()})  # this process's micro-batches
         if regularizer is not None and cfg.ewc_weight > 0:
             row["ewc_penalty"] = float(regularizer(raw).detach())
 
