@@ -32,8 +32,8 @@ class Recorder:
         self.started, self.go = threading.Event(), threading.Event()
         self.delay = delay
 
-    def __call__(self, model, tok, prompts, config, stream=None, row_max_new_tokens=None):
-        call = {"prompts": list(prompts), "config": config, "limits": row_max_new_tokens}
+    def __call__(self, model, tok, prompts, config, stream=None, **rows):
+        call = {"prompts": list(prompts), "config": config, "limits": rows.get("row_max_new_tokens")}
         self.calls.append(call)
         if len(self.calls) == 1:
             self.started.set()
@@ -43,8 +43,7 @@ class Recorder:
             time.sleep(self.delay)
             return stream(row, token, piece)
 
-        out = generate(model, tok, prompts, config, stream=slow if self.delay else stream,
-                       row_max_new_tokens=row_max_new_tokens)
+        out = generate(model, tok, prompts, config, stream=slow if self.delay else stream, **rows)
         call["stats"] = out.stats
         return out
 
@@ -53,16 +52,16 @@ class Recorder:
 
 
 def post(base: str, body: dict, results: dict, key) -> None:
-    """One request (SSE when body['stream']); results[key] = (status, text, usage, finish_reason)."""
+    """One request (SSE when body['stream']); results[key] = (status, text, usage, finish_reason, end time)."""
     url = base + "/v1/completions"
     if not body.get("stream"):
         r = httpx.post(url, json=body, timeout=60)
         data = r.json()
         if r.status_code != 200:
-            results[key] = (r.status_code, data["error"]["type"], None, None)
+            results[key] = (r.status_code, data["error"]["type"], None, None, time.monotonic())
             return
         choice = data["choices"][0]
-        results[key] = (200, choice["text"], data["usage"], choice["finish_reason"])
+        results[key] = (200, choice["text"], data["usage"], choice["finish_reason"], time.monotonic())
         return
     text, finish, error = "", None, None
     with httpx.stream("POST", url, json=body, timeout=60) as r:
@@ -75,7 +74,7 @@ def post(base: str, body: dict, results: dict, key) -> None:
                 continue
             text += chunk["choices"][0]["text"]
             finish = chunk["choices"][0]["finish_reason"] or finish
-    results[key] = (r.status_code, error or text, None, finish)
+    results[key] = (r.status_code, error or text, None, finish, time.monotonic())
 
 
 def send_all(base: str, rec: Recorder, bodies: dict, gap: float = 0.0) -> dict:
@@ -118,7 +117,7 @@ def test_concurrent_greedy_requests_batch_and_match_unbatched(tiny, tokenizer):
     assert sorted(rec.calls[1]["limits"] + rec.calls[2]["limits"]) == sorted(budgets)
     for i, n in enumerate(budgets):
         expected = alone(tiny, tokenizer, bodies[i]["prompt"], n)
-        status, text, usage, finish = results[i]
+        status, text, usage, finish, _ = results[i]
         assert status == 200 and text == expected.texts[0], i  # streamed ones too
         assert len(expected.token_ids[0]) == n and finish == "length"  # random tiny model: no EOS this early
         if usage is not None:
@@ -192,6 +191,7 @@ def test_request_past_its_deadline_leaves_the_batch_others_succeed(tiny, tokeniz
     assert rec.calls[1]["stats"]["cancelled"] == [0]  # the engine dropped that row only
     assert took < 7  # it left at its deadline, not after 60 tokens
     for key in ("short", "streamed"):
-        status, text, _, finish = results[key]
+        status, text, _, finish, end = results[key]
         assert status == 200 and text == alone(tiny, tokenizer, bodies[key]["prompt"], 4).texts[0]
         assert finish == "length"
+        assert end < results["late"][4] - 0.5  # answered when its own row ended, not with the batch

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from posttrain.generate.backends import BACKENDS, make_rows
 
-StreamFn = Callable[[int, int, str], None]
+StreamFn = Callable[[int, int, str], Any]  # return True to drop that row
 
 
 @dataclass
@@ -253,7 +253,7 @@ class _RowText:
 
 
 @torch.inference_mode()
-def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int]):
+def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int], row_done=None):
     n = len(prompt_ids)
     stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
     rows = [_RowText(tokenizer, config.stop) for _ in range(n)]
@@ -261,6 +261,10 @@ def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int]):
     logprobs_out: list[list[float]] = [[] for _ in range(n)]
     cancelled: list[int] = []
     active = [r for r in range(n) if limits[r] > 0]  # original row index of each live batch row
+    if row_done is not None:
+        for r in range(n):
+            if limits[r] == 0:
+                row_done(r, GenerationOutput([""], [[]], [[]]))
     if not active:
         return rows, tokens_out, logprobs_out, cancelled
 
@@ -292,6 +296,8 @@ def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int]):
             if stream is not None and stream(r, tok, rows[r].piece(final=done)) and not done:
                 cancelled.append(r)  # the caller dropped this row: the others go on
                 done = True
+            elif done and row_done is not None:
+                row_done(r, GenerationOutput([rows[r].text], [tokens_out[r]], [logprobs_out[r]]))
             if not done:
                 keep.append(b)
         if not keep:
@@ -308,7 +314,8 @@ def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int]):
 
 
 def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig | None = None,
-             stream: StreamFn | None = None, row_max_new_tokens: Sequence[int] | None = None) -> GenerationOutput:
+             stream: StreamFn | None = None, row_max_new_tokens: Sequence[int] | None = None,
+             row_done: Callable[[int, GenerationOutput], None] | None = None) -> GenerationOutput:
     """Generate a continuation for every prompt in one left-padded batch.
 
     prompts: strings, token-id lists, or chat message lists (rendered with the
@@ -323,7 +330,9 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
     for every row); a row reaching it finishes like one reaching the global budget.
     If `stream` returns True for a row, that row is dropped at once (no further calls
     for it; its output keeps the tokens so far, its index is in `stats["cancelled"]`)
-    while the other rows go on unchanged.
+    while the other rows go on unchanged. `row_done(row, output)` is called as soon as a
+    row finishes (not when dropped) with that row's final output (before the guard), so a
+    caller can answer it while longer rows still decode.
     """
     config = config or GenerationConfig()
     if not prompts:
@@ -339,10 +348,11 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
     model.eval()
     try:
         if config.decoding == "plain":
-            rows, token_ids, logprobs, cancelled = _generate(model, tokenizer, prompt_ids, config, stream, limits)
+            rows, token_ids, logprobs, cancelled = _generate(model, tokenizer, prompt_ids, config, stream, limits,
+                                                             row_done)
             out = GenerationOutput([r.text for r in rows], token_ids, logprobs)
         else:
-            out = _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits)
+            out = _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_done)
             cancelled = out.stats.pop("cancelled_rows", [])
         if cancelled:
             out.stats["cancelled"] = cancelled
@@ -357,7 +367,7 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
         model.train(was_training)
 
 
-def _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits) -> GenerationOutput:
+def _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_done=None) -> GenerationOutput:
     from dataclasses import replace
 
     from posttrain.generate.speculative import SpecStats, make_drafter, speculative_decode
@@ -378,6 +388,8 @@ def _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits) 
         total.add(stats)
         if stats.cancelled:
             cancelled.append(row)
+        elif row_done is not None:
+            row_done(row, GenerationOutput([state.text], [toks], [lps]))
     out = GenerationOutput(texts, token_ids, logprobs, total.summary())
     out.stats["cancelled_rows"] = cancelled
     return out

@@ -16,9 +16,8 @@ step), so tokens/s grows with the batch. A batch of one decodes with
 `config.decoding` (SAM by default, lossless for greedy); a batch of several uses
 plain batched decoding, because our speculative decoding verifies one row at a time.
 Batches are static: a request arriving mid-batch waits for the next batch
-(continuous batching would need inserting rows into a running KV cache), and a
-request's answer is sent when its whole batch ends (its stream, though, gets every
-token as it is decoded).
+(continuous batching would need inserting rows into a running KV cache); a request
+is answered as soon as its own row ends (`row_done`), not when the whole batch ends.
 
 Admission is bounded: at most `queue_size` requests wait or run; one more gets 429
 at once instead of piling up. Every request has a deadline: a waiting request past it
@@ -311,7 +310,7 @@ def load_adapters(model, adapters: dict[str, str]):
 def create_app(model, tokenizer, config: ServeConfig | None = None,
                generate_fn: Callable[..., GenerationOutput] = generate):
     """The FastAPI app. `generate_fn` has `engine.generate`'s signature (tests slow it down);
-    it gets `row_max_new_tokens` only for batches of more than one request."""
+    it gets `row_max_new_tokens` and `row_done` only for batches of more than one request."""
     config = config or ServeConfig()
     registry = CollectorRegistry()
     m = _metrics(registry)
@@ -423,8 +422,20 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                 job.on_piece(piece)
             return False
 
+        def answer(row: int, out: GenerationOutput, i: int = 0) -> None:
+            """Settle one job with its row of `out` (guard applied): called as soon as the row ends."""
+            text, blocked = out.texts[i], False
+            if config.guard is not None:
+                from posttrain.generate.guard import guard_text
+
+                checked = guard_text(text, config.guard)
+                text, blocked = checked.text, checked.blocked
+                m["guard_blocked"].inc(int(blocked))
+            _settle(jobs[row].future, GenerationOutput([text], [out.token_ids[i]], [out.logprobs[i]],
+                                                       {"guard_blocked": int(blocked)}))
+
         name = jobs[0].model_name
-        rows = {"row_max_new_tokens": limits} if n > 1 else {}
+        rows = {"row_max_new_tokens": limits, "row_done": answer} if n > 1 else {}
         m["batch_size"].observe(n)
         start = time.perf_counter()
         try:
@@ -435,7 +446,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                 context = model.disable_adapter() if config.adapters else contextlib.nullcontext()
             with context:
                 out = generate_fn(model, tokenizer, [job.prompt for job in jobs], gen, stream=stream, **rows)
-        except Exception as exc:  # each request answers it (504 or 500); the server keeps serving
+        except Exception as exc:  # each request still waiting answers it (504 or 500); the server keeps serving
             for job in jobs:
                 _settle(job.future, exc=exc)
             return
@@ -449,16 +460,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
         for i, job in enumerate(jobs):
             if dropped[i]:
                 _settle(job.future, exc=_Timeout())
-                continue
-            text, blocked = out.texts[i], False
-            if config.guard is not None:
-                from posttrain.generate.guard import guard_text
-
-                checked = guard_text(text, config.guard)
-                text, blocked = checked.text, checked.blocked
-                m["guard_blocked"].inc(int(blocked))
-            _settle(job.future, GenerationOutput([text], [out.token_ids[i]], [out.logprobs[i]],
-                                                 {"guard_blocked": int(blocked)}))
+            elif not job.future.done():  # a batch of one (or a generate_fn without row_done)
+                answer(i, out, i)
 
     batcher = Batcher(run_batch, config.max_batch, config.batch_wait_ms / 1000)
 
