@@ -2,7 +2,8 @@
 
 Starts `python -m posttrain.cli serve MODEL` as a subprocess on 127.0.0.1 (queue as large
 as the number of clients, so no request should be refused), then C client threads send
-N chat requests in total (greedy, max_tokens T; every 4th one streamed over SSE). The same
+N chat requests in total (greedy, max_tokens T, or request i gets T[i % len(T)] for a list;
+every 4th one streamed over SSE). The same
 load runs twice, each on a fresh server: `batched` (--max-batch 8: concurrent requests decode
 together, plain batched decoding; a request alone uses SAM) and `serial` (--max-batch 1: one
 request at a time with SAM, the server before batching). Latency is per request, from send
@@ -14,6 +15,7 @@ may round differently from a batch-1 step). Goal: zero errors.
 
     python bench/serve_load.py                    # 16 clients, 64 requests, 32 tokens (~3 min on 2 cores, both runs)
     python bench/serve_load.py --quick            # 4 clients, 8 requests, no JSON
+    python bench/serve_load.py --max-tokens 8,64  # mixed lengths; writes bench/results/serve_load_mixed.json
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
     body = {"model": "default", "max_tokens": max_tokens, "temperature": 0,
             "messages": [{"role": "user", "content": ASKS[i % len(ASKS)].format(TOPICS[i % len(TOPICS)])}]}
     start = time.perf_counter()
-    record = {"i": i, "stream": i % 4 == 3}
+    record = {"i": i, "stream": i % 4 == 3, "max_tokens": max_tokens}
     try:
         if record["stream"]:
             first = None
@@ -105,7 +107,7 @@ def run(args, name: str) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "posttrain.cli", "serve", args.model, "--name", "default", "--port", str(port),
-           "--queue", str(args.clients), "--max-tokens-cap", str(args.max_tokens), "--timeout", "600",
+           "--queue", str(args.clients), "--max-tokens-cap", str(max(args.budgets)), "--timeout", "600",
            "--decoding", "sam", *CONFIGS[name]]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = open(Path(tempfile.gettempdir()) / "serve_load.server.log", "w")  # read it when the server fails
@@ -138,7 +140,7 @@ def run(args, name: str) -> dict:
                         i = next(next_i, None)
                     if i is None:
                         return
-                    rec = one_request(client, i, args.max_tokens)
+                    rec = one_request(client, i, args.budgets[i % len(args.budgets)])
                     with lock:
                         records.append(rec)
 
@@ -162,9 +164,13 @@ def run(args, name: str) -> dict:
     latencies = [r["latency_ms"] for r in records if r["ok"]]
     firsts = [r["first_chunk_ms"] for r in records if r["ok"] and r.get("first_chunk_ms") is not None]
     errors = [r for r in records if not r["ok"]]
+    by_budget = {}  # mixed lengths: the median latency of each max_tokens
+    for t in args.budgets if len(args.budgets) > 1 else []:
+        mine = [r["latency_ms"] for r in records if r["ok"] and r["max_tokens"] == t]
+        by_budget[t] = round(percentile(mine, 50), 1) if mine else None
     return {
         "model": args.model, "config": name, "server_flags": ["--decoding", "sam", *CONFIGS[name]],
-        "clients": args.clients, "requests": len(records), "max_tokens": args.max_tokens,
+        "clients": args.clients, "requests": len(records), "max_tokens": args.budgets[0] if len(args.budgets) == 1 else args.budgets,
         "streamed": sum(r["stream"] for r in records), "errors": len(errors),
         "error_samples": [r.get("error") or r.get("status") for r in errors[:5]],
         "wall_s": round(wall, 2), "requests_per_s": round(len(records) / wall, 3),
@@ -175,6 +181,7 @@ def run(args, name: str) -> dict:
         "stream_first_chunk_p50_ms": round(percentile(firsts, 50), 1) if firsts else None,
         "draft_tokens": int(drafted), "draft_tokens_accepted": int(accepted),
         "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
+        "p50_ms_by_max_tokens": by_budget,
         "generate_calls": int(batches), "mean_batch_size": round(rows / batches, 2) if batches else None,
         "texts": {r["i"]: r["text"] for r in records if r["ok"]},
         **run_context(load_before, load_average(), "fastapi", "uvicorn", "transformers"),
@@ -194,6 +201,9 @@ def print_table(r: dict) -> None:
     for label, key in rows:
         values = [c.get(key) if key else f"{c['draft_tokens_accepted']} / {c['draft_tokens']}" for c in configs.values()]
         print(f"  {label:<28}" + "".join(f"{str(v):>14}" for v in values))
+    for t in r.get("p50_ms_by_max_tokens") or {}:
+        label = f"p50 ms, max_tokens {t}"
+        print(f"  {label:<28}" + "".join(f"{str(c['p50_ms_by_max_tokens'][t]):>14}" for c in configs.values()))
     if "same_answers" in r:
         print(f"  answers identical in both runs: {r['same_answers']} of {r['compared_answers']}")
 
@@ -203,12 +213,15 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", default="32", help="T, or T1,T2,... cycled over the requests")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-serial", action="store_true", help="skip the second run with --max-batch 1")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests = 4, 8
+    args.budgets = [int(t) for t in args.max_tokens.split(",")]
+    if any(t < 1 for t in args.budgets):
+        raise SystemExit(f"--max-tokens: every budget must be >= 1, got {args.max_tokens}")
     runs = {name: run(args, name) for name in (["batched"] if args.no_serial else ["batched", "serial"])}
     texts = {name: r.pop("texts") for name, r in runs.items()}
     result = dict(runs["batched"])  # the default configuration's figures at the top level
@@ -218,7 +231,8 @@ def main() -> None:
         shared = sorted(set(texts["batched"]) & set(texts["serial"]))
         result["compared_answers"] = len(shared)
         result["same_answers"] = sum(texts["batched"][i] == texts["serial"][i] for i in shared)
-    finish(result, RESULTS_DIR / "serve_load.json", args.quick, print_table)
+    name = "serve_load.json" if len(args.budgets) == 1 else "serve_load_mixed.json"
+    finish(result, RESULTS_DIR / name, args.quick, print_table)
 
 
 if __name__ == "__main__":
