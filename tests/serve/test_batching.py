@@ -195,3 +195,10 @@ def test_request_past_its_deadline_leaves_the_batch_others_succeed(tiny, tokeniz
         assert status == 200 and text == alone(tiny, tokenizer, bodies[key]["prompt"], 4).texts[0]
         assert finish == "length"
         assert end < results["late"][4] - 0.5  # answered when its own row ended, not with the batch
+
+
+def test_cli_serve_rejects_a_bad_max_batch(capsys):
+    from posttrain.cli import main
+
+    assert main(["serve", "default", "--max-batch", "0"]) == 2
+    assert "max_batch must be >= 1" in capsys.readouterr().err
