@@ -1,17 +1,21 @@
-"""A bounded load on `posttrain serve`: many concurrent clients, one local server.
+"""A bounded load on `posttrain serve`: many concurrent clients, one local server, batching on and off.
 
 Starts `python -m posttrain.cli serve MODEL` as a subprocess on 127.0.0.1 (queue as large
 as the number of clients, so no request should be refused), then C client threads send
-N chat requests in total (greedy, SAM decoding, max_tokens T; every 4th one streamed
-over SSE); then the same load again on a server with `--decoding plain` for comparison. Latency is per request, from send to the last byte (streams: time to first
-chunk recorded too). Tokens are the server's own count (`/metrics` generated tokens);
-tokens/s = tokens / wall time of the whole load. Goal: zero errors.
-
-The server generates one request at a time (no batching of concurrent requests yet), so
-p50/p99 latency mostly measure queueing: ~C/2 and ~C requests' worth of decoding.
+N chat requests in total (greedy, max_tokens T, or request i gets T[i % len(T)] for a list;
+every 4th one streamed over SSE). The same
+load runs twice, each on a fresh server: `batched` (--max-batch 8: concurrent requests decode
+together, plain batched decoding; a request alone uses SAM) and `serial` (--max-batch 1: one
+request at a time with SAM, the server before batching). Latency is per request, from send
+to the last byte (streams: time to first chunk recorded too). Tokens are the server's own
+count (`/metrics` generated tokens); tokens/s = tokens / wall time of the whole load; mean
+batch size = rows / generate calls from the `posttrain_batch_size` histogram. The answers of
+both runs are compared request by request (greedy: they should agree; a batched bf16 step
+may round differently from a batch-1 step). Goal: zero errors.
 
     python bench/serve_load.py                    # 16 clients, 64 requests, 32 tokens (~3 min on 2 cores, both runs)
     python bench/serve_load.py --quick            # 4 clients, 8 requests, no JSON
+    python bench/serve_load.py --max-tokens 8,64  # mixed lengths; writes bench/results/serve_load_mixed.json
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
     body = {"model": "default", "max_tokens": max_tokens, "temperature": 0,
             "messages": [{"role": "user", "content": ASKS[i % len(ASKS)].format(TOPICS[i % len(TOPICS)])}]}
     start = time.perf_counter()
-    record = {"i": i, "stream": i % 4 == 3}
+    record = {"i": i, "stream": i % 4 == 3, "max_tokens": max_tokens}
     try:
         if record["stream"]:
             first = None
@@ -82,10 +86,12 @@ def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
                         first = time.perf_counter() - start
                     text += piece
             record["first_chunk_ms"] = None if first is None else first * 1000
+            record["text"] = text
         else:
             r = client.post("/v1/chat/completions", json=body)
             record["status"] = r.status_code
             text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
+            record["text"] = text
         record["ok"] = record["status"] == 200
         record["chars"] = len(text)
     except Exception as exc:  # counted as an error, with its message in the JSON
@@ -94,11 +100,15 @@ def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
     return record
 
 
-def run(args, decoding: str = "sam") -> dict:
+CONFIGS = {"batched": ["--max-batch", "8"], "serial": ["--max-batch", "1"]}  # both: --decoding sam (default)
+
+
+def run(args, name: str) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "posttrain.cli", "serve", args.model, "--port", str(port),
-           "--queue", str(args.clients), "--max-tokens-cap", str(args.max_tokens), "--timeout", "600", "--decoding", decoding]
+    cmd = [sys.executable, "-m", "posttrain.cli", "serve", args.model, "--name", "default", "--port", str(port),
+           "--queue", str(args.clients), "--max-tokens-cap", str(max(args.budgets)), "--timeout", "600",
+           "--decoding", "sam", *CONFIGS[name]]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = open(Path(tempfile.gettempdir()) / "serve_load.server.log", "w")  # read it when the server fails
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -130,7 +140,7 @@ def run(args, decoding: str = "sam") -> dict:
                         i = next(next_i, None)
                     if i is None:
                         return
-                    rec = one_request(client, i, args.max_tokens)
+                    rec = one_request(client, i, args.budgets[i % len(args.budgets)])
                     with lock:
                         records.append(rec)
 
@@ -149,11 +159,18 @@ def run(args, decoding: str = "sam") -> dict:
     drafted = metric(after, "posttrain_draft_tokens_total") - metric(before, "posttrain_draft_tokens_total")
     accepted = (metric(after, "posttrain_draft_tokens_accepted_total")
                 - metric(before, "posttrain_draft_tokens_accepted_total"))
+    rows = metric(after, "posttrain_batch_size_sum") - metric(before, "posttrain_batch_size_sum")
+    batches = metric(after, "posttrain_batch_size_count") - metric(before, "posttrain_batch_size_count")
     latencies = [r["latency_ms"] for r in records if r["ok"]]
     firsts = [r["first_chunk_ms"] for r in records if r["ok"] and r.get("first_chunk_ms") is not None]
     errors = [r for r in records if not r["ok"]]
+    by_budget = {}  # mixed lengths: the median latency of each max_tokens
+    for t in args.budgets if len(args.budgets) > 1 else []:
+        mine = [r["latency_ms"] for r in records if r["ok"] and r["max_tokens"] == t]
+        by_budget[t] = round(percentile(mine, 50), 1) if mine else None
     return {
-        "model": args.model, "decoding": decoding, "clients": args.clients, "requests": len(records), "max_tokens": args.max_tokens,
+        "model": args.model, "config": name, "server_flags": ["--decoding", "sam", *CONFIGS[name]],
+        "clients": args.clients, "requests": len(records), "max_tokens": args.budgets[0] if len(args.budgets) == 1 else args.budgets,
         "streamed": sum(r["stream"] for r in records), "errors": len(errors),
         "error_samples": [r.get("error") or r.get("status") for r in errors[:5]],
         "wall_s": round(wall, 2), "requests_per_s": round(len(records) / wall, 3),
@@ -164,25 +181,31 @@ def run(args, decoding: str = "sam") -> dict:
         "stream_first_chunk_p50_ms": round(percentile(firsts, 50), 1) if firsts else None,
         "draft_tokens": int(drafted), "draft_tokens_accepted": int(accepted),
         "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
+        "p50_ms_by_max_tokens": by_budget,
+        "generate_calls": int(batches), "mean_batch_size": round(rows / batches, 2) if batches else None,
+        "texts": {r["i"]: r["text"] for r in records if r["ok"]},
         **run_context(load_before, load_average(), "fastapi", "uvicorn", "transformers"),
     }
 
 
 def print_table(r: dict) -> None:
+    configs = r["configs"]
     print(f"posttrain serve {r['model']}: {r['clients']} clients, {r['requests']} requests "
           f"({r['streamed']} streamed), max_tokens {r['max_tokens']}, greedy")
-    print(f"  {'':<28}{'SAM (default)':>14}{'plain':>14}")
-    p = r.get("plain") or {}
-    rows = [("requests/s", r["requests_per_s"]), ("tokens/s", r["tokens_per_s"]), ("tokens", r["tokens"]),
-            ("p50 latency ms", r["p50_ms"]), ("p99 latency ms", r["p99_ms"]),
-            ("stream first chunk p50 ms", r["stream_first_chunk_p50_ms"]),
-            ("draft accepted / drafted", f"{r['draft_tokens_accepted']} / {r['draft_tokens']}"),
-            ("errors", r["errors"]), ("wall s", r["wall_s"])]
-    keys = ["requests_per_s", "tokens_per_s", "tokens", "p50_ms", "p99_ms", "stream_first_chunk_p50_ms", None,
-            "errors", "wall_s"]
-    for (name, value), key in zip(rows, keys):
-        other = p.get(key, "") if key else (f"{p['draft_tokens_accepted']} / {p['draft_tokens']}" if p else "")
-        print(f"  {name:<28}{str(value):>14}{str(other):>14}")
+    print(f"  {'':<28}" + "".join(f"{name:>14}" for name in configs))
+    rows = [("requests/s", "requests_per_s"), ("tokens/s", "tokens_per_s"), ("tokens", "tokens"),
+            ("p50 latency ms", "p50_ms"), ("p99 latency ms", "p99_ms"),
+            ("stream first chunk p50 ms", "stream_first_chunk_p50_ms"), ("mean batch size", "mean_batch_size"),
+            ("generate calls", "generate_calls"), ("draft accepted / drafted", None), ("errors", "errors"),
+            ("wall s", "wall_s")]
+    for label, key in rows:
+        values = [c.get(key) if key else f"{c['draft_tokens_accepted']} / {c['draft_tokens']}" for c in configs.values()]
+        print(f"  {label:<28}" + "".join(f"{str(v):>14}" for v in values))
+    for t in r.get("p50_ms_by_max_tokens") or {}:
+        label = f"p50 ms, max_tokens {t}"
+        print(f"  {label:<28}" + "".join(f"{str(c['p50_ms_by_max_tokens'][t]):>14}" for c in configs.values()))
+    if "same_answers" in r:
+        print(f"  answers identical in both runs: {r['same_answers']} of {r['compared_answers']}")
 
 
 def main() -> None:
@@ -190,16 +213,26 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", default="32", help="T, or T1,T2,... cycled over the requests")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-plain", action="store_true", help="skip the second run with --decoding plain")
+    parser.add_argument("--no-serial", action="store_true", help="skip the second run with --max-batch 1")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests = 4, 8
-    result = run(args, "sam")
-    if not args.no_plain:
-        result["plain"] = {k: v for k, v in run(args, "plain").items() if k not in ("machine", "versions")}
-    finish(result, RESULTS_DIR / "serve_load.json", args.quick, print_table)
+    args.budgets = [int(t) for t in args.max_tokens.split(",")]
+    if any(t < 1 for t in args.budgets):
+        raise SystemExit(f"--max-tokens: every budget must be >= 1, got {args.max_tokens}")
+    runs = {name: run(args, name) for name in (["batched"] if args.no_serial else ["batched", "serial"])}
+    texts = {name: r.pop("texts") for name, r in runs.items()}
+    result = dict(runs["batched"])  # the default configuration's figures at the top level
+    result["configs"] = {name: {k: v for k, v in r.items() if k not in ("machine", "versions")}
+                         for name, r in runs.items()}
+    if "serial" in texts:
+        shared = sorted(set(texts["batched"]) & set(texts["serial"]))
+        result["compared_answers"] = len(shared)
+        result["same_answers"] = sum(texts["batched"][i] == texts["serial"][i] for i in shared)
+    name = "serve_load.json" if len(args.budgets) == 1 else "serve_load_mixed.json"
+    finish(result, RESULTS_DIR / name, args.quick, print_table)
 
 
 if __name__ == "__main__":

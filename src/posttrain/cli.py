@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
                        description="Serve MODEL over an OpenAI-compatible API: /v1/chat/completions and "
                                    "/v1/completions (streaming with SSE), /v1/models, /health, /metrics (Prometheus). "
-                                   "Greedy and sampled decoding use SAM speculative decoding by default.")
+                                   "Concurrent compatible requests are decoded as one batch (--max-batch); a request "
+                                   "running alone uses SAM speculative decoding by default.")
     p.add_argument("model", nargs="?", default="default", help="model spec: default, HF dir, run dir, .gguf")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -203,7 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=8, help="requests waiting or running; more get 429 (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
-    p.add_argument("--decoding", default="sam", choices=["sam", "lookup", "plain"])
+    p.add_argument("--decoding", default="sam", choices=["sam", "lookup", "plain"],
+                   help="decoding of a request running alone (batches of several decode plain)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="concurrent compatible requests decoded as one batch (default 8; 1 = one at a time)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a new batch waits for more requests before it starts (default 5)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
 
     p = sub.add_parser("merge", help="fold an adapter (LoRA/DoRA/IA3) into a full model directory",
@@ -572,7 +578,8 @@ def cmd_serve(args) -> int:
         guard = load_guard(args.guard)
     config = ServeConfig(model_name=args.name or args.model, api_keys=args.api_key, max_tokens_cap=args.max_tokens_cap,
                          queue_size=args.queue, timeout_s=args.timeout, max_body_bytes=args.max_body,
-                         decoding=args.decoding, guard=guard, adapters=list(adapters))
+                         decoding=args.decoding, guard=guard, adapters=list(adapters), max_batch=args.max_batch,
+                         batch_wait_ms=args.batch_wait_ms)
     model, tok = load_model(args.model, dtype=args.dtype)
     if adapters:
         model = load_adapters(model, adapters)

@@ -199,3 +199,50 @@ def test_row_text_holds_half_characters_and_flushes(tokenizer):
     assert row.text == "a"
     row.flush()
     assert row.text == tokenizer.decode(cut) and row.text.endswith("\ufffd")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_per_row_budgets_equal_unbatched_greedy(tiny, tokenizer, backend):
+    limits = [3, 9, 0]
+    pieces: dict[int, str] = {}
+    done: list = []  # (row, output, tokens streamed so far over all rows)
+    out = generate(tiny, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=4, backend=backend),
+                   stream=lambda r, t, s: pieces.__setitem__(r, pieces.get(r, "") + s), row_max_new_tokens=limits,
+                   row_done=lambda r, o: done.append((r, o, sum(map(len, pieces.values())))))
+    # each row is reported as soon as it ends, shortest first, with its final output
+    assert [r for r, _, _ in done] == [2, 0, 1]
+    assert done[1][2] < len(out.texts[0]) + len(out.texts[1])  # row 0 was reported while row 1 still ran
+    for r, o, _ in done:
+        assert (o.texts, o.token_ids, o.logprobs) == ([out.texts[r]], [out.token_ids[r]], [out.logprobs[r]])
+    for p, n, ids, text in zip(PROMPTS, limits, out.token_ids, out.texts):
+        alone = generate(tiny, tokenizer, [p], GenerationConfig(max_new_tokens=n, backend=backend))
+        assert ids == alone.token_ids[0] and text == alone.texts[0]
+        assert len(ids) == n  # random model: no EOS this early
+        assert pieces.get(PROMPTS.index(p), "") == text  # each row's final piece is flushed
+    sam_done: list[int] = []
+    sam = generate(tiny, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=4, decoding="sam", backend=backend),
+                   row_max_new_tokens=limits, row_done=lambda r, o: sam_done.append(r))
+    assert sam.token_ids == out.token_ids and sorted(sam_done) == [0, 1, 2]
+    with pytest.raises(ValueError, match="row_max_new_tokens"):
+        generate(tiny, tokenizer, PROMPTS, GenerationConfig(), row_max_new_tokens=[1, 2])
+
+
+@pytest.mark.parametrize("decoding", ["plain", "sam"])
+def test_stream_returning_true_drops_only_that_row(tiny, tokenizer, decoding):
+    cfg = GenerationConfig(max_new_tokens=10, decoding=decoding)
+    calls: list[int] = []
+
+    def stream(row, token, piece):
+        calls.append(row)
+        return row == 1 and calls.count(1) == 3  # drop row 1 after its 3rd token
+
+    done: list[int] = []
+    out = generate(tiny, tokenizer, PROMPTS, cfg, stream=stream, row_done=lambda r, o: done.append(r))
+    full = generate(tiny, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=10))
+    assert out.stats["cancelled"] == [1] and sorted(done) == [0, 2]  # a dropped row is not reported done
+    assert calls.count(1) == 3 and out.token_ids[1] == full.token_ids[1][:3]
+    for r in (0, 2):  # the other rows finish exactly as an unbatched run
+        alone = generate(tiny, tokenizer, [PROMPTS[r]], GenerationConfig(max_new_tokens=10))
+        assert out.token_ids[r] == alone.token_ids[0] and out.texts[r] == alone.texts[0]
+        assert calls.count(r) == len(out.token_ids[r]) == 10
+    assert "cancelled" not in full.stats

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from posttrain.generate.backends import BACKENDS, make_rows
 
-StreamFn = Callable[[int, int, str], None]
+StreamFn = Callable[[int, int, str], Any]  # return True to drop that row
 
 
 @dataclass
@@ -253,16 +253,23 @@ class _RowText:
 
 
 @torch.inference_mode()
-def _generate(model, tokenizer, prompt_ids, config, stream):
+def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int], row_done=None):
     n = len(prompt_ids)
     stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
     rows = [_RowText(tokenizer, config.stop) for _ in range(n)]
     tokens_out: list[list[int]] = [[] for _ in range(n)]
     logprobs_out: list[list[float]] = [[] for _ in range(n)]
-    if config.max_new_tokens == 0:
-        return rows, tokens_out, logprobs_out
+    cancelled: list[int] = []
+    active = [r for r in range(n) if limits[r] > 0]  # original row index of each live batch row
+    if row_done is not None:
+        for r in range(n):
+            if limits[r] == 0:
+                row_done(r, GenerationOutput([""], [[]], [[]]))
+    if not active:
+        return rows, tokens_out, logprobs_out, cancelled
 
-    batch = make_rows(model, prompt_ids, pad_id(model, tokenizer), config.max_new_tokens, config.backend)
+    budget = max(limits)
+    batch = make_rows(model, [prompt_ids[r] for r in active], pad_id(model, tokenizer), budget, config.backend)
     logits = batch.start()
     device = logits.device
     generator = None
@@ -271,10 +278,9 @@ def _generate(model, tokenizer, prompt_ids, config, stream):
     seen = None
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-        for i, p in enumerate(prompt_ids):
-            seen[i, p] = True
-    active = list(range(n))  # original row index of each live batch row
-    for step in range(config.max_new_tokens):
+        for b, r in enumerate(active):
+            seen[b, prompt_ids[r]] = True
+    for step in range(budget):
         next_tokens, next_logprobs = choose_tokens(logits, config, seen, generator)
         keep = []
         for b, (tok, lp) in enumerate(zip(next_tokens.tolist(), next_logprobs.tolist())):
@@ -284,11 +290,14 @@ def _generate(model, tokenizer, prompt_ids, config, stream):
             done = tok in stops
             if not done:
                 done = rows[r].add(tok)
-            done = done or step + 1 == config.max_new_tokens
+            done = done or step + 1 == limits[r]
             if done:
                 rows[r].flush()
-            if stream is not None:
-                stream(r, tok, rows[r].piece(final=done))
+            if stream is not None and stream(r, tok, rows[r].piece(final=done)) and not done:
+                cancelled.append(r)  # the caller dropped this row: the others go on
+                done = True
+            elif done and row_done is not None:
+                row_done(r, GenerationOutput([rows[r].text], [tokens_out[r]], [logprobs_out[r]]))
             if not done:
                 keep.append(b)
         if not keep:
@@ -301,11 +310,12 @@ def _generate(model, tokenizer, prompt_ids, config, stream):
         if seen is not None:
             seen[torch.arange(len(active), device=device), next_tokens] = True
         logits = batch.extend(next_tokens[:, None].tolist())[:, -1]
-    return rows, tokens_out, logprobs_out
+    return rows, tokens_out, logprobs_out, cancelled
 
 
 def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig | None = None,
-             stream: StreamFn | None = None) -> GenerationOutput:
+             stream: StreamFn | None = None, row_max_new_tokens: Sequence[int] | None = None,
+             row_done: Callable[[int, GenerationOutput], None] | None = None) -> GenerationOutput:
     """Generate a continuation for every prompt in one left-padded batch.
 
     prompts: strings, token-id lists, or chat message lists (rendered with the
@@ -314,19 +324,38 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
     string) and concatenate to exactly `texts[row]`. Rows that finish (EOS, stop
     string, budget) leave the batch so they cost nothing afterwards. The model runs
     in eval mode under inference_mode; its train/eval mode is restored afterwards.
+
+    Per-row control, so unrelated requests can share one batch (the server does):
+    `row_max_new_tokens[i]` is row i's own budget (default: `config.max_new_tokens`
+    for every row); a row reaching it finishes like one reaching the global budget.
+    If `stream` returns True for a row, that row is dropped at once (no further calls
+    for it; its output keeps the tokens so far, its index is in `stats["cancelled"]`)
+    while the other rows go on unchanged. `row_done(row, output)` is called as soon as a
+    row finishes (not when dropped) with that row's final output (before the guard), so a
+    caller can answer it while longer rows still decode.
     """
     config = config or GenerationConfig()
     if not prompts:
         return GenerationOutput([], [], [])
+    if row_max_new_tokens is None:
+        limits = [config.max_new_tokens] * len(prompts)
+    else:
+        limits = [int(x) for x in row_max_new_tokens]
+        if len(limits) != len(prompts) or any(x < 0 for x in limits):
+            raise ValueError(f"row_max_new_tokens needs one budget >= 0 per prompt ({len(prompts)}), got {limits}")
     prompt_ids = encode_prompts(tokenizer, prompts, config.chat, config.system)
     was_training = model.training
     model.eval()
     try:
         if config.decoding == "plain":
-            rows, token_ids, logprobs = _generate(model, tokenizer, prompt_ids, config, stream)
+            rows, token_ids, logprobs, cancelled = _generate(model, tokenizer, prompt_ids, config, stream, limits,
+                                                             row_done)
             out = GenerationOutput([r.text for r in rows], token_ids, logprobs)
         else:
-            out = _generate_speculative(model, tokenizer, prompt_ids, config, stream)
+            out = _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_done)
+            cancelled = out.stats.pop("cancelled_rows", [])
+        if cancelled:
+            out.stats["cancelled"] = cancelled
         if config.guard is not None:
             from posttrain.generate.guard import guard_text
 
@@ -338,7 +367,9 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
         model.train(was_training)
 
 
-def _generate_speculative(model, tokenizer, prompt_ids, config, stream) -> GenerationOutput:
+def _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_done=None) -> GenerationOutput:
+    from dataclasses import replace
+
     from posttrain.generate.speculative import SpecStats, make_drafter, speculative_decode
 
     drafter = make_drafter(config.decoding, config.corpus, config.sam_bias, config.aux_model)
@@ -346,12 +377,19 @@ def _generate_speculative(model, tokenizer, prompt_ids, config, stream) -> Gener
     generator = None
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    texts, token_ids, logprobs, total = [], [], [], SpecStats()
+    texts, token_ids, logprobs, total, cancelled = [], [], [], SpecStats(), []
     for row, prompt in enumerate(prompt_ids):
-        state, toks, lps, stats = speculative_decode(model, tokenizer, prompt, config, drafter, stream, row,
+        row_config = config if limits[row] == config.max_new_tokens else replace(config, max_new_tokens=limits[row])
+        state, toks, lps, stats = speculative_decode(model, tokenizer, prompt, row_config, drafter, stream, row,
                                                      generator)
         texts.append(state.text)
         token_ids.append(toks)
         logprobs.append(lps)
         total.add(stats)
-    return GenerationOutput(texts, token_ids, logprobs, total.summary())
+        if stats.cancelled:
+            cancelled.append(row)
+        elif row_done is not None:
+            row_done(row, GenerationOutput([state.text], [toks], [lps]))
+    out = GenerationOutput(texts, token_ids, logprobs, total.summary())
+    out.stats["cancelled_rows"] = cancelled
+    return out

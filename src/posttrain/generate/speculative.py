@@ -184,6 +184,7 @@ class SpecStats:
     accepted: int = 0
     emitted: int = 0
     sources: dict = field(default_factory=dict)
+    cancelled: bool = False  # the stream callback dropped the row (not summed by add)
 
     def add(self, other: "SpecStats") -> None:
         self.forwards += other.forwards
@@ -291,8 +292,8 @@ def speculative_decode(model, tokenizer, prompt: list[int], config, drafter: Dra
             done = tok in stops or text_state.add(tok) or len(tokens_out) >= config.max_new_tokens
             if done:
                 text_state.flush()
-            if stream is not None:
-                stream(row, tok, text_state.piece(final=done))
+            if stream is not None and stream(row, tok, text_state.piece(final=done)) and not done:
+                stats.cancelled = done = True  # the caller dropped this row
             if done:
                 break
         stats.emitted += len(kept)
