@@ -197,6 +197,27 @@ def test_request_past_its_deadline_leaves_the_batch_others_succeed(tiny, tokeniz
         assert end < results["late"][4] - 0.5  # answered when its own row ended, not with the batch
 
 
+def test_a_failing_request_does_not_fail_its_batch_mates(tiny, tokenizer):
+    class Failing(Recorder):
+        def __call__(self, model, tok, prompts, config, stream=None, **rows):
+            if any("BOOM" in p for p in prompts):  # fails at the start, as a too-long prompt would
+                self.calls.append({"prompts": list(prompts)})
+                raise RuntimeError("cannot decode BOOM")
+            return super().__call__(model, tok, prompts, config, stream, **rows)
+
+    bodies = {i: {"model": "tiny", "prompt": f"BOOM {i}" if i == 1 else f"fine {i}", "max_tokens": 3,
+                  "temperature": 0, "stream": i == 2} for i in range(3)}
+    rec = Failing()
+    config = ServeConfig(model_name="tiny", queue_size=8, batch_wait_ms=0)
+    with running(create_app(tiny, tokenizer, config, generate_fn=rec)) as base:
+        results = send_all(base, rec, bodies)
+        assert httpx.get(base + "/health").json()["in_flight"] == 0
+    assert [len(b) for b in rec.batches()] == [3, 1, 1, 1]  # the batch failed, then each request alone
+    assert results[1][:2] == (500, "server_error")
+    for i in (0, 2):
+        assert results[i][0] == 200 and results[i][1] == alone(tiny, tokenizer, bodies[i]["prompt"], 3).texts[0]
+
+
 def test_cli_serve_rejects_a_bad_max_batch(capsys):
     from posttrain.cli import main
 

@@ -409,7 +409,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
         gen = replace(jobs[0].gen, max_new_tokens=max(limits))
         if n > 1:
             gen.decoding = "plain"  # SAM verifies one row at a time: see the module docstring
-        dropped = [False] * n
+        dropped, sent = [False] * n, [False] * n
 
         def stream(row: int, token: int, piece: str) -> bool:
             job = jobs[row]
@@ -419,6 +419,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                 dropped[row] = True
                 return True  # the engine drops this row; the others go on
             if piece and job.on_piece is not None:
+                sent[row] = True
                 job.on_piece(piece)
             return False
 
@@ -446,9 +447,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                 context = model.disable_adapter() if config.adapters else contextlib.nullcontext()
             with context:
                 out = generate_fn(model, tokenizer, [job.prompt for job in jobs], gen, stream=stream, **rows)
-        except Exception as exc:  # each request still waiting answers it (504 or 500); the server keeps serving
-            for job in jobs:
-                _settle(job.future, exc=exc)
+        except Exception as exc:  # the server keeps serving: 504 or 500 for the request(s) it concerns
+            for row, job in enumerate(jobs):
+                if n > 1 and not job.future.done() and not sent[row] and not isinstance(exc, _Timeout):
+                    run_batch([job])  # one bad request must not fail its batch-mates: each again, alone
+                else:
+                    _settle(job.future, exc=exc)
             return
         seconds = time.perf_counter() - start
         total = sum(len(ids) for ids in out.token_ids)
