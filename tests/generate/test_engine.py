@@ -228,6 +228,20 @@ def test_per_row_budgets_equal_unbatched_greedy(tiny, tokenizer, backend):
 
 
 @pytest.mark.parametrize("decoding", ["plain", "sam"])
+def test_per_row_stop_strings_equal_unbatched(tiny, tokenizer, decoding):
+    full = generate(tiny, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=12))
+    assert all(len(t) > 8 for t in full.texts)
+    stops = [[full.texts[0][4:7]], [], [full.texts[2][6:8], "never appears 123"]]  # cut inside the reply
+    out = generate(tiny, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=12, decoding=decoding), row_stop=stops)
+    for r, (p, stop) in enumerate(zip(PROMPTS, stops)):
+        alone = generate(tiny, tokenizer, [p], GenerationConfig(max_new_tokens=12, stop=stop))
+        assert out.texts[r] == alone.texts[0] and out.token_ids[r] == alone.token_ids[0], r
+    assert len(out.texts[0]) < len(full.texts[0]) and out.texts[1] == full.texts[1]
+    with pytest.raises(ValueError, match="row_stop"):
+        generate(tiny, tokenizer, PROMPTS, GenerationConfig(), row_stop=[["x"], [""], []])
+
+
+@pytest.mark.parametrize("decoding", ["plain", "sam"])
 def test_stream_returning_true_drops_only_that_row(tiny, tokenizer, decoding):
     cfg = GenerationConfig(max_new_tokens=10, decoding=decoding)
     calls: list[int] = []

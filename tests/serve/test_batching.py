@@ -136,11 +136,11 @@ def test_incompatible_requests_are_not_batched_together(tiny, tokenizer, tmp_pat
     peft.save_pretrained(tmp_path / "a")
     model = load_adapters(tiny, {"a": str(tmp_path / "a")})
     groups = {
-        "greedy": [{"temperature": 0}, {"temperature": 0, "top_p": 0.5}],  # top_p does nothing to greedy
+        # top_p does nothing to greedy; stop strings and max_tokens are per row
+        "greedy": [{"temperature": 0}, {"temperature": 0, "top_p": 0.5}, {"temperature": 0, "stop": ["\n"]}],
         "adapter": [{"temperature": 0, "model": "a"}, {"temperature": 0, "model": "a"}],
         "hot": [{"temperature": 0.8}, {"temperature": 0.8}],
         "warm": [{"temperature": 0.5}],
-        "stop": [{"temperature": 0, "stop": ["\n"]}],
         "seeded": [{"temperature": 0.8, "seed": 3}, {"temperature": 0.8, "seed": 3}],
     }
     bodies, group_of = {}, {}
@@ -155,8 +155,8 @@ def test_incompatible_requests_are_not_batched_together(tiny, tokenizer, tmp_pat
         results = send_all(base, rec, bodies)
     assert all(r[0] == 200 for r in results.values()), results
     batches = [sorted(group_of[p] for p in b) for b in rec.batches()]
-    assert sorted(batches) == sorted([["greedy", "greedy"], ["adapter", "adapter"], ["hot", "hot"], ["warm"],
-                                      ["stop"], ["seeded"], ["seeded"]])
+    assert sorted(batches) == sorted([["greedy"] * 3, ["adapter", "adapter"], ["hot", "hot"], ["warm"],
+                                      ["seeded"], ["seeded"]])
     assert results["seeded 0"][1] == results["seeded 1"][1]  # each seeded request alone: same seed, same text
 
 
@@ -164,7 +164,7 @@ def test_batch_key():
     greedy = GenerationConfig(max_new_tokens=5)
     assert batch_key(greedy, "m") == batch_key(GenerationConfig(max_new_tokens=50, top_p=0.3), "m")
     assert batch_key(greedy, "m") != batch_key(greedy, "adapter")
-    assert batch_key(greedy, "m") != batch_key(GenerationConfig(stop=["x"]), "m")
+    assert batch_key(greedy, "m") == batch_key(GenerationConfig(stop=["x"]), "m")  # stop strings are per row
     hot = GenerationConfig(do_sample=True, temperature=0.8)
     assert batch_key(hot, "m") != batch_key(GenerationConfig(do_sample=True, temperature=0.9), "m")
     assert batch_key(hot, "m") != batch_key(greedy, "m")

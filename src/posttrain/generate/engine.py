@@ -253,10 +253,11 @@ class _RowText:
 
 
 @torch.inference_mode()
-def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int], row_done=None):
+def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int], row_stops: list[list[str]],
+              row_done=None):
     n = len(prompt_ids)
     stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
-    rows = [_RowText(tokenizer, config.stop) for _ in range(n)]
+    rows = [_RowText(tokenizer, row_stops[r]) for r in range(n)]
     tokens_out: list[list[int]] = [[] for _ in range(n)]
     logprobs_out: list[list[float]] = [[] for _ in range(n)]
     cancelled: list[int] = []
@@ -315,6 +316,7 @@ def _generate(model, tokenizer, prompt_ids, config, stream, limits: list[int], r
 
 def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig | None = None,
              stream: StreamFn | None = None, row_max_new_tokens: Sequence[int] | None = None,
+             row_stop: Sequence[Sequence[str]] | None = None,
              row_done: Callable[[int, GenerationOutput], None] | None = None) -> GenerationOutput:
     """Generate a continuation for every prompt in one left-padded batch.
 
@@ -328,6 +330,7 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
     Per-row control, so unrelated requests can share one batch (the server does):
     `row_max_new_tokens[i]` is row i's own budget (default: `config.max_new_tokens`
     for every row); a row reaching it finishes like one reaching the global budget.
+    `row_stop[i]` is row i's own stop strings (default: `config.stop` for every row).
     If `stream` returns True for a row, that row is dropped at once (no further calls
     for it; its output keeps the tokens so far, its index is in `stats["cancelled"]`)
     while the other rows go on unchanged. `row_done(row, output)` is called as soon as a
@@ -343,16 +346,20 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
         limits = [int(x) for x in row_max_new_tokens]
         if len(limits) != len(prompts) or any(x < 0 for x in limits):
             raise ValueError(f"row_max_new_tokens needs one budget >= 0 per prompt ({len(prompts)}), got {limits}")
+    row_stops = [list(config.stop)] * len(prompts) if row_stop is None else [list(x) for x in row_stop]
+    if len(row_stops) != len(prompts) or any(not isinstance(t, str) or not t for x in row_stops for t in x):
+        raise ValueError(f"row_stop needs one list of non-empty stop strings per prompt ({len(prompts)}), "
+                         f"got {row_stop!r}")
     prompt_ids = encode_prompts(tokenizer, prompts, config.chat, config.system)
     was_training = model.training
     model.eval()
     try:
         if config.decoding == "plain":
             rows, token_ids, logprobs, cancelled = _generate(model, tokenizer, prompt_ids, config, stream, limits,
-                                                             row_done)
+                                                             row_stops, row_done)
             out = GenerationOutput([r.text for r in rows], token_ids, logprobs)
         else:
-            out = _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_done)
+            out = _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_stops, row_done)
             cancelled = out.stats.pop("cancelled_rows", [])
         if cancelled:
             out.stats["cancelled"] = cancelled
@@ -367,7 +374,8 @@ def generate(model, tokenizer, prompts: Sequence[Any], config: GenerationConfig 
         model.train(was_training)
 
 
-def _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_done=None) -> GenerationOutput:
+def _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, row_stops,
+                          row_done=None) -> GenerationOutput:
     from dataclasses import replace
 
     from posttrain.generate.speculative import SpecStats, make_drafter, speculative_decode
@@ -379,7 +387,7 @@ def _generate_speculative(model, tokenizer, prompt_ids, config, stream, limits, 
         generator = torch.Generator(device=device).manual_seed(config.seed)
     texts, token_ids, logprobs, total, cancelled = [], [], [], SpecStats(), []
     for row, prompt in enumerate(prompt_ids):
-        row_config = config if limits[row] == config.max_new_tokens else replace(config, max_new_tokens=limits[row])
+        row_config = replace(config, max_new_tokens=limits[row], stop=row_stops[row])
         state, toks, lps, stats = speculative_decode(model, tokenizer, prompt, row_config, drafter, stream, row,
                                                      generator)
         texts.append(state.text)

@@ -7,10 +7,10 @@ streaming), `/v1/models`, `/health` and `/metrics` (Prometheus text).
 Concurrent requests are batched. One worker thread owns the model; handlers put
 their request on a queue and await a future. The worker takes the oldest waiting
 request, then every other waiting request *compatible* with it (same model/adapter
-name, same sampling settings and stop list; a seeded sampled request runs alone so
-its seed stays reproducible), up to `max_batch`, waiting at most `batch_wait_ms`
-for more to arrive, and decodes them as one batch (`generate(...,
-row_max_new_tokens=...)`: each row keeps its own max_tokens). Why: on this CPU a
+name, same sampling settings; a seeded sampled request runs alone so its seed
+stays reproducible), up to `max_batch`, waiting at most `batch_wait_ms` for more to
+arrive, and decodes them as one batch (`generate(..., row_max_new_tokens=...,
+row_stop=...)`: each row keeps its own max_tokens and stop strings). Why: on this CPU a
 decode step of 8 rows costs little more than a step of 1 (weights are read once per
 step), so tokens/s grows with the batch. A batch of one decodes with
 `config.decoding` (SAM by default, lossless for greedy); a batch of several uses
@@ -202,7 +202,7 @@ def batch_key(gen: GenerationConfig, model_name: str) -> tuple | None:
     if gen.do_sample and gen.seed is not None:
         return None
     sampling = (gen.temperature, gen.top_p) if gen.do_sample else ()
-    return (model_name, gen.do_sample, *sampling, tuple(gen.stop))
+    return (model_name, gen.do_sample, *sampling)  # max_tokens and stop strings are per row
 
 
 class Batcher:
@@ -436,7 +436,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                                                        {"guard_blocked": int(blocked)}))
 
         name = jobs[0].model_name
-        rows = {"row_max_new_tokens": limits, "row_done": answer} if n > 1 else {}
+        rows = {"row_max_new_tokens": limits, "row_stop": [job.gen.stop for job in jobs], "row_done": answer} \
+            if n > 1 else {}
         m["batch_size"].observe(n)
         start = time.perf_counter()
         try:
