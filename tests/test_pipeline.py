@@ -143,6 +143,16 @@ def test_bad_pipeline_yaml_is_refused(tmp_path, change, message):
     assert str(path) in str(exc.value)
 
 
+def test_an_eval_stage_with_nothing_to_evaluate_is_refused_before_anything_runs(tmp_path, tiny_dir, recipe):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "out"), "model": str(tiny_dir),
+                                    "stages": [{"name": "a", "verb": "sft", "config": str(recipe)},
+                                               {"name": "b", "verb": "eval"}]}))
+    with pytest.raises(ValueError, match="(?s)stage 'b' \\(eval\\).*nothing to evaluate"):
+        run_pipeline(load_pipeline(path))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bad_stage_override_names_the_stage(tmp_path, tiny_dir, recipe):
     path = write_pipeline(tmp_path, tiny_dir, recipe, second={"train.lrr": 1})
     with pytest.raises(ValueError, match="(?s)stage 'b' \\(sft\\).*train.lrr: unknown key"):

@@ -170,14 +170,19 @@ class EvalStageConfig(Strict):
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="after")
+    def _check(self) -> "EvalStageConfig":
+        if not self.eval.tasks and not self.eval.forgetting:
+            raise ValueError("eval stage: nothing to evaluate; give eval.tasks or eval.forgetting "
+                             "(or the pipeline's eval: section)")
+        return self
+
 
 def run_eval_stage(cfg: EvalStageConfig, resume: bool = False, overwrite: bool = False) -> dict:
     from posttrain.models import load_model, resolve_model_path
     from posttrain.stage import prepare_run_dir, write_manifest
     from posttrain.train.sft import evaluate_all, write_reports
 
-    if not cfg.eval.tasks and not cfg.eval.forgetting:
-        raise ValueError("eval stage: nothing to evaluate; give eval.tasks or eval.forgetting (or the pipeline's eval:)")
     started = time.time()
     run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=True)
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
