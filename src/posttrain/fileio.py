@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _umask_mode(full: int) -> int:
+    """`full` (0o666 files, 0o777 dirs) less the process umask: what open()/mkdir() would give.
+    mkstemp/mkdtemp create 0600/0700, which would make every output private to its writer."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call write(tmp_path), then rename the temp file over `path`; it never survives a failure."""
     path = Path(path)
@@ -20,6 +28,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _umask_mode(0o666))
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -37,7 +46,9 @@ def temp_dir_beside(final: str | os.PathLike) -> Path:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(_umask_mode(0o777))
+    return tmp
 
 
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
