@@ -216,11 +216,11 @@ def input_model(pipe: PipelineConfig, index: int) -> str:
 def stage_config(pipe: PipelineConfig, index: int):
     """(config, run fn) of stage `index`, built like the CLI builds it, plus the pipeline's
     model initialisation and eval section where the stage's config has those fields."""
-    from posttrain.cli import RL_VERBS, _stage
+    from posttrain.cli import RL_VERBS
 
     stages = pipe.all_stages()
     spec = stages[index]
-    cls, run = (EvalStageConfig, run_eval_stage) if spec.verb == "eval" else _stage(spec.verb)
+    cls, run = stage_fns(spec.verb)
     fields = cls.model_fields
     sets: dict[str, Any] = {}
     if spec.verb == "pretrain" or spec.verb in RL_VERBS:
@@ -231,7 +231,7 @@ def stage_config(pipe: PipelineConfig, index: int):
     if pipe.model.adapter is not None and "adapter" in fields:
         sets.update({f"adapter.{k}": v for k, v in pipe.model.adapter.items()})
     if pipe.eval is not None and spec.eval and "eval" in fields:
-        first = next(i for i, s in enumerate(stages) if s.eval and "eval" in _fields(s.verb))
+        first = next(i for i, s in enumerate(stages) if s.eval and "eval" in stage_fns(s.verb)[0].model_fields)
         sets["eval"] = {**pipe.eval, "before": index == first and spec.verb != "eval"}
     sets["output_dir"] = str(Path(pipe.output_dir) / spec.name)
     refs = {name: json.dumps(str(data_path(pipe, name)))[1:-1] for name in pipe.data}  # escaped inside JSON
@@ -243,10 +243,11 @@ def stage_config(pipe: PipelineConfig, index: int):
         raise ValueError(f"stage {spec.name!r} ({spec.verb}): {exc}") from None
 
 
-def _fields(verb: str) -> dict:
+def stage_fns(verb: str):
+    """(config class, run function) of a pipeline verb: the CLI's stages plus `eval`."""
     from posttrain.cli import _stage
 
-    return (EvalStageConfig if verb == "eval" else _stage(verb)[0]).model_fields
+    return (EvalStageConfig, run_eval_stage) if verb == "eval" else _stage(verb)
 
 
 def model_fingerprint(spec: str) -> str:
@@ -377,18 +378,18 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
         return {**old, "status": "skipped"}
     print(f"[data {name}] preparing")
     started = time.time()
-    rows, counts = [], {}
+    rows, kind, counts = [], None, {}  # counts: rows per source file, then "synth"
     for src in spec.source:
         loaded = load_records(src, kind=spec.kind)
-        if spec.kind is None and rows and loaded.kind != counts["kind"]:
+        if kind is not None and loaded.kind != kind:
             raise ValueError(f"data {name!r}: {src} holds {loaded.kind} rows, the sources before it "
-                             f"{counts['kind']} rows; one entry holds one kind")
-        counts.setdefault("kind", loaded.kind)
+                             f"{kind} rows; one entry holds one kind")
+        kind = loaded.kind
         counts[src] = len(loaded.records)
         rows += loaded.records
     if synth_cfg is not None:
-        if counts.get("kind", "chat") != "chat":
-            raise ValueError(f"data {name!r}: synth writes chat rows, the sources hold {counts['kind']} rows; "
+        if kind not in (None, "chat"):
+            raise ValueError(f"data {name!r}: synth writes chat rows, the sources hold {kind} rows; "
                              "one entry holds one kind")
         result = run_synth(synth_cfg)
         counts["synth"] = len(result.rows)
@@ -402,8 +403,8 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
         write_text_atomic(raw, text)
         result = filter_file(raw, path, rules, report_path=path.with_suffix(".filter.json"))
         kept, dropped = len(result.kept), len(result.dropped)
-    record = {"name": name, "status": "done", "fingerprint": fp, "path": str(path), "rows": len(rows),
-              "kept": kept, "dropped": dropped, "counts": counts, "seconds": round(time.time() - started, 1)}
+    record = {"name": name, "status": "done", "fingerprint": fp, "path": str(path), "kind": kind or "chat",
+              "rows": len(rows), "kept": kept, "dropped": dropped, "counts": counts, "seconds": round(time.time() - started, 1)}
     write_json_atomic(record_path, record)
     print(f"[data {name}] {len(rows)} rows -> {kept} kept ({dropped} dropped by the filters): {path}")
     return record
