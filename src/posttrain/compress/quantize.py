@@ -408,18 +408,15 @@ def quantized_state(model: nn.Module) -> dict[str, Tensor]:
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """config.json + tokenizer + model.safetensors (integer tensors) + quantization.json, atomically."""
-    import shutil
-
     from safetensors.torch import save_file
 
-    from posttrain.fileio import publish_dir, temp_dir_beside
+    from posttrain.fileio import atomic_dir
 
     spec: QuantSpec | None = getattr(model, "_posttrain_quant", None)
     if spec is None:
         raise ValueError("save_quantized: the model was not quantized with quantize_model")
     out_dir = Path(out_dir)
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -428,10 +425,6 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
         (tmp / QUANT_FILE).write_text(json.dumps({"spec": spec.model_dump(mode="json"),
                                                   "dtype": str(dtype).removeprefix("torch."),
                                                   "format": "posttrain-quantized/1"}, indent=2))
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -356,24 +356,17 @@ def build_kb(documents: Sequence[str | Path] = (), triples: Sequence[str | Path]
 def save_index(kb: KnowledgeBase, out_dir: str | Path) -> Path:
     """kb.json (chunks + metadata) and, when dense, embeddings.npy; written to a temp dir and
     renamed into place. BM25 is rebuilt on load (milliseconds), so nothing else is stored."""
-    from posttrain.fileio import publish_dir, temp_dir_beside, write_json_atomic
+    from posttrain.fileio import atomic_dir, write_json_atomic
 
     out = Path(out_dir)
     if out.exists() and not (out / "kb.json").is_file():
         raise ValueError(f"{out} exists and is not a knowledge base directory; choose another --out")
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         meta = {"format": FORMAT, "version": VERSION, "embedder": kb.embedder,
                 "sources": sorted({c.source for c in kb.chunks}), "chunks": [asdict(c) for c in kb.chunks]}
         write_json_atomic(tmp / "kb.json", meta)
         if kb.embeddings is not None:
             np.save(tmp / "embeddings.npy", kb.embeddings, allow_pickle=False)
-        publish_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Protocol, Sequence
@@ -176,22 +175,17 @@ def save_reward_model(rm: RewardModel, tokenizer, out_dir: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from posttrain.fileio import publish_dir, temp_dir_beside
+    from posttrain.fileio import atomic_dir
     from posttrain.models import save_model
 
     rm = getattr(rm, "module", rm)
     out_dir = Path(out_dir)
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_model(rm.lm, tokenizer, tmp)
         head = {k: v.detach().float().contiguous().cpu() for k, v in rm.head.state_dict().items()}
         save_file(head, str(tmp / HEAD_FILE))
         meta = {"format": META_FORMAT, "version": 1, "aspects": rm.aspects, "hidden_size": rm.head.in_features}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

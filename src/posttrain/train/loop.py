@@ -25,12 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from posttrain.config import TrainConfig
 from posttrain.data.collate import collate_packed, collate_padded, collate_pairs, plan_batches
-from posttrain.fileio import (
-    atomic_write,
-    publish_dir,
-    temp_dir_beside,
-    write_text_atomic,
-)
+from posttrain.fileio import atomic_dir, atomic_write, write_text_atomic
 from posttrain.train.objectives import IGNORE, Objective
 
 Regularizer = Callable[[torch.nn.Module], torch.Tensor]
@@ -161,18 +156,17 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
     """Write checkpoints/step-N atomically: a temp dir, fully written, then renamed."""
     final = run_dir / "checkpoints" / f"step-{state.step}"
-    tmp = temp_dir_beside(final)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch_rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        torch_rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(torch_rng, tmp / "rng.pt")
-    (tmp / "rng.json").write_text(json.dumps(_rng_state()))
-    fields = {k: v for k, v in state.__dict__.items() if k != "history"}
-    (tmp / "state.json").write_text(json.dumps(fields, indent=2))  # written last: marks complete
-    publish_dir(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch_rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            torch_rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(torch_rng, tmp / "rng.pt")
+        (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+        fields = {k: v for k, v in state.__dict__.items() if k != "history"}
+        (tmp / "state.json").write_text(json.dumps(fields, indent=2))  # written last: marks complete
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
