@@ -6,7 +6,7 @@ import pytest
 
 from posttrain.config import build_config, load_yaml
 from posttrain.eval.tasks import EvalSpec
-from posttrain.cli import _stage
+from posttrain.stages import stage_of_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # synth_*.yaml configure `posttrain synth` (tests/data/test_synth.py validates them),
@@ -32,11 +32,11 @@ def _data_files(value) -> list[str]:
 
 @pytest.mark.parametrize("recipe", STAGE_RECIPES, ids=lambda p: p.stem)
 def test_recipe_validates_and_its_files_exist(recipe):
-    verb = load_yaml(recipe).get("stage", "sft").replace("_", "-")
-    config_cls, _ = _stage("sft" if verb == "pretrain" else verb)
+    stage = stage_of_recipe(load_yaml(recipe))
+    config_cls, _ = stage.load()
     cfg = build_config(config_cls, recipe)
     paths = _data_files(cfg.model_dump())
-    assert paths or verb == "scaling-fit", f"{recipe.name}: no data file"  # scaling-fit reads run dirs
+    assert paths or stage.role == "analysis", f"{recipe.name}: no data file"  # scaling-fit reads run dirs
     for path in paths:
         assert (ROOT / path).is_file(), f"{recipe.name}: {path} missing"
 

@@ -6,29 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from posttrain.stages import STAGES, Stage, verbs
+
 EPILOG = """sections: {sections} (all keys: --print-config).
 overrides: any config key as dotted key=value after the options, e.g.
   posttrain {verb} --config recipes/{recipe}.yaml train.lr=1e-4 adapter.r=8 data.train=my.jsonl"""
-SECTIONS = {"sft": ("model, adapter, data, train, eval, ewc", "sft_lora"),
-            "pretrain": ("model, adapter, data, train, eval, ewc", "pretrain"),
-            "rm": ("model, adapter, aspects, data, train", "rm"),
-            "dpo": ("model, adapter, data, dpo, train, eval (incl. eval.win_rate)", "dpo"),
-            "online-dpo": ("model, adapter, data, reward, sampling, dpo, train, eval, eval_every", "online_dpo"),
-            **{v: ("backend, model, adapter, data, reward, rollout, algo, critic, train, eval, eval_every", v)
-               for v in ("ppo", "grpo", "rloo")},
-            "quantize": ("model, quant, calibration, qat, train, eval", "quantize_int8"),
-            "prune": ("model, method, calibration, recovery, train, eval", "prune_depth"),
-            "distill": ("model, teacher, adapter, data, distill, train, eval", "distill"),
-            "export": ("model, formats, check", "export"),
-            "scaling-fit": ("runs, heldout, rho, restarts", "scaling_fit")}
-COMPRESS_VERBS = ("quantize", "prune", "distill", "export", "scaling-fit")
-RL_VERBS = ("ppo", "grpo", "rloo")
+STAGES_FOR_CLI = verbs("model", "compress", "export", "analysis")  # the eval stage is pipeline-only
 
 
-def _add_stage(sub, name: str, help_text: str):
-    sections, recipe = SECTIONS[name]
-    p = sub.add_parser(name, help=help_text, description=help_text,
-                       epilog=EPILOG.format(sections=sections, verb=name, recipe=recipe),
+def _add_stage(sub, stage: Stage):
+    p = sub.add_parser(stage.verb, help=stage.help, description=stage.help,
+                       epilog=EPILOG.format(sections=", ".join(stage.sections), verb=stage.verb, recipe=stage.recipe),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="recipe YAML (see recipes/)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
@@ -36,7 +24,7 @@ def _add_stage(sub, name: str, help_text: str):
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key with its value) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    if name in RL_VERBS:
+    if stage.backends:
         p.add_argument("--backend", choices=["local", "ray"],
                        help="where the worker groups run (default: the config's backend, local)")
     return p
@@ -80,20 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-training for language models: adapt, align, compress, evaluate, deploy.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
-    _add_stage(sub, "sft", "supervised fine-tuning (full, freeze, LoRA/DoRA, IA3, prompt tuning, bottleneck adapters)")
-    _add_stage(sub, "pretrain", "continued pre-training on raw text (domain adaptation)")
-    _add_stage(sub, "rm", "train a reward model (Bradley-Terry on preference pairs; one head per aspect)")
-    _add_stage(sub, "dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO")
-    _add_stage(sub, "online-dpo", "online DPO: sample from the policy, rank with a reward function, DPO step")
-    _add_stage(sub, "ppo", "PPO (actor, critic with GAE, frozen reference, reward function; KL penalty)")
-    _add_stage(sub, "grpo", "GRPO: k samples per prompt, group-relative advantages, KL (k3) in the loss")
-    _add_stage(sub, "rloo", "RLOO: k samples per prompt, leave-one-out baseline")
-    _add_stage(sub, "quantize", "quantize weights: int8 / int4 PTQ, int8 dynamic activations, or QAT then convert")
-    _add_stage(sub, "prune", "prune: magnitude, Wanda, 2:4, depth (layers) or width (heads, MLP channels), "
-                             "with optional recovery training")
-    _add_stage(sub, "distill", "knowledge distillation: logit (forward/reverse KL, JSD), sequence-level, on-policy")
-    _add_stage(sub, "export", "export a model: merged HF directory, GGUF (F16, Q8_0) with a round-trip check")
-    _add_stage(sub, "scaling-fit", "fit the P2 law to pruning-recovery runs and predict a held-out ratio")
+    for verb in STAGES_FOR_CLI:
+        _add_stage(sub, STAGES.get(verb))
 
     p = sub.add_parser("eval", help="evaluate a model (optionally against another) on local tasks",
                        description="Evaluate one model, or two side by side (--compare), on generation tasks "
@@ -319,65 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stage(verb: str):
-    """(config class, run function) of a training verb."""
-    if verb in ("sft", "pretrain"):
-        from posttrain.train.sft import SFTConfig, run_sft
-
-        return SFTConfig, run_sft
-    if verb == "online-dpo":
-        from posttrain.rl.online_dpo import OnlineDPOConfig, run_online_dpo
-
-        return OnlineDPOConfig, run_online_dpo
-    if verb in RL_VERBS:
-        from posttrain.rl.controller import RLConfig, run_rl
-
-        return RLConfig, run_rl
-    if verb == "quantize":
-        from posttrain.compress.quantize import QuantizeConfig, run_quantize
-
-        return QuantizeConfig, run_quantize
-    if verb == "prune":
-        from posttrain.compress.prune import PruneConfig, run_prune
-
-        return PruneConfig, run_prune
-    if verb == "distill":
-        from posttrain.compress.distill import DistillConfig, run_distill
-
-        return DistillConfig, run_distill
-    if verb == "export":
-        from posttrain.compress.export import ExportConfig, run_export
-
-        return ExportConfig, run_export
-    if verb == "scaling-fit":
-        from posttrain.compress.scaling import ScalingFitConfig, run_scaling_fit
-
-        return ScalingFitConfig, run_scaling_fit
-    from posttrain.train import preference
-
-    return {"rm": (preference.RMConfig, preference.run_rm), "dpo": (preference.DPOConfig, preference.run_dpo)}[verb]
-
-
 def cmd_stage(args) -> int:
     from posttrain.config import build_config
 
-    config_cls, run = _stage(args.verb)
-    overrides = list(args.overrides)
-    if args.verb == "pretrain":
-        overrides.insert(0, "stage=pretrain")
-    if args.verb in RL_VERBS:
-        overrides.insert(0, f"stage={args.verb}")
-        if args.backend:
-            overrides.append(f"backend={args.backend}")
+    stage = STAGES.get(args.verb)
+    config_cls, run = stage.load()
+    overrides = [f"{k}={v}" for k, v in stage.presets.items()] + list(args.overrides)
+    if stage.backends and args.backend:
+        overrides.append(f"backend={args.backend}")
     if args.print_config:
         from posttrain.config import dump_config
 
-        placeholders = (["data.prompts=PROMPTS.jsonl", "reward.type=verifier"] if args.verb in ("online-dpo", *RL_VERBS)
-                        else [] if args.verb in COMPRESS_VERBS
-                        else ["data.train=TRAIN.jsonl"])  # show the defaults without a data file
-        if not args.config:
+        if not args.config:  # show the defaults without a data file
             given = {o.split("=", 1)[0] for o in overrides}
-            overrides += [p for p in placeholders if p.split("=", 1)[0] not in given]
+            overrides += [p for p in stage.placeholders if p.split("=", 1)[0] not in given]
         print(dump_config(build_config(config_cls, args.config, overrides)), end="")
         return 0
     cfg = build_config(config_cls, args.config, overrides)
@@ -395,7 +326,7 @@ def cmd_run(args) -> int:
         state = run_pipeline(pipe, force=args.force)
     finally:  # also after a failed gate or an error: the report shows where the run stopped
         if (Path(pipe.output_dir) / "pipeline.json").is_file():
-            print(f"report: {write_pipeline_report(pipe.output_dir)}")
+            print(f"report: {write_pipeline_report(pipe.output_dir, verbs('compress'))}")
     table = metric_table(state)
     if table:
         print(format_table(table))
@@ -411,7 +342,7 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from posttrain.eval.report import write_pipeline_report
 
-    print(write_pipeline_report(args.output_dir))
+    print(write_pipeline_report(args.output_dir, verbs("compress")))
     return 0
 
 
@@ -733,7 +664,7 @@ def cmd_kb(args) -> int:
     return 0
 
 
-COMMANDS = {**{v: cmd_stage for v in ("sft", "pretrain", "rm", "dpo", "online-dpo", *RL_VERBS, *COMPRESS_VERBS)},
+COMMANDS = {**{v: cmd_stage for v in STAGES_FOR_CLI},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
             "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run,

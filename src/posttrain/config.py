@@ -52,6 +52,35 @@ class TrainConfig(Strict):
         return self
 
 
+class ModelConfig(Strict):
+    """The input model of a stage: every stage config has one."""
+
+    name: str = Field("default", description="'default', HF dir, run dir, .gguf file or hub id")
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class DataConfig(Strict):
+    """A training file of chat, completion or text records, and where its held-out part comes from."""
+
+    train: str = Field(..., description="JSONL/JSON/Parquet/CSV file or datasets directory")
+    eval: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out from train when no eval file")
+    kind: Literal["chat", "completion", "text"] | None = None
+    max_length: int = Field(1024, gt=8)
+    skip_invalid: bool = False
+
+
+class PairDataConfig(Strict):
+    """A file of preference pairs (prompt, chosen, rejected) and its held-out part."""
+
+    train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect)")
+    eval: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out from train when no eval file")
+    max_length: int = Field(512, gt=8)
+    skip_invalid: bool = False
+
+
 def valid_regex(pattern: str) -> str:
     """A pydantic validator body: the pattern compiles, else a message quoting it."""
     import re

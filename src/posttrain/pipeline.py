@@ -29,11 +29,11 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from posttrain.config import Strict, build_config, format_validation_error, load_yaml
+from posttrain.eval.suite import EvalConfig
 from posttrain.fileio import write_json_atomic
-from posttrain.train.sft import EvalConfig, ModelConfig
+from posttrain.stages import PIPELINE_ROLES, STAGES, verbs
 
-VERBS = ("sft", "pretrain", "rm", "dpo", "online-dpo", "ppo", "grpo", "rloo", "distill", "prune", "quantize",
-         "export", "eval")
+VERBS = verbs(*PIPELINE_ROLES)
 DATA_REF = re.compile(r"\$\{data\.([A-Za-z0-9_.-]+)\}")
 
 
@@ -132,7 +132,7 @@ class PipelineConfig(Strict):
         if self.deploy is not None:
             if "deploy" in names:
                 raise ValueError("stage name 'deploy' is taken by the deploy section")
-            makers = [s.name for s in self.stages if s.verb not in ("eval", "export")]
+            makers = _model_makers(self.stages)
             if self.deploy.source is not None and self.deploy.source not in makers:
                 raise ValueError(f"deploy.source {self.deploy.source!r} is not a stage that makes a model; "
                                  f"choose one of {makers}")
@@ -155,42 +155,16 @@ class PipelineConfig(Strict):
         """The stages, then the deploy section as one more: an export of the chosen stage's model."""
         if self.deploy is None:
             return list(self.stages)
-        source = self.deploy.source or [s.name for s in self.stages if s.verb not in ("eval", "export")][-1]
+        source = self.deploy.source or _model_makers(self.stages)[-1]
         overrides = {"model.name": str(Path(self.output_dir) / source), "formats": self.deploy.formats,
                      **self.deploy.overrides}
         return [*self.stages, StageSpec(name="deploy", verb="export", config=self.deploy.config,
                                         overrides=overrides, gate=self.deploy.gate)]
 
 
-class EvalStageConfig(Strict):
-    """An `eval` stage: score the previous stage's model (it is passed on unchanged)."""
-
-    stage: Literal["eval"] = "eval"
-    output_dir: str = "runs/eval"
-    model: ModelConfig = ModelConfig()
-    eval: EvalConfig = EvalConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> "EvalStageConfig":
-        if not self.eval.tasks and not self.eval.forgetting:
-            raise ValueError("eval stage: nothing to evaluate; give eval.tasks or eval.forgetting "
-                             "(or the pipeline's eval: section)")
-        return self
-
-
-def run_eval_stage(cfg: EvalStageConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    from posttrain.models import load_model, resolve_model_path
-    from posttrain.stage import prepare_run_dir, write_manifest
-    from posttrain.train.sft import evaluate_all, write_reports
-
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=True)
-    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    scores = evaluate_all(model, tok, cfg.eval)
-    write_json_atomic(run_dir / "eval.json", {"after": scores})
-    write_reports(run_dir, {}, scores)
-    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)}}
-    return write_manifest(run_dir, "eval", inputs, {"eval_after": scores}, started)
+def _model_makers(stages: list[StageSpec]) -> list[str]:
+    """Names of the stages whose output is a new model (deploy sources)."""
+    return [s.name for s in stages if STAGES.get(s.verb).role in ("model", "compress")]
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -208,7 +182,7 @@ def input_model(pipe: PipelineConfig, index: int) -> str:
     """The model stage `index` reads: the last earlier stage that made one (eval stages pass theirs on)."""
     stages = pipe.all_stages()
     for prev in reversed(stages[:index]):
-        if prev.verb != "eval":
+        if STAGES.get(prev.verb).role != "eval":
             return str(Path(pipe.output_dir) / prev.name)
     return pipe.model.name
 
@@ -216,23 +190,20 @@ def input_model(pipe: PipelineConfig, index: int) -> str:
 def stage_config(pipe: PipelineConfig, index: int):
     """(config, run fn) of stage `index`, built like the CLI builds it, plus the pipeline's
     model initialisation and eval section where the stage's config has those fields."""
-    from posttrain.cli import RL_VERBS
-
     stages = pipe.all_stages()
     spec = stages[index]
-    cls, run = stage_fns(spec.verb)
+    entry = STAGES.get(spec.verb)
+    cls, run = entry.load()
     fields = cls.model_fields
-    sets: dict[str, Any] = {}
-    if spec.verb == "pretrain" or spec.verb in RL_VERBS:
-        sets["stage"] = spec.verb
+    sets: dict[str, Any] = dict(entry.presets)
     sets["model.name"] = input_model(pipe, index)
-    if pipe.model.dtype is not None and spec.verb != "export":
+    if pipe.model.dtype is not None and entry.role != "export":
         sets["model.dtype"] = pipe.model.dtype
     if pipe.model.adapter is not None and "adapter" in fields:
         sets.update({f"adapter.{k}": v for k, v in pipe.model.adapter.items()})
     if pipe.eval is not None and spec.eval and "eval" in fields:
-        first = next(i for i, s in enumerate(stages) if s.eval and "eval" in stage_fns(s.verb)[0].model_fields)
-        sets["eval"] = {**pipe.eval, "before": index == first and spec.verb != "eval"}
+        first = next(i for i, s in enumerate(stages) if s.eval and "eval" in STAGES.get(s.verb).load()[0].model_fields)
+        sets["eval"] = {**pipe.eval, "before": index == first and entry.role != "eval"}
     sets["output_dir"] = str(Path(pipe.output_dir) / spec.name)
     refs = {name: json.dumps(str(data_path(pipe, name)))[1:-1] for name in pipe.data}  # escaped inside JSON
     sets.update(json.loads(DATA_REF.sub(lambda m: refs[m.group(1)], json.dumps(spec.overrides))))
@@ -241,13 +212,6 @@ def stage_config(pipe: PipelineConfig, index: int):
         return build_config(cls, spec.config, overrides), run
     except ValueError as exc:
         raise ValueError(f"stage {spec.name!r} ({spec.verb}): {exc}") from None
-
-
-def stage_fns(verb: str):
-    """(config class, run function) of a pipeline verb: the CLI's stages plus `eval`."""
-    from posttrain.cli import _stage
-
-    return (EvalStageConfig, run_eval_stage) if verb == "eval" else _stage(verb)
 
 
 def model_fingerprint(spec: str) -> str:
@@ -464,7 +428,7 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
             state["stages"][spec.name] = record
             write_json_atomic(out / "pipeline.json", state)
         fps[str(out / spec.name)] = fp
-        if spec.verb != "export":  # an export's checks are not model metrics
+        if STAGES.get(spec.verb).role != "export":  # an export's checks are not model metrics
             previous_metrics = {**(previous_metrics or {}), **record["metrics"]}  # the latest value of each
     return state
 

@@ -11,8 +11,11 @@ import os
 import platform
 import subprocess
 import sys
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel
@@ -77,6 +80,65 @@ def prepare_run_dir(output_dir: str | Path, cfg: BaseModel, resume: bool, overwr
                 target.unlink()
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
     return run_dir
+
+
+@dataclass
+class StageRun:
+    """A started stage: its run dir, when it started, and its input model (None when not loaded)."""
+
+    cfg: Any
+    run_dir: Path
+    started: float
+    resume: bool
+    model: Any = None
+    tokenizer: Any = None
+
+    def cached(self, name: str, compute: Callable[[], dict]) -> dict:
+        """`compute()` once, kept as run_dir/NAME: a resumed run reads it back, since what it
+        measured (the starting model) is gone once training has moved the weights."""
+        path = self.run_dir / name
+        if self.resume and path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        write_json_atomic(path, value)
+        return value
+
+    def finish(self, inputs: dict, outputs: dict) -> dict:
+        """Write manifest.json (inputs, outputs, timing, versions); returns it."""
+        return write_manifest(self.run_dir, self.cfg.stage, inputs, outputs, self.started)
+
+
+def start_stage(cfg, resume: bool = False, overwrite: bool = False, seed: int | None = None,
+                load: bool = True, dtype: str | None = None) -> StageRun:
+    """What every stage does first: the run dir with its config.yaml (refusing to mix two runs),
+    the seed, and the input model `cfg.model` (in `dtype` when the stage needs another)."""
+    started = time.time()
+    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
+    if seed is not None:
+        torch.manual_seed(seed)
+    run = StageRun(cfg, run_dir, started, resume)
+    if load:
+        from posttrain.models import load_model
+
+        run.model, run.tokenizer = load_model(cfg.model.name, dtype=dtype or cfg.model.dtype,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    return run
+
+
+def model_input(spec: str) -> dict:
+    from posttrain.models import resolve_model_path
+
+    return {"spec": spec, "resolved": resolve_model_path(spec)}
+
+
+def stage_inputs(model_spec: str, files: dict[str, str | None], eval_tasks=(), **models: str) -> dict:
+    """The manifest's inputs: the model spec and the path it resolved to (also for each other
+    model in `models`, e.g. teacher=...), each named file and eval task file with its content hash."""
+    inputs = {"model": model_input(model_spec), **{k: model_input(v) for k, v in models.items()},
+              "data": {k: {"path": p, "sha256": content_hash(p)} for k, p in files.items() if p}}
+    if eval_tasks:
+        inputs["eval_tasks"] = {t.name: {"path": t.path, "sha256": content_hash(t.path)} for t in eval_tasks}
+    return inputs
 
 
 def write_manifest(run_dir: Path, stage: str, inputs: dict, outputs: dict, started: float) -> dict:

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from posttrain.eval.report import bar_chart, format_table, loss_curve, read_metrics, write_json_atomic
+from posttrain.stages import verbs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULTS = {"base": {"gsm": 0.25, "ppl": 22.2712}, "tuned": {"gsm": 0.5, "ppl": 20.0, "f1": 0.1}}
@@ -176,7 +177,7 @@ def test_pipeline_report_has_every_section(tmp_path):
     from posttrain.eval.report import write_pipeline_report
 
     out = make_pipeline_dir(tmp_path)
-    path = write_pipeline_report(out)
+    path = write_pipeline_report(out, verbs("compress"))
     assert path == out / "report" / "report.html"
     text = path.read_text(encoding="utf-8")
     for name in ("sft", "dpo", "grpo", "prune", "distill", "quantize", "export"):
@@ -203,7 +204,7 @@ def test_pipeline_report_of_a_stopped_run_escapes_and_shows_dashes(tmp_path):
     out = make_pipeline_dir(tmp_path, stopped=True)
     (out / "report").mkdir()
     (out / "report" / "curves-old.png").write_bytes(PNG_MAGIC)  # a figure of an earlier run: removed
-    text = write_pipeline_report(out).read_text(encoding="utf-8")
+    text = write_pipeline_report(out, verbs("compress")).read_text(encoding="utf-8")
     assert "stopped by a gate after stage quantize" in text.replace("</b>", "")
     assert HOSTILE not in text and not _external_links(text)
     assert set(_page_parts(text)[0]) <= {"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "h3",
@@ -218,7 +219,7 @@ def test_pipeline_report_of_a_stopped_run_escapes_and_shows_dashes(tmp_path):
     state = json.loads((out / "pipeline.json").read_text())
     state["stages"]["quantize"].update(status="error", error="RuntimeError: " + HOSTILE, gates=[])
     (out / "pipeline.json").write_text(json.dumps(state))
-    text = write_pipeline_report(out).read_text(encoding="utf-8")
+    text = write_pipeline_report(out, verbs("compress")).read_text(encoding="utf-8")
     assert "status: <b>error in stage quantize</b>" in text and "<script" not in text.lower()
     assert f'<span class="badge error">error</span><div class="msg">RuntimeError: {html.escape(HOSTILE)}</div>' in text
 
@@ -227,17 +228,17 @@ def test_pipeline_report_bad_inputs(tmp_path):
     from posttrain.eval.report import write_pipeline_report
 
     with pytest.raises(FileNotFoundError, match="no pipeline.json"):
-        write_pipeline_report(tmp_path)
+        write_pipeline_report(tmp_path, verbs("compress"))
     (tmp_path / "pipeline.json").write_text('{"name": "x",\n "stages": [}')
     with pytest.raises(ValueError, match=r"pipeline\.json:2: not valid JSON"):
-        write_pipeline_report(tmp_path)
+        write_pipeline_report(tmp_path, verbs("compress"))
     (tmp_path / "pipeline.json").write_text('{"name": "x", "stages": {"a": 3}}')
     with pytest.raises(ValueError, match="stages.a: expected an object"):
-        write_pipeline_report(tmp_path)
+        write_pipeline_report(tmp_path, verbs("compress"))
     # a broken metrics.jsonl is named in the page; the rest still renders
     (tmp_path / "pipeline.json").write_text('{"name": "x", "stages": {"a": {"verb": "sft", "status": "done"}}}')
     _jsonl(tmp_path / "a" / "metrics.jsonl", [{"loss": 1.0}])
-    text = write_pipeline_report(tmp_path).read_text()
+    text = write_pipeline_report(tmp_path, verbs("compress")).read_text()
     assert "metrics.jsonl:1:step: a row with &#x27;loss&#x27; needs a numeric step" in text
     assert "\u2014 (no stage recorded eval metrics)" in text
 
@@ -261,7 +262,7 @@ def test_every_embedded_image_decodes(tmp_path):
 
     from posttrain.eval.report import write_pipeline_report
 
-    text = write_pipeline_report(make_pipeline_dir(tmp_path)).read_text(encoding="utf-8")
+    text = write_pipeline_report(make_pipeline_dir(tmp_path), verbs("compress")).read_text(encoding="utf-8")
     blobs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert len(blobs) == 5
     for blob in blobs:
@@ -307,7 +308,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert any("Uncaught ReferenceError" in line for line in console), console
     assert _ink(tmp_path / "scratch.png")[0] == 1
 
-    page = write_pipeline_report(make_pipeline_dir(tmp_path, stopped=True))
+    page = write_pipeline_report(make_pipeline_dir(tmp_path, stopped=True), verbs("compress"))
     shot = tmp_path / "report.png"
     assert _chromium_render(page, shot, tmp_path / "profile") == []
     colours, ink, background = _ink(shot)

@@ -7,7 +7,8 @@ import pytest
 from posttrain.cli import main
 from posttrain.models import save_model, tiny_model
 from posttrain.rl.rewards import load_reward_model
-from posttrain.train.preference import DPOConfig, RMConfig, load_pairs, run_dpo, run_rm
+from posttrain.data.examples import load_pairs
+from posttrain.train.preference import DPOConfig, RMConfig, run_dpo, run_rm
 
 
 @pytest.fixture

@@ -55,7 +55,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from itertools import pairwise
 from pathlib import Path
 from typing import Literal
@@ -67,7 +66,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import Strict, TrainConfig
+from posttrain.config import DataConfig, ModelConfig, Strict, TrainConfig
 from posttrain.models import base_model
 from posttrain.train.objectives import (
     IGNORE,
@@ -80,13 +79,9 @@ from posttrain.train.objectives import (
     loss_position_hidden,
     wrapper_label_logits,
 )
-from posttrain.train.sft import (
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    check_adapter_training,
-    split_eval,
-)
+from posttrain.data.examples import encode_file, with_held_out
+from posttrain.eval.suite import EvalConfig, evaluate_all
+from posttrain.train.sft import check_adapter_training
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 MODES = ("logit", "sequence", "on_policy")
@@ -464,7 +459,6 @@ def _load_examples(cfg: DistillConfig, path: str, tokenizer, teacher, run_dir: P
     from posttrain.data.formats import load_records
     from posttrain.data.templates import encode_record
     from posttrain.generate.engine import GenerationConfig
-    from posttrain.train.sft import encode_file
 
     mode, d = cfg.distill.mode, cfg.data
     if mode == "logit":
@@ -504,46 +498,29 @@ def _load_examples(cfg: DistillConfig, path: str, tokenizer, teacher, run_dir: P
     return examples, {**report, "teacher_generations": str(cache), "examples": len(examples)}
 
 
-def _cached_eval(path: Path, resume: bool, fn) -> dict:
-    from posttrain.stage import write_json_atomic
-
-    if resume and path.exists():
-        return json.loads(path.read_text())
-    scores = fn()
-    write_json_atomic(path, scores)
-    return scores
-
-
 def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the stage end to end (run dir like run_sft, plus the teacher's scores); returns the manifest."""
     from posttrain.adapters import apply_adapter, trainable_summary
-    from posttrain.models import load_model, resolve_model_path, save_model
-    from posttrain.stage import content_hash, prepare_run_dir, write_manifest
+    from posttrain.models import load_model, save_model
+    from posttrain.stage import stage_inputs, start_stage
     from posttrain.train.loop import train
     from posttrain.train.objectives import causal_lm_loss
-    from posttrain.train.sft import evaluate_all
 
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    run = start_stage(cfg, resume, overwrite, seed=cfg.train.seed)
+    model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
     teacher, teacher_tokenizer = load_model(cfg.teacher.name, dtype=cfg.teacher.dtype,
                                             trust_remote_code=cfg.teacher.trust_remote_code, merge_adapter=True)
     check_same_vocab(model, tokenizer, teacher, teacher_tokenizer)
     freeze_teacher(teacher)
 
-    examples, data_report = _load_examples(cfg, cfg.data.train, tokenizer, teacher, run_dir, "train", resume)
-    eval_examples = None
-    if cfg.data.eval:
-        eval_examples, _ = _load_examples(cfg, cfg.data.eval, tokenizer, teacher, run_dir, "eval", resume)
-    elif cfg.data.eval_fraction:
-        examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+    examples, eval_examples, data_report = with_held_out(
+        cfg.data, cfg.train.seed,
+        lambda path, name: _load_examples(cfg, path, tokenizer, teacher, run_dir, name, resume))
     print(f"data: {data_report}")
 
-    before = _cached_eval(run_dir / "eval_before.json", resume,
-                          lambda: evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {})
-    teacher_scores = _cached_eval(run_dir / "eval_teacher.json", resume,
-                                  lambda: evaluate_all(teacher, tokenizer, cfg.eval) if cfg.eval.teacher else {})
+    before = run.cached("eval_before.json", lambda: evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {})
+    teacher_scores = run.cached("eval_teacher.json",
+                                lambda: evaluate_all(teacher, tokenizer, cfg.eval) if cfg.eval.teacher else {})
     model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)
     print(summary["line"])
@@ -565,13 +542,8 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     _write_reports(run_dir, teacher_scores, before, after)
     outputs = {"train": train_summary, "eval_before": before, "eval_after": after, "eval_teacher": teacher_scores,
                "data": data_report, "trainable": summary, "mode": s.mode}
-    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)},
-              "teacher": {"spec": cfg.teacher.name, "resolved": resolve_model_path(cfg.teacher.name)},
-              "data": {k: {"path": p, "sha256": content_hash(p)}
-                       for k, p in (("train", cfg.data.train), ("eval", cfg.data.eval),
-                                    ("forgetting", cfg.eval.forgetting)) if p},
-              "eval_tasks": {t.name: {"path": t.path, "sha256": content_hash(t.path)} for t in cfg.eval.tasks}}
-    return write_manifest(run_dir, cfg.stage, inputs, outputs, started)
+    files = {"train": cfg.data.train, "eval": cfg.data.eval, "forgetting": cfg.eval.forgetting}
+    return run.finish(stage_inputs(cfg.model.name, files, cfg.eval.tasks, teacher=cfg.teacher.name), outputs)
 
 
 def _write_reports(run_dir: Path, teacher: dict, before: dict, after: dict) -> None:

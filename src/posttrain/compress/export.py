@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -28,7 +27,7 @@ from torch import nn
 
 from posttrain.config import Strict
 from posttrain.fileio import atomic_write
-from posttrain.train.sft import ModelConfig
+from posttrain.config import ModelConfig
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -479,11 +478,11 @@ def run_export(cfg: ExportConfig, resume: bool = False, overwrite: bool = False)
     With resume, outputs already written (atomically, so complete) are kept and only checked.
     """
     from posttrain.eval.tasks import load_texts
-    from posttrain.models import load_model, resolve_model_path
-    from posttrain.stage import content_hash, prepare_run_dir, write_manifest
+    from posttrain.models import load_model
+    from posttrain.stage import stage_inputs, start_stage
 
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
+    run = start_stage(cfg, resume, overwrite, load=False)  # loaded below with the adapter merged
+    run_dir = run.run_dir
     texts = load_texts(cfg.check_data, cfg.check_texts) if cfg.check and cfg.check_data else None
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
                                   trust_remote_code=cfg.model.trust_remote_code, merge_adapter=True)
@@ -513,10 +512,7 @@ def run_export(cfg: ExportConfig, resume: bool = False, overwrite: bool = False)
         if cfg.check:
             print(f"check {fmt}: {entry['check']}")
         outputs[fmt] = entry
-    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)}}
-    if texts:
-        inputs["check_data"] = {"path": cfg.check_data, "sha256": content_hash(cfg.check_data)}
-    return write_manifest(run_dir, "export", inputs, outputs, started)
+    return run.finish(stage_inputs(cfg.model.name, {"check_data": cfg.check_data if texts else None}), outputs)
 
 
 def _fp32_copy(model):

@@ -18,7 +18,6 @@ Activation statistics come from forward hooks over calibration batches:
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Literal
 
@@ -27,8 +26,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from posttrain.config import Strict, TrainConfig
-from posttrain.train.sft import DataConfig, ModelConfig
+from posttrain.config import DataConfig, ModelConfig, Strict, TrainConfig
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -545,43 +543,31 @@ def apply_method(model, cfg: PruneConfig, calib: list[dict[str, Tensor]]) -> tup
 
 def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Load, measure L0, prune, measure, optionally recover through the loop, save final/; returns the manifest."""
+    from posttrain.data.examples import encode_file, with_held_out
+    from posttrain.eval.suite import write_reports
     from posttrain.eval.tasks import load_texts
-    from posttrain.models import load_model, resolve_model_path, save_model
-    from posttrain.stage import (
-        content_hash,
-        prepare_run_dir,
-        write_json_atomic,
-        write_manifest,
-    )
-    from posttrain.train.sft import encode_file, split_eval
+    from posttrain.models import save_model
+    from posttrain.stage import stage_inputs, start_stage
 
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
     rec = cfg.recovery
     train_cfg = rec.train if rec else TrainConfig()
-    torch.manual_seed(train_cfg.seed)
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    run = start_stage(cfg, resume, overwrite, seed=train_cfg.seed)
+    model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
     pad = tokenizer.pad_token_id
 
     examples = eval_examples = None
     data_report = None
     if rec:
         kind = "text" if rec.objective == "pretrain" else rec.data.kind
-        examples, data_report = encode_file(tokenizer, rec.data.train, kind, rec.data.max_length, rec.data.skip_invalid)
-        if rec.data.eval:
-            eval_examples, _ = encode_file(tokenizer, rec.data.eval, kind, rec.data.max_length, rec.data.skip_invalid)
-        else:
-            examples, eval_examples = split_eval(examples, rec.data.eval_fraction, train_cfg.seed)
+        examples, eval_examples, data_report = with_held_out(  # recovery.data has eval or eval_fraction
+            rec.data, train_cfg.seed,
+            lambda path, _: encode_file(tokenizer, path, kind, rec.data.max_length, rec.data.skip_invalid))
     elif cfg.eval:
         eval_examples, _ = encode_file(tokenizer, cfg.eval, None, cfg.eval_max_length, False)
 
-    before_path = run_dir / "prune_before.json"
-    if resume and before_path.exists():
-        before = json.loads(before_path.read_text())
-    else:
-        before = {"params": param_count(model), "nonzero_params": param_count(model, nonzero=True),
-                  "L0": lm_eval_loss(model, eval_examples, train_cfg, pad) if eval_examples else None}
-        write_json_atomic(before_path, before)
+    before = run.cached("prune_before.json", lambda: {
+        "params": param_count(model), "nonzero_params": param_count(model, nonzero=True),
+        "L0": lm_eval_loss(model, eval_examples, train_cfg, pad) if eval_examples else None})
     print(f"before pruning: {before}")
 
     teacher = None
@@ -619,8 +605,6 @@ def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -
                                      eval_examples=eval_examples, resume=resume)
         if masks is not None:
             bake_masks(model)
-        from posttrain.train.sft import write_reports
-
         write_reports(run_dir, {}, {})
     final_report = sparsity_report(model)
     save_model(model, tokenizer, run_dir / "final")
@@ -645,6 +629,4 @@ def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -
         data_inputs.update(train=rec.data.train, eval=rec.data.eval)
     elif cfg.eval:
         data_inputs["eval"] = cfg.eval
-    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)},
-              "data": {k: {"path": p, "sha256": content_hash(p)} for k, p in data_inputs.items() if p}}
-    return write_manifest(run_dir, "prune", inputs, outputs, started)
+    return run.finish(stage_inputs(cfg.model.name, data_inputs), outputs)

@@ -35,7 +35,8 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from posttrain.config import Strict, TrainConfig
-from posttrain.train.sft import EvalConfig, ModelConfig
+from posttrain.config import ModelConfig
+from posttrain.eval.suite import EvalConfig
 
 QUANT_FILE = "quantization.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -572,23 +573,14 @@ class QuantizeConfig(Strict):
 
 def run_quantize(cfg: QuantizeConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """PTQ (or QAT then convert) -> quantized checkpoint in output_dir/final, with before/after eval."""
-    import time
-
-    from posttrain.models import load_model, resolve_dtype, resolve_model_path
-    from posttrain.stage import (
-        content_hash,
-        prepare_run_dir,
-        write_json_atomic,
-        write_manifest,
-    )
-    from posttrain.train.sft import evaluate_all, write_reports
+    from posttrain.eval.suite import evaluate_all, write_reports
+    from posttrain.models import resolve_dtype
+    from posttrain.stage import stage_inputs, start_stage, write_json_atomic
 
     if resume:
         raise ValueError("quantize: --resume is not supported (PTQ takes seconds; rerun with --overwrite)")
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=overwrite)
-    train_dtype = "fp32" if cfg.qat else cfg.model.dtype
-    model, tok = load_model(cfg.model.name, dtype=train_dtype, trust_remote_code=cfg.model.trust_remote_code)
+    run = start_stage(cfg, overwrite=overwrite, dtype="fp32" if cfg.qat else None)
+    model, tok, run_dir = run.model, run.tokenizer, run.run_dir
     before = evaluate_all(model, tok, cfg.eval) if cfg.eval.before else {}
     bytes_before = weight_bytes(model)
     train_summary = None
@@ -611,17 +603,14 @@ def run_quantize(cfg: QuantizeConfig, resume: bool = False, overwrite: bool = Fa
     write_json_atomic(run_dir / "eval.json", {"before": before, "after": after})
     write_reports(run_dir, before, after)
     print(f"weights: {bytes_before / 1e6:.1f} MB -> {outputs['weight_bytes_after'] / 1e6:.1f} MB")
-    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)}}
-    if cfg.qat:
-        inputs["data"] = {"train": {"path": cfg.qat.data, "sha256": content_hash(cfg.qat.data)}}
-    return write_manifest(run_dir, "quantize", inputs, outputs, started)
+    return run.finish(stage_inputs(cfg.model.name, {"train": cfg.qat.data if cfg.qat else None}), outputs)
 
 
 def _qat(model: nn.Module, tok, cfg: QuantizeConfig, run_dir: Path):
     """Fake-quantized training of the target linears (everything else frozen) through the loop."""
     from posttrain.train.loop import train
     from posttrain.train.objectives import get_objective
-    from posttrain.train.sft import encode_file
+    from posttrain.data.examples import encode_file
 
     q = cfg.qat
     kind = "text" if q.objective == "pretrain" else q.kind

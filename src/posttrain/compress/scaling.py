@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -293,15 +292,10 @@ class ScalingFitConfig(Strict):
 def run_scaling_fit(cfg: ScalingFitConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Fit on cfg.runs, predict cfg.heldout; writes p2_fit.json, plots/p2_fit.png and the manifest.
     The fit takes seconds, so resume simply fits again."""
-    from posttrain.stage import (
-        content_hash,
-        prepare_run_dir,
-        write_json_atomic,
-        write_manifest,
-    )
+    from posttrain.stage import content_hash, start_stage, write_json_atomic
 
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
+    run = start_stage(cfg, resume, overwrite, load=False)
+    run_dir = run.run_dir
     fit_points = points_from_runs(cfg.runs, rho=cfg.rho, min_tokens=cfg.min_tokens)
     fit = fit_p2(fit_points, restarts=cfg.restarts, seed=cfg.seed)
     result = {"fit": fit, "fit_runs": cfg.runs}
@@ -321,4 +315,4 @@ def run_scaling_fit(cfg: ScalingFitConfig, resume: bool = False, overwrite: bool
                            "metrics_sha256": content_hash(Path(r) / "metrics.jsonl")}
                        for r in [*cfg.runs, *cfg.heldout]}}
     outputs = {k: v for k, v in result.items() if k != "heldout_curve"}
-    return write_manifest(run_dir, "scaling_fit", inputs, outputs, started)
+    return run.finish(inputs, outputs)

@@ -16,7 +16,7 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 from posttrain.data.formats import read_jsonl
 from posttrain.fileio import atomic_write, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
@@ -185,7 +185,6 @@ def metric_curves(metrics_jsonl_path: str | os.PathLike, png_path: str | os.Path
 # ---------------------------------------------------------------------------------------------
 
 DASH = "\u2014"
-COMPRESS_VERBS = ("quantize", "prune", "distill")
 _CURVE_WORDS = ("loss", "reward", "margin", "acc", "kl", "score")  # metrics.jsonl keys worth a curve
 _CURVE_SKIP = ("kl_coef", "loss_tokens")
 _LOWER_IS_BETTER = ("ppl", "perplexity", "loss")  # names that read "lower is better" in the delta colours
@@ -435,11 +434,12 @@ def _mb_value(n) -> float | None:
     return n / 1e6 if _is_number(n) else None
 
 
-def _compression_section(rows: list[tuple[str, dict]], report_dir: Path, pngs: dict[str, Path]) -> str:
+def _compression_section(rows: list[tuple[str, dict]], report_dir: Path, pngs: dict[str, Path],
+                         compress_verbs: Collection[str]) -> str:
     """Size vs quality before/after each compression stage: a table and one scatter panel per stage x metric."""
     from matplotlib.figure import Figure
 
-    stages = [(n, r) for n, r in rows if r.get("verb") in COMPRESS_VERBS and r.get("status") != "not_reached"]
+    stages = [(n, r) for n, r in rows if r.get("verb") in compress_verbs and r.get("status") != "not_reached"]
     if not stages:
         return f"<p>{DASH} (no quantize, prune or distill stage)</p>"
     parts, panels = [], []
@@ -502,9 +502,9 @@ def _export_section(out: Path, rows: list[tuple[str, dict]]) -> str:
     return _table(["stage", "format", "path (under the output dir)", "size", "round-trip check"], body, {3})
 
 
-def write_pipeline_report(output_dir: str | os.PathLike) -> Path:
+def write_pipeline_report(output_dir: str | os.PathLike, compress_verbs: Collection[str]) -> Path:
     """Write `<output_dir>/report/report.html` (+ the same figures as PNGs) from pipeline.json and the
-    stage run dirs. The page embeds its PNGs as data: URIs and has no script or external URL, so it
+    stage run dirs; `compress_verbs` (the stage registry's compress role) get the trade-offs section. The page embeds its PNGs as data: URIs and has no script or external URL, so it
     can be mailed or archived as one file. Missing pieces show as a dash rather than failing."""
     out = Path(output_dir)
     state = _load_state(out)
@@ -524,7 +524,7 @@ def write_pipeline_report(output_dir: str | os.PathLike) -> Path:
         ("Stages", _stage_table(rows)),
         ("Eval metrics before and after each stage", _metric_section(state, report_dir, pngs)),
         ("Training curves", _curves_section(out, rows, report_dir, pngs)),
-        ("Compression trade-offs", _compression_section(rows, report_dir, pngs)),
+        ("Compression trade-offs", _compression_section(rows, report_dir, pngs, compress_verbs)),
         ("Export", _export_section(out, rows)),
     ]
     for stale in report_dir.glob("*.png"):  # figures of stages no longer in the run

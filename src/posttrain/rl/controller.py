@@ -29,7 +29,8 @@ from posttrain.adapters import AdapterConfig
 from posttrain.config import Strict
 from posttrain.rl.online_dpo import OnlineDataConfig
 from posttrain.train.preference import PairTrainConfig
-from posttrain.train.sft import EvalConfig, ModelConfig
+from posttrain.config import ModelConfig
+from posttrain.eval.suite import EvalConfig, evaluate_all
 
 IGNORE = -100
 
@@ -441,8 +442,6 @@ class ActorWorker:
         return out
 
     def evaluate(self, eval_cfg: EvalConfig) -> dict:
-        from posttrain.train.sft import evaluate_all
-
         self.rollout.sync(self.raw)
         return evaluate_all(self.rollout.model, self.tokenizer, eval_cfg)
 
@@ -692,17 +691,16 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     from posttrain.data.formats import load_records
     from posttrain.eval.report import metric_curves
-    from posttrain.models import resolve_model_path
+    from posttrain.eval.suite import write_reports
     from posttrain.rl.algorithms import AdaptiveKL
     from posttrain.rl.rollout import prompt_batches, reward_ends
-    from posttrain.stage import content_hash, prepare_run_dir, write_manifest
+    from posttrain.stage import stage_inputs, start_stage
     from posttrain.train.loop import MetricsLog
-    from posttrain.train.sft import write_reports
 
     if resume:
         raise ValueError(f"{cfg.stage} has no checkpoints to resume from yet; rerun with --overwrite")
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=overwrite)
+    run = start_stage(cfg, overwrite=overwrite, load=False)  # the worker groups load their own copies
+    run_dir = run.run_dir
     records = load_records(cfg.data.prompts, kind="prompt").records
     held = None
     if cfg.eval.held_out_reward is not None:
@@ -762,6 +760,4 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     outputs = {"steps": len(history), "reward_first5": first, "reward_last5": last, "eval_before": before,
                "eval_after": after, "mean_phase_s": timing, "backend": cfg.backend,
                "final_kl": history[-1]["kl"]}
-    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)},
-              "data": {"prompts": {"path": cfg.data.prompts, "sha256": content_hash(cfg.data.prompts)}}}
-    return write_manifest(run_dir, cfg.stage, inputs, outputs, started)
+    return run.finish(stage_inputs(cfg.model.name, {"prompts": cfg.data.prompts}), outputs)

@@ -21,7 +21,8 @@ from pydantic import Field, model_validator
 from posttrain.adapters import AdapterConfig
 from posttrain.config import Strict
 from posttrain.train.preference import DPOSettings, PairTrainConfig, disables_to_base
-from posttrain.train.sft import EvalConfig, ModelConfig
+from posttrain.config import ModelConfig
+from posttrain.eval.suite import EvalConfig, evaluate_all, write_reports
 
 
 class OnlineDataConfig(Strict):
@@ -118,19 +119,16 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     from posttrain.data.templates import encode_preference
     from posttrain.eval.report import metric_curves
     from posttrain.generate.engine import GenerationConfig, generate
-    from posttrain.models import load_model, resolve_model_path, save_model
+    from posttrain.models import save_model
     from posttrain.rl.rewards import build_reward
     from posttrain.rl.rollout import RolloutModel, prompt_batches, reward_ends
-    from posttrain.stage import content_hash, prepare_run_dir, write_manifest
+    from posttrain.stage import stage_inputs, start_stage
     from posttrain.train.loop import MetricsLog, build_optimizer, lr_lambda, optimizer_step
-    from posttrain.train.sft import evaluate_all, write_reports
 
     if resume:
         raise ValueError("online DPO has no checkpoints to resume from yet; rerun with --overwrite")
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=False, overwrite=overwrite)
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    run = start_stage(cfg, overwrite=overwrite, seed=cfg.train.seed)
+    model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
     records = load_records(cfg.data.prompts, kind="prompt").records
     reward_fn = build_reward(cfg.reward, tokenizer=tokenizer)
     before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
@@ -206,6 +204,4 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     outputs = {"steps": len(history), "reward_first5": first, "reward_last5": last, "eval_before": before,
                "eval_after": after, "trainable": summary,
                "pairs_total": sum(h["pairs"] for h in history)}
-    inputs = {"model": {"spec": cfg.model.name, "resolved": resolve_model_path(cfg.model.name)},
-              "data": {"prompts": {"path": cfg.data.prompts, "sha256": content_hash(cfg.data.prompts)}}}
-    return write_manifest(run_dir, cfg.stage, inputs, outputs, started)
+    return run.finish(stage_inputs(cfg.model.name, {"prompts": cfg.data.prompts}), outputs)

@@ -8,8 +8,6 @@ read preference records (`prompt`, `chosen`, `rejected`, optional `margin` and
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from typing import Literal
 
@@ -17,9 +15,9 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import Strict, TrainConfig
-from posttrain.train.sft import EvalConfig, ModelConfig
-
+from posttrain.config import ModelConfig, PairDataConfig, Strict, TrainConfig
+from posttrain.data.examples import split_pairs
+from posttrain.eval.suite import EvalConfig, evaluate_all, write_reports
 
 
 class PairTrainConfig(TrainConfig):
@@ -39,76 +37,10 @@ class DPOTrainConfig(PairTrainConfig):
     max_tokens: int = Field(4096, gt=0, description="tokens per packed micro-batch")
 
 
-class PairDataConfig(Strict):
-    train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect)")
-    eval: str | None = None
-    eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out from train when no eval file")
-    max_length: int = Field(512, gt=8)
-    skip_invalid: bool = False
-
-
 def _pairs_train_check(train: TrainConfig) -> None:
     if train.packing:
         raise ValueError("train.packing: a reward model reads each sequence's last token from padded rows; "
                          "set train.packing=false")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def load_pairs(tokenizer, path: str, max_length: int, skip_invalid: bool,
-               aspects: list[str] | None = None) -> tuple[list[dict], dict]:
-    """Load, validate and encode preference records. With `aspects`, a record's `aspect`
-    (a name from that list, or absent = the first) becomes the reward head's index;
-    without, the field is ignored (DPO)."""
-    from posttrain.data.formats import load_records
-    from posttrain.data.templates import encode_preference
-
-    data = load_records(path, kind="preference", skip_invalid=skip_invalid)
-    examples, dropped = [], 0
-    for i, record in enumerate(data.records):
-        record = dict(record)
-        aspect = record.pop("aspect", None)
-        if aspects is not None:
-            if aspect is None:
-                aspect = aspects[0]
-            if aspect not in aspects:
-                raise ValueError(f"{path}: record {i + 1}: field 'aspect' must be one of {aspects}; got {aspect!r}")
-            record["aspect"] = aspects.index(aspect)
-        ex = encode_preference(tokenizer, record, max_length=max_length)
-        if ex is None:
-            dropped += 1
-            continue
-        examples.append(ex)
-    if not examples:
-        raise ValueError(f"{path}: no pair fits in {max_length} tokens")
-    report = {"path": path, "records": len(data.records), "skipped_invalid": data.skipped,
-              "dropped_too_long": dropped, "pairs": len(examples)}
-    return examples, report
-
-
-def split_pairs(tokenizer, data: PairDataConfig, seed: int, aspects: list[str] | None = None):
-    """(train pairs, held-out pairs or None, data report)."""
-    examples, report = load_pairs(tokenizer, data.train, data.max_length, data.skip_invalid, aspects)
-    held = None
-    if data.eval:
-        held, _ = load_pairs(tokenizer, data.eval, data.max_length, data.skip_invalid, aspects)
-    elif data.eval_fraction:
-        order = list(range(len(examples)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, int(len(examples) * data.eval_fraction))
-        held = [examples[i] for i in order[:n_eval]]
-        examples = [examples[i] for i in order[n_eval:]]
-    return examples, held, report
-
-
-def _inputs(model_spec: str, data: PairDataConfig, extra: dict[str, str | None]) -> dict:
-    from posttrain.models import resolve_model_path
-    from posttrain.stage import content_hash
-
-    files = {"train": data.train, "eval": data.eval, **extra}
-    return {"model": {"spec": model_spec, "resolved": resolve_model_path(model_spec)},
-            "data": {k: {"path": p, "sha256": content_hash(p)} for k, p in files.items() if p}}
 
 
 # ----------------------------------------------------------------------------- reward model
@@ -156,15 +88,12 @@ def pair_accuracy(rm, examples: list[dict], pad_token_id: int, batch_size: int =
 def run_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a reward model; reports held-out pairwise accuracy before and after."""
     from posttrain.adapters import apply_adapter, trainable_summary
-    from posttrain.models import load_model
     from posttrain.rl.rewards import RewardModel, bradley_terry_loss, save_reward_model
-    from posttrain.stage import prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.stage import stage_inputs, start_stage, write_json_atomic
     from posttrain.train.loop import train
 
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
-    torch.manual_seed(cfg.train.seed)
-    lm, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    run = start_stage(cfg, resume, overwrite, seed=cfg.train.seed)
+    lm, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
     examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed, cfg.aspects)
     print(f"data: {report}")
     lm = apply_adapter(lm, cfg.adapter, tokenizer)
@@ -180,12 +109,10 @@ def run_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> dict
     write_json_atomic(run_dir / "eval.json", {"before": before, "after": after})
     if after:
         print(f"held-out pairwise accuracy: {before['pair_accuracy']:.3f} -> {after['pair_accuracy']:.3f}")
-    from posttrain.train.sft import write_reports
-
     write_reports(run_dir, before, after)
     outputs = {"train": train_summary, "eval_before": before, "eval_after": after, "data": report,
                "trainable": summary}
-    return write_manifest(run_dir, cfg.stage, _inputs(cfg.model.name, cfg.data, {}), outputs, started)
+    return run.finish(stage_inputs(cfg.model.name, {"train": cfg.data.train, "eval": cfg.data.eval}), outputs)
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -283,29 +210,21 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
 
     from posttrain.adapters import apply_adapter, trainable_summary
     from posttrain.models import load_model, save_model
-    from posttrain.stage import prepare_run_dir, write_json_atomic, write_manifest
+    from posttrain.stage import stage_inputs, start_stage, write_json_atomic
     from posttrain.train.dpo import precompute_reference_logps
     from posttrain.train.loop import train
-    from posttrain.train.sft import evaluate_all, write_reports
 
-    started = time.time()
-    run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
-                                  trust_remote_code=cfg.model.trust_remote_code)
+    run = start_stage(cfg, resume, overwrite, seed=cfg.train.seed)
+    model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
     examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed)
     print(f"data: {report}")
 
     wr = cfg.eval.win_rate
     wr_prompts = _prompts(wr.prompts, wr.limit) if wr else []
-    before_path = run_dir / "eval_before.json"
-    if resume and before_path.exists():
-        saved = json.loads(before_path.read_text())
-        before, before_texts = saved["scores"], saved.get("win_rate_texts", [])
-    else:
-        before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
-        before_texts = _generate_completions(model, tokenizer, wr_prompts, wr) if wr else []
-        write_json_atomic(before_path, {"scores": before, "win_rate_texts": before_texts})
+    saved = run.cached("eval_before.json", lambda: {
+        "scores": evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {},
+        "win_rate_texts": _generate_completions(model, tokenizer, wr_prompts, wr) if wr else []})
+    before, before_texts = saved["scores"], saved.get("win_rate_texts", [])
 
     reference = None
     mode = cfg.dpo.reference
@@ -334,7 +253,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
                                  eval_examples=held, resume=resume)
     save_model(model, tokenizer, run_dir / "final")
     after = evaluate_all(model, tokenizer, cfg.eval)
-    extra_inputs: dict[str, str | None] = {"reference_model": cfg.dpo.reference_model}
+    files: dict[str, str | None] = {"train": cfg.data.train, "eval": cfg.data.eval,
+                                    "reference_model": cfg.dpo.reference_model}
     if wr:
         from posttrain.rl.rewards import RewardModelScorer, load_reward_model
 
@@ -347,8 +267,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
         after["rm_reward"], before["rm_reward"] = result["reward_ours"], result["reward_theirs"]
         print(f"reward-model win rate against the starting model: {result['win_rate']:.3f} "
               f"(mean reward {result['reward_theirs']:.3f} -> {result['reward_ours']:.3f})")
-        extra_inputs.update({"win_rate_prompts": wr.prompts})
+        files["win_rate_prompts"] = wr.prompts
     write_reports(run_dir, before, after)
     outputs = {"train": train_summary, "eval_before": before, "eval_after": after, "data": report,
                "trainable": summary, "reference": mode if cfg.dpo.loss != "simpo" else "none"}
-    return write_manifest(run_dir, cfg.stage, _inputs(cfg.model.name, cfg.data, extra_inputs), outputs, started)
+    return run.finish(stage_inputs(cfg.model.name, files), outputs)
