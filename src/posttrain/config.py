@@ -60,6 +60,15 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
 
 
+class StageConfig(Strict):
+    """What every stage's config has, first in its YAML: the stage's name, its run directory and
+    its input model. `stage.start_stage` and the pipeline read these three."""
+
+    stage: str
+    output_dir: str
+    model: ModelConfig = ModelConfig()
+
+
 class DataConfig(Strict):
     """A training file of chat, completion or text records, and where its held-out part comes from."""
 

@@ -66,7 +66,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import DataConfig, ModelConfig, Strict, TrainConfig
+from posttrain.config import DataConfig, StageConfig, Strict, TrainConfig
 from posttrain.models import base_model
 from posttrain.train.objectives import (
     IGNORE,
@@ -381,10 +381,9 @@ class DistillEvalConfig(EvalConfig):
     teacher: bool = Field(True, description="also evaluate the teacher (the target the student is measured against)")
 
 
-class DistillConfig(Strict):
+class DistillConfig(StageConfig):
     stage: Literal["distill"] = "distill"
     output_dir: str = "runs/distill"
-    model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     teacher: TeacherConfig
     data: DistillDataConfig

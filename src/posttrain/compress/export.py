@@ -25,9 +25,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from posttrain.config import Strict
 from posttrain.fileio import atomic_write
-from posttrain.config import ModelConfig
+from posttrain.config import ModelConfig, StageConfig
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -451,7 +450,7 @@ class ExportModelConfig(ModelConfig):
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = Field("fp32", description="load dtype; quantize from fp32")
 
 
-class ExportConfig(Strict):
+class ExportConfig(StageConfig):
     stage: Literal["export"] = "export"
     output_dir: str = "runs/export"
     model: ExportModelConfig = ExportModelConfig()

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from posttrain.config import DataConfig, ModelConfig, Strict, TrainConfig
+from posttrain.config import DataConfig, StageConfig, Strict, TrainConfig
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -461,10 +461,9 @@ class RecoveryConfig(Strict):
         return self
 
 
-class PruneConfig(Strict):
+class PruneConfig(StageConfig):
     stage: Literal["prune"] = "prune"
     output_dir: str = "runs/prune"
-    model: ModelConfig = ModelConfig()
     method: Literal["magnitude", "wanda", "magnitude-2:4", "wanda-2:4", "depth", "width-mlp", "width-heads"]
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction removed: weights (magnitude/wanda), layers "
                                 "(depth), MLP channels (width-mlp), query heads or kv groups (width-heads)")

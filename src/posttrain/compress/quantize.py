@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from posttrain.config import Strict, TrainConfig
-from posttrain.config import ModelConfig
+from posttrain.config import StageConfig, Strict, TrainConfig
 from posttrain.eval.suite import EvalConfig
 
 QUANT_FILE = "quantization.json"
@@ -560,10 +559,9 @@ class CalibrationConfig(Strict):
         return self
 
 
-class QuantizeConfig(Strict):
+class QuantizeConfig(StageConfig):
     stage: Literal["quantize"] = "quantize"
     output_dir: str = "runs/quantize"
-    model: ModelConfig = ModelConfig()
     quant: QuantSpec = QuantSpec()
     calibration: CalibrationConfig = CalibrationConfig()
     qat: QATSettings | None = Field(None, description="train with fake quantization before converting")

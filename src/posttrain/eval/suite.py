@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import ModelConfig, Strict
+from posttrain.config import StageConfig, Strict
 from posttrain.eval.tasks import EvalSpec
 from posttrain.fileio import write_json_atomic
 
@@ -44,12 +44,11 @@ def write_reports(run_dir: Path, before: dict, after: dict) -> None:
         bar_chart(results, plots / "eval.png")
 
 
-class EvalStageConfig(Strict):
+class EvalStageConfig(StageConfig):
     """An `eval` stage: score the previous stage's model (it is passed on unchanged)."""
 
     stage: Literal["eval"] = "eval"
     output_dir: str = "runs/eval"
-    model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")

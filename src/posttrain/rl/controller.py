@@ -26,10 +26,9 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import Strict
+from posttrain.config import StageConfig, Strict
 from posttrain.rl.online_dpo import OnlineDataConfig
 from posttrain.train.preference import PairTrainConfig
-from posttrain.config import ModelConfig
 from posttrain.eval.suite import EvalConfig, evaluate_all
 
 IGNORE = -100
@@ -251,13 +250,12 @@ class RLEvalConfig(EvalConfig):
     held_out_reward: HeldOutReward | None = None
 
 
-class RLConfig(Strict):
+class RLConfig(StageConfig):
     stage: Literal["ppo", "grpo", "rloo"] = "grpo"
     output_dir: str = "runs/rl"
     backend: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(None, description="an existing Ray cluster; default: start one locally")
     reward_workers: int = Field(1, gt=0, description="data-parallel reward workers")
-    model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     data: OnlineDataConfig
     reward: dict[str, Any] = Field(..., description="a reward function config (see rl/rewards.py build_reward)")

@@ -19,9 +19,8 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import Strict
+from posttrain.config import StageConfig, Strict
 from posttrain.train.preference import DPOSettings, PairTrainConfig, disables_to_base
-from posttrain.config import ModelConfig
 from posttrain.eval.suite import EvalConfig, evaluate_all, write_reports
 
 
@@ -51,10 +50,9 @@ class OnlineTrainConfig(PairTrainConfig):
     schedule: Literal["cosine", "linear", "constant"] = "constant"
 
 
-class OnlineDPOConfig(Strict):
+class OnlineDPOConfig(StageConfig):
     stage: Literal["online_dpo"] = "online_dpo"
     output_dir: str = "runs/online_dpo"
-    model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     data: OnlineDataConfig
     reward: dict[str, Any] = Field(..., description="a reward function config (see rl/rewards.py build_reward)")

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import ModelConfig, PairDataConfig, Strict, TrainConfig
+from posttrain.config import PairDataConfig, StageConfig, Strict, TrainConfig
 from posttrain.data.examples import split_pairs
 from posttrain.eval.suite import EvalConfig, evaluate_all, write_reports
 
@@ -46,10 +46,9 @@ def _pairs_train_check(train: TrainConfig) -> None:
 # ----------------------------------------------------------------------------- reward model
 
 
-class RMConfig(Strict):
+class RMConfig(StageConfig):
     stage: Literal["rm"] = "rm"
     output_dir: str = "runs/rm"
-    model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     aspects: list[str] = Field(["overall"], min_length=1, description="one reward head per aspect")
     data: PairDataConfig
@@ -156,10 +155,9 @@ class DPOEvalConfig(EvalConfig):
     win_rate: WinRateConfig | None = None
 
 
-class DPOConfig(Strict):
+class DPOConfig(StageConfig):
     stage: Literal["dpo"] = "dpo"
     output_dir: str = "runs/dpo"
-    model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     data: PairDataConfig
     dpo: DPOSettings = DPOSettings()

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.adapters import AdapterConfig
-from posttrain.config import DataConfig, ModelConfig, Strict, TrainConfig
+from posttrain.config import DataConfig, StageConfig, Strict, TrainConfig
 from posttrain.data.examples import encode_file, with_held_out
 from posttrain.eval.suite import EvalConfig, evaluate_all, write_reports
 
@@ -22,10 +22,9 @@ class EWCConfig(Strict):
     max_batches: int = Field(16, gt=0)
 
 
-class SFTConfig(Strict):
+class SFTConfig(StageConfig):
     stage: Literal["sft", "pretrain"] = "sft"
     output_dir: str = "runs/sft"
-    model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
