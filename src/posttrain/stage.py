@@ -7,11 +7,11 @@ from (paths and content hashes) and what came out (metrics), like a lineage entr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import subprocess
 import sys
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
