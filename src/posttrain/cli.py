@@ -597,9 +597,8 @@ def cmd_reason(args) -> int:
     if args.eval == bool(args.prompt):
         raise ValueError("give either --prompt QUESTION (one answer) or --eval (a task file), not both or neither")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.eval else [args.strategy]
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    for name in strategies:
+        STRATEGIES.get(name)  # an unknown name: ValueError naming the choices
     task, examples = load_reason_task(args.task, args.limit if args.eval else 1)
     model, tok = load_model(args.model, dtype=args.dtype)
     if not args.eval:

@@ -54,6 +54,17 @@ def test_config_rejects_bad_values():
             S.ReasonConfig(**bad)
 
 
+def test_config_names_the_bad_field_and_strategies_are_registered():
+    for bad, field in (({"search": "astar"}, "search must be one of bfs, dfs"), ({"k": 0}, "k must be >= 1"),
+                       ({"threshold": -0.1}, "threshold is a probability"), ({"nope": 1}, "nope")):
+        with pytest.raises(ValueError, match=field):
+            S.ReasonConfig(**bad)
+    assert S.STRATEGIES.names() == ("direct", "cot", "cot_fewshot", "sc", "tot", "router")
+    assert S.STRATEGIES.get("cot") is S.chain_of_thought
+    with pytest.raises(ValueError, match="unknown strategy 'beam'; choose one of direct, cot, cot_fewshot"):
+        S.STRATEGIES.get("beam")
+
+
 # ------------------------------------------------------------------ searches with scripted proposer/scorer
 
 # a tree: state -> children; values per state; finals end in "!"

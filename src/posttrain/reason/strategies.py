@@ -19,15 +19,18 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Sequence
 
 import torch
+from pydantic import ValidationInfo, field_validator
 
+from posttrain.config import Strict
 from posttrain.eval.metrics import right_pad
 from posttrain.generate.engine import GenerationConfig, generate, render_chat
 from posttrain.reason.tasks import Example, Task, answer_phrase, fraction_text, solve24
+from posttrain.registry import Registry
 
 SEARCHES = ("bfs", "dfs")
 VALUES = ("auto", "checker", "model")
@@ -35,8 +38,7 @@ PROBES = ("logprob", "vote")
 FINAL_RUNGS = ("auto", "sc", "tot")
 
 
-@dataclass
-class ReasonConfig:
+class ReasonConfig(Strict):
     """Knobs of every strategy; defaults are what the measurements used."""
 
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
@@ -65,18 +67,34 @@ class ReasonConfig:
     confidence: float = 0.8  # answer directly at or above this
     final: str = "auto"  # last rung: sc, tot, or auto (tot when the task has a verifier, else sc)
 
-    def __post_init__(self) -> None:
-        for name, value, allowed in (("search", self.search, SEARCHES), ("value", self.value, VALUES),
-                                     ("probe", self.probe, PROBES), ("final", self.final, FINAL_RUNGS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in ("batch_size", "samples", "k", "beam", "depth", "budget", "step_tokens", "probe_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.confidence <= 1 or not 0 <= self.threshold <= 1:
-            raise ValueError("confidence and threshold are probabilities in [0, 1]")
+    @field_validator("search", "value", "probe", "final")
+    @classmethod
+    def _choice(cls, v: str, info: ValidationInfo) -> str:
+        allowed = {"search": SEARCHES, "value": VALUES, "probe": PROBES, "final": FINAL_RUNGS}[info.field_name]
+        if v not in allowed:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}; got {v!r}")
+        return v
+
+    @field_validator("batch_size", "samples", "k", "beam", "depth", "budget", "step_tokens", "probe_samples")
+    @classmethod
+    def _at_least_one(cls, v: int, info: ValidationInfo) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"temperature must be > 0, got {v}")
+        return v
+
+    @field_validator("confidence", "threshold")
+    @classmethod
+    def _probability(cls, v: float, info: ValidationInfo) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError(f"{info.field_name} is a probability in [0, 1], got {v}")
+        return v
 
 
 @dataclass
@@ -236,6 +254,10 @@ def majority_vote(answers: Sequence[str | None], scores: Sequence[float],
     return answers[groups[best][0]], {k: len(v) for k, v in groups.items()}
 
 
+# name -> strategy(model, tokenizer, task, examples, cfg) -> one Answer per example (registered below)
+STRATEGIES: Registry[Callable[..., list[Answer]]] = Registry("strategy")
+
+
 def _extract(task: Task, answers: list[Answer], examples: list[Example]) -> list[Answer]:
     for a, ex in zip(answers, examples):
         a.answer = task.extract(a.text, ex)
@@ -246,6 +268,7 @@ def _extract(task: Task, answers: list[Answer], examples: list[Example]) -> list
 # strategies
 
 
+@STRATEGIES.register("direct")
 def direct(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
     """Ask for the answer only (greedy, the reply primed with "The answer is", one line)."""
     chat = use_chat(tokenizer, cfg)
@@ -256,6 +279,7 @@ def direct(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonCon
     return _extract(task, out, examples)
 
 
+@STRATEGIES.register("cot")
 def chain_of_thought(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
     """Zero-shot ("step by step") or few-shot (cfg.fewshot: the task's worked examples) CoT, greedy."""
     chat = use_chat(tokenizer, cfg)
@@ -266,6 +290,13 @@ def chain_of_thought(model, tokenizer, task: Task, examples: list[Example], cfg:
     return _extract(task, out, examples)
 
 
+@STRATEGIES.register("cot_fewshot")
+def cot_fewshot(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
+    """Few-shot chain-of-thought (the task's worked examples before the question)."""
+    return chain_of_thought(model, tokenizer, task, examples, cfg.model_copy(update={"fewshot": True}))
+
+
+@STRATEGIES.register("sc")
 def self_consistency(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
     """cfg.samples sampled CoT paths per question (all in one batched pass), majority vote
     over extracted answers, ties by mean token log-prob. With a reference-free verifier
@@ -571,6 +602,7 @@ def make_space(tokenizer, task: Task, example: Example, cfg: ReasonConfig) -> Sp
     return steps_space(tokenizer, task, example, use_chat(tokenizer, cfg), cfg.depth, cfg.k)
 
 
+@STRATEGIES.register("tot")
 def tree_of_thoughts(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
     """Propose cfg.k thoughts per state, value states with the task checker or the model
     (cfg.value), search with BFS (beam; all questions in lockstep, batched) or DFS
@@ -679,6 +711,7 @@ def _probe(model, tokenizer, task, examples, cfg) -> list[tuple[Answer, float]]:
     return out
 
 
+@STRATEGIES.register("router")
 def router(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
     """Escalate per question: direct if the probe is confident (or the task's verifier
     accepts it), else CoT if it agrees with the probe (or verifies), else the final rung
@@ -721,18 +754,7 @@ def router(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonCon
     return results
 
 
-def cot_fewshot(model, tokenizer, task: Task, examples: list[Example], cfg: ReasonConfig) -> list[Answer]:
-    """Few-shot chain-of-thought (the task's worked examples before the question)."""
-    return chain_of_thought(model, tokenizer, task, examples, replace(cfg, fewshot=True))
-
-
-STRATEGIES: dict[str, Callable[..., list[Answer]]] = {
-    "direct": direct, "cot": chain_of_thought, "cot_fewshot": cot_fewshot, "sc": self_consistency,
-    "tot": tree_of_thoughts, "router": router}
-
-
 def run_strategy(name: str, model, tokenizer, task: Task, examples: list[Example],
                  cfg: ReasonConfig | None = None) -> list[Answer]:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
-    return STRATEGIES[name](model, tokenizer, task, examples, cfg or ReasonConfig())
+    """Run the registered strategy `name` (ValueError naming the choices when there is none)."""
+    return STRATEGIES.get(name)(model, tokenizer, task, examples, cfg or ReasonConfig())

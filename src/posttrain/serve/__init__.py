@@ -1,5 +1,10 @@
-"""OpenAI-compatible serving: `create_app(model, tokenizer, ServeConfig)`, `posttrain serve MODEL`."""
+"""OpenAI-compatible serving: `create_app(model, tokenizer, ServeConfig)`, `posttrain serve MODEL`.
 
-from posttrain.serve.app import APIError, ServeConfig, create_app, load_adapters
+schema.py: settings, request models and their checks; batcher.py: the worker thread that batches
+requests; app.py: routes, auth, admission, errors.
+"""
+
+from posttrain.serve.app import create_app, load_adapters
+from posttrain.serve.schema import APIError, ServeConfig
 
 __all__ = ["APIError", "ServeConfig", "create_app", "load_adapters"]

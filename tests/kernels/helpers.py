@@ -1,4 +1,5 @@
-"""Shared by the fast-path tests: a random packed batch, and loss + grads with a fast path off."""
+"""Shared by the kernel parity tests: a random packed batch, and the objective's loss + grads with a
+kernel off (the kernels are switched on by train/objectives.py, so parity is checked there)."""
 
 import contextlib
 
@@ -18,7 +19,7 @@ def packed_batch(lengths, seed=0):
 
 
 def loss_and_grads(model, batch, monkeypatch, disable: str | None = None):
-    """causal_lm_loss and the parameter grads; `disable` names an objectives fast path to turn off."""
+    """causal_lm_loss and the parameter grads; `disable` names a kernel, as objectives imports it, to turn off."""
     if disable is not None:
         monkeypatch.setattr(O, disable, lambda *args: contextlib.nullcontext({}))
     model.zero_grad()

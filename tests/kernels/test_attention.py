@@ -1,17 +1,17 @@
-"""Per-example attention for packed rows (objectives.packed_attention) == transformers' masked SDPA."""
+"""Per-example attention for packed rows (kernels.attention.packed_attention) == transformers' masked SDPA."""
 
 
 import pytest
 import torch
 
 from posttrain.models import tiny_model
-from posttrain.train import objectives as O
+from posttrain.kernels import attention as A
 
 from .helpers import loss_and_grads, packed_batch
 
 
 def test_packed_index_regroups_rows_in_order():
-    idx, valid = O.packed_index(torch.tensor([[0, 1, 2, 0, 0, 1]]))
+    idx, valid = A.packed_index(torch.tensor([[0, 1, 2, 0, 0, 1]]))
     assert idx.tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 4]]
     assert valid.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
     assert torch.arange(6)[None].expand(3, -1).gather(1, idx)[valid].tolist() == list(range(6))
@@ -23,11 +23,9 @@ def test_same_loss_and_grads_as_masked_sdpa(dtype, tol, monkeypatch):
     model = tiny_model(vocab_size=256).to(dtype)  # GQA: 4 query heads over 2 kv heads
     batch = packed_batch([5, 17, 3, 20, 9, 12, 8, 6, 20, 4, 7, 11, 15, 14, 13, 16, 18, 19, 10, 2])
     calls = []
-    real = O._packed_sdpa
-    monkeypatch.setattr(O, "_packed_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
-    O._registered.clear()  # re-register the spy
+    real = A._packed_sdpa
+    monkeypatch.setattr(A, "_packed_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))  # re-registered
     fast_loss, fast = loss_and_grads(model, batch, monkeypatch)
-    O._registered.clear()
     assert calls, "the per-example path was not taken"
     ref_loss, ref = loss_and_grads(model, batch, monkeypatch, disable="packed_attention")
     assert model.config._attn_implementation == "sdpa"  # switched back
@@ -40,7 +38,7 @@ def test_same_loss_and_grads_as_masked_sdpa(dtype, tol, monkeypatch):
 def test_not_used_when_dense_is_cheaper(monkeypatch):
     model = tiny_model(vocab_size=256)
     batch = packed_batch([40, 3, 2])  # one long example: padding 3 x 40 costs more than 45²/2
-    with O.packed_attention(model, batch) as extra:
+    with A.packed_attention(model, batch) as extra:
         assert extra == {} and model.config._attn_implementation == "sdpa"
 
 
@@ -48,7 +46,7 @@ def test_not_used_under_activation_checkpointing():
     model = tiny_model(vocab_size=256)
     model.gradient_checkpointing_enable()
     batch = packed_batch([5] * 20)
-    with O.packed_attention(model, batch) as extra:
+    with A.packed_attention(model, batch) as extra:
         assert extra == {}
 
 
@@ -58,11 +56,11 @@ def test_short_attention_function_matches_per_example_sdpa():
     lengths = [7, 1, 12, 5]
     t, heads, kv, d = sum(lengths), 6, 2, 8
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    idx, valid = O.packed_index(pos)
+    idx, valid = A.packed_index(pos)
     q, k, v = (torch.randn(1, t, n, d, generator=g).to(torch.bfloat16).transpose(1, 2).requires_grad_()
                for n in (heads, kv, kv))
     grad_out = torch.randn(1, t, heads, d, generator=g).to(torch.bfloat16)
-    out = O._PackedShortAttention.apply(q, k, v, idx, valid, d**-0.5)
+    out = A._PackedShortAttention.apply(q, k, v, idx, valid, d**-0.5)
     got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))

@@ -1,4 +1,4 @@
-"""Fused RMSNorm / rotary (objectives.fused_layers) == transformers' Llama modules."""
+"""Fused RMSNorm / rotary (kernels.layers.fused_layers) == transformers' Llama modules."""
 
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from transformers.models.llama import modeling_llama as llama
 
 from posttrain.models import tiny_model
-from posttrain.train import objectives as O
+from posttrain.kernels import layers as L
 
 from .helpers import loss_and_grads, packed_batch
 
@@ -29,7 +29,7 @@ def test_rmsnorm_forward_is_transformers_to_the_bit_and_grads_match():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         w = norm.weight.detach().to(dtype)
         ref = lambda x, w: llama.LlamaRMSNorm.forward(_Norm(w, norm.variance_epsilon), x)  # noqa: E731
-        fused = lambda x, w: O._RMSNorm.apply(x, w, norm.variance_epsilon)  # noqa: E731
+        fused = lambda x, w: L._RMSNorm.apply(x, w, norm.variance_epsilon)  # noqa: E731
         (y_ref,), g_ref = _grads(ref, x.to(dtype), w, grad_out=(g.to(dtype),))
         (y, ), g_fused = _grads(fused, x.to(dtype), w, grad_out=(g.to(dtype),))
         assert torch.equal(y, y_ref), dtype
@@ -47,7 +47,7 @@ class _Norm(torch.nn.Module):
 def test_rmsnorm_backward_passes_gradcheck():
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.rand(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: O._RMSNorm.apply(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: L._RMSNorm.apply(x, w, 1e-6), (x, w))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
@@ -62,7 +62,7 @@ def test_rotary_matches_transformers(dtype, tol):
     args = [x.to(dtype) for x in (q, k)]
     trig = [x.to(dtype) for x in (cos, sin)]
     out_ref, g_ref = _grads(lambda q, k: llama.apply_rotary_pos_emb(q, k, *trig), *args, grad_out=grads)
-    out, g = _grads(lambda q, k: O._Rotary.apply(q, k, *trig), *args, grad_out=grads)
+    out, g = _grads(lambda q, k: L._Rotary.apply(q, k, *trig), *args, grad_out=grads)
     for a, b in zip(out + g, out_ref + g_ref):
         assert (a.double() - b.double()).abs().max().item() <= tol * b.abs().max().item()
 
@@ -70,7 +70,7 @@ def test_rotary_matches_transformers(dtype, tol):
 def _spy(monkeypatch):
     calls = {"norm": 0, "rotary": 0}
     for name, key in (("_RMSNorm", "norm"), ("_Rotary", "rotary")):
-        fn = getattr(O, name)
+        fn = getattr(L, name)
         real = fn.apply
         monkeypatch.setattr(fn, "apply", lambda *a, _r=real, _k=key: calls.__setitem__(_k, calls[_k] + 1) or _r(*a))
     return calls
@@ -94,8 +94,8 @@ def test_bf16_training_loss_and_grads_match_transformers_modules(monkeypatch):
 def test_modules_are_restored_after_the_forward():
     model = tiny_model(vocab_size=256).to(torch.bfloat16)
     rotary = llama.apply_rotary_pos_emb
-    with O.fused_layers(model):
-        assert llama.apply_rotary_pos_emb is O._fused_rotary
+    with L.fused_layers(model):
+        assert llama.apply_rotary_pos_emb is L._fused_rotary
         assert "forward" in model.model.norm.__dict__ and "forward" in model.model.layers[0].input_layernorm.__dict__
     assert llama.apply_rotary_pos_emb is rotary
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -117,6 +117,24 @@ def test_not_used_under_activation_checkpointing():
     model = tiny_model(vocab_size=256).to(torch.bfloat16)
     model.activation_checkpointing_enable()
     rotary = llama.apply_rotary_pos_emb
-    with O.fused_layers(model):
+    with L.fused_layers(model):
         assert llama.apply_rotary_pos_emb is rotary
         assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_rotary_install_is_explicit_idempotent_and_nests():
+    original = llama.apply_rotary_pos_emb
+    assert original is not L._fused_rotary  # importing the kernels patched nothing
+    assert L.install_fused_rotary() is True
+    try:
+        assert llama.apply_rotary_pos_emb is L._fused_rotary
+        assert L.install_fused_rotary() is False  # already installed: the first caller undoes it
+        model = tiny_model(vocab_size=256).to(torch.bfloat16)
+        with L.fused_layers(model):  # nested inside an install: leaves it in place on exit
+            assert llama.apply_rotary_pos_emb is L._fused_rotary
+        assert llama.apply_rotary_pos_emb is L._fused_rotary
+    finally:
+        L.uninstall_fused_rotary()
+    assert llama.apply_rotary_pos_emb is original
+    L.uninstall_fused_rotary()  # a second uninstall is a no-op
+    assert llama.apply_rotary_pos_emb is original
