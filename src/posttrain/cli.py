@@ -495,6 +495,9 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     import uvicorn
+    from pydantic import ValidationError
+
+    from posttrain.config import format_validation_error
 
     from posttrain.models import load_model
     from posttrain.serve import ServeConfig, create_app, load_adapters
@@ -507,10 +510,13 @@ def cmd_serve(args) -> int:
         from posttrain.generate.guard import load_guard
 
         guard = load_guard(args.guard)
-    config = ServeConfig(model_name=args.name or args.model, api_keys=args.api_key, max_tokens_cap=args.max_tokens_cap,
-                         queue_size=args.queue, timeout_s=args.timeout, max_body_bytes=args.max_body,
-                         decoding=args.decoding, guard=guard, adapters=list(adapters), max_batch=args.max_batch,
-                         batch_wait_ms=args.batch_wait_ms)
+    try:
+        config = ServeConfig(model_name=args.name or args.model, api_keys=args.api_key,
+                             max_tokens_cap=args.max_tokens_cap, queue_size=args.queue, timeout_s=args.timeout,
+                             max_body_bytes=args.max_body, decoding=args.decoding, guard=guard,
+                             adapters=list(adapters), max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, "serve options")) from None
     model, tok = load_model(args.model, dtype=args.dtype)
     if adapters:
         model = load_adapters(model, adapters)

@@ -146,6 +146,8 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
             msg = "unknown key"
         elif err["type"] == "literal_error":
             msg = f"must be one of {err['ctx']['expected']}; got {err['input']!r}"
+        elif err["type"] == "value_error":  # our own validators' messages, without pydantic's prefix
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 
