@@ -6,7 +6,7 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.models import save_model, tiny_model
-from posttrain.rl.rewards import load_reward_model
+from posttrain.train.reward_model import load_reward_model
 from posttrain.train.preference import DPOConfig, RMConfig, load_pairs, run_dpo, run_rm
 
 
@@ -84,7 +84,7 @@ def test_full_dpo_precomputes_the_reference(tmp_path, tiny_dir, capsys):
 
 
 def test_dpo_win_rate_judged_by_a_reward_model(tmp_path, tiny_dir, tokenizer):
-    from posttrain.rl.rewards import RewardModel, save_reward_model
+    from posttrain.train.reward_model import RewardModel, save_reward_model
 
     save_reward_model(RewardModel(tiny_model(tokenizer, seed=5)), tokenizer, tmp_path / "judge")
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {i}."} for i in range(4)])

@@ -346,7 +346,7 @@ def prompt_and_completion(record: dict) -> tuple[Any, str]:
 
 def reward_model_scorer(path: str | Path, aspect: str | None = None, batch_size: int = 8) -> Scorer:
     """A `Scorer` from a reward model saved by `posttrain rm` (run dir or model dir)."""
-    from posttrain.rl.rewards import RewardModelScorer, load_reward_model
+    from posttrain.train.reward_model import RewardModelScorer, load_reward_model
 
     rm, tokenizer = load_reward_model(path)
     scorer = RewardModelScorer(rm, tokenizer, aspect=aspect, batch_size=batch_size)

@@ -136,7 +136,7 @@ class RMConfig(Strict):
 def pair_accuracy(rm, examples: list[dict], pad_token_id: int, batch_size: int = 8) -> dict:
     """Held-out pairwise accuracy (chosen scored above rejected), overall and per aspect."""
     from posttrain.data.collate import collate_pairs
-    from posttrain.rl.rewards import _pair_scores
+    from posttrain.train.reward_model import pair_scores as _pair_scores
 
     was = rm.training
     rm.eval()
@@ -157,7 +157,7 @@ def run_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> dict
     """Train a reward model; reports held-out pairwise accuracy before and after."""
     from posttrain.adapters import apply_adapter, trainable_summary
     from posttrain.models import load_model
-    from posttrain.rl.rewards import RewardModel, bradley_terry_loss, save_reward_model
+    from posttrain.train.reward_model import RewardModel, bradley_terry_loss, save_reward_model
     from posttrain.stage import prepare_run_dir, write_json_atomic, write_manifest
     from posttrain.train.loop import train
 
@@ -336,7 +336,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     after = evaluate_all(model, tokenizer, cfg.eval)
     extra_inputs: dict[str, str | None] = {"reference_model": cfg.dpo.reference_model}
     if wr:
-        from posttrain.rl.rewards import RewardModelScorer, load_reward_model
+        from posttrain.train.reward_model import RewardModelScorer, load_reward_model
 
         after_texts = _generate_completions(model, tokenizer, wr_prompts, wr)
         rm, rm_tok = load_reward_model(wr.reward_model)
