@@ -352,6 +352,7 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     from posttrain.data.synth import SynthConfig, run_synth
     from posttrain.fileio import write_text_atomic
     from posttrain.stage import content_hash
+    from posttrain.train.reward_model import filter_scorer
 
     spec, path = pipe.data[name], data_path(pipe, name)
     synth_cfg = None
@@ -391,7 +392,7 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
         if kind not in (None, "chat"):
             raise ValueError(f"data {name!r}: synth writes chat rows, the sources hold {kind} rows; "
                              "one entry holds one kind")
-        result = run_synth(synth_cfg)
+        result = run_synth(synth_cfg, make_scorer=filter_scorer)
         counts["synth"] = len(result.rows)
         rows += result.rows
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -401,7 +402,8 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     else:
         raw = path.with_suffix(".raw.jsonl")
         write_text_atomic(raw, text)
-        result = filter_file(raw, path, rules, report_path=path.with_suffix(".filter.json"))
+        result = filter_file(raw, path, rules, report_path=path.with_suffix(".filter.json"),
+                             scorer=filter_scorer(rules))
         kept, dropped = len(result.kept), len(result.dropped)
     record = {"name": name, "status": "done", "fingerprint": fp, "path": str(path), "kind": kind or "chat",
               "rows": len(rows), "kept": kept, "dropped": dropped, "counts": counts, "seconds": round(time.time() - started, 1)}

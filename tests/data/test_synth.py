@@ -13,7 +13,7 @@ from posttrain.config import build_config
 from posttrain.data.formats import DataError, load_records
 from posttrain.data.synth import (RejectionConfig, SelfInstructConfig, SynthConfig, SynthResult, few_shot_prompt,
                                   load_checkable, load_seed_tasks, parse_instructions, rejection_sample,
-                                  sample_candidates, select_rejection, self_instruct, write_dataset)
+                                  run_synth, sample_candidates, select_rejection, self_instruct, write_dataset)
 from posttrain.generate.engine import GenerationOutput
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,6 +205,28 @@ def test_write_dataset_is_atomic_and_writes_the_report_beside(tmp_path):
         write_dataset(SynthResult([{**row, "provenance": {"bad": {1, 2}}}], {}), out)
     assert out.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.report.json"]  # no temp file left
+
+
+def test_a_score_rule_takes_its_scorer_from_the_caller(tmp_path):
+    """The reward model is above generation: run_synth asks its caller for the scorer, before loading the teacher."""
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": "q", "answer": "1"}])
+    cfg = build_config(SynthConfig, None, ["mode=rejection", "output=o.jsonl", f"rejection.prompts={src}",
+                                           "rejection.filters.score.reward_model=rm", "rejection.filters.score.min=0.5"])
+    with pytest.raises(ValueError, match="score.min is set but no scorer was given"):
+        run_synth(cfg)
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def make_scorer(rules):
+        seen.append((rules.score.reward_model, rules.score.min))
+        raise Built
+
+    with pytest.raises(Built):
+        run_synth(cfg, make_scorer=make_scorer)
+    assert seen == [("rm", 0.5)]
 
 
 @pytest.mark.parametrize("overrides,message", [

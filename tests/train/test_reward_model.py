@@ -205,3 +205,18 @@ def test_reward_model_scorer_scores_what_training_encodes(tiny, tokenizer):
     assert torch.allclose(mixed.parts["reward_model/safe"], expected[:, 1], atol=1e-5)
     with pytest.raises(ValueError, match="unknown aspect 'kind'"):
         RewardModelScorer(rm, tokenizer, aspect="kind")
+
+
+def test_filter_scorer_builds_only_what_a_score_rule_asks_for(tiny, tokenizer, tmp_path):
+    from posttrain.train.reward_model import filter_scorer
+
+    assert filter_scorer({}) is None and filter_scorer({"score": {"reward_model": "unused"}}) is None
+    with pytest.raises(ValueError, match="score.min is set but score.reward_model is not"):
+        filter_scorer({"score": {"min": 0.0}})
+    rm = reward_model_from_lm(tiny, aspects=["helpful", "safe"])
+    save_reward_model(rm, tokenizer, tmp_path / "rm")
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]} for a in ("x", "yz")]
+    got = filter_scorer({"score": {"reward_model": str(tmp_path / "rm"), "aspect": "safe", "min": 0.0}})(rows)
+    loaded, loaded_tok = load_reward_model(tmp_path / "rm")  # the dtype filter_scorer loads it in
+    want = RewardModelScorer(loaded, loaded_tok, aspect="safe")(["q", "q"], ["x", "yz"]).scores.tolist()
+    assert got == pytest.approx(want, abs=1e-6) and got[0] != got[1]

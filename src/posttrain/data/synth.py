@@ -258,8 +258,8 @@ def self_instruct(model, tokenizer, seeds: Sequence[dict], cfg: SelfInstructConf
                   verifier: RowVerifier | None = None, scorer=None, progress: bool = True) -> SynthResult:
     """New instructions from seed tasks, then a response each; see the module docstring.
 
-    `scorer(records) -> scores` serves `response_filters.score` (default: the reward model
-    it names); `verifier(row) -> bool` drops rows it rejects (counted as 'verifier').
+    `scorer(records) -> scores` serves `response_filters.score` (`run_synth` builds it from
+    the reward model named there); `verifier(row) -> bool` drops rows it rejects (counted as 'verifier').
     """
     from posttrain.generate.engine import generate
 
@@ -442,18 +442,21 @@ def write_dataset(result: SynthResult, output: str | Path, extra: dict | None = 
     return report_path
 
 
-def _scorer(rules: FilterRules):
+def _scorer(rules: FilterRules, make_scorer: Callable[[FilterRules], Any] | None):
     if rules.score.min is None:
         return None
-    if not rules.score.reward_model:
-        raise ValueError("score.min is set but score.reward_model is not: nothing to score with")
-    from posttrain.data.filters import reward_model_scorer
+    if make_scorer is None:
+        raise ValueError("score.min is set but no scorer was given: pass make_scorer "
+                         "(the CLI and the pipeline pass train.reward_model.filter_scorer)")
+    return make_scorer(rules)
 
-    return reward_model_scorer(rules.score.reward_model, rules.score.aspect, rules.score.batch_size)
 
+def run_synth(cfg: SynthConfig, progress: bool = True,
+              make_scorer: Callable[[FilterRules], Any] | None = None) -> SynthResult:
+    """Load the teacher and the source rows, run the configured mode, write the dataset.
 
-def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
-    """Load the teacher and the source rows, run the configured mode, write the dataset."""
+    `make_scorer(rules) -> scorer` serves a ``score.min`` rule (a reward model lives in a
+    higher layer than generation, so the caller supplies it)."""
     import time
 
     from posttrain.models import load_model, resolve_model_path
@@ -463,14 +466,14 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     if cfg.mode == "rejection":  # read (and validate) the data before loading any model
         rc = cfg.rejection
         items = load_checkable(rc.prompts, rc.limit)
-        scorer = _scorer(rc.filters)
+        scorer = _scorer(rc.filters, make_scorer)
     else:
         sc = cfg.self_instruct
         seeds = load_seed_tasks(sc.seeds)
         if sc.seeds_per_prompt > len(seeds):
             raise ValueError(f"self_instruct.seeds_per_prompt is {sc.seeds_per_prompt} but {sc.seeds} has "
                              f"{len(seeds)} seed tasks")
-        scorer = _scorer(sc.response_filters)
+        scorer = _scorer(sc.response_filters, make_scorer)
     model, tokenizer = load_model(cfg.teacher.name, dtype=cfg.teacher.dtype)
     teacher = {"spec": cfg.teacher.name, "resolved": resolve_model_path(cfg.teacher.name)}
     if cfg.mode == "rejection":

@@ -300,3 +300,37 @@ class RewardModelScorer:
         parts = {f"{self.name}/{a}": heads[:, self.rm.aspect_index(a)].contiguous() for a in self.weights}
         scores = sum(w * parts[f"{self.name}/{a}"] for a, w in self.weights.items())
         return RewardOutput(scores, {self.name: scores, **parts})
+
+
+# ================================================================================ data filtering
+
+
+def reward_model_scorer(path: str | Path, aspect: str | None = None, batch_size: int = 8) -> Callable[[list[dict]], list[float]]:
+    """A data-filter scorer (records -> scores) from a reward model saved by `posttrain rm` (run dir or model dir)."""
+    from posttrain.data.filters import prompt_and_completion
+
+    rm, tokenizer = load_reward_model(path)
+    scorer = RewardModelScorer(rm, tokenizer, aspect=aspect, batch_size=batch_size)
+
+    def score(records: list[dict]) -> list[float]:
+        pairs = [prompt_and_completion(r) for r in records]
+        out = scorer([p for p, _ in pairs], [c for _, c in pairs])
+        return out.scores.tolist()
+
+    return score
+
+
+def filter_scorer(rules: Any) -> Callable[[list[dict]], list[float]] | None:
+    """The scorer a filter rules' ``score`` section asks for (None without ``score.min``).
+
+    The data filters sit below the reward model, so callers above both (the CLI's filter and
+    synth commands, the pipeline) build it here and pass it in.
+    """
+    from posttrain.data.filters import FilterRules
+
+    rules = rules if isinstance(rules, FilterRules) else FilterRules.model_validate(rules or {})
+    if rules.score.min is None:
+        return None
+    if not rules.score.reward_model:
+        raise ValueError("score.min is set but score.reward_model is not: nothing to score with")
+    return reward_model_scorer(rules.score.reward_model, rules.score.aspect, rules.score.batch_size)
