@@ -87,8 +87,8 @@ def main() -> None:
         args.prompts, args.test_limit = 8, 16
 
     from posttrain.config import build_config
-    from posttrain.data.synth import SynthConfig, load_checkable, sample_candidates, select_rejection, write_dataset
     from posttrain.fileio import write_text_atomic
+    from posttrain.generate.synth import SynthConfig, load_checkable, sample_candidates, select_rejection, write_dataset
     from posttrain.models import load_model
 
     load_before = load_average()

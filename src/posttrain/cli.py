@@ -613,7 +613,7 @@ def cmd_filter(args) -> int:
 
 def cmd_synth(args) -> int:
     from posttrain.config import build_config, dump_config
-    from posttrain.data.synth import SynthConfig, run_synth, summary
+    from posttrain.generate.synth import SynthConfig, run_synth, summary
     from posttrain.train.reward_model import filter_scorer
 
     cfg = build_config(SynthConfig, args.config, list(args.overrides))

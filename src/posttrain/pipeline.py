@@ -349,7 +349,7 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     """Write `<output_dir>/data/NAME.jsonl` (skipped when its inputs are unchanged); returns its record."""
     from posttrain.data.filters import filter_file, load_rules
     from posttrain.data.formats import load_records
-    from posttrain.data.synth import SynthConfig, run_synth
+    from posttrain.generate.synth import SynthConfig, run_synth
     from posttrain.fileio import write_text_atomic
     from posttrain.stage import content_hash
     from posttrain.train.reward_model import filter_scorer

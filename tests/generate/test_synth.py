@@ -11,10 +11,10 @@ import pytest
 from posttrain.cli import main
 from posttrain.config import build_config
 from posttrain.data.formats import DataError, load_records
-from posttrain.data.synth import (RejectionConfig, SelfInstructConfig, SynthConfig, SynthResult, few_shot_prompt,
-                                  load_checkable, load_seed_tasks, parse_instructions, rejection_sample,
-                                  run_synth, sample_candidates, select_rejection, self_instruct, write_dataset)
 from posttrain.generate.engine import GenerationOutput
+from posttrain.generate.synth import (RejectionConfig, SelfInstructConfig, SynthConfig, SynthResult, few_shot_prompt,
+                                      load_checkable, load_seed_tasks, parse_instructions, rejection_sample, run_synth,
+                                      sample_candidates, select_rejection, self_instruct, write_dataset)
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [{"id": f"s{i}", "instruction": t} for i, t in enumerate(

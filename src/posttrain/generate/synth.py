@@ -9,7 +9,7 @@ verifier outcome) and a report of counts written next to it (OUT.report.json):
   length, blocklist, ...) -> one response each -> response filters (length, reward-model
   score threshold) and an optional verifier callable -> rows.
 * rejection sampling (STaR-style): for each prompt with a known answer, k sampled
-  responses -> extracted answer checked with `eval.metrics` (or a task checker) -> the
+  responses -> extracted answer checked with `data.answers` (or a task checker) -> the
   verified ones, deduplicated, at most m per prompt -> rows. `verify: false` keeps
   unverified samples instead (the ablation that shows the verifier matters).
 
@@ -337,7 +337,7 @@ def self_instruct(model, tokenizer, seeds: Sequence[dict], cfg: SelfInstructConf
 
 def answer_verifier(extract: str = "last_number") -> Verifier:
     """The default checker: the extracted answer equals the item's reference (numbers by value)."""
-    from posttrain.eval.metrics import answers_match, extract_answer
+    from posttrain.data.answers import answers_match, extract_answer
 
     return lambda item, text: answers_match(extract_answer(text, extract), item["answer"])
 
@@ -346,7 +346,7 @@ def sample_candidates(model, tokenizer, items: Sequence[dict], cfg: RejectionCon
                       verify: Verifier | None = None, progress: bool = True) -> list[dict]:
     """k samples per item, each checked: [{item, sample, text, extracted, verified, finished}]
     in item order. Batches hold whole items (k rows each) so a batch's seed fixes its samples."""
-    from posttrain.eval.metrics import extract_answer
+    from posttrain.data.answers import extract_answer
     from posttrain.generate.engine import generate
 
     verify = verify or answer_verifier(cfg.extract)
