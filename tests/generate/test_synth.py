@@ -13,7 +13,7 @@ from posttrain.config import build_config
 from posttrain.data.formats import DataError, load_records
 from posttrain.generate.engine import GenerationOutput
 from posttrain.generate.synth import (RejectionConfig, SelfInstructConfig, SynthConfig, SynthResult, few_shot_prompt,
-                                      load_checkable, load_seed_tasks, parse_instructions, rejection_sample, run_synth,
+                                      load_seed_tasks, parse_instructions, rejection_sample, run_synth,
                                       sample_candidates, select_rejection, self_instruct, write_dataset)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,15 +177,7 @@ def test_rejection_on_the_tiny_model_with_a_custom_verifier_is_reproducible(tiny
     assert res.report["generated"] == res.report["kept"] + sum(res.report["dropped"].values())
 
 
-def test_load_checkable_reads_chat_and_prompt_rows_and_names_bad_lines(tmp_path):
-    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "What is 1 + 1?"},
-                                                            {"role": "assistant", "content": "2"}]}])
-    assert load_checkable(chat) == [{"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2",
-                                     "line": 1}]
-    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "answer": 3}, {"prompt": "q2"}])
-    with pytest.raises(DataError, match=r"p.jsonl:2: field 'answer'"):
-        load_checkable(plain)
-    assert load_checkable(plain, limit=1)[0]["answer"] == "3"
+def test_load_seed_tasks_names_the_bad_line(tmp_path):
     seeds = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "ok"}, {"prompt": ""}])
     with pytest.raises(DataError, match=r"s.jsonl:2: field 'instruction'"):
         load_seed_tasks(seeds)
@@ -266,6 +258,6 @@ def test_cli_synth_rejection_writes_rows_and_report(tmp_path, tiny_dir, capsys):
 def test_cli_synth_bad_input_exits_2_with_the_reason(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q"}])
     assert main(["synth", "mode=rejection", "output=o.jsonl", f"rejection.prompts={bad}"]) == 2
-    assert "bad.jsonl:1: field 'answer'" in capsys.readouterr().err
+    assert "bad.jsonl:1:answer: expected a string" in capsys.readouterr().err
     assert main(["synth", "mode=rejection", "output=o.jsonl"]) == 2
     assert "needs a 'rejection' section" in capsys.readouterr().err

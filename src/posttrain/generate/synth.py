@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import Field, model_validator
 
 from posttrain.config import Strict
+from posttrain.data.answers import load_checkable
 from posttrain.data.filters import FilterRules, filter_records
 from posttrain.data.formats import DataError, read_jsonl
 
@@ -159,39 +160,6 @@ def load_seed_tasks(path: str | Path) -> list[dict]:
     if not out:
         raise DataError(f"{path}: no seed tasks")
     return out
-
-
-def load_checkable(path: str | Path, limit: int | None = None) -> list[dict]:
-    """[{prompt, answer, line}] for rejection sampling: rows {prompt|messages, answer}, or
-    chat rows whose last turn is the assistant's reference answer (the prompt is the turns
-    before it)."""
-    items = []
-    for line, row in read_jsonl(path):
-        where = f"{path}:{line}"
-        answer = row.get("answer")
-        msgs = row.get("messages")
-        if answer is None and isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) \
-                and msgs[-1].get("role") == "assistant":
-            answer, prompt = msgs[-1].get("content"), msgs[:-1]
-        else:
-            prompt = msgs if msgs is not None else row.get("prompt")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(answer, str) or not answer.strip():
-            raise DataError(f"{where}: field 'answer' is missing or empty (or give chat rows ending in the "
-                            "assistant's reference answer)")
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt) \
-                    or prompt[-1].get("role") != "user":
-                raise DataError(f"{where}: field 'messages' must end with a user turn before the answer")
-        elif not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: field 'prompt' must be a non-empty string (or give 'messages')")
-        items.append({"prompt": prompt, "answer": answer.strip(), "line": line})
-        if limit is not None and len(items) >= limit:
-            break
-    if not items:
-        raise DataError(f"{path}: no prompts")
-    return items
 
 
 def as_messages(prompt: str | list[dict], suffix: str = "") -> list[dict]:
@@ -465,7 +433,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True,
     started = time.time()
     if cfg.mode == "rejection":  # read (and validate) the data before loading any model
         rc = cfg.rejection
-        items = load_checkable(rc.prompts, rc.limit)
+        items = load_checkable(rc.prompts, rc.limit, allow_empty_answer=False)
         scorer = _scorer(rc.filters, make_scorer)
     else:
         sc = cfg.self_instruct
