@@ -387,8 +387,8 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from posttrain.eval.report import format_table, write_pipeline_report
-    from posttrain.pipeline import load_pipeline, metric_table, run_pipeline
+    from posttrain.eval.report import format_table, metric_table, write_pipeline_report
+    from posttrain.pipeline import load_pipeline, run_pipeline
 
     pipe = load_pipeline(args.pipeline)
     try:

@@ -469,14 +469,3 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
         if spec.verb != "export":  # an export's checks are not model metrics
             previous_metrics = {**(previous_metrics or {}), **record["metrics"]}  # the latest value of each
     return state
-
-
-def metric_table(state: dict) -> dict[str, dict[str, float]]:
-    """{column: metrics}: the input model (the first stage's eval before), then each stage's eval after."""
-    table: dict[str, dict[str, float]] = {}
-    for name, record in state["stages"].items():
-        if not table and record.get("metrics_before"):
-            table["input"] = record["metrics_before"]
-        if record.get("metrics"):
-            table[name] = record["metrics"]
-    return table
