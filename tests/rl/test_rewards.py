@@ -165,3 +165,13 @@ def test_config_errors_name_the_field(cfg, message):
 def test_length_in_tokens_needs_a_tokenizer():
     with pytest.raises(ValueError, match="tidy: unit 'tokens' needs a tokenizer"):
         build_reward({"type": "mixture", "experts": {"tidy": {"type": "length"}}})
+
+
+def test_every_reward_type_has_one_builder_and_unknown_names_list_the_choices():
+    from posttrain.rl.rewards import REWARD_TYPES, REWARDS
+
+    assert REWARDS.names() == REWARD_TYPES  # each config type of the union builds through the registry
+    with pytest.raises(ValueError, match="unknown reward type 'lenght'; choose one of reward_model, length, format"):
+        REWARDS.get("lenght")
+    with pytest.raises(ValueError, match="already registered"):
+        REWARDS.register("length", lambda cfg, tokenizer, name: None)

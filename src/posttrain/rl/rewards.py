@@ -5,13 +5,14 @@ One interface for every scorer of (prompt, completion):
 Reward models (trained in train/reward_model.py, scored here through `RewardModelScorer`),
 rule scorers (length, format, blocklist), verifiers and a weighted `Mixture` of experts whose
 weights may adapt during training (running variance, or tags carried by the records).
-`build_reward` makes any of them from a YAML-style dict.
+`build_reward` makes any of them from a YAML-style dict, through the `REWARDS` registry
+(one builder per ``type``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Protocol, Sequence
+from typing import Annotated, Any, Callable, Literal, Protocol, Sequence
 
 import torch
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from posttrain.config import Strict, valid_regex
 from posttrain.eval.metrics import answers_match, extract_answer
+from posttrain.registry import Registry
 from posttrain.train.reward_model import (
     RewardModelScorer,
     RewardOutput,
@@ -400,29 +402,51 @@ def parse_reward_config(data: dict | Any, source: str = "reward config") -> Any:
         raise ValueError(_format_errors(exc, source)) from None
 
 
+REWARDS: Registry[Callable[..., RewardFunction]] = Registry("reward type")
+
+
 def build_reward(cfg: dict | Any, tokenizer=None, name: str | None = None) -> RewardFunction:
     """A RewardFunction from its config. `tokenizer` counts tokens for length scorers;
     reward models bring their own. Mixture experts are named by their keys."""
     if isinstance(cfg, dict):
         cfg = parse_reward_config(cfg)
-    kind = cfg.type
-    name = name or kind
-    if kind == "reward_model":
-        rm, rm_tokenizer = load_reward_model(cfg.path, dtype=cfg.dtype)
-        return RewardModelScorer(rm, rm_tokenizer, aspect=cfg.aspect, weights=cfg.weights,
-                                 batch_size=cfg.batch_size, max_length=cfg.max_length, name=name)
-    if kind == "length":
-        if cfg.unit == "tokens" and tokenizer is None:
-            raise ValueError(f"{name}: unit 'tokens' needs a tokenizer (pass build_reward(..., tokenizer=...)) "
-                             "or use unit: chars")
-        return LengthScorer(cfg.min_length, cfg.max_length, cfg.unit, tokenizer, cfg.penalty, name=name)
-    if kind == "format":
-        return FormatScorer(cfg.pattern, cfg.fullmatch, name=name)
-    if kind == "blocklist":
-        return BlocklistScorer(cfg.patterns, cfg.penalty, cfg.ignore_case, name=name)
-    if kind == "verifier":
-        return AnswerVerifier(cfg.extract, name=name)
-    if kind == "mixture":
-        experts = {e: build_reward(sub, tokenizer, name=e) for e, sub in cfg.experts.items()}
-        return Mixture(experts, cfg.weights, cfg.dynamic, cfg.tag_weights, cfg.ema, cfg.min_std, name=name)
-    raise ValueError(f"unknown reward type {kind!r}; choose one of {', '.join(REWARD_TYPES)}")
+    return REWARDS.get(cfg.type)(cfg, tokenizer, name or cfg.type)
+
+
+# one builder per reward type: (validated config, tokenizer, name) -> RewardFunction
+
+
+@REWARDS.register("reward_model")
+def _reward_model(cfg: RewardModelRewardConfig, tokenizer, name: str) -> RewardFunction:
+    rm, rm_tokenizer = load_reward_model(cfg.path, dtype=cfg.dtype)
+    return RewardModelScorer(rm, rm_tokenizer, aspect=cfg.aspect, weights=cfg.weights,
+                             batch_size=cfg.batch_size, max_length=cfg.max_length, name=name)
+
+
+@REWARDS.register("length")
+def _length(cfg: LengthRewardConfig, tokenizer, name: str) -> RewardFunction:
+    if cfg.unit == "tokens" and tokenizer is None:
+        raise ValueError(f"{name}: unit 'tokens' needs a tokenizer (pass build_reward(..., tokenizer=...)) "
+                         "or use unit: chars")
+    return LengthScorer(cfg.min_length, cfg.max_length, cfg.unit, tokenizer, cfg.penalty, name=name)
+
+
+@REWARDS.register("format")
+def _format(cfg: FormatRewardConfig, tokenizer, name: str) -> RewardFunction:
+    return FormatScorer(cfg.pattern, cfg.fullmatch, name=name)
+
+
+@REWARDS.register("blocklist")
+def _blocklist(cfg: BlocklistRewardConfig, tokenizer, name: str) -> RewardFunction:
+    return BlocklistScorer(cfg.patterns, cfg.penalty, cfg.ignore_case, name=name)
+
+
+@REWARDS.register("verifier")
+def _verifier(cfg: VerifierRewardConfig, tokenizer, name: str) -> RewardFunction:
+    return AnswerVerifier(cfg.extract, name=name)
+
+
+@REWARDS.register("mixture")
+def _mixture(cfg: MixtureRewardConfig, tokenizer, name: str) -> RewardFunction:
+    experts = {e: build_reward(sub, tokenizer, name=e) for e, sub in cfg.experts.items()}
+    return Mixture(experts, cfg.weights, cfg.dynamic, cfg.tag_weights, cfg.ema, cfg.min_std, name=name)
