@@ -52,7 +52,8 @@ USER = {"role": "user", "content": "What is 1 + 1?"}
 
 
 def test_prompt_rows_give_prompt_answer_and_line(tmp_path):
-    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "answer": 3, "id": "a"}, {"prompt": "q2", "answer": " x "}])
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "answer": 3, "id": "a"},
+                                              {"prompt": "q2", "answer": " x "}])
     assert load_checkable(plain, extra=("id",)) == [{"prompt": "q1", "answer": "3", "line": 1, "id": "a"},
                                                     {"prompt": "q2", "answer": "x", "line": 2}]
     assert load_checkable(plain, limit=1)[0]["answer"] == "3"

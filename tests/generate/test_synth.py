@@ -203,7 +203,8 @@ def test_a_score_rule_takes_its_scorer_from_the_caller(tmp_path):
     """The reward model is above generation: run_synth asks its caller for the scorer, before loading the teacher."""
     src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": "q", "answer": "1"}])
     cfg = build_config(SynthConfig, None, ["mode=rejection", "output=o.jsonl", f"rejection.prompts={src}",
-                                           "rejection.filters.score.reward_model=rm", "rejection.filters.score.min=0.5"])
+                                           "rejection.filters.score.reward_model=rm",
+                                           "rejection.filters.score.min=0.5"])
     with pytest.raises(ValueError, match="score.min is set but no scorer was given"):
         run_synth(cfg)
 

@@ -99,7 +99,8 @@ def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
     return value
 
 
-def _chat_prompt(messages: list[dict[str, str]], has_answer: bool, where: str) -> tuple[list[dict[str, str]], str | None]:
+def _chat_prompt(messages: list[dict[str, str]], has_answer: bool,
+                 where: str) -> tuple[list[dict[str, str]], str | None]:
     """(the turns to prompt with, the reference answer the last assistant turn holds, or None)."""
     last = len(messages) - 1
     reference = None

@@ -3,8 +3,8 @@
 Generation tasks: one row per example, `{"prompt": str, "answer": str}`, a chat row
 `{"messages": [{role, content}, ...]}` whose last turn is the assistant's reference answer
 (an SFT file), or `{"messages": [...], "answer": str}` ending with the user's question
-(read by `data.answers.load_checkable`, which synthetic data uses too). Perplexity sets: rows `{"text": str}`. Both are plain files so an eval is
-reproducible from the file alone; every bad row fails with file:line:field.
+(read by `data.answers.load_checkable`, which synthetic data uses too). Perplexity sets:
+rows `{"text": str}`. Both are plain files so an eval is reproducible from the file alone; every bad row fails with file:line:field.
 """
 
 from __future__ import annotations

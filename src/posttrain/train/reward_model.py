@@ -305,7 +305,8 @@ class RewardModelScorer:
 # ================================================================================ data filtering
 
 
-def reward_model_scorer(path: str | Path, aspect: str | None = None, batch_size: int = 8) -> Callable[[list[dict]], list[float]]:
+def reward_model_scorer(path: str | Path, aspect: str | None = None,
+                        batch_size: int = 8) -> Callable[[list[dict]], list[float]]:
     """A data-filter scorer (records -> scores) from a reward model saved by `posttrain rm` (run dir or model dir)."""
     from posttrain.data.filters import prompt_and_completion
 
