@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, finish, run_context  # noqa: E402
 
-from posttrain.eval.report import format_table  # noqa: E402
-from posttrain.pipeline import load_pipeline, metric_table  # noqa: E402
+from posttrain.eval.report import format_table, metric_table  # noqa: E402
+from posttrain.pipeline import load_pipeline  # noqa: E402
 
 RECIPE = "recipes/pipeline_demo.yaml"
 

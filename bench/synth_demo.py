@@ -57,7 +57,7 @@ def sft(train_path: str, out_dir: str, epochs: float, quick: bool, seed: int = 0
 
 def evaluate(model, tok, path: str, limit: int | None, max_new_tokens: int) -> dict:
     """One greedy pass; two scores from the same replies."""
-    from posttrain.eval.metrics import exact_match
+    from posttrain.data.answers import exact_match
     from posttrain.eval.tasks import evaluate_task
 
     res = evaluate_task(model, tok, path, metric="accuracy", extract="last_number", max_new_tokens=max_new_tokens,
@@ -87,8 +87,9 @@ def main() -> None:
         args.prompts, args.test_limit = 8, 16
 
     from posttrain.config import build_config
-    from posttrain.data.synth import SynthConfig, load_checkable, sample_candidates, select_rejection, write_dataset
+    from posttrain.data.answers import load_checkable
     from posttrain.fileio import write_text_atomic
+    from posttrain.generate.synth import SynthConfig, sample_candidates, select_rejection, write_dataset
     from posttrain.models import load_model
 
     load_before = load_average()
@@ -98,7 +99,7 @@ def main() -> None:
                        [f"rejection.limit={args.prompts}", f"rejection.k={args.k}",
                         f"output={work / 'verified.jsonl'}"])
     rc = cfg.rejection
-    items = load_checkable(REPO / rc.prompts, rc.limit)
+    items = load_checkable(REPO / rc.prompts, rc.limit, allow_empty_answer=False)
     times, scores = {}, {}
     if args.reuse_data:
         reports = {name: json.loads(Path(f"{work / name}.jsonl.report.json").read_text())

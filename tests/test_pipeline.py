@@ -256,7 +256,7 @@ def test_a_synth_entry_appends_generated_rows(tmp_path, tiny_dir):
 def test_model_init_shared_eval_eval_stage_deploy_and_serve(tmp_path, tiny_dir, recipe, monkeypatch, capsys):
     from posttrain import cli
     from posttrain.models import load_model
-    from posttrain.pipeline import metric_table
+    from posttrain.eval.report import metric_table
 
     task = yaml.safe_load(recipe.read_text())["eval"]["tasks"][0]
     spec = {"name": "t", "output_dir": str(tmp_path / "out"),

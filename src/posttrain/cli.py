@@ -318,8 +318,8 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from posttrain.eval.report import format_table, write_pipeline_report
-    from posttrain.pipeline import load_pipeline, metric_table, run_pipeline
+    from posttrain.eval.report import format_table, metric_table, write_pipeline_report
+    from posttrain.pipeline import load_pipeline, run_pipeline
 
     pipe = load_pipeline(args.pipeline)
     try:
@@ -539,9 +539,10 @@ def cmd_merge(args) -> int:
 
 def cmd_filter(args) -> int:
     from posttrain.data.filters import filter_file, load_rules, summary
+    from posttrain.train.reward_model import filter_scorer
 
     rules = load_rules(args.rules)
-    result = filter_file(args.input, args.output, rules, report_path=args.report)
+    result = filter_file(args.input, args.output, rules, report_path=args.report, scorer=filter_scorer(rules))
     print(summary(result))
     print(f"wrote {args.output} and {args.report or str(args.output) + '.report.json'}")
     return 0
@@ -549,13 +550,14 @@ def cmd_filter(args) -> int:
 
 def cmd_synth(args) -> int:
     from posttrain.config import build_config, dump_config
-    from posttrain.data.synth import SynthConfig, run_synth, summary
+    from posttrain.generate.synth import SynthConfig, run_synth, summary
+    from posttrain.train.reward_model import filter_scorer
 
     cfg = build_config(SynthConfig, args.config, list(args.overrides))
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    result = run_synth(cfg)
+    result = run_synth(cfg, make_scorer=filter_scorer)
     print(summary(result.report))
     print(f"wrote {cfg.output} and {cfg.output}.report.json")
     return 0

@@ -219,7 +219,7 @@ def load_model(
     path = resolve_model_path(spec)
     torch_dtype = resolve_dtype(dtype, device)
     base = _adapter_base(Path(path)) if Path(path).is_dir() else None
-    from posttrain.compress.quantize import is_quantized_dir, load_quantized
+    from posttrain.quantized import is_quantized_dir, load_quantized
 
     if is_quantized_dir(path):  # integer weights written by `posttrain quantize`
         model = load_quantized(path, None if dtype in (None, "auto") else torch_dtype)

@@ -313,9 +313,10 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     """Write `<output_dir>/data/NAME.jsonl` (skipped when its inputs are unchanged); returns its record."""
     from posttrain.data.filters import filter_file, load_rules
     from posttrain.data.formats import load_records
-    from posttrain.data.synth import SynthConfig, run_synth
+    from posttrain.generate.synth import SynthConfig, run_synth
     from posttrain.fileio import write_text_atomic
     from posttrain.stage import content_hash
+    from posttrain.train.reward_model import filter_scorer
 
     spec, path = pipe.data[name], data_path(pipe, name)
     synth_cfg = None
@@ -355,7 +356,7 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
         if kind not in (None, "chat"):
             raise ValueError(f"data {name!r}: synth writes chat rows, the sources hold {kind} rows; "
                              "one entry holds one kind")
-        result = run_synth(synth_cfg)
+        result = run_synth(synth_cfg, make_scorer=filter_scorer)
         counts["synth"] = len(result.rows)
         rows += result.rows
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -365,7 +366,8 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     else:
         raw = path.with_suffix(".raw.jsonl")
         write_text_atomic(raw, text)
-        result = filter_file(raw, path, rules, report_path=path.with_suffix(".filter.json"))
+        result = filter_file(raw, path, rules, report_path=path.with_suffix(".filter.json"),
+                             scorer=filter_scorer(rules))
         kept, dropped = len(result.kept), len(result.dropped)
     record = {"name": name, "status": "done", "fingerprint": fp, "path": str(path), "kind": kind or "chat",
               "rows": len(rows), "kept": kept, "dropped": dropped, "counts": counts, "seconds": round(time.time() - started, 1)}
@@ -431,14 +433,3 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
         if STAGES.get(spec.verb).role != "export":  # an export's checks are not model metrics
             previous_metrics = {**(previous_metrics or {}), **record["metrics"]}  # the latest value of each
     return state
-
-
-def metric_table(state: dict) -> dict[str, dict[str, float]]:
-    """{column: metrics}: the input model (the first stage's eval before), then each stage's eval after."""
-    table: dict[str, dict[str, float]] = {}
-    for name, record in state["stages"].items():
-        if not table and record.get("metrics_before"):
-            table["input"] = record["metrics_before"]
-        if record.get("metrics"):
-            table[name] = record["metrics"]
-    return table

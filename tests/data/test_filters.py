@@ -173,8 +173,7 @@ def test_shipped_rules_validate():
 
 def test_cli_score_rule_loads_a_saved_reward_model(tiny, tokenizer, tmp_path, capsys):
     """score.reward_model in the rules file: the CLI loads the model and drops rows under score.min."""
-    from posttrain.data.filters import reward_model_scorer
-    from posttrain.rl.rewards import reward_model_from_lm, save_reward_model
+    from posttrain.train.reward_model import reward_model_from_lm, reward_model_scorer, save_reward_model
 
     save_reward_model(reward_model_from_lm(tiny, aspects=["helpful", "safe"]), tokenizer, tmp_path / "rm")
     rows = [chat("q", f"answer number {i}: {word}") for i, word in enumerate(["apple", "zebra", "ocean", "pine"])]

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from posttrain.eval.report import bar_chart, format_table, loss_curve, read_metrics, write_json_atomic
+from posttrain.eval.report import bar_chart, format_table, loss_curve, metric_table, read_metrics, write_json_atomic
 from posttrain.stages import verbs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,6 +25,15 @@ def test_format_table_two_models_has_delta():
     assert lines[3].split() == ["ppl", "22.2712", "20.0000", "-2.2712"]
     assert lines[4].split() == ["f1", "-", "0.1000", "-"]
     assert len({len(line) for line in lines[:2]}) == 1  # header and rule line up
+
+
+def test_metric_table_is_the_input_model_then_each_stage_after():
+    state = {"stages": {"sft": {"metrics_before": {"acc": 0.1}, "metrics": {"acc": 0.4}},
+                        "export": {"metrics": {}},
+                        "dpo": {"metrics_before": {"acc": 0.4}, "metrics": {"acc": 0.5, "ppl": 9.0}}}}
+    assert metric_table(state) == {"input": {"acc": 0.1}, "sft": {"acc": 0.4}, "dpo": {"acc": 0.5, "ppl": 9.0}}
+    assert list(metric_table(state)) == ["input", "sft", "dpo"]
+    assert metric_table({"stages": {"a": {"metrics": {}}}}) == {}
 
 
 def test_format_table_columns_order_and_single_model():

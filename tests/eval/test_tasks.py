@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 import posttrain.eval.tasks as tasks
 from posttrain.eval.metrics import perplexity
-from posttrain.eval.tasks import EvalSpec, evaluate_perplexity, evaluate_task, load_task, run_eval
+from posttrain.eval.tasks import EvalSpec, evaluate_perplexity, evaluate_task, run_eval
 from posttrain.generate.engine import GenerationConfig, GenerationOutput, generate
 
 
@@ -57,20 +57,25 @@ def test_metrics_and_extraction_plumbing(monkeypatch, tmp_path):
     assert [p["score"] for p in em.predictions] == [1.0, 0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("row, match", [
-    ("{not json", r"bad\.jsonl:2: malformed JSON"),
-    ('["a list"]', r"bad\.jsonl:2: expected a JSON object"),
-    ({"prompt": "q"}, r"bad\.jsonl:2:answer: expected a string"),
-    ({"prompt": "", "answer": "a"}, r"bad\.jsonl:2:prompt: expected a non-empty string"),
-    ({"question": "q", "answer": "a"}, r"bad\.jsonl:2:prompt: missing"),
-    ({"messages": [{"role": "assistant", "content": "x"}], "answer": "a"}, r"bad\.jsonl:2:messages\[0\]\.role"),
-    ({"messages": [{"role": "user"}], "answer": "a"}, r"bad\.jsonl:2:messages\[0\]"),
-    ({"prompt": "q", "answer": True}, r"bad\.jsonl:2:answer"),
-])
-def test_bad_rows_name_file_line_field(tmp_path, row, match):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "answer": "ok"}, row])
-    with pytest.raises(ValueError, match=match):
-        load_task(path)
+def test_a_chat_sft_file_is_a_task_whose_last_assistant_turn_is_the_reference(monkeypatch, tmp_path):
+    """The format users train on: rows `messages` ending with the assistant's answer. The model is asked the
+    turns before it and scored against it (once refused: 'the last turn must be user')."""
+    seen = []
+
+    def gen(model, tokenizer, prompts, config, stream=None):
+        seen.extend(prompts)
+        return fake_generate({"2+2?": "It is 4.", "Sky colour?": "blue"})(model, tokenizer, prompts, config)
+
+    monkeypatch.setattr(tasks, "generate", gen)
+    system = {"role": "system", "content": "Be brief."}
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"messages": [system, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": " Red "}]}])
+    res = evaluate_task(None, None, path, metric="accuracy", extract="last_number")
+    assert sorted(seen, key=len) == [[{"role": "user", "content": "Sky colour?"}],
+                                     [system, {"role": "user", "content": "2+2?"}]]  # the reference is not shown
+    assert [p["answer"] for p in res.predictions] == ["4", "Red"]
+    assert [p["score"] for p in res.predictions] == [1.0, 0.0] and res.score == 0.5
 
 
 def test_perplexity_task_matches_metric(tiny, tokenizer, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.generate.engine import GenerationConfig, encode_prompts, filter_top_k_top_p, generate
+from posttrain.generate.engine import GenerationConfig, encode_prompts, generate
 
 PROMPTS = ["Hello there, how are", "The capital of France is a city called", "Hi"]
 
@@ -160,13 +160,6 @@ def test_repetition_penalty_changes_greedy_choice(tiny, tokenizer):
         assert len(set(row)) == len(row) and not set(row) & set(ids)
 
 
-def test_filter_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.1)).tolist() == [[False, True, True, True]]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_default_model_greedy_matches_hf_generate(backend):
@@ -178,27 +171,6 @@ def test_default_model_greedy_matches_hf_generate(backend):
     assert "Paris" in out.texts[0]
     for pid, got in zip(encode_prompts(tok, prompts, chat=True), out.token_ids):
         assert got == trim_eos(hf_greedy(model, tok, pid, 16), tok.eos_token_id)
-
-
-def test_row_text_holds_half_characters_and_flushes(tokenizer):
-    from posttrain.generate.engine import _RowText
-
-    ids = tokenizer("a🤗b", add_special_tokens=False)["input_ids"]
-    assert len(ids) > 3  # the emoji spans several byte tokens
-    row = _RowText(tokenizer, stop=[])
-    pieces = []
-    for t in ids:
-        row.add(t)
-        pieces.append(row.piece(final=False))
-    assert "".join(pieces) == row.text == "a🤗b"
-    assert all("\ufffd" not in p for p in pieces)
-    cut = ids[:-2]  # ends inside the emoji: held back until flushed at the end
-    row = _RowText(tokenizer, stop=[])
-    for t in cut:
-        row.add(t)
-    assert row.text == "a"
-    row.flush()
-    assert row.text == tokenizer.decode(cut) and row.text.endswith("\ufffd")
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

@@ -50,19 +50,25 @@ def test_grpo_and_rloo_advantages_per_group():
         A.rloo_advantages({"scores": scores[:1], "group": group[:1], "mask": mask[:1]}, _cfg())
 
 
-def test_registry_adds_estimators_and_rejects_duplicates():
-    @A.advantage("test_constant")
+def test_registry_adds_estimators_and_rejects_duplicates(monkeypatch):
+    from posttrain.registry import Registry
+
+    scratch = Registry("advantage estimator")  # the built-ins plus a test one, put back after the test
+    for name, fn in A.ADVANTAGES.items():
+        scratch.register(name, fn)
+    monkeypatch.setattr(A, "ADVANTAGES", scratch)
+
+    @A.ADVANTAGES.register("test_constant")
     def constant(data, cfg):
         return data["mask"] * 2.0, None
 
-    try:
-        adv, _ = A.compute_advantages("test_constant", {"mask": torch.ones(1, 3)}, _cfg())
-        assert adv.sum() == 6
-        with pytest.raises(ValueError, match="already registered"):
-            A.advantage("test_constant")(constant)
-    finally:
-        del A.ADVANTAGES["test_constant"]
-    with pytest.raises(ValueError, match="registered: gae, grpo, rloo"):
+    adv, _ = A.compute_advantages("test_constant", {"mask": torch.ones(1, 3)}, _cfg())
+    assert adv.sum() == 6
+    with pytest.raises(ValueError, match="already registered"):
+        A.ADVANTAGES.register("test_constant")(constant)
+    monkeypatch.undo()
+    assert "test_constant" not in A.ADVANTAGES
+    with pytest.raises(ValueError, match="unknown advantage estimator 'nope'; choose one of gae, grpo, rloo"):
         A.compute_advantages("nope", {}, _cfg())
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.models import save_model, tiny_model
-from posttrain.rl.rewards import load_reward_model
 from posttrain.data.examples import load_pairs
 from posttrain.train.preference import DPOConfig, RMConfig, run_dpo, run_rm
+from posttrain.train.reward_model import load_reward_model
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_full_dpo_precomputes_the_reference(tmp_path, tiny_dir, capsys):
 
 
 def test_dpo_win_rate_judged_by_a_reward_model(tmp_path, tiny_dir, tokenizer):
-    from posttrain.rl.rewards import RewardModel, save_reward_model
+    from posttrain.train.reward_model import RewardModel, save_reward_model
 
     save_reward_model(RewardModel(tiny_model(tokenizer, seed=5)), tokenizer, tmp_path / "judge")
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {i}."} for i in range(4)])

@@ -60,7 +60,8 @@ class RegexRule(Strict):
 
 
 class ScoreRules(Strict):
-    reward_model: str | None = Field(None, description="reward model dir or run dir (CLI); Python API: scorer=")
+    reward_model: str | None = Field(None, description="reward model dir or run dir; the CLI and the pipeline build "
+                                                            "the scorer from it; Python API: scorer=")
     aspect: str | None = None
     min: float | None = Field(None, description="drop rows scoring below this")
     batch_size: int = Field(8, gt=0)
@@ -324,7 +325,7 @@ def filter_records(records: Sequence[dict], rules: FilterRules | dict | None = N
     return result
 
 
-# ================================================================================ reward-model scorer
+# ================================================================================ what a scorer reads
 
 def prompt_and_completion(record: dict) -> tuple[Any, str]:
     """What a reward model scores for a row: chat -> (messages before the last assistant
@@ -344,28 +345,14 @@ def prompt_and_completion(record: dict) -> tuple[Any, str]:
     raise DataError(f"a {kind} row has no single completion to score")
 
 
-def reward_model_scorer(path: str | Path, aspect: str | None = None, batch_size: int = 8) -> Scorer:
-    """A `Scorer` from a reward model saved by `posttrain rm` (run dir or model dir)."""
-    from posttrain.rl.rewards import RewardModelScorer, load_reward_model
-
-    rm, tokenizer = load_reward_model(path)
-    scorer = RewardModelScorer(rm, tokenizer, aspect=aspect, batch_size=batch_size)
-
-    def score(records: list[dict]) -> list[float]:
-        pairs = [prompt_and_completion(r) for r in records]
-        out = scorer([p for p, _ in pairs], [c for _, c in pairs])
-        return out.scores.tolist()
-
-    return score
-
-
 # ================================================================================ files
 
 def filter_file(in_path: str | Path, out_path: str | Path, rules: FilterRules | dict | None = None,
                 report_path: str | Path | None = None, scorer: Scorer | None = None) -> FilterResult:
     """Filter a JSONL file into `out_path` (atomic) and write the report JSON
     (default: OUT + ".report.json"). Rows are validated first; a bad row raises
-    DataError naming file, line and field."""
+    DataError naming file, line and field. A ``score.min`` rule needs `scorer`: the reward
+    model lives in a higher layer, so the caller builds it (`train.reward_model.filter_scorer`)."""
     from posttrain.fileio import write_json_atomic, write_text_atomic
 
     rules = rules if isinstance(rules, FilterRules) else FilterRules.model_validate(rules or {})
@@ -377,10 +364,6 @@ def filter_file(in_path: str | Path, out_path: str | Path, rules: FilterRules | 
             raise DataError(f"{in_path}:{n}: no known record kind (fields: {', '.join(sorted(row)) or 'none'})")
         if (problem := validate(row, detect_kind(row) or kind)):
             raise DataError(f"{in_path}:{n}: {problem}")
-    if scorer is None and rules.score.min is not None:
-        if not rules.score.reward_model:
-            raise ValueError("score.min is set but score.reward_model is not: nothing to score with")
-        scorer = reward_model_scorer(rules.score.reward_model, rules.score.aspect, rules.score.batch_size)
     result = filter_records([r for _, r in rows], rules, scorer=scorer, lines=[n for n, _ in rows])
     write_text_atomic(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.kept))
     report = {"input": str(in_path), "output": str(out_path), **result.report()}

@@ -1,4 +1,5 @@
-"""Scoring: answer normalisation, exact match, token F1, answer extraction, perplexity.
+"""Scoring: accuracy, token F1, perplexity, refusals, pass@k (answer extraction and
+normalisation: data/answers.py, re-exported here).
 
 String metrics are pure functions on (prediction, reference) so they can be tested by
 hand; perplexity is the one model-facing metric here.
@@ -15,23 +16,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-Extract = str | Callable[[str], str | None] | None
+from posttrain.data.answers import Extract, answers_match, apply_extract
 
 _WS = re.compile(r"\s+")
-_TRAILING_PUNCT = ".,;:!?。"
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize(text: str) -> str:
-    """Strip, casefold, collapse whitespace, drop trailing punctuation ("Paris." == "paris")."""
-    text = _WS.sub(" ", text.strip().casefold())
-    return text.rstrip(_TRAILING_PUNCT + " ").strip()
-
-
-def exact_match(pred: str, ref: str) -> float:
-    """1.0 if the normalised strings are equal, else 0.0."""
-    return float(normalize(pred) == normalize(ref))
 
 
 def _squad_tokens(text: str) -> list[str]:
@@ -58,57 +46,6 @@ def contains_match(pred: str, ref: str) -> float:
     'It is Hollowmere.' contains 'hollowmere'; 'Hollowmerefield' does not."""
     r = " ".join(_squad_tokens(ref))
     return float(bool(r) and f" {r} " in f" {' '.join(_squad_tokens(pred))} ")
-
-
-def extract_answer(text: str, mode: str = "last_number") -> str | None:
-    """Pull the answer out of a generation; None when nothing matches.
-
-    mode: "last_number" (commas removed, "1,234.50" -> "1234.50"), "first_line" (first
-    non-empty line), or a regex (its first group if it has one, else the whole match;
-    first match in the text).
-    """
-    if mode == "last_number":
-        found = _NUMBER.findall(text)
-        return found[-1].replace(",", "") if found else None
-    if mode == "first_line":
-        for line in text.splitlines():
-            if line.strip():
-                return line.strip()
-        return None
-    try:
-        pattern = re.compile(mode)
-    except re.error as exc:
-        raise ValueError(f"extract must be 'last_number', 'first_line' or a valid regex; {mode!r}: {exc}") from exc
-    m = pattern.search(text)
-    if m is None:
-        return None
-    return m.group(1) if pattern.groups else m.group(0)
-
-
-def apply_extract(text: str, extract: Extract) -> str | None:
-    """extract may be None (whole text), a mode/regex string, or a function."""
-    if extract is None:
-        return text
-    if callable(extract):
-        return extract(text)
-    return extract_answer(text, extract)
-
-
-def _as_number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", "").strip().rstrip("."))
-    except ValueError:
-        return None
-
-
-def answers_match(pred: str | None, ref: str) -> bool:
-    """Numbers compare by value ("42.0" == "42"), anything else by exact_match."""
-    if pred is None:
-        return False
-    a, b = _as_number(pred), _as_number(ref)
-    if a is not None and b is not None:
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    return bool(exact_match(pred, ref))
 
 
 def accuracy(preds: Sequence[str], refs: Sequence[str], extract: Extract = None) -> float:

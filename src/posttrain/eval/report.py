@@ -337,10 +337,19 @@ def _data_section(out: Path, state: dict) -> str | None:
     return _table(["data", "status", "rows", "kept", "dropped", "seconds", "path"], body, {2, 3, 4, 5})
 
 
+def metric_table(state: dict) -> dict[str, dict[str, float]]:
+    """{column: metrics}: the input model (the first stage's eval before), then each stage's eval after."""
+    table: dict[str, dict[str, float]] = {}
+    for name, record in state["stages"].items():
+        if not table and record.get("metrics_before"):
+            table["input"] = record["metrics_before"]
+        if record.get("metrics"):
+            table[name] = record["metrics"]
+    return table
+
+
 def _metric_section(state: dict, report_dir: Path, pngs: dict[str, Path]) -> str:
     """Input model (first stage's eval_before), then each stage's eval_after, each with its delta."""
-    from posttrain.pipeline import metric_table
-
     results = {col: _numeric(m) for col, m in metric_table(state).items() if _numeric(m)}
     if not results:
         return f"<p>{DASH} (no stage recorded eval metrics)</p>"

@@ -1,9 +1,10 @@
 """Evaluation tasks from local JSONL files: prompts -> generations -> scores.
 
-Generation tasks: one row per example, `{"prompt": str, "answer": str}` or
-`{"messages": [{role, content}, ...], "answer": str}` whose last turn is the user's
-question. Perplexity sets: rows `{"text": str}`. Both are plain files so an eval is
-reproducible from the file alone; every bad row fails with file:line:field.
+Generation tasks: one row per example, `{"prompt": str, "answer": str}`, a chat row
+`{"messages": [{role, content}, ...]}` whose last turn is the assistant's reference answer
+(an SFT file), or `{"messages": [...], "answer": str}` ending with the user's question
+(read by `data.answers.load_checkable`, which synthetic data uses too). Perplexity sets:
+rows `{"text": str}`. Both are plain files so an eval is reproducible from the file alone; every bad row fails with file:line:field.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from posttrain.eval.metrics import (Extract, answers_match, apply_extract, exact_match, is_refusal, sequence_nll,
-                                    token_f1)
+from posttrain.data.answers import Extract, answers_match, apply_extract, exact_match, load_checkable
 from posttrain.data.formats import read_jsonl
+from posttrain.eval.metrics import is_refusal, sequence_nll, token_f1
 from posttrain.generate.engine import GenerationConfig, generate
 from posttrain.generate.guard import load_guard
 
@@ -41,50 +42,6 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
     return read_jsonl(path)
-
-
-def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}:messages: expected a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}:messages[{i}]: expected an object with string 'role' and 'content'")
-    if value[-1]["role"] != "user":
-        raise ValueError(f"{where}:messages[{len(value) - 1}].role: the last turn must be 'user' (the question), "
-                         f"got {value[-1]['role']!r}")
-    return value
-
-
-def load_task(path: str | Path, limit: int | None = None, need_answer: bool = True,
-              extra: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Validated examples: {"prompt": str | messages, "answer": str ("" if not needed and absent), "line": int},
-    plus each `extra` field the row has (unvalidated: the caller checks what it needs)."""
-    path = Path(path)
-    examples = []
-    for lineno, row in _read_jsonl(path):
-        where = f"{path}:{lineno}"
-        if "prompt" in row and "messages" in row:
-            raise ValueError(f"{where}:prompt: give either 'prompt' or 'messages', not both")
-        if "messages" in row:
-            prompt: Any = _check_messages(row["messages"], where)
-        elif "prompt" in row:
-            prompt = row["prompt"]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{where}:prompt: expected a non-empty string")
-        else:
-            raise ValueError(f"{where}:prompt: missing (rows need 'prompt' or 'messages', and 'answer')")
-        answer = row.get("answer", None if need_answer else "")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(answer, str):
-            raise ValueError(f"{where}:answer: expected a string (or number), got "
-                             f"{'nothing' if answer is None else type(answer).__name__}")
-        examples.append({"prompt": prompt, "answer": answer, "line": lineno, **{k: row[k] for k in extra if k in row}})
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        raise ValueError(f"{path}: no examples")
-    return examples
 
 
 def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
@@ -135,7 +92,7 @@ def evaluate_task(model, tokenizer, path: str | Path, metric: str = "exact_match
         raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    examples = load_task(path, limit, need_answer=metric != "refusal_rate")
+    examples = load_checkable(path, limit, need_answer=metric != "refusal_rate")
     name = name or Path(path).stem
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, chat=chat, system=system,
                               stop=list(stop), decoding=decoding, corpus=corpus, guard=guard)

@@ -94,7 +94,7 @@ WTYPES = {"int8": 2, "int4": 3}
 
 def quant_layout(model) -> tuple[str | None, int | None, str | None]:
     """(mode, group size, why not) of the decoder's projections: all float (None) or all one integer mode."""
-    from posttrain.compress.quantize import QuantLinear
+    from posttrain.quantized import QuantLinear
 
     base = base_model(model)
     modes = set()
@@ -218,7 +218,7 @@ class NativeLM:
             return f32(torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
                                   for lin in linears]))
 
-        from posttrain.compress.quantize import QuantEmbedding, QuantLinear
+        from posttrain.quantized import QuantEmbedding, QuantLinear
 
         mode, group, _ = quant_layout(model)
         self.wtype, self.qgroup = WTYPES.get(mode, 0), group or 0

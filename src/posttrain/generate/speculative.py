@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from posttrain.generate.decoding import RowText, eos_ids, filter_top_k_top_p, pad_id
 from posttrain.generate.sam import Matcher, SuffixAutomaton
 
 
@@ -223,8 +224,6 @@ def _accept_greedy(logits: torch.Tensor, draft: list[int]) -> list[int]:
 
 def _accept_sampled(logits: torch.Tensor, draft: list[int], config, generator) -> list[int]:
     """Speculative sampling with a deterministic draft (q = one-hot on the draft token)."""
-    from posttrain.generate.engine import filter_top_k_top_p
-
     scores = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
     probs = scores.softmax(-1)
     out = []
@@ -245,23 +244,29 @@ def _accept_sampled(logits: torch.Tensor, draft: list[int], config, generator) -
 
 @torch.inference_mode()
 def speculative_decode(model, tokenizer, prompt: list[int], config, drafter: Drafter, stream=None, row: int = 0,
-                       generator: torch.Generator | None = None):
-    """Decode one prompt; returns (row text state, token ids, logprobs, SpecStats)."""
+                       generator: torch.Generator | None = None, stops: set[int] | None = None,
+                       pad: int | None = None):
+    """Decode one prompt; returns (row text state, token ids, logprobs, SpecStats).
+
+    `stops` (ids that end the reply) and `pad` default to the model's and tokenizer's; the
+    engine passes its own so both of its decoders stop on the same ids.
+    """
     from posttrain.generate.backends import make_rows
-    from posttrain.generate.engine import _RowText, eos_ids, pad_id
 
     if config.repetition_penalty != 1.0:
         raise ValueError("repetition_penalty is not supported with speculative decoding; use decoding=plain")
-    stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
+    if stops is None:
+        stops = set() if config.ignore_eos else eos_ids(model, tokenizer)
     k_max = config.draft_len
-    text_state = _RowText(tokenizer, config.stop)
+    text_state = RowText(tokenizer, config.stop)
     tokens_out: list[int] = []
     logprobs_out: list[float] = []
     stats = SpecStats()
     if config.max_new_tokens == 0:
         return text_state, tokens_out, logprobs_out, stats
 
-    rows = make_rows(model, [prompt], pad_id(model, tokenizer), config.max_new_tokens + k_max, config.backend)
+    rows = make_rows(model, [prompt], pad_id(model, tokenizer) if pad is None else pad,
+                     config.max_new_tokens + k_max, config.backend)
     drafter.start(prompt)
     logits = rows.start()
     pending = None  # last emitted token, not yet in the cache

@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from posttrain.data.formats import read_jsonl
-from posttrain.eval.metrics import contains_match, exact_match, token_f1
+from posttrain.data.answers import exact_match
+from posttrain.eval.metrics import contains_match, token_f1
 
 FORMAT = "posttrain-kb"
 VERSION = 1
@@ -523,9 +524,9 @@ def ask(model, tokenizer, kb: KnowledgeBase | None, questions: Sequence[str], k:
 
 def load_qa(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """QA rows {prompt, answer, gold?}: gold is a citation id or a list of them (for recall)."""
-    from posttrain.eval.tasks import load_task
+    from posttrain.data.answers import load_checkable
 
-    examples = load_task(path, limit, extra=("gold",))
+    examples = load_checkable(path, limit, extra=("gold",))
     for ex in examples:
         if not isinstance(ex["prompt"], str):
             raise ValueError(f"{path}:{ex['line']}:prompt: knowledge QA needs a string question, not messages")

@@ -24,7 +24,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable
 
-from posttrain.eval.metrics import answers_match, extract_answer, normalize
+from posttrain.data.answers import answers_match, extract_answer, normalize
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "reason"
 BUILTIN = ("arith", "game24", "mc")
@@ -345,13 +345,13 @@ def load_reason_task(spec: str | Path, limit: int | None = None) -> tuple[Task, 
     may carry `options` (used to map a reply naming the option's text to its letter).
     Bad rows raise with file:line:field.
     """
-    from posttrain.eval.tasks import load_task
+    from posttrain.data.answers import load_checkable
 
     spec = str(spec)
     path = DATA_DIR / f"{spec}.jsonl" if spec in BUILTIN else Path(spec)
     if spec in BUILTIN and not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run python data/reason/make_tasks.py")
-    examples = load_task(path, limit, extra=("numbers", "options", "id", "solution"))
+    examples = load_checkable(path, limit, extra=("numbers", "options", "id", "solution"))
     for ex in examples:
         if isinstance(ex["prompt"], list):
             raise ValueError(f"{path}:{ex['line']}:prompt: reasoning tasks need a string prompt, not messages")

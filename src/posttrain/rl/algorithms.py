@@ -3,9 +3,9 @@
 Shapes: per-token tensors are ``[B, T]`` over the response tokens of each rollout, right
 padded, with ``mask`` 1 on real response tokens. Sequence-level tensors are ``[B]``.
 
-Advantage estimators live in a registry: a new one is a decorated function
-``fn(data, cfg) -> (advantages [B, T], returns [B, T] or None)`` over the rollout batch's
-tensors (`scores`, `token_rewards`, `values`, `mask`, `group`).
+Advantage estimators live in a registry: a new one is a function decorated with
+``@ADVANTAGES.register("name")``, ``fn(data, cfg) -> (advantages [B, T], returns [B, T] or None)``
+over the rollout batch's tensors (`scores`, `token_rewards`, `values`, `mask`, `group`).
 
 - PPO (Ouyang et al. 2022; Ziegler et al. 2019): token rewards = score at the last token
   minus kl_coef * KL per token; GAE over the critic's values; clipped surrogate; clipped
@@ -23,19 +23,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-ADVANTAGES: dict[str, Callable] = {}
+from posttrain.registry import Registry
 
-
-def advantage(name: str):
-    """Register an advantage estimator under `name` (see the module docstring for the signature)."""
-
-    def register(fn: Callable) -> Callable:
-        if name in ADVANTAGES:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGES[name] = fn
-        return fn
-
-    return register
+ADVANTAGES: Registry[Callable] = Registry("advantage estimator")
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -91,7 +81,7 @@ def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor | None, mask: T
     return rewards * mask, kl
 
 
-@advantage("gae")
+@ADVANTAGES.register("gae")
 def gae_advantages(data: dict, cfg) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over the critic's values."""
     rewards, values, mask = data["token_rewards"], data["values"], data["mask"].to(data["values"].dtype)
@@ -115,7 +105,7 @@ def _groups(group: Tensor) -> list[Tensor]:
     return [(group == g).nonzero().squeeze(1) for g in group.unique()]
 
 
-@advantage("grpo")
+@ADVANTAGES.register("grpo")
 def grpo_advantages(data: dict, cfg) -> tuple[Tensor, None]:
     """(score - group mean) / (group std + eps), the same on every token of a response."""
     scores, group, mask = data["scores"].float(), data["group"], data["mask"]
@@ -127,7 +117,7 @@ def grpo_advantages(data: dict, cfg) -> tuple[Tensor, None]:
     return adv[:, None] * mask, None
 
 
-@advantage("rloo")
+@ADVANTAGES.register("rloo")
 def rloo_advantages(data: dict, cfg) -> tuple[Tensor, None]:
     """score - mean of the other samples of the same prompt (leave-one-out baseline)."""
     scores, group, mask = data["scores"].float(), data["group"], data["mask"]
@@ -141,9 +131,8 @@ def rloo_advantages(data: dict, cfg) -> tuple[Tensor, None]:
 
 
 def compute_advantages(name: str, data: dict, cfg) -> tuple[Tensor, Tensor | None]:
-    if name not in ADVANTAGES:
-        raise ValueError(f"unknown advantage estimator {name!r}; registered: {', '.join(sorted(ADVANTAGES))}")
-    return ADVANTAGES[name](data, cfg)
+    """Advantages and returns from the estimator registered as `name` (ValueError naming the choices)."""
+    return ADVANTAGES.get(name)(data, cfg)
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, clip: float,

@@ -474,7 +474,7 @@ class CriticWorker:
 
         from posttrain.adapters import apply_adapter
         from posttrain.models import load_model
-        from posttrain.rl.rewards import RewardModel
+        from posttrain.train.reward_model import RewardModel
         from posttrain.train.loop import build_optimizer, lr_lambda
 
         _setup(cfg, threads, 3)

@@ -67,7 +67,7 @@ class RMConfig(StageConfig):
 def pair_accuracy(rm, examples: list[dict], pad_token_id: int, batch_size: int = 8) -> dict:
     """Held-out pairwise accuracy (chosen scored above rejected), overall and per aspect."""
     from posttrain.data.collate import collate_pairs
-    from posttrain.rl.rewards import _pair_scores
+    from posttrain.train.reward_model import pair_scores as _pair_scores
 
     was = rm.training
     rm.eval()
@@ -87,8 +87,8 @@ def pair_accuracy(rm, examples: list[dict], pad_token_id: int, batch_size: int =
 def run_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a reward model; reports held-out pairwise accuracy before and after."""
     from posttrain.adapters import apply_adapter, trainable_summary
-    from posttrain.rl.rewards import RewardModel, bradley_terry_loss, save_reward_model
     from posttrain.stage import stage_inputs, start_stage, write_json_atomic
+    from posttrain.train.reward_model import RewardModel, bradley_terry_loss, save_reward_model
     from posttrain.train.loop import train
 
     run = start_stage(cfg, resume, overwrite, seed=cfg.train.seed)
@@ -254,7 +254,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     files: dict[str, str | None] = {"train": cfg.data.train, "eval": cfg.data.eval,
                                     "reference_model": cfg.dpo.reference_model}
     if wr:
-        from posttrain.rl.rewards import RewardModelScorer, load_reward_model
+        from posttrain.train.reward_model import RewardModelScorer, load_reward_model
 
         after_texts = _generate_completions(model, tokenizer, wr_prompts, wr)
         rm, rm_tok = load_reward_model(wr.reward_model)

@@ -11,10 +11,10 @@ import pytest
 from posttrain.cli import main
 from posttrain.config import build_config
 from posttrain.data.formats import DataError, load_records
-from posttrain.data.synth import (RejectionConfig, SelfInstructConfig, SynthConfig, SynthResult, few_shot_prompt,
-                                  load_checkable, load_seed_tasks, parse_instructions, rejection_sample,
-                                  sample_candidates, select_rejection, self_instruct, write_dataset)
 from posttrain.generate.engine import GenerationOutput
+from posttrain.generate.synth import (RejectionConfig, SelfInstructConfig, SynthConfig, SynthResult, few_shot_prompt,
+                                      load_seed_tasks, parse_instructions, rejection_sample, run_synth,
+                                      sample_candidates, select_rejection, self_instruct, write_dataset)
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [{"id": f"s{i}", "instruction": t} for i, t in enumerate(
@@ -177,15 +177,7 @@ def test_rejection_on_the_tiny_model_with_a_custom_verifier_is_reproducible(tiny
     assert res.report["generated"] == res.report["kept"] + sum(res.report["dropped"].values())
 
 
-def test_load_checkable_reads_chat_and_prompt_rows_and_names_bad_lines(tmp_path):
-    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "What is 1 + 1?"},
-                                                            {"role": "assistant", "content": "2"}]}])
-    assert load_checkable(chat) == [{"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2",
-                                     "line": 1}]
-    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "answer": 3}, {"prompt": "q2"}])
-    with pytest.raises(DataError, match=r"p.jsonl:2: field 'answer'"):
-        load_checkable(plain)
-    assert load_checkable(plain, limit=1)[0]["answer"] == "3"
+def test_load_seed_tasks_names_the_bad_line(tmp_path):
     seeds = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "ok"}, {"prompt": ""}])
     with pytest.raises(DataError, match=r"s.jsonl:2: field 'instruction'"):
         load_seed_tasks(seeds)
@@ -205,6 +197,29 @@ def test_write_dataset_is_atomic_and_writes_the_report_beside(tmp_path):
         write_dataset(SynthResult([{**row, "provenance": {"bad": {1, 2}}}], {}), out)
     assert out.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.report.json"]  # no temp file left
+
+
+def test_a_score_rule_takes_its_scorer_from_the_caller(tmp_path):
+    """The reward model is above generation: run_synth asks its caller for the scorer, before loading the teacher."""
+    src = write_jsonl(tmp_path / "src.jsonl", [{"prompt": "q", "answer": "1"}])
+    cfg = build_config(SynthConfig, None, ["mode=rejection", "output=o.jsonl", f"rejection.prompts={src}",
+                                           "rejection.filters.score.reward_model=rm",
+                                           "rejection.filters.score.min=0.5"])
+    with pytest.raises(ValueError, match="score.min is set but no scorer was given"):
+        run_synth(cfg)
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def make_scorer(rules):
+        seen.append((rules.score.reward_model, rules.score.min))
+        raise Built
+
+    with pytest.raises(Built):
+        run_synth(cfg, make_scorer=make_scorer)
+    assert seen == [("rm", 0.5)]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -244,6 +259,6 @@ def test_cli_synth_rejection_writes_rows_and_report(tmp_path, tiny_dir, capsys):
 def test_cli_synth_bad_input_exits_2_with_the_reason(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q"}])
     assert main(["synth", "mode=rejection", "output=o.jsonl", f"rejection.prompts={bad}"]) == 2
-    assert "bad.jsonl:1: field 'answer'" in capsys.readouterr().err
+    assert "bad.jsonl:1:answer: expected a string" in capsys.readouterr().err
     assert main(["synth", "mode=rejection", "output=o.jsonl"]) == 2
     assert "needs a 'rejection' section" in capsys.readouterr().err

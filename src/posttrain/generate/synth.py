@@ -9,7 +9,7 @@ verifier outcome) and a report of counts written next to it (OUT.report.json):
   length, blocklist, ...) -> one response each -> response filters (length, reward-model
   score threshold) and an optional verifier callable -> rows.
 * rejection sampling (STaR-style): for each prompt with a known answer, k sampled
-  responses -> extracted answer checked with `eval.metrics` (or a task checker) -> the
+  responses -> extracted answer checked with `data.answers` (or a task checker) -> the
   verified ones, deduplicated, at most m per prompt -> rows. `verify: false` keeps
   unverified samples instead (the ablation that shows the verifier matters).
 
@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import Field, model_validator
 
 from posttrain.config import Strict
+from posttrain.data.answers import load_checkable
 from posttrain.data.filters import FilterRules, filter_records
 from posttrain.data.formats import DataError, read_jsonl
 
@@ -161,39 +162,6 @@ def load_seed_tasks(path: str | Path) -> list[dict]:
     return out
 
 
-def load_checkable(path: str | Path, limit: int | None = None) -> list[dict]:
-    """[{prompt, answer, line}] for rejection sampling: rows {prompt|messages, answer}, or
-    chat rows whose last turn is the assistant's reference answer (the prompt is the turns
-    before it)."""
-    items = []
-    for line, row in read_jsonl(path):
-        where = f"{path}:{line}"
-        answer = row.get("answer")
-        msgs = row.get("messages")
-        if answer is None and isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) \
-                and msgs[-1].get("role") == "assistant":
-            answer, prompt = msgs[-1].get("content"), msgs[:-1]
-        else:
-            prompt = msgs if msgs is not None else row.get("prompt")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(answer, str) or not answer.strip():
-            raise DataError(f"{where}: field 'answer' is missing or empty (or give chat rows ending in the "
-                            "assistant's reference answer)")
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt) \
-                    or prompt[-1].get("role") != "user":
-                raise DataError(f"{where}: field 'messages' must end with a user turn before the answer")
-        elif not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: field 'prompt' must be a non-empty string (or give 'messages')")
-        items.append({"prompt": prompt, "answer": answer.strip(), "line": line})
-        if limit is not None and len(items) >= limit:
-            break
-    if not items:
-        raise DataError(f"{path}: no prompts")
-    return items
-
-
 def as_messages(prompt: str | list[dict], suffix: str = "") -> list[dict]:
     """A prompt as chat messages; `suffix` is appended to the last user turn."""
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
@@ -258,8 +226,8 @@ def self_instruct(model, tokenizer, seeds: Sequence[dict], cfg: SelfInstructConf
                   verifier: RowVerifier | None = None, scorer=None, progress: bool = True) -> SynthResult:
     """New instructions from seed tasks, then a response each; see the module docstring.
 
-    `scorer(records) -> scores` serves `response_filters.score` (default: the reward model
-    it names); `verifier(row) -> bool` drops rows it rejects (counted as 'verifier').
+    `scorer(records) -> scores` serves `response_filters.score` (`run_synth` builds it from
+    the reward model named there); `verifier(row) -> bool` drops rows it rejects (counted as 'verifier').
     """
     from posttrain.generate.engine import generate
 
@@ -337,7 +305,7 @@ def self_instruct(model, tokenizer, seeds: Sequence[dict], cfg: SelfInstructConf
 
 def answer_verifier(extract: str = "last_number") -> Verifier:
     """The default checker: the extracted answer equals the item's reference (numbers by value)."""
-    from posttrain.eval.metrics import answers_match, extract_answer
+    from posttrain.data.answers import answers_match, extract_answer
 
     return lambda item, text: answers_match(extract_answer(text, extract), item["answer"])
 
@@ -346,7 +314,7 @@ def sample_candidates(model, tokenizer, items: Sequence[dict], cfg: RejectionCon
                       verify: Verifier | None = None, progress: bool = True) -> list[dict]:
     """k samples per item, each checked: [{item, sample, text, extracted, verified, finished}]
     in item order. Batches hold whole items (k rows each) so a batch's seed fixes its samples."""
-    from posttrain.eval.metrics import extract_answer
+    from posttrain.data.answers import extract_answer
     from posttrain.generate.engine import generate
 
     verify = verify or answer_verifier(cfg.extract)
@@ -442,18 +410,21 @@ def write_dataset(result: SynthResult, output: str | Path, extra: dict | None = 
     return report_path
 
 
-def _scorer(rules: FilterRules):
+def _scorer(rules: FilterRules, make_scorer: Callable[[FilterRules], Any] | None):
     if rules.score.min is None:
         return None
-    if not rules.score.reward_model:
-        raise ValueError("score.min is set but score.reward_model is not: nothing to score with")
-    from posttrain.data.filters import reward_model_scorer
+    if make_scorer is None:
+        raise ValueError("score.min is set but no scorer was given: pass make_scorer "
+                         "(the CLI and the pipeline pass train.reward_model.filter_scorer)")
+    return make_scorer(rules)
 
-    return reward_model_scorer(rules.score.reward_model, rules.score.aspect, rules.score.batch_size)
 
+def run_synth(cfg: SynthConfig, progress: bool = True,
+              make_scorer: Callable[[FilterRules], Any] | None = None) -> SynthResult:
+    """Load the teacher and the source rows, run the configured mode, write the dataset.
 
-def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
-    """Load the teacher and the source rows, run the configured mode, write the dataset."""
+    `make_scorer(rules) -> scorer` serves a ``score.min`` rule (a reward model lives in a
+    higher layer than generation, so the caller supplies it)."""
     import time
 
     from posttrain.models import load_model, resolve_model_path
@@ -462,15 +433,15 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     started = time.time()
     if cfg.mode == "rejection":  # read (and validate) the data before loading any model
         rc = cfg.rejection
-        items = load_checkable(rc.prompts, rc.limit)
-        scorer = _scorer(rc.filters)
+        items = load_checkable(rc.prompts, rc.limit, allow_empty_answer=False)
+        scorer = _scorer(rc.filters, make_scorer)
     else:
         sc = cfg.self_instruct
         seeds = load_seed_tasks(sc.seeds)
         if sc.seeds_per_prompt > len(seeds):
             raise ValueError(f"self_instruct.seeds_per_prompt is {sc.seeds_per_prompt} but {sc.seeds} has "
                              f"{len(seeds)} seed tasks")
-        scorer = _scorer(sc.response_filters)
+        scorer = _scorer(sc.response_filters, make_scorer)
     model, tokenizer = load_model(cfg.teacher.name, dtype=cfg.teacher.dtype)
     teacher = {"spec": cfg.teacher.name, "resolved": resolve_model_path(cfg.teacher.name)}
     if cfg.mode == "rejection":
