@@ -67,13 +67,13 @@ from torch.utils.checkpoint import checkpoint
 
 from posttrain.adapters import AdapterConfig
 from posttrain.config import DataConfig, StageConfig, Strict, TrainConfig
+from posttrain.kernels.layers import fused_layers
 from posttrain.models import base_model
 from posttrain.train.objectives import (
     IGNORE,
     Objective,
     _fused_lora,
     _routing,
-    fused_layers,
     is_prompt_learning,
     is_wrapped,
     loss_position_hidden,

@@ -494,7 +494,8 @@ class CriticWorker:
 
     def _values(self, mb: dict) -> Tensor:
         """One value per label (response) position, from the hidden state that predicts it."""
-        from posttrain.train.objectives import fused_layers, loss_position_hidden
+        from posttrain.kernels.layers import fused_layers
+        from posttrain.train.objectives import loss_position_hidden
 
         with fused_layers(self.model.lm):
             hidden, _ = loss_position_hidden(self.model.lm, mb)

@@ -79,7 +79,8 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Scores ``[N, n_heads]`` (fp32), each row read at its last non-pad token."""
-        from posttrain.train.objectives import _fused_lora, fused_layers
+        from posttrain.kernels.layers import fused_layers
+        from posttrain.train.objectives import _fused_lora
 
         base = base_model(self.lm)
         with _fused_lora(self.lm), fused_layers(self.lm):
