@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -28,6 +29,41 @@ def test_help_lists_every_verb():
                          check=True).stdout
     for verb in ("sft", "pretrain", "eval", "generate", "chat", "merge", "data"):
         assert verb in out
+
+
+NOISE = ("Failed to load", "_C_mxfp8", "_C_cutlass", "_pytree", "torchao")  # torchao's import-time warnings
+
+
+def test_first_commands_print_no_torchao_warnings(tiny_dir):
+    """transformers imports torchao when it is installed; a fresh user's first commands must not show it."""
+    root = Path(__file__).resolve().parents[1]
+    runs = (["--help"], ["data", "inspect", str(root / "data/quickstart/train.jsonl"), "--n", "1"],
+            ["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "2"])
+    for argv in runs:
+        proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *argv], capture_output=True, text=True,
+                              check=True)
+        noise = [line for line in proc.stderr.splitlines() if any(n in line for n in NOISE)]
+        assert noise == [], f"posttrain {' '.join(argv)} printed: {noise}"
+        if argv[0] == "data":
+            assert "carry loss" in proc.stdout  # inspect really loaded the default tokenizer
+    assert json.loads(proc.stdout.splitlines()[0])  # generate really loaded the model and decoded
+
+
+def test_cli_parser_and_model_load_do_not_import_torchao(tiny_dir):
+    code = f"""
+import importlib.util, sys
+found = importlib.util.find_spec("torchao") is not None
+import posttrain.cli
+posttrain.cli.build_parser()
+from posttrain.models import load_model
+from posttrain.adapters import AdapterConfig, apply_adapter
+model, tok = load_model({str(tiny_dir)!r})
+apply_adapter(model, AdapterConfig(method="lora", r=2), tok)
+assert "torchao" not in sys.modules, "torchao imported"
+assert (importlib.util.find_spec("torchao") is not None) == found, "torchao left hidden"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_data_inspect_marks_loss_tokens(files, tiny_dir, capsys):

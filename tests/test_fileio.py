@@ -1,6 +1,7 @@
 """Atomic writes: the result replaces the target whole, and has the permissions a plain write would."""
 
 import os
+import re
 
 import pytest
 
@@ -52,3 +53,14 @@ def test_atomic_dir_publishes_whole_or_not_at_all(tmp_path):
             raise RuntimeError("half written")
     assert (final / "a.txt").read_text() == "new"  # the old complete dir stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind
+
+
+def test_read_text_utf8_names_file_line_column_and_byte(tmp_path):
+    from posttrain.fileio import read_text_utf8
+
+    path = tmp_path / "notes.txt"
+    path.write_bytes("héllo\nsecond line\nthird ".encode() + b"\xfe" + b" end\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xfe at column 7)")):
+        read_text_utf8(path)
+    path.write_bytes("héllo\n".encode())
+    assert read_text_utf8(path) == "héllo\n"

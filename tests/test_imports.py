@@ -16,7 +16,7 @@ PACKAGE = "posttrain"
 
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    ["config", "fileio", "registry"],
+    ["config", "fileio", "registry", "hf_imports"],
     ["models", "quantized", "adapters", "kernels"],
     ["stage", "data"],
     ["generate"],

@@ -44,3 +44,10 @@ def test_recipe_validates_and_its_files_exist(recipe):
 def test_eval_recipe_validates():
     specs = [EvalSpec.model_validate(t) for t in load_yaml(ROOT / "recipes" / "eval.yaml")["tasks"]]
     assert all((ROOT / s.path).is_file() for s in specs)
+
+
+def test_invalid_utf8_in_a_recipe_names_file_and_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"train:\n  lr: 1e-4\n# caf\xe9\n")
+    with pytest.raises(ValueError, match=r"recipe\.yaml:3: not valid UTF-8 \(byte 0xe9 at column 6\)"):
+        load_yaml(path)

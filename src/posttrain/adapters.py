@@ -220,6 +220,9 @@ def _apply_freeze(model: nn.Module, cfg: AdapterConfig) -> None:
 
 
 def _apply_peft(model: nn.Module, cfg: AdapterConfig, tokenizer) -> nn.Module:
+    from posttrain.hf_imports import import_transformers_models, torchao_hidden
+
+    import_transformers_models()  # before peft, which imports transformers' model code
     import peft
 
     common = {"task_type": peft.TaskType.CAUSAL_LM}
@@ -241,7 +244,8 @@ def _apply_peft(model: nn.Module, cfg: AdapterConfig, tokenizer) -> nn.Module:
         pcfg = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = peft.get_peft_model(model, pcfg, autocast_adapter_dtype=cfg.trainable_dtype == "fp32")
+    with torchao_hidden():  # PEFT asks torchao about every layer it wraps
+        wrapped = peft.get_peft_model(model, pcfg, autocast_adapter_dtype=cfg.trainable_dtype == "fp32")
     if cfg.method == "prompt" and cfg.prompt_init_text is not None:
         _init_prompt_from_text(wrapped, tokenizer, cfg.prompt_init_text, cfg.num_virtual_tokens)
     return wrapped

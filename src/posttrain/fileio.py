@@ -1,6 +1,7 @@
 """Atomic file writes: a temp file in the target's directory, fsync, then os.replace.
 
-A crash leaves either the old file or the new one, never half of one.
+A crash leaves either the old file or the new one, never half of one. Also the strict
+UTF-8 decoding of user files, so a bad byte is reported with its file and line.
 """
 
 from __future__ import annotations
@@ -91,3 +92,29 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, default: Callable | Non
             f.write("\n")
 
     return atomic_write(path, write)
+
+
+def decode_utf8(data: bytes, where: str | os.PathLike, first_line: int = 1) -> str:
+    """Decode bytes read from a user file; invalid UTF-8 raises ValueError naming file, line and byte.
+
+    Why: Python's own UnicodeDecodeError says "byte 0xff in position 103" with no file or line.
+    `first_line` is the line number of data's first byte (a caller decoding one line passes it).
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(utf8_error(data, exc, where, first_line)) from None
+
+
+def utf8_error(data: bytes, exc: UnicodeDecodeError, where: str | os.PathLike, first_line: int = 1) -> str:
+    """'FILE:LINE: not valid UTF-8 (byte 0xff at column C)...' for a failed decode of `data`."""
+    before = data[: exc.start]
+    line = first_line + before.count(b"\n")
+    column = exc.start - (before.rfind(b"\n") + 1) + 1  # 1-based, counted in bytes
+    return (f"{where}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8")
+
+
+def read_text_utf8(path: str | os.PathLike) -> str:
+    """A user's text file as str; invalid UTF-8 raises ValueError naming the file and line."""
+    return decode_utf8(Path(path).read_bytes(), path)

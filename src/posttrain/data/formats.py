@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from posttrain.fileio import read_text_utf8, utf8_error
+
 KINDS = ("chat", "completion", "text", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
 MAX_REASONS = 5  # skip reasons kept in LoadedData
@@ -58,8 +60,13 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     caller that skips bad rows can; `read_jsonl` is the raising form.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with opener(path, "rb") as f:  # bytes, decoded per line: a bad byte is that line's error
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, DataError(utf8_error(raw, e, path, n))
+                continue
             if not line.strip():
                 continue
             try:
@@ -86,7 +93,10 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text_utf8(path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -118,13 +128,32 @@ def _maybe_json_list(value: Any) -> Any:
     return value
 
 
+def _not_utf8(cells: dict[str, Any] | list[str]) -> str | None:
+    """The first cell (field name for a row, header position for the header) holding a
+    byte that was not UTF-8 ("surrogateescape" decodes byte 0xNN as U+DCNN), described."""
+    items = cells.items() if isinstance(cells, dict) else enumerate(cells, 1)
+    for key, value in items:
+        bad = next((c for c in value or "" if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:
+            what = f"field '{key}'" if isinstance(cells, dict) else f"header column {key}"
+            return f"{what} is not valid UTF-8 (byte 0x{ord(bad) - 0xDC00:02x}); save the file as UTF-8"
+    return None
+
+
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
+        problem = _not_utf8(reader.fieldnames or [])
+        if problem:
+            raise DataError(f"{path}:1: {problem}")
         start = 2  # line 1 is the header
         for row in reader:
             loc = f"{path}:{start}"
             start = reader.line_num + 1  # quoted cells may span lines
+            problem = _not_utf8({k: v for k, v in row.items() if isinstance(v, str)})
+            if problem:
+                yield loc, DataError(f"{loc}: {problem}")
+                continue
             if None in row:
                 yield loc, DataError(f"{loc}: more cells than the header has columns")
                 continue

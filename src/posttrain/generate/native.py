@@ -5,11 +5,14 @@ product that streams weights at a third of the memory bandwidth. `NativeLM` pack
 the model's weights once into a streaming layout (a copy, rebuilt when the weights
 change, e.g. between RL steps) and runs prefill, decode and draft verification
 through one function whose per-row results do not depend on the rows beside them.
+Plain LoRA adapters (PEFT) are folded into that packed copy (W + scale·B·A, rounded
+once to the base dtype, as a merge would), so a LoRA model under training decodes as
+fast as its base and is itself left untouched: still trainable, same weights.
 
 The C file is compiled on first use with the system C compiler into the posttrain
 cache (one .so per source/flags/compiler; atomic publish). Where that is not
-possible (no compiler, no AVX-512, an unsupported architecture, PEFT adapters,
-a GPU model) `unsupported_reason` says why and the engine uses the PyTorch path.
+possible (no compiler, no AVX-512, an unsupported architecture, adapters that do
+not fold into the weights, a GPU model) `unsupported_reason` says why and the engine uses the PyTorch path.
 """
 
 from __future__ import annotations
@@ -112,12 +115,52 @@ def quant_layout(model) -> tuple[str | None, int | None, str | None]:
     return mode, group, None
 
 
+def lora_layers(model) -> tuple[dict[int, torch.nn.Module], str | None]:
+    """({id(module): PEFT LoRA Linear} under the HF model, why they cannot be folded or None).
+
+    Foldable: PEFT LoRA (not DoRA or another variant) on nn.Linear layers, no LoRA bias, no
+    modules_to_save copies; what the packed copy computes is then exactly W + scale·B·A.
+    """
+    if not hasattr(model, "peft_config"):
+        return {}, None
+    cfgs = model.peft_config.values()
+    if any(str(getattr(getattr(c, "peft_type", None), "value", "")) != "LORA" for c in cfgs):
+        return {}, "the model carries PEFT adapters other than LoRA (merge them first)"
+    if any(getattr(c, "use_dora", False) for c in cfgs):
+        return {}, "DoRA adapters do not fold into the packed weights (merge them first)"
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = {}
+    for module in base_model(model).modules():
+        if hasattr(module, "modules_to_save"):
+            return {}, "PEFT modules_to_save copies are not supported (merge them first)"
+        if not hasattr(module, "lora_A"):
+            continue
+        if not isinstance(module, LoraLinear) or type(module.base_layer) is not torch.nn.Linear:
+            return {}, f"LoRA on a {type(module).__name__} does not fold (merge it first)"
+        if getattr(module, "lora_variant", None) or any(b.bias is not None for b in module.lora_B.values()):
+            return {}, "LoRA variants and LoRA biases do not fold (merge them first)"
+        if getattr(module, "fan_in_fan_out", False):
+            return {}, "LoRA on fan-in-fan-out (Conv1D-style) weights does not fold (merge it first)"
+        if module.merged and module.disable_adapters:  # PEFT would unmerge on the next forward
+            return {}, "a merged LoRA layer with adapters disabled (unmerge it first)"
+        layers[id(module)] = module
+    return layers, None
+
+
+def _is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def unsupported_reason(model) -> str | None:
     """Why the native decoder cannot run this model here, or None if it can."""
     if os.environ.get("POSTTRAIN_NATIVE", "1") == "0":
         return "disabled by POSTTRAIN_NATIVE=0"
-    if hasattr(model, "peft_config"):
-        return "the model carries PEFT adapters (merge them first)"
+    _, why = lora_layers(model)
+    if why:
+        return why
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "the model has forward hooks (e.g. bottleneck adapters), which only the PyTorch path runs"
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in MODEL_TYPES:
         return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {', '.join(MODEL_TYPES)}"
@@ -131,7 +174,7 @@ def unsupported_reason(model) -> str | None:
     params = list(model.parameters())
     if any(p.device.type != "cpu" for p in params):
         return "the model is not on the CPU"
-    dtypes = {p.dtype for p in params}
+    dtypes = {p.dtype for n, p in model.named_parameters() if not _is_lora_param(n)}  # LoRA folds into these
     if dtypes not in ({torch.float32}, {torch.bfloat16}):
         return f"parameters must be all fp32 or all bf16, got {sorted(map(str, dtypes))}"
     mode, _, why = quant_layout(model)
@@ -184,7 +227,11 @@ def _pack_scale(s: torch.Tensor) -> torch.Tensor:
 
 
 def _signature(model) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in [*model.parameters(), *model.buffers()])
+    """What the packed copy depends on: every tensor, and the LoRA state folded into it
+    (disable_adapter(), set_adapter() and merges change the weights without a tensor write)."""
+    lora = tuple((m.disable_adapters, tuple(m.merged_adapters), tuple(m.active_adapters), tuple(m.scaling.items()))
+                 for m in model.modules() if hasattr(m, "lora_A"))
+    return tuple((p.data_ptr(), p._version) for p in [*model.parameters(), *model.buffers()]) + lora
 
 
 def _ptrs(tensors) -> ctypes.Array:
@@ -198,8 +245,11 @@ class NativeLM:
         base = base_model(model)
         cfg = base.config
         self.config = cfg
-        self.signature = _signature(model)
-        self.dtype = next(model.parameters()).dtype
+        self.signature = _signature(model)  # LoRA A/B included: a training step repacks
+        self.dtype = base.model.embed_tokens.weight.dtype
+        lora, why = lora_layers(model)
+        if why:
+            raise NativeError(why)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -225,6 +275,21 @@ class NativeLM:
         scales: dict[str, list] = {k: [] for k in ("sqkv", "so", "sgu", "sdown", "mqkv", "mo", "mgu", "mdown",
                                                    "shead")}
 
+        def folded(lin) -> torch.Tensor:
+            """The weight the layer computes with: a LoRA layer's base plus scale·B·A of its active adapters."""
+            layer = lora.get(id(lin))
+            if layer is None:
+                return lin.weight.detach()
+            weight = layer.base_layer.weight.detach()
+            if layer.merged or layer.disable_adapters:  # merged: the base holds the delta already
+                return weight
+            out = weight.to(torch.float32, copy=True)  # never .float(): an fp32 weight would be written in place
+            for name in layer.active_adapters:
+                if name in layer.lora_A:
+                    out.addmm_(layer.lora_B[name].weight.detach().float(), layer.lora_A[name].weight.detach().float(),
+                               alpha=float(layer.scaling[name]))
+            return out.to(weight.dtype)
+
         def packed(*linears, slot: str):
             """Packed weights; for integer weights their packed scales (and minimums) go to scales[slot]."""
             if isinstance(linears[0], QuantLinear):
@@ -237,7 +302,7 @@ class NativeLM:
                     keep.append(mn)
                     scales["m" + slot].append(mn)
             else:
-                t = _pack(torch.cat([lin.weight.detach() for lin in linears]))
+                t = _pack(torch.cat([folded(lin) for lin in linears]))
             keep.append(t)
             return t
 

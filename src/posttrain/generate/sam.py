@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from posttrain.data.formats import DataError, read_jsonl
-from posttrain.fileio import atomic_write
+from posttrain.fileio import atomic_write, read_text_utf8
 
 FORMAT = "posttrain-sam"
 VERSION = 1
@@ -453,9 +453,9 @@ def read_corpus_texts(paths: Iterable[str | Path]) -> list[str]:
                 texts += _row_texts(row, f"{path}:{n}")
         else:
             try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text (byte {e.start}); give .jsonl or text files") from None
+                text = read_text_utf8(path)
+            except ValueError as e:
+                raise DataError(f"{e}; give .jsonl or text files") from None
             if text:
                 texts.append(text)
     return texts

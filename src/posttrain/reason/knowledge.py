@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ import numpy as np
 from posttrain.data.formats import read_jsonl
 from posttrain.data.answers import exact_match
 from posttrain.eval.metrics import contains_match, token_f1
+from posttrain.fileio import read_text_utf8
 
 FORMAT = "posttrain-kb"
 VERSION = 1
@@ -192,9 +194,9 @@ def load_documents(paths: Sequence[str | Path], max_words: int = 120, overlap: i
             raise FileNotFoundError(f"document not found: {p}")
         suffix = p.suffix.lower()
         if suffix in (".md", ".markdown"):
-            chunks += chunk_markdown(p.read_text(encoding="utf-8"), str(path), max_words, overlap)
+            chunks += chunk_markdown(read_text_utf8(p), str(path), max_words, overlap)
         elif suffix == ".txt":
-            chunks += chunk_text(p.read_text(encoding="utf-8"), str(path), max_words, overlap)
+            chunks += chunk_text(read_text_utf8(p), str(path), max_words, overlap)
         elif suffix == ".jsonl":
             chunks += chunk_jsonl(p, max_words, overlap)
         else:
@@ -226,7 +228,7 @@ def read_triples(path: str | Path) -> list[tuple[str, str, str, int]]:
             out.append((*values, n))
     elif path.suffix.lower() in (".tsv", ".csv"):
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as f:
+        with io.StringIO(read_text_utf8(path), newline="") as f:
             for n, row in enumerate(csv.reader(f, delimiter=delimiter), 1):
                 if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                     continue

@@ -75,6 +75,7 @@ def load_adapters(model, adapters: dict[str, str]):
 
     from peft import PeftModel
 
+    from posttrain.hf_imports import torchao_hidden
     from posttrain.models import resolve_model_path
 
     peft_model = model
@@ -82,10 +83,11 @@ def load_adapters(model, adapters: dict[str, str]):
         path = resolve_model_path(spec)
         if not (Path(path) / "adapter_config.json").is_file():
             raise ValueError(f"adapter {name}={spec}: {path} is not a PEFT adapter directory (no adapter_config.json)")
-        if isinstance(peft_model, PeftModel):
-            peft_model.load_adapter(path, adapter_name=name)
-        else:
-            peft_model = PeftModel.from_pretrained(peft_model, path, adapter_name=name)
+        with torchao_hidden():  # PEFT asks torchao about every layer it wraps
+            if isinstance(peft_model, PeftModel):
+                peft_model.load_adapter(path, adapter_name=name)
+            else:
+                peft_model = PeftModel.from_pretrained(peft_model, path, adapter_name=name)
     peft_model.eval()
     return peft_model
 
