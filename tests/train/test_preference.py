@@ -100,7 +100,7 @@ def test_dpo_win_rate_judged_by_a_reward_model(tmp_path, tiny_dir, tokenizer):
 @pytest.mark.parametrize("overrides,message", [
     (["adapter.method=full", "dpo.reference=adapters_off"], "adapters_off needs an adapter method"),
     (["dpo.loss=simpo", "dpo.reference=copy"], "simpo is reference-free"),
-    (["dpo.loss=kto"], "dpo.loss"),
+    (["dpo.loss=dpo2"], "unknown preference loss 'dpo2'; choose one of sigmoid, ipo, hinge, simpo"),
 ])
 def test_bad_dpo_configs_are_refused(overrides, message, capsys):
     assert main(["dpo", "data.train=x.jsonl", *overrides]) != 0

@@ -136,7 +136,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
 
     reference = None
-    if cfg.dpo.loss != "simpo" and (cfg.dpo.reference == "copy" or not disables_to_base(cfg.adapter)):
+    if cfg.dpo.needs_reference and (cfg.dpo.reference == "copy" or not disables_to_base(cfg.adapter)):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)

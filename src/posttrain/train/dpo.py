@@ -1,5 +1,9 @@
 """The DPO family: sigmoid DPO, conservative DPO, IPO, hinge and reference-free SimPO.
 
+Each loss is registered once in PREFERENCE_LOSSES (`@preference_loss(name, reference=...,
+data=...)`), saying whether it needs reference log-probs and which data it reads; the
+`dpo` stage's `dpo.loss` setting, its reference handling and the objective all read that.
+
 A batch is `collate_pairs` output: rows 0..B-1 chosen, B..2B-1 rejected, so chosen and
 rejected go through one forward. A sequence's log-prob is the sum over its label tokens
 (the completion), with the vocabulary head run only at those positions.
@@ -18,16 +22,16 @@ and a target margin gamma.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.data.collate import collate_pairs
+from posttrain.registry import Registry
 from posttrain.train.objectives import IGNORE, Objective, label_token_logps
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
-REFERENCE_FREE = ("simpo",)
 
 
 def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, Tensor]:
@@ -45,11 +49,97 @@ def completion_logps(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor
     return token_logps.new_zeros(n_seq).index_add(0, rows, token_logps), counts
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """Every knob a preference loss may read; each loss reads only its own."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A registered loss and what it needs from the objective.
+
+    `fn` for data="pairs": (policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens,
+    rejected_tokens, settings) -> (per-pair losses, chosen rewards, rejected rewards), log-probs
+    summed over each completion ([B] each; refs None when `reference` is False).
+    """
+
+    fn: Callable
+    reference: bool  # needs reference log-probs (adapters off, precomputed or a frozen copy)
+    data: str = "pairs"  # "pairs" (collate_pairs batches)
+    per_token: bool = False  # reads token counts (per-token averages)
+    label_smoothing: bool = False  # honours label_smoothing (conservative form)
+
+
+PREFERENCE_LOSSES: Registry[PreferenceLoss] = Registry("preference loss")
+
+
+def preference_loss(name: str, *, reference: bool, data: str = "pairs", per_token: bool = False,
+                    label_smoothing: bool = False) -> Callable[[Callable], Callable]:
+    """`@preference_loss("name", reference=..., data=...)` registers a loss function in PREFERENCE_LOSSES."""
+    if data not in ("pairs",):
+        raise ValueError(f"a preference loss reads 'pairs'; got data={data!r}")
+
+    def add(fn: Callable) -> Callable:
+        PREFERENCE_LOSSES.register(name, PreferenceLoss(fn, reference, data, per_token, label_smoothing))
+        return fn
+
+    return add
+
+
+def _per_token(x: Tensor, n: Tensor) -> Tensor:
+    return x / n.to(x.dtype).clamp(min=1)
+
+
+def _smoothed_sigmoid(logits: Tensor, eps: float) -> Tensor:
+    """-(1-eps) logsig(z) - eps logsig(-z): conservative DPO (labels flipped with prob. eps)."""
+    return -F.logsigmoid(logits) * (1 - eps) - F.logsigmoid(-logits) * eps
+
+
+@preference_loss("sigmoid", reference=True, label_smoothing=True)
+def sigmoid_loss(pc, pr, rc, rr, nc, nr, s: LossSettings):
+    """DPO: -logsig(beta d), d = chosen minus rejected log-ratio."""
+    chosen, rejected = pc - rc, pr - rr
+    return _smoothed_sigmoid(s.beta * (chosen - rejected), s.label_smoothing), s.beta * chosen.detach(), \
+        s.beta * rejected.detach()
+
+
+@preference_loss("ipo", reference=True, per_token=True)
+def ipo_loss(pc, pr, rc, rr, nc, nr, s: LossSettings):
+    """IPO: (d_avg - 1/(2 beta))^2 with per-token average log-ratios (as TRL)."""
+    chosen, rejected = pc - rc, pr - rr
+    delta = _per_token(chosen, nc) - _per_token(rejected, nr)
+    return (delta - 1 / (2 * s.beta)) ** 2, s.beta * chosen.detach(), s.beta * rejected.detach()
+
+
+@preference_loss("hinge", reference=True)
+def hinge_loss(pc, pr, rc, rr, nc, nr, s: LossSettings):
+    """SLiC hinge: relu(1 - beta d)."""
+    chosen, rejected = pc - rc, pr - rr
+    return torch.relu(1 - s.beta * (chosen - rejected)), s.beta * chosen.detach(), s.beta * rejected.detach()
+
+
+@preference_loss("simpo", reference=False, per_token=True, label_smoothing=True)
+def simpo_loss(pc, pr, rc, rr, nc, nr, s: LossSettings):
+    """SimPO: sigmoid loss on beta (avg logp chosen - avg logp rejected) - gamma; rewards beta x avg logp."""
+    chosen, rejected = _per_token(pc, nc), _per_token(pr, nr)
+    logits = s.beta * (chosen - rejected) - s.simpo_gamma
+    return _smoothed_sigmoid(logits, s.label_smoothing), s.beta * chosen.detach(), s.beta * rejected.detach()
+
+
+def pair_loss_names() -> tuple[str, ...]:
+    return tuple(n for n, spec in PREFERENCE_LOSSES.items() if spec.data == "pairs")
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
              loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
              chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None,
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(per-pair losses, chosen rewards, rejected rewards) from summed completion log-probs [B].
+    """(per-pair losses, chosen rewards, rejected rewards) from summed completion log-probs [B]
+    with the pair loss `loss_type` of PREFERENCE_LOSSES.
 
     sigmoid: -(1-eps) logsig(beta d) - eps logsig(-beta d), d = chosen minus rejected
     log-ratio; eps = label_smoothing > 0 is conservative DPO (labels flipped with prob. eps).
@@ -57,35 +147,21 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
     simpo (no reference): sigmoid loss on beta (avg logp chosen - avg logp rejected) - gamma.
     Rewards are beta * log-ratio (simpo: beta * average log-prob); they carry no gradient.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    spec = PREFERENCE_LOSSES.get(loss_type) if loss_type in PREFERENCE_LOSSES else None
+    if spec is None or spec.data != "pairs":
+        hint = f" ({loss_type} reads {spec.data} data)" if spec is not None else ""
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}{hint}; choose one of {', '.join(pair_loss_names())}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5); got {label_smoothing}")
-    if label_smoothing and loss_type not in ("sigmoid", "simpo"):
-        raise ValueError(f"label_smoothing applies to the sigmoid and simpo losses, not {loss_type!r}")
-    if loss_type in ("ipo", "simpo") and (chosen_tokens is None or rejected_tokens is None):
+    if label_smoothing and not spec.label_smoothing:
+        smoothing = [n for n, sp in PREFERENCE_LOSSES.items() if sp.label_smoothing]
+        raise ValueError(f"label_smoothing applies to the {' and '.join(smoothing)} losses, not {loss_type!r}")
+    if spec.per_token and (chosen_tokens is None or rejected_tokens is None):
         raise ValueError(f"the {loss_type} loss averages log-probs per token: pass chosen_tokens and rejected_tokens")
-
-    def per_token(x: Tensor, n: Tensor) -> Tensor:
-        return x / n.to(x.dtype).clamp(min=1)
-
-    if loss_type == "simpo":
-        chosen, rejected = per_token(policy_chosen, chosen_tokens), per_token(policy_rejected, rejected_tokens)
-        logits = beta * (chosen - rejected) - gamma
-        rewards = beta * chosen.detach(), beta * rejected.detach()
-    else:
-        if ref_chosen is None or ref_rejected is None:
-            raise ValueError(f"the {loss_type} loss needs reference log-probs")
-        chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-        rewards = beta * chosen.detach(), beta * rejected.detach()
-        if loss_type == "ipo":
-            delta = per_token(chosen, chosen_tokens) - per_token(rejected, rejected_tokens)
-            return (delta - 1 / (2 * beta)) ** 2, *rewards
-        logits = beta * (chosen - rejected)
-        if loss_type == "hinge":
-            return torch.relu(1 - logits), *rewards
-    losses = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
-    return losses, *rewards
+    if spec.reference and (ref_chosen is None or ref_rejected is None):
+        raise ValueError(f"the {loss_type} loss needs reference log-probs")
+    settings = LossSettings(beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma)
+    return spec.fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, settings)
 
 
 def _peft(model):
@@ -120,12 +196,11 @@ def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoo
     `rpo_alpha`): plain DPO can widen the margin by pushing the rejected text down while the
     chosen text gains nothing, which leaves greedy generations unchanged on templated data.
 
-    Reference (not used by simpo): `reference` (a frozen model) if given; else the batch's
+    Reference (for losses registered with reference=True): `reference` (a frozen model) if given; else the batch's
     precomputed ref_chosen_logp/ref_rejected_logp; else the PEFT policy with its adapters
     disabled. A full-model policy with none of these is an error, not a silent self-reference.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    spec = PREFERENCE_LOSSES.get(loss_type)
     if beta <= 0:
         raise ValueError(f"beta must be > 0; got {beta}")
     if rpo_alpha < 0:
@@ -141,7 +216,7 @@ def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoo
             raise ValueError("a DPO batch has chosen sequences then rejected ones (collate_pairs); got an odd count")
         b = logps.shape[0] // 2
         ref_chosen = ref_rejected = None
-        if loss_type not in REFERENCE_FREE:
+        if spec.reference:
             if reference is None and "ref_chosen_logp" in batch:
                 ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
             else:

@@ -14,10 +14,11 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from posttrain.adapters import AdapterConfig
 from posttrain.config import Strict, TrainConfig
+from posttrain.train.dpo import PREFERENCE_LOSSES
 from posttrain.train.sft import EvalConfig, ModelConfig
 
 
@@ -198,7 +199,7 @@ def disables_to_base(adapter: AdapterConfig) -> bool:
 
 
 class DPOSettings(Strict):
-    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    loss: str = Field("sigmoid", description=f"a preference loss: {', '.join(PREFERENCE_LOSSES)}")
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid/simpo)")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin")
@@ -207,6 +208,24 @@ class DPOSettings(Strict):
         "auto", description="auto: the base with adapters disabled for adapter methods, else log-probs "
                             "precomputed from the starting weights (no second copy in memory)")
     reference_model: str | None = Field(None, description="a different model as the frozen reference")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        PREFERENCE_LOSSES.get(name)  # ValueError naming the registered choices
+        return name
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> "DPOSettings":
+        if self.label_smoothing and not PREFERENCE_LOSSES.get(self.loss).label_smoothing:
+            raise ValueError(f"dpo.label_smoothing applies to the "
+                             f"{', '.join(n for n, s in PREFERENCE_LOSSES.items() if s.label_smoothing)} losses, "
+                             f"not {self.loss}")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return PREFERENCE_LOSSES.get(self.loss).reference
 
     def objective(self, reference=None):
         """The loop objective these settings describe (`reference`: a frozen model, if one is used)."""
@@ -246,8 +265,9 @@ class DPOConfig(Strict):
                              f"adapter.method is {self.adapter.method}")
         if self.dpo.reference_model and self.dpo.reference not in ("auto", "copy"):
             raise ValueError("dpo.reference_model is a frozen model: use dpo.reference=copy (or auto)")
-        if self.dpo.loss == "simpo" and (self.dpo.reference_model or self.dpo.reference != "auto"):
-            raise ValueError("dpo.loss: simpo is reference-free; leave dpo.reference=auto and no reference_model")
+        if not self.dpo.needs_reference and (self.dpo.reference_model or self.dpo.reference != "auto"):
+            raise ValueError(f"dpo.loss: {self.dpo.loss} is reference-free; leave dpo.reference=auto and no "
+                             "reference_model")
         return self
 
 
@@ -309,7 +329,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
 
     reference = None
     mode = cfg.dpo.reference
-    if cfg.dpo.loss != "simpo":
+    if cfg.dpo.needs_reference:
         if cfg.dpo.reference_model:
             reference, _ = load_model(cfg.dpo.reference_model, dtype=cfg.model.dtype)
         elif mode == "copy":
@@ -350,5 +370,5 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
         extra_inputs.update({"win_rate_prompts": wr.prompts})
     write_reports(run_dir, before, after)
     outputs = {"train": train_summary, "eval_before": before, "eval_after": after, "data": report,
-               "trainable": summary, "reference": mode if cfg.dpo.loss != "simpo" else "none"}
+               "trainable": summary, "reference": mode if cfg.dpo.needs_reference else "none"}
     return write_manifest(run_dir, cfg.stage, _inputs(cfg.model.name, cfg.data, extra_inputs), outputs, started)
