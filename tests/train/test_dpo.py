@@ -323,3 +323,44 @@ def test_rpo_adds_the_chosen_token_mean_nll(model):
     assert m1["nll/chosen"] == pytest.approx(nll.item(), rel=1e-5)
     with pytest.raises(ValueError, match="rpo_alpha"):
         make_dpo_objective("sigmoid", rpo_alpha=-1.0)
+
+
+def _trl_orpo(lam, chosen_avg, rejected_avg):
+    """TRL's ORPOTrainer.odds_ratio_loss (per-pair lambda x logsig(log odds ratio)) on average log-probs."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    stub = types.SimpleNamespace(beta=lam, accelerator=types.SimpleNamespace(device="cpu"))
+    return ORPOTrainer.odds_ratio_loss(stub, chosen_avg, rejected_avg)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_orpo_matches_trl_orpo_trainer(lam):
+    # TRL: loss = NLL(chosen, token mean over the batch) - mean(odds_ratio_loss); ours folds the
+    # NLL into each pair's loss, so the mean over pairs is the same number.
+    per_token, mask, _, _ = _logps(seed=3)
+    per_token = per_token * 0.3  # mean log-probs on both sides of -ln 2 (log1mexp's two branches)
+    b = per_token.shape[0] // 2
+    logps, counts = per_token.sum(1), mask[:, 1:].sum(1)
+    avg = logps / counts
+    assert (avg > -0.69).any() and (avg < -0.7).any()
+    ratio_losses, want_c, want_r, _, _ = _trl_orpo(lam, avg[:b], avg[b:])
+    nll = -(per_token[:b] * mask[:b, 1:]).sum() / mask[:b, 1:].sum()
+    losses, chosen, rejected = dpo_loss(logps[:b], logps[b:], None, None, "orpo", chosen_tokens=counts[:b],
+                                        rejected_tokens=counts[b:], orpo_lambda=lam)
+    torch.testing.assert_close(losses - nll, -ratio_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses.mean(), nll - ratio_losses.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chosen, want_c)
+    torch.testing.assert_close(rejected, want_r)
+
+
+def test_orpo_trains_a_full_model_without_a_reference(model, tmp_path):
+    # reference-free: a full model needs no copy, adapters or precomputed log-probs
+    torch.manual_seed(0)
+    pairs = make_pairs(8)
+    batch = collate_pairs(pairs, pad_token_id=0)
+    objective = make_dpo_objective("orpo", orpo_lambda=1.0)
+    first = objective(model, batch)[1]
+    _train_pairs(model, objective, pairs, tmp_path)
+    last = objective(model, batch)[1]
+    assert last["loss"] < first["loss"] and last["nll/chosen"] < first["nll/chosen"]
+    assert last["rewards/margin"] > first["rewards/margin"], (first, last)

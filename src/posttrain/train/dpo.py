@@ -1,4 +1,4 @@
-"""The DPO family: sigmoid DPO, conservative DPO, IPO, hinge and reference-free SimPO.
+"""The DPO family: sigmoid DPO, conservative DPO, IPO, hinge, reference-free SimPO and ORPO.
 
 Each loss is registered once in PREFERENCE_LOSSES (`@preference_loss(name, reference=...,
 data=...)`), saying whether it needs reference log-probs and which data it reads; the
@@ -16,7 +16,7 @@ the same model with its adapters disabled (the base, no second copy). SimPO need
 Loss formulas follow the papers and TRL 1.16 (tests/train/test_dpo.py checks them against
 TRL's DPOTrainer and CPOTrainer on the same log-probs): IPO compares per-token average
 log-ratios (as TRL does, confirmed there with the IPO authors); SimPO uses average log-probs
-and a target margin gamma.
+and a target margin gamma; ORPO is checked against TRL's ORPOTrainer.odds_ratio_loss.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class LossSettings:
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,33 @@ def simpo_loss(pc, pr, rc, rr, nc, nr, s: LossSettings):
     return _smoothed_sigmoid(logits, s.label_smoothing), s.beta * chosen.detach(), s.beta * rejected.detach()
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (as TRL's ORPO)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@preference_loss("orpo", reference=False, per_token=True)
+def orpo_loss(pc, pr, rc, rr, nc, nr, s: LossSettings):
+    """ORPO (Hong et al. 2024): token-mean NLL of the chosen replies - lambda logsig(log odds ratio).
+
+    log odds(y) = m - log(1 - exp(m)) with m the per-token mean log-prob; the NLL is the
+    batch's token mean (as TRL's ORPOTrainer), so the mean over pairs is TRL's loss. No
+    reference: the NLL anchors the policy. Rewards are lambda x mean log-prob, as TRL logs them.
+    """
+    chosen, rejected = _per_token(pc, nc), _per_token(pr, nr)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    nll = -pc.sum() / nc.sum().clamp(min=1)
+    lam = s.orpo_lambda
+    return nll - lam * F.logsigmoid(log_odds), lam * chosen.detach(), lam * rejected.detach()
+
+
 def pair_loss_names() -> tuple[str, ...]:
     return tuple(n for n, spec in PREFERENCE_LOSSES.items() if spec.data == "pairs")
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
              loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
-             chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None,
+             chosen_tokens: Tensor | None = None, rejected_tokens: Tensor | None = None, orpo_lambda: float = 0.1,
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(per-pair losses, chosen rewards, rejected rewards) from summed completion log-probs [B]
     with the pair loss `loss_type` of PREFERENCE_LOSSES.
@@ -145,6 +166,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
     log-ratio; eps = label_smoothing > 0 is conservative DPO (labels flipped with prob. eps).
     hinge: relu(1 - beta d). ipo: (d_avg - 1/(2 beta))^2 with per-token average log-ratios.
     simpo (no reference): sigmoid loss on beta (avg logp chosen - avg logp rejected) - gamma.
+    orpo (no reference): chosen NLL - orpo_lambda logsig(log odds ratio) (see orpo_loss).
     Rewards are beta * log-ratio (simpo: beta * average log-prob); they carry no gradient.
     """
     spec = PREFERENCE_LOSSES.get(loss_type) if loss_type in PREFERENCE_LOSSES else None
@@ -160,7 +182,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
         raise ValueError(f"the {loss_type} loss averages log-probs per token: pass chosen_tokens and rejected_tokens")
     if spec.reference and (ref_chosen is None or ref_rejected is None):
         raise ValueError(f"the {loss_type} loss needs reference log-probs")
-    settings = LossSettings(beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma)
+    settings = LossSettings(beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma, orpo_lambda=orpo_lambda)
     return spec.fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, settings)
 
 
@@ -189,7 +211,7 @@ def _reference_logps(model, batch: dict, reference) -> Tensor:
 
 def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
                        simpo_gamma: float = 0.5, reference: torch.nn.Module | None = None,
-                       rpo_alpha: float = 0.0) -> Objective:
+                       rpo_alpha: float = 0.0, orpo_lambda: float = 0.1) -> Objective:
     """objective(model, batch) -> (mean loss over pairs, metrics) for the loop.
 
     `rpo_alpha` > 0 adds alpha x the chosen completions' token-mean NLL (RPO, as TRL's
@@ -205,6 +227,8 @@ def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoo
         raise ValueError(f"beta must be > 0; got {beta}")
     if rpo_alpha < 0:
         raise ValueError(f"rpo_alpha must be >= 0; got {rpo_alpha}")
+    if orpo_lambda < 0:
+        raise ValueError(f"orpo_lambda must be >= 0; got {orpo_lambda}")
     if reference is not None:
         reference.eval()
         for p in reference.parameters():
@@ -224,7 +248,7 @@ def make_dpo_objective(loss_type: str = "sigmoid", beta: float = 0.1, label_smoo
                 ref_chosen, ref_rejected = ref[:b], ref[b:]
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[:b], logps[b:], ref_chosen, ref_rejected, loss_type, beta, label_smoothing, simpo_gamma,
-            counts[:b], counts[b:])
+            counts[:b], counts[b:], orpo_lambda)
         loss = losses.mean()
         nll = -logps[:b].sum() / counts[:b].sum().clamp(min=1)
         if rpo_alpha > 0:

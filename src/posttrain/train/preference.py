@@ -203,6 +203,7 @@ class DPOSettings(Strict):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid/simpo)")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term (TRL's beta)")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen replies' NLL added to the loss (RPO)")
     reference: Literal["auto", "adapters_off", "precompute", "copy"] = Field(
         "auto", description="auto: the base with adapters disabled for adapter methods, else log-probs "
@@ -232,7 +233,8 @@ class DPOSettings(Strict):
         from posttrain.train.dpo import make_dpo_objective
 
         return make_dpo_objective(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
-                                  simpo_gamma=self.simpo_gamma, reference=reference, rpo_alpha=self.rpo_alpha)
+                                  simpo_gamma=self.simpo_gamma, reference=reference, rpo_alpha=self.rpo_alpha,
+                                  orpo_lambda=self.orpo_lambda)
 
 
 class WinRateConfig(Strict):
