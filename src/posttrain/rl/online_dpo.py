@@ -68,6 +68,9 @@ class OnlineDPOConfig(Strict):
         from posttrain.rl.rewards import parse_reward_config
 
         parse_reward_config(self.reward, source="reward")  # fail at load time, naming the field
+        if self.dpo.unpaired:
+            raise ValueError(f"dpo.loss: {self.dpo.loss} reads unpaired examples; online DPO trains on the pairs "
+                             "it samples, so use a pair loss")
         if self.dpo.reference_model or self.dpo.reference == "precompute":
             raise ValueError("dpo.reference: online pairs are new every step; use auto, adapters_off or copy")
         if self.train.grad_accum != 1:

@@ -41,7 +41,8 @@ class DPOTrainConfig(PairTrainConfig):
 
 
 class PairDataConfig(Strict):
-    train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect)")
+    train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect); "
+                                        "for an unpaired loss (kto) also prompt, completion, label")
     eval: str | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out from train when no eval file")
     max_length: int = Field(512, gt=8)
@@ -88,18 +89,57 @@ def load_pairs(tokenizer, path: str, max_length: int, skip_invalid: bool,
     return examples, report
 
 
-def split_pairs(tokenizer, data: PairDataConfig, seed: int, aspects: list[str] | None = None):
-    """(train pairs, held-out pairs or None, data report)."""
-    examples, report = load_pairs(tokenizer, data.train, data.max_length, data.skip_invalid, aspects)
+def load_unpaired(tokenizer, path: str, max_length: int, skip_invalid: bool) -> tuple[list[dict], dict]:
+    """Load and encode unpaired records (prompt, completion, label), or preference pairs as two
+    unpaired examples each (chosen desirable, rejected undesirable), for KTO. No KL rows yet."""
+    from posttrain.data.formats import DataError, load_records
+    from posttrain.data.templates import encode_unpaired
+
+    data = load_records(path, skip_invalid=skip_invalid)
+    if data.kind not in ("unpaired", "preference"):
+        raise DataError(f"{path}: an unpaired loss reads unpaired records (prompt, completion, label) or "
+                        f"preference pairs (prompt, chosen, rejected); this file holds {data.kind} records")
+    examples, dropped = [], 0
+    for i, record in enumerate(data.records):
+        try:
+            encoded = encode_unpaired(tokenizer, record, max_length=max_length)
+        except ValueError as e:
+            raise DataError(f"{path}: record {i + 1}: {e}") from e
+        dropped += (2 if data.kind == "preference" else 1) - len(encoded)
+        examples.extend(encoded)
+    if not examples:
+        raise ValueError(f"{path}: no completion fits in {max_length} tokens")
+    report = {"path": path, "kind": data.kind, "records": len(data.records), "skipped_invalid": data.skipped,
+              "dropped_too_long": dropped, "examples": len(examples),
+              "desirable": sum(e["desirable"] for e in examples)}
+    return examples, report
+
+
+def split_pairs(tokenizer, data: PairDataConfig, seed: int, aspects: list[str] | None = None,
+                unpaired: bool = False):
+    """(train pairs, held-out pairs or None, data report). `unpaired`: unpaired examples with
+    their KL rows (KTO), from an unpaired or a preference file."""
+    if unpaired:
+        def load(path):
+            return load_unpaired(tokenizer, path, data.max_length, data.skip_invalid)
+    else:
+        def load(path):
+            return load_pairs(tokenizer, path, data.max_length, data.skip_invalid, aspects)
+    examples, report = load(data.train)
     held = None
     if data.eval:
-        held, _ = load_pairs(tokenizer, data.eval, data.max_length, data.skip_invalid, aspects)
+        held, _ = load(data.eval)
     elif data.eval_fraction:
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         n_eval = max(1, int(len(examples) * data.eval_fraction))
         held = [examples[i] for i in order[:n_eval]]
         examples = [examples[i] for i in order[n_eval:]]
+    if unpaired:  # KL rows mismatch prompts and completions within each split
+        from posttrain.data.templates import add_kl_completions
+
+        for part in (examples, held or []):
+            add_kl_completions(part, seed, data.max_length)
     return examples, held, report
 
 
@@ -204,6 +244,8 @@ class DPOSettings(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid/simpo)")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin")
     orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term (TRL's beta)")
+    desirable_weight: float = Field(1.0, ge=0, description="KTO: lambda_D, weight of desirable examples")
+    undesirable_weight: float = Field(1.0, ge=0, description="KTO: lambda_U, weight of undesirable examples")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen replies' NLL added to the loss (RPO)")
     reference: Literal["auto", "adapters_off", "precompute", "copy"] = Field(
         "auto", description="auto: the base with adapters disabled for adapter methods, else log-probs "
@@ -228,13 +270,19 @@ class DPOSettings(Strict):
     def needs_reference(self) -> bool:
         return PREFERENCE_LOSSES.get(self.loss).reference
 
+    @property
+    def unpaired(self) -> bool:
+        """The loss reads unpaired examples (KTO), not pairs."""
+        return PREFERENCE_LOSSES.get(self.loss).data == "unpaired"
+
     def objective(self, reference=None):
         """The loop objective these settings describe (`reference`: a frozen model, if one is used)."""
         from posttrain.train.dpo import make_dpo_objective
 
         return make_dpo_objective(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
                                   simpo_gamma=self.simpo_gamma, reference=reference, rpo_alpha=self.rpo_alpha,
-                                  orpo_lambda=self.orpo_lambda)
+                                  orpo_lambda=self.orpo_lambda, desirable_weight=self.desirable_weight,
+                                  undesirable_weight=self.undesirable_weight)
 
 
 class WinRateConfig(Strict):
@@ -315,7 +363,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
                                   trust_remote_code=cfg.model.trust_remote_code)
-    examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed)
+    examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed, unpaired=cfg.dpo.unpaired)
     print(f"data: {report}")
 
     wr = cfg.eval.win_rate
