@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "sft", "supervised fine-tuning (full, freeze, LoRA/DoRA, IA3, prompt tuning, bottleneck adapters)")
     _add_stage(sub, "pretrain", "continued pre-training on raw text (domain adaptation)")
     _add_stage(sub, "rm", "train a reward model (Bradley-Terry on preference pairs; one head per aspect)")
-    _add_stage(sub, "dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO")
+    _add_stage(sub, "dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO, ORPO, KTO")
     _add_stage(sub, "online-dpo", "online DPO: sample from the policy, rank with a reward function, DPO step")
     _add_stage(sub, "ppo", "PPO (actor, critic with GAE, frozen reference, reward function; KL penalty)")
     _add_stage(sub, "grpo", "GRPO: k samples per prompt, group-relative advantages, KL (k3) in the loss")
