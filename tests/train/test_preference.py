@@ -129,7 +129,7 @@ def unpaired_rows(n, start=0):
 
 @pytest.mark.parametrize("recipe,rows,extra,reference", [
     ("kto", pair_rows, [], "adapters_off"),  # a pair file feeds KTO: chosen desirable, rejected not
-    ("kto", unpaired_rows, ["adapter.method=full"], "precompute"),
+    ("kto", unpaired_rows, ["adapter.method=full", "data.eval=null"], "precompute"),  # no held-out set
     ("orpo", pair_rows, [], "none"),
 ])
 def test_kto_and_orpo_recipes_run_through_the_dpo_verb(tmp_path, tiny_dir, recipe, rows, extra, reference, capsys):
@@ -145,7 +145,10 @@ def test_kto_and_orpo_recipes_run_through_the_dpo_verb(tmp_path, tiny_dir, recip
     report = manifest["outputs"]["data"]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    assert len(evals) == 2 and evals[-1] < evals[0]
+    if "data.eval=null" in extra:
+        assert evals == [] and len(history) == 4
+    else:
+        assert len(evals) == 2 and evals[-1] < evals[0]
     if recipe == "kto":
         assert report["examples"] == (32 if rows is pair_rows else 16) and "kl" in history[0]
         assert report["desirable"] == (16 if rows is pair_rows else 8)

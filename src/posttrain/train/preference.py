@@ -138,8 +138,9 @@ def split_pairs(tokenizer, data: PairDataConfig, seed: int, aspects: list[str] |
     if unpaired:  # KL rows mismatch prompts and completions within each split
         from posttrain.data.templates import add_kl_completions
 
-        for part in (examples, held or []):
-            add_kl_completions(part, seed, data.max_length)
+        for part in (examples, held):
+            if part is not None:
+                add_kl_completions(part, seed, data.max_length)
     return examples, held, report
 
 
