@@ -205,3 +205,14 @@ def test_kb_build_search_and_eval_closed_book_vs_rag(tmp_path, tiny_dir, capsys)
     assert out.startswith("answer: ") and "[1]" in out and ("cited: " in out or "note: the model cited no" in out)
     assert main(["kb", "build", "--out", str(tmp_path / "kb2")]) == 2
     assert "give documents" in capsys.readouterr().err
+
+
+def test_data_inspect_renders_unpaired_records(tmp_path, tiny_dir, capsys):
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"prompt": "say 1", "completion": "1", "label": True}) + "\n"
+                    + json.dumps({"prompt": "say 2", "completion": "no", "label": "no"}) + "\n")
+    assert main(["data", "inspect", str(path), "--model", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "1 valid records of kind 'unpaired', 1 invalid" in out
+    assert "u.jsonl:2: field 'label' must be true or false" in out
+    assert "[[1<|im_end|>]]" in out.replace(" ", "")

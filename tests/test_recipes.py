@@ -18,7 +18,7 @@ STAGE_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
 def test_there_is_a_quickstart_and_one_recipe_per_method():
     names = {p.stem for p in STAGE_RECIPES}
     assert {"quickstart", "sft_full", "sft_freeze", "sft_lora", "sft_dora", "sft_ia3", "sft_prompt",
-            "sft_bottleneck_multitask", "sft_ewc", "pretrain_domain", "rm", "dpo", "online_dpo"} <= names
+            "sft_bottleneck_multitask", "sft_ewc", "pretrain_domain", "rm", "dpo", "kto", "orpo", "online_dpo"} <= names
 
 
 def _data_files(value) -> list[str]:

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--model", "-m", default="default", help="whose tokenizer/chat template to use")
     q.add_argument("--n", type=int, default=3, help="records to render")
-    q.add_argument("--kind", choices=["chat", "completion", "text", "preference", "prompt"])
+    q.add_argument("--kind", choices=["chat", "completion", "text", "preference", "prompt", "unpaired"])
     q.add_argument("--max-length", type=int, default=1024)
     q.add_argument("--color", action="store_true", help="color loss tokens instead of brackets")
     return parser
@@ -574,7 +574,7 @@ def cmd_data(args) -> int:
     print(f"{args.file}: {len(data.records)} valid records of kind '{data.kind}', {data.skipped} invalid")
     for reason in data.skip_reasons:
         print(f"  invalid: {reason}")
-    if data.kind not in ("chat", "completion", "text"):
+    if data.kind not in ("chat", "completion", "text", "unpaired"):
         return 0
     tok = load_tokenizer(args.model)
     for i, record in enumerate(data.records[: args.n]):

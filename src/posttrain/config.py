@@ -85,7 +85,8 @@ class DataConfig(Strict):
 class PairDataConfig(Strict):
     """A file of preference pairs (prompt, chosen, rejected) and its held-out part."""
 
-    train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect)")
+    train: str = Field(..., description="preference records: prompt, chosen, rejected (+ margin, aspect); "
+                                        "for an unpaired loss (kto) also prompt, completion, label")
     eval: str | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="held out from train when no eval file")
     max_length: int = Field(512, gt=8)

@@ -64,7 +64,7 @@ register_stage("pretrain", "continued pre-training on raw text (domain adaptatio
 register_stage("rm", "train a reward model (Bradley-Terry on preference pairs; one head per aspect)",
                "posttrain.train.preference:RMConfig", "posttrain.train.preference:run_rm",
                "model, adapter, aspects, data, train", recipe="rm", placeholders=_TRAIN_FILE)
-register_stage("dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO",
+register_stage("dpo", "preference optimisation: DPO, conservative DPO, IPO, hinge, SimPO, ORPO, KTO",
                "posttrain.train.preference:DPOConfig", "posttrain.train.preference:run_dpo",
                "model, adapter, data, dpo, train, eval", recipe="dpo", placeholders=_TRAIN_FILE)
 register_stage("online-dpo", "online DPO: sample from the policy, rank with a reward function, DPO step",

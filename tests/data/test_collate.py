@@ -10,6 +10,8 @@ from posttrain.data.collate import (
     collate_packed,
     collate_padded,
     collate_pairs,
+    collate_two_sided,
+    collate_unpaired,
     model_inputs,
     plan_batches,
 )
@@ -188,3 +190,26 @@ def test_pair_batch_per_pair_fields():
         collate_pairs([{"input_ids": [1, 2], "labels": [IGNORE, 2]}], pad_token_id=0)
     with pytest.raises(ValueError, match="empty"):
         collate_pairs([], pad_token_id=0)
+
+
+def _unpaired(ids, kl, desirable, **extra):
+    return {"input_ids": ids, "labels": [IGNORE] + ids[1:], "kl_input_ids": kl, "kl_labels": [IGNORE] + kl[1:],
+            "desirable": desirable, **extra}
+
+
+def test_unpaired_batch_layout_completions_then_kl_rows():
+    examples = [_unpaired([5, 6, 7], [5, 10], True, ref_logp=-1.0, ref_kl_logp=-2.0),
+                _unpaired([9, 10], [9, 6, 7], False, ref_logp=-3.0, ref_kl_logp=-4.0)]
+    batch = collate_unpaired(examples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 10, 0], [5, 10, 0], [9, 6, 7]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, 10, IGNORE], [IGNORE, 10, IGNORE], [IGNORE, 6, 7]]
+    assert batch["desirable"].tolist() == [True, False] and batch["desirable"].dtype == torch.bool
+    assert batch["ref_logp"].tolist() == [-1.0, -3.0] and batch["ref_kl_logp"].tolist() == [-2.0, -4.0]
+    packed = collate_two_sided(examples, pad_token_id=0, packed=True)  # dispatches on the fields
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 9, 10, 5, 10, 9, 6, 7]]
+    assert packed["seq_index"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 3, 3, 3]]
+    assert packed["desirable"].tolist() == [True, False]
+    with pytest.raises(ValueError, match="unpaired example 0 has no kl_input_ids, kl_labels"):
+        collate_unpaired([{"input_ids": [1, 2], "labels": [IGNORE, 2], "desirable": True}], pad_token_id=0)
+    with pytest.raises(ValueError, match="some unpaired examples have 'ref_logp'"):
+        collate_unpaired([examples[0], _unpaired([1, 2], [1, 3], True)], pad_token_id=0)

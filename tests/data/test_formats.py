@@ -17,6 +17,7 @@ ROWS = {
     "text": {"text": "plain text"},
     "preference": {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."},
     "prompt": {"prompt": "What is 2+2?", "answer": "4"},
+    "unpaired": {"prompt": "Say hi", "completion": "Hi!", "label": True},
 }
 
 
@@ -223,3 +224,38 @@ def test_invalid_utf8_in_csv_names_file_line_and_field_and_is_skippable(tmp_path
     path.write_bytes(b"prompt,compl" + BAD_BYTE + b"tion\nq,a\n")
     with pytest.raises(DataError, match=re.escape(f"{path}:1: header column 2 is not valid UTF-8")):
         load_records(path)
+
+
+def test_unpaired_rows_name_file_line_and_field(tmp_path):
+    good = ROWS["unpaired"]
+    cases = [({"prompt": "p", "completion": "c", "label": "yes"}, "field 'label' must be true or false"),
+             ({"prompt": "p", "completion": 3, "label": False}, "field 'completion' must be a string"),
+             ({"prompt": "", "completion": "c", "label": True}, "field 'prompt' is empty"),
+             ({"prompt": [{"role": "bot", "content": "x"}], "completion": "c", "label": True},
+              "field 'prompt[0].role' must be one of")]
+    for row, message in cases:
+        path = write_jsonl(tmp_path / "u.jsonl", [good, row])
+        with pytest.raises(DataError, match=re.escape(f"u.jsonl:2: {message}")):
+            load_records(path)
+    # a completion file with a label column is unpaired; without one it stays a completion file
+    assert detect_kind({"prompt": "a", "completion": "b", "label": False}) == "unpaired"
+    assert detect_kind({"prompt": "a", "completion": "b", "label": None}) == "completion"
+    messages = {"prompt": [{"role": "user", "content": "Hi"}],
+                "completion": [{"role": "assistant", "content": "Hello"}], "label": False}
+    assert load_records(write_jsonl(tmp_path / "m.jsonl", [messages])).records == [messages]
+
+
+def test_unpaired_csv_labels_and_message_cells(tmp_path):
+    completion = [{"role": "assistant", "content": "Hello"}]
+    with open(tmp_path / "u.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "completion", "label"])
+        w.writerow(["Say hi", "Hi!", "true"])
+        w.writerow(["Say hi", json.dumps(completion), "FALSE"])
+        w.writerow(["Say hi", "Hi!", "maybe"])
+    with pytest.raises(DataError, match=re.escape("u.csv:4: field 'label' must be true or false (desirable or not); got 'maybe'")):
+        load_records(tmp_path / "u.csv")
+    data = load_records(tmp_path / "u.csv", skip_invalid=True)
+    assert data.kind == "unpaired" and data.skipped == 1
+    assert data.records == [{"prompt": "Say hi", "completion": "Hi!", "label": True},
+                            {"prompt": "Say hi", "completion": completion, "label": False}]

@@ -9,11 +9,13 @@ import pytest
 from posttrain.data.templates import (
     IGNORE,
     TemplateError,
+    add_kl_completions,
     encode_chat,
     encode_completion,
     encode_preference,
     encode_record,
     encode_text,
+    encode_unpaired,
     render_loss_mask,
 )
 
@@ -183,3 +185,53 @@ def test_preference_bad_records_are_named(tokenizer):
         encode_preference(tokenizer, {"prompt": "q", "chosen": "a", "rejected": "b", "aspect": "helpful"})
     with pytest.raises(ValueError, match="'margin' must be a number"):
         encode_preference(tokenizer, {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"})
+
+
+def test_unpaired_records_and_pairs_encode_like_preference_sides(tokenizer):
+    pair = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "Five, I think."}
+    ex = encode_preference(tokenizer, pair)
+    good, bad = encode_unpaired(tokenizer, pair)  # a pair feeds KTO: chosen desirable, rejected not
+    assert (good["input_ids"], good["labels"], good["desirable"]) == (ex["chosen_input_ids"], ex["chosen_labels"], True)
+    assert (bad["input_ids"], bad["labels"], bad["desirable"]) == (ex["rejected_input_ids"], ex["rejected_labels"],
+                                                                   False)
+    one = encode_unpaired(tokenizer, {"prompt": "What is 2+2?", "completion": "4", "label": True})
+    assert one == [good]
+    assert encode_record(tokenizer, {"prompt": "What is 2+2?", "completion": "4", "label": True}, "unpaired") == good
+    start = next(t for t, label in enumerate(good["labels"]) if label != IGNORE)
+    assert encode_unpaired(tokenizer, pair, max_length=start) == []  # the prompt alone fills it
+    with pytest.raises(ValueError, match="field 'completion' must start with an assistant turn"):
+        encode_unpaired(tokenizer, {"prompt": "Hi", "completion": [{"role": "user", "content": "x"}], "label": True})
+
+
+def test_kl_rows_pair_each_prompt_with_another_prompts_completion(tokenizer):
+    records = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No, {i}."} for i in range(5)]
+    examples = [e for r in records for e in encode_unpaired(tokenizer, r)]
+    plain = copy.deepcopy(examples)
+    add_kl_completions(examples, seed=3)
+
+    def parts(ids, labels):
+        cut = next(t for t, label in enumerate(labels) if label != IGNORE)
+        return tuple(ids[:cut]), tuple(ids[cut:]), labels[:cut]
+
+    cut = {id(e): next(t for t, label in enumerate(e["labels"]) if label != IGNORE) for e in plain}
+    completions = {tuple(e["input_ids"][cut[id(e)]:]): e["labels"][cut[id(e)]:] for e in plain}
+    used = []
+    for e, before in zip(examples, plain):
+        assert (e["input_ids"], e["labels"]) == (before["input_ids"], before["labels"])
+        prompt, completion, _ = parts(e["input_ids"], e["labels"])
+        kl_prompt, kl_completion, kl_mask = parts(e["kl_input_ids"], e["kl_labels"])
+        assert kl_prompt == prompt and kl_mask == [IGNORE] * len(prompt)  # own prompt, no loss on it
+        assert kl_completion in completions
+        assert e["kl_labels"][len(prompt):] == completions[kl_completion]  # the donor's labels
+        used.append(kl_completion)
+    # never the example's own completion's prompt: every KL row mismatches (pairs share prompts)
+    by_prompt = {}
+    for e in plain:
+        p, c, _ = parts(e["input_ids"], e["labels"])
+        by_prompt.setdefault(p, set()).add(c)
+    for e in examples:
+        p, _, _ = parts(e["input_ids"], e["labels"])
+        assert parts(e["kl_input_ids"], e["kl_labels"])[1] not in by_prompt[p]
+    assert len(set(used)) > 1
+    with pytest.raises(ValueError, match="at least two different prompts"):
+        add_kl_completions(copy.deepcopy(plain[:2]))

@@ -54,6 +54,7 @@ def test_online_dpo_raises_the_reward_of_fresh_samples(tmp_path, tokenizer):
     ({"reward": {"type": "lenght"}}, r"invalid reward:\n\s*type: must be one of"),
     ({"dpo": {"reference": "precompute"}}, "online pairs are new every step"),
     ({"sampling": {"samples_per_prompt": 1}}, "samples_per_prompt"),
+    ({"dpo": {"loss": "kto"}}, "kto reads unpaired examples; online DPO trains on the pairs it samples"),
 ])
 def test_bad_online_configs_name_the_field(extra, message):
     raw = {"data": {"prompts": "p.jsonl"}, "reward": {"type": "verifier"}, **extra}

@@ -11,7 +11,7 @@ import torch
 
 from posttrain.adapters import AdapterConfig, apply_adapter
 from posttrain.config import TrainConfig
-from posttrain.data.collate import collate_pairs, model_inputs
+from posttrain.data.collate import collate_pairs, collate_two_sided, model_inputs
 from posttrain.data.templates import IGNORE
 from posttrain.models import tiny_model
 from posttrain.train import dpo, loop, objectives
@@ -323,3 +323,147 @@ def test_rpo_adds_the_chosen_token_mean_nll(model):
     assert m1["nll/chosen"] == pytest.approx(nll.item(), rel=1e-5)
     with pytest.raises(ValueError, match="rpo_alpha"):
         make_dpo_objective("sigmoid", rpo_alpha=-1.0)
+
+
+def _trl_orpo(lam, chosen_avg, rejected_avg):
+    """TRL's ORPOTrainer.odds_ratio_loss (per-pair lambda x logsig(log odds ratio)) on average log-probs."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    stub = types.SimpleNamespace(beta=lam, accelerator=types.SimpleNamespace(device="cpu"))
+    return ORPOTrainer.odds_ratio_loss(stub, chosen_avg, rejected_avg)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_orpo_matches_trl_orpo_trainer(lam):
+    # TRL: loss = NLL(chosen, token mean over the batch) - mean(odds_ratio_loss); ours folds the
+    # NLL into each pair's loss, so the mean over pairs is the same number.
+    per_token, mask, _, _ = _logps(seed=3)
+    per_token = per_token * 0.3  # mean log-probs on both sides of -ln 2 (log1mexp's two branches)
+    b = per_token.shape[0] // 2
+    logps, counts = per_token.sum(1), mask[:, 1:].sum(1)
+    avg = logps / counts
+    assert (avg > -0.69).any() and (avg < -0.7).any()
+    ratio_losses, want_c, want_r, _, _ = _trl_orpo(lam, avg[:b], avg[b:])
+    nll = -(per_token[:b] * mask[:b, 1:]).sum() / mask[:b, 1:].sum()
+    losses, chosen, rejected = dpo_loss(logps[:b], logps[b:], None, None, "orpo", chosen_tokens=counts[:b],
+                                        rejected_tokens=counts[b:], orpo_lambda=lam)
+    torch.testing.assert_close(losses - nll, -ratio_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses.mean(), nll - ratio_losses.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chosen, want_c)
+    torch.testing.assert_close(rejected, want_r)
+
+
+def test_orpo_trains_a_full_model_without_a_reference(model, tmp_path):
+    # reference-free: a full model needs no copy, adapters or precomputed log-probs
+    torch.manual_seed(0)
+    pairs = make_pairs(8)
+    batch = collate_pairs(pairs, pad_token_id=0)
+    objective = make_dpo_objective("orpo", orpo_lambda=1.0)
+    first = objective(model, batch)[1]
+    _train_pairs(model, objective, pairs, tmp_path)
+    last = objective(model, batch)[1]
+    assert last["loss"] < first["loss"] and last["nll/chosen"] < first["nll/chosen"]
+    assert last["rewards/margin"] > first["rewards/margin"], (first, last)
+
+
+def _trl_kto(beta, weights, per_token, kl_per_token, mask, kl_mask, labels, ref, ref_kl):
+    """TRL's KTOTrainer._compute_loss (loss_type="kto", precomputed reference) on a stub model that
+    returns the given per-token log-probs for the completions and for the KL rows."""
+    from accelerate import Accelerator
+    from trl import KTOTrainer
+
+    rows, width = mask.shape
+    ids, kl_ids = torch.ones(rows, width, dtype=torch.long), torch.ones(rows, width, dtype=torch.long)
+    zeros = torch.zeros(rows, width - 1)
+    stub = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), accelerator=Accelerator(cpu=True), aux_loss_enabled=False,
+        precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=weights[0],
+        undesirable_weight=weights[1], _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0,
+        _tp_size=1)
+    stub._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(stub, model, batch)
+
+    def fake_model(**kwargs):
+        log_probs = kl_per_token if kwargs["input_ids"] is kl_ids else per_token
+        return types.SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros)
+
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_mask), "KL_completion_mask": kl_mask,
+              "label": labels, "ref_logps": ref, "ref_KL_logps": ref_kl}
+    loss = KTOTrainer._compute_loss(stub, fake_model, inputs, False)
+    return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("beta,weights,kl_shift", [(0.1, (1.0, 1.0), 1.0), (0.5, (1.0, 1.33), 1.0),
+                                                   (0.5, (1.0, 1.0), -3.0)])
+def test_kto_loss_matches_trl_kto_trainer(beta, weights, kl_shift):
+    # kl_shift < 0 makes the KL rows' policy-minus-reference mean negative: the clamp at 0 matters
+    per_token, mask, ref, _ = _logps(seed=4)  # 2B rows: B completions, then B KL rows
+    n = ref.shape[0]
+    completions, kl_rows = per_token[:n], per_token[n:]
+    logps, kl_logps = completions.sum(1), kl_rows.sum(1)
+    ref_kl = kl_logps - kl_shift + torch.linspace(-0.5, 0.5, n)
+    labels = torch.tensor([True, False, True, True, False, False])
+    want, m = _trl_kto(beta, weights, completions, kl_rows, mask[:n], mask[n:], labels, ref, ref_kl)
+    spec = dpo.PREFERENCE_LOSSES.get("kto")
+    assert (spec.reference, spec.data) == (True, "unpaired")
+    settings = dpo.LossSettings(beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    losses, rewards, kl = spec.fn(logps, ref, kl_logps, ref_kl, labels, settings)
+    torch.testing.assert_close(losses.mean(), want, rtol=1e-5, atol=1e-5)
+    assert kl.item() == pytest.approx(m["kl"], abs=1e-6) and kl.item() == max(0.0, (kl_logps - ref_kl).mean().item())
+    assert rewards[labels].mean().item() == pytest.approx(m["rewards/chosen"], abs=1e-5)
+    assert rewards[~labels].mean().item() == pytest.approx(m["rewards/rejected"], abs=1e-5)
+    with pytest.raises(ValueError, match="unknown DPO loss_type 'kto' \\(kto reads unpaired data\\)"):
+        dpo_loss(logps, logps, ref, ref, "kto")
+
+
+def make_unpaired(n: int = 8, seed: int = 0) -> list[dict]:
+    """Random unpaired examples (half desirable) with their KL rows."""
+    from posttrain.data.templates import add_kl_completions
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(3, 8))]
+        completion = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 9))]
+        out.append({"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion,
+                    "desirable": i % 2 == 0})
+    return add_kl_completions(out, seed=seed)
+
+
+def test_kto_reference_options_agree_and_kto_refuses_pairs(model):
+    base = copy.deepcopy(model)
+    policy = lora(model)
+    examples = make_unpaired(6)
+    batch = collate_two_sided(examples, pad_token_id=0)
+    objective = make_dpo_objective("kto", beta=0.5)
+    with_peft, m = objective(policy, batch)
+    with_copy, _ = make_dpo_objective("kto", beta=0.5, reference=base)(policy, batch)
+    pre = precompute_reference_logps(policy, copy.deepcopy(examples), pad_token_id=0, batch_size=4)
+    assert all("ref_logp" in e and "ref_kl_logp" in e for e in pre)
+    precomputed, _ = objective(policy, collate_two_sided(pre, pad_token_id=0, packed=True))
+    torch.testing.assert_close(with_copy, with_peft, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(precomputed, with_peft, rtol=1e-5, atol=1e-6)
+    assert m["loss_tokens"] == 6 and m["kl"] >= 0 and m["desirable"] == 0.5
+    logps = completion_logps(policy, batch)[0].detach()
+    ref = completion_logps(base, batch)[0]
+    assert m["rewards/chosen"] == pytest.approx((0.5 * (logps[:6] - ref[:6]))[0::2].mean().item(), abs=1e-5)
+    with pytest.raises(ValueError, match="the kto loss reads unpaired data; got a batch of pairs"):
+        objective(policy, collate_pairs(make_pairs(2), pad_token_id=0))
+    with pytest.raises(ValueError, match="the sigmoid loss reads pairs data; got a batch of unpaired examples"):
+        make_dpo_objective("sigmoid")(policy, batch)
+
+
+def test_kto_training_raises_desirable_over_undesirable_log_ratios(model, tmp_path):
+    torch.manual_seed(0)
+    policy = apply_adapter(model, AdapterConfig(method="lora", r=4, alpha=8))  # starts at the reference
+    examples = make_unpaired(8)
+    objective = make_dpo_objective("kto", beta=0.5)
+    batch = collate_two_sided(examples, pad_token_id=0)
+    first = objective(policy, batch)[1]
+    _, summary = _train_pairs(policy, objective, examples, tmp_path, packing=True)
+    last = objective(policy, batch)[1]
+    assert summary["steps"] == 6  # 3 epochs of 2 batches of 4: one loss unit per example, like pairs
+    assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6) and first["kl"] == 0.0
+    assert last["rewards/margin"] > 0.5 and last["loss"] < first["loss"], (first, last)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all("kl" in r for r in rows)

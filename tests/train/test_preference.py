@@ -101,7 +101,7 @@ def test_dpo_win_rate_judged_by_a_reward_model(tmp_path, tiny_dir, tokenizer):
 @pytest.mark.parametrize("overrides,message", [
     (["adapter.method=full", "dpo.reference=adapters_off"], "adapters_off needs an adapter method"),
     (["dpo.loss=simpo", "dpo.reference=copy"], "simpo is reference-free"),
-    (["dpo.loss=kto"], "dpo.loss"),
+    (["dpo.loss=dpo2"], "unknown preference loss 'dpo2'; choose one of sigmoid, ipo, hinge, simpo"),
 ])
 def test_bad_dpo_configs_are_refused(overrides, message, capsys):
     assert main(["dpo", "data.train=x.jsonl", *overrides]) != 0
@@ -117,3 +117,52 @@ def test_cli_rm_print_config_shows_the_sections(capsys):
     assert main(["rm", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "aspects:\n- overall" in out and "packing: false" in out
+
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
+
+
+def unpaired_rows(n, start=0):
+    """TRL's unpaired format: digits are desirable answers, shouting is not."""
+    return [{"prompt": f"What is {i} plus 1?", "completion": f"{i + 1}" if i % 2 else "NO NO NO NO!",
+             "label": bool(i % 2)} for i in range(start, start + n)]
+
+
+@pytest.mark.parametrize("recipe,rows,extra,reference", [
+    ("kto", pair_rows, [], "adapters_off"),  # a pair file feeds KTO: chosen desirable, rejected not
+    ("kto", unpaired_rows, ["adapter.method=full", "data.eval=null"], "precompute"),  # no held-out set
+    ("orpo", pair_rows, [], "none"),
+])
+def test_kto_and_orpo_recipes_run_through_the_dpo_verb(tmp_path, tiny_dir, recipe, rows, extra, reference, capsys):
+    out = tmp_path / recipe
+    code = main(["dpo", "--config", str(RECIPES / f"{recipe}.yaml"), f"model.name={tiny_dir}", "model.dtype=fp32",
+                 f"data.train={write_jsonl(tmp_path / 'train.jsonl', rows(16))}",
+                 f"data.eval={write_jsonl(tmp_path / 'test.jsonl', rows(8, start=100))}",
+                 "train.max_steps=4", "train.lr=5e-3", "train.batch_size=4", "train.eval_every=2",
+                 "train.save_every=100", "train.progress=false", "eval.tasks=[]", f"output_dir={out}", *extra])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outputs"]["reference"] == reference
+    report = manifest["outputs"]["data"]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if "data.eval=null" in extra:
+        assert evals == [] and len(history) == 4
+    else:
+        assert len(evals) == 2 and evals[-1] < evals[0]
+    if recipe == "kto":
+        assert report["examples"] == (32 if rows is pair_rows else 16) and "kl" in history[0]
+        assert report["desirable"] == (16 if rows is pair_rows else 8)
+    else:
+        assert report["pairs"] == 16 and "rewards/margin" in history[0]
+    if reference == "precompute":
+        assert "reference log-probs precomputed" in capsys.readouterr().out
+
+
+def test_unpaired_losses_refuse_other_record_kinds(tmp_path, tokenizer):
+    from posttrain.data.examples import load_unpaired
+
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(ValueError, match="c.jsonl: an unpaired loss reads unpaired records .* holds chat records"):
+        load_unpaired(tokenizer, chat, 64, False)

@@ -168,18 +168,60 @@ def collate_pairs(examples: list[dict], pad_token_id: int, packed: bool = False)
                    if k not in e]
         if missing:
             raise ValueError(f"pair example {i} has no {', '.join(missing)} (encode it with encode_preference)")
-    rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
-            for side in ("chosen", "rejected") for e in examples]
+    return _two_halves(examples, ("chosen_", "rejected_"), PAIR_FIELDS, pad_token_id, packed, "pair examples")
+
+
+def _two_halves(examples: list[dict], prefixes: tuple[str, str], fields: dict, pad_token_id: int,
+                packed: bool, what: str) -> dict[str, torch.Tensor]:
+    rows = [{"input_ids": e[f"{p}input_ids"], "labels": e[f"{p}labels"]} for p in prefixes for e in examples]
     if packed:
         batch = collate_packed(rows)
         batch["seq_index"] = torch.tensor([[k for k, r in enumerate(rows) for _ in r["input_ids"]]],
                                           dtype=torch.long)
     else:
         batch = collate_padded(rows, pad_token_id)
-    for key, dtype in PAIR_FIELDS.items():
+    for key, dtype in fields.items():
         has = [key in e for e in examples]
         if all(has):
             batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
         elif any(has):
-            raise ValueError(f"some pair examples have {key!r} and some do not; give every example one or none")
+            raise ValueError(f"some {what} have {key!r} and some do not; give every example one or none")
     return batch
+
+
+UNPAIRED_FIELDS = {"desirable": torch.bool, "ref_logp": torch.float32, "ref_kl_logp": torch.float32}
+
+
+def collate_unpaired(examples: list[dict], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Unpaired (KTO) examples -> 2B sequences: completions 0..B-1, their KL rows B..2B-1.
+
+    The KL row (prompt_i + another example's completion, `add_kl_completions`) rides in the
+    same forward, as a pair's rejected side does; padding/packing as `collate_pairs`.
+    `desirable` [B] bool and precomputed `ref_logp`/`ref_kl_logp` [B] come along.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty list of unpaired examples")
+    for i, e in enumerate(examples):
+        missing = [k for k in ("input_ids", "labels", "kl_input_ids", "kl_labels", "desirable") if k not in e]
+        if missing:
+            raise ValueError(f"unpaired example {i} has no {', '.join(missing)} "
+                             "(encode it with encode_unpaired, then add_kl_completions)")
+    return _two_halves(examples, ("", "kl_"), UNPAIRED_FIELDS, pad_token_id, packed, "unpaired examples")
+
+
+def is_two_sided(example: dict) -> bool:
+    """A pair (chosen, rejected) or an unpaired example with its KL row: two sequences, one loss unit."""
+    return "chosen_input_ids" in example or "kl_input_ids" in example
+
+
+def two_sided_lengths(example: dict) -> tuple[int, int]:
+    if "chosen_input_ids" in example:
+        return len(example["chosen_input_ids"]), len(example["rejected_input_ids"])
+    return len(example["input_ids"]), len(example["kl_input_ids"])
+
+
+def collate_two_sided(examples: list[dict], pad_token_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """collate_pairs or collate_unpaired, by the first example's fields."""
+    if examples and "kl_input_ids" in examples[0]:
+        return collate_unpaired(examples, pad_token_id, packed)
+    return collate_pairs(examples, pad_token_id, packed)

@@ -90,7 +90,48 @@ def with_held_out(data, seed: int, encode: Callable[[str, str], tuple[list[dict]
     return examples, held, report
 
 
-def split_pairs(tokenizer, data, seed: int, aspects: list[str] | None = None):
-    """(train pairs, held-out pairs or None, data report) of a PairDataConfig."""
-    return with_held_out(data, seed, lambda path, _: load_pairs(tokenizer, path, data.max_length, data.skip_invalid,
-                                                             aspects))
+def load_unpaired(tokenizer, path: str, max_length: int, skip_invalid: bool) -> tuple[list[list[dict]], dict]:
+    """Unpaired records (prompt, completion, label), or preference pairs as two unpaired examples
+    each (chosen desirable, rejected undesirable), for KTO: one list of examples per record, so
+    a held-out split keeps a pair's two sides together. No KL rows yet (`add_kl_completions`)."""
+    from posttrain.data.formats import DataError, load_records
+    from posttrain.data.templates import encode_unpaired
+
+    data = load_records(path, skip_invalid=skip_invalid)
+    if data.kind not in ("unpaired", "preference"):
+        raise DataError(f"{path}: an unpaired loss reads unpaired records (prompt, completion, label) or "
+                        f"preference pairs (prompt, chosen, rejected); this file holds {data.kind} records")
+    groups, dropped = [], 0
+    for i, record in enumerate(data.records):
+        try:
+            encoded = encode_unpaired(tokenizer, record, max_length=max_length)
+        except ValueError as e:
+            raise DataError(f"{path}: record {i + 1}: {e}") from e
+        dropped += (2 if data.kind == "preference" else 1) - len(encoded)
+        if encoded:
+            groups.append(encoded)
+    if not groups:
+        raise ValueError(f"{path}: no completion fits in {max_length} tokens")
+    examples = [e for g in groups for e in g]
+    report = {"path": path, "kind": data.kind, "records": len(data.records), "skipped_invalid": data.skipped,
+              "dropped_too_long": dropped, "examples": len(examples),
+              "desirable": sum(e["desirable"] for e in examples)}
+    return groups, report
+
+
+def split_pairs(tokenizer, data, seed: int, aspects: list[str] | None = None, unpaired: bool = False):
+    """(train pairs, held-out pairs or None, data report) of a PairDataConfig. `unpaired`: unpaired
+    examples with their KL rows (KTO), from an unpaired or a preference file."""
+    if not unpaired:
+        return with_held_out(data, seed, lambda path, _: load_pairs(tokenizer, path, data.max_length,
+                                                                    data.skip_invalid, aspects))
+    from posttrain.data.templates import add_kl_completions
+
+    groups, held_groups, report = with_held_out(
+        data, seed, lambda path, _: load_unpaired(tokenizer, path, data.max_length, data.skip_invalid))
+    examples = [e for g in groups for e in g]
+    held = None if held_groups is None else [e for g in held_groups for e in g]
+    for part in (examples, held):  # KL rows mismatch prompts and completions within each split
+        if part is not None:
+            add_kl_completions(part, seed, data.max_length)
+    return examples, held, report

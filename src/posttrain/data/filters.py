@@ -336,7 +336,7 @@ def prompt_and_completion(record: dict) -> tuple[Any, str]:
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m.get("role") == "assistant")
         return msgs[:last], msgs[last]["content"]
-    if kind == "completion":
+    if kind == "completion" or (kind == "unpaired" and isinstance(record["completion"], str)):
         return record["prompt"], record["completion"]
     if kind == "text":
         return "", record["text"]

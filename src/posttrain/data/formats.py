@@ -14,6 +14,8 @@ Kinds (detected from the fields of the first row, or forced with ``kind=``):
 | preference | ``prompt``, ``chosen``, ``rejected``: strings or message lists; |
 |            | ``prompt`` may be left out when chosen/rejected are messages  |
 | prompt     | ``prompt`` (string or messages), optional ``answer``          |
+| unpaired   | ``prompt``, ``completion`` (strings or message lists), ``label``: |
+|            | bool (desirable or not; TRL's unpaired preference format, KTO) |
 
 Extra fields (``task``, ``answer``, ids...) are kept as they are; ``task``, when
 present, must be a non-empty string (it selects a task adapter).
@@ -30,7 +32,7 @@ from typing import Any, Iterator
 
 from posttrain.fileio import read_text_utf8, utf8_error
 
-KINDS = ("chat", "completion", "text", "preference", "prompt")
+KINDS = ("chat", "completion", "text", "preference", "prompt", "unpaired")
 ROLES = ("system", "user", "assistant")
 MAX_REASONS = 5  # skip reasons kept in LoadedData
 
@@ -140,6 +142,11 @@ def _not_utf8(cells: dict[str, Any] | list[str]) -> str | None:
     return None
 
 
+def _csv_bool(value: str) -> Any:
+    """A CSV `label` cell "true"/"false" (any case) as a bool; anything else stays a string (and is refused)."""
+    return {"true": True, "false": False}.get(value.strip().lower(), value)
+
+
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
@@ -160,8 +167,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
             if any(v is None for v in row.values()):
                 yield loc, DataError(f"{loc}: fewer cells than the header has columns")
                 continue
-            yield loc, {k: _maybe_json_list(v) if k in ("messages", "prompt", "chosen", "rejected") else v
-                        for k, v in row.items()}
+            yield loc, {k: _maybe_json_list(v) if k in ("messages", "prompt", "chosen", "rejected", "completion")
+                        else _csv_bool(v) if k == "label" else v for k, v in row.items()}
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -256,6 +263,15 @@ def _check_preference(record: dict) -> str | None:
     return _check_text_or_messages(record, "prompt")
 
 
+def _check_unpaired(record: dict) -> str | None:
+    for name in ("prompt", "completion"):
+        if (problem := _check_text_or_messages(record, name)):
+            return problem
+    if not isinstance(record.get("label"), bool):
+        return f"field 'label' must be true or false (desirable or not); got {_describe(record.get('label'))}"
+    return None
+
+
 def validate(record: Any, kind: str) -> str | None:
     """Problem with one row as ``kind`` ("field 'x' ..."), or None when it is valid."""
     if not isinstance(record, dict):
@@ -270,6 +286,8 @@ def validate(record: Any, kind: str) -> str | None:
         problem = _check_preference(record)
     elif kind == "prompt":
         problem = _check_text_or_messages(record, "prompt")
+    elif kind == "unpaired":
+        problem = _check_unpaired(record)
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if problem is None and "task" in record and not (isinstance(record["task"], str) and record["task"]):
@@ -286,6 +304,8 @@ def detect_kind(record: Any) -> str | None:
         return "chat"
     if {"chosen", "rejected"} <= has:
         return "preference"
+    if {"prompt", "completion", "label"} <= has:
+        return "unpaired"
     if {"prompt", "completion"} <= has:
         return "completion"
     if "prompt" in has:
@@ -331,7 +351,8 @@ def load_records(path: str | Path, kind: str | None = None, skip_invalid: bool =
         if kind is None:
             if detected is None:
                 bad(f"{loc}: cannot tell the record kind: expected fields 'messages' (chat), "
-                    f"'prompt'+'completion', 'text', 'prompt'+'chosen'+'rejected' or 'prompt'")
+                    f"'prompt'+'completion', 'text', 'prompt'+'chosen'+'rejected', "
+                    f"'prompt'+'completion'+'label' or 'prompt'")
                 continue
             kind, origin = detected, loc
         problem = validate(row, kind)

@@ -20,6 +20,7 @@ count those as dropped.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 IGNORE = -100  # label of positions that carry no loss
@@ -105,9 +106,13 @@ def encode_text(tokenizer, text: str, max_length: int | None = None) -> dict | N
 
 
 def encode_record(tokenizer, record: dict[str, Any], kind: str, max_length: int | None = None) -> dict | None:
-    """Encode one validated record of a trainable kind (chat, completion, text, preference); copies ``task``."""
+    """Encode one validated record of a trainable kind (chat, completion, text, preference, unpaired);
+    copies ``task``."""
     if kind == "preference":  # a pair example, not a single sequence
         return encode_preference(tokenizer, record, max_length)
+    if kind == "unpaired":  # one sequence with its label (no KL row: that needs the other examples)
+        examples = encode_unpaired(tokenizer, record, max_length)
+        return examples[0] if examples else None
     if kind == "chat":
         example = encode_chat(tokenizer, record["messages"], max_length)
     elif kind == "completion":
@@ -225,3 +230,77 @@ def encode_preference(tokenizer, record: dict[str, Any], max_length: int | None 
                              "(map aspect names to indices before encoding)")
         example["aspect"] = aspect
     return example
+
+
+# ----------------------------------------------------------------------------- unpaired (KTO)
+
+def _unpaired_messages(record: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(prompt, completion) as message lists; the prompt ends with a user turn."""
+    prompt, completion = record["prompt"], record["completion"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError("field 'prompt' must end with a user turn (the completion is the assistant's reply)")
+    if not completion or completion[0]["role"] != "assistant":
+        raise ValueError("field 'completion' must start with an assistant turn after the prompt")
+    return prompt, completion
+
+
+def encode_unpaired(tokenizer, record: dict[str, Any], max_length: int | None = None) -> list[dict]:
+    """An unpaired record (prompt, completion, label) -> one example; a preference record -> two
+    (chosen desirable, rejected undesirable), so pair data also feeds KTO.
+
+    Example: input_ids/labels as encode_preference's sides (loss on the completion's assistant
+    turns) and `desirable` (bool). A completion cut away by `max_length` is dropped (the list
+    is shorter). Add the KL rows with `add_kl_completions` once the examples are split.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError("encode_unpaired needs a fast tokenizer (it maps characters to tokens with offsets)")
+    if "chosen" in record:
+        prompt, chosen, rejected = _preference_messages(record)
+        sides = [(chosen, True), (rejected, False)]
+    else:
+        prompt, completion = _unpaired_messages(record)
+        sides = [(completion, record["label"])]
+    out = []
+    for completion, desirable in sides:
+        ids, labels = _encode_completion_turns(tokenizer, prompt, completion)
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            continue
+        out.append({"input_ids": ids, "labels": labels, "desirable": bool(desirable)})
+    return out
+
+
+def add_kl_completions(examples: list[dict], seed: int = 0, max_length: int | None = None) -> list[dict]:
+    """Give each unpaired example a KL row: its prompt with another example's completion.
+
+    KTO estimates KL(policy || reference) from mismatched (prompt_i, completion_j) pairs, as
+    TRL does by rotating completions by one; here the rotation runs over a seeded permutation
+    of all the examples, skipping a neighbour with the same prompt (a pair file gives two
+    completions per prompt). Token-level splice, as TRL: prompt_i's ids + completion_j's ids.
+    Fixed before training, so reference log-probs of the KL rows can be precomputed. In place.
+    """
+    def split(e: dict) -> int:  # index of the first completion token
+        return next(i for i, t in enumerate(e["labels"]) if t != IGNORE)
+
+    if len(examples) < 2:
+        raise ValueError("KTO's KL estimate needs at least two examples (it mismatches prompts and completions)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    cut = [split(e) for e in examples]
+    prompts = [tuple(e["input_ids"][:c]) for e, c in zip(examples, cut)]
+    for k, i in enumerate(order):
+        for back in range(1, len(order)):
+            j = order[k - back]
+            if prompts[j] != prompts[i]:
+                break
+        else:
+            raise ValueError("KTO's KL estimate needs at least two different prompts")
+        ids = list(prompts[i]) + examples[j]["input_ids"][cut[j]:]
+        labels = [IGNORE] * cut[i] + examples[j]["labels"][cut[j]:]
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        examples[i]["kl_input_ids"], examples[i]["kl_labels"] = ids, labels
+    return examples

@@ -67,6 +67,9 @@ class OnlineDPOConfig(StageConfig):
         from posttrain.rl.rewards import parse_reward_config
 
         parse_reward_config(self.reward, source="reward")  # fail at load time, naming the field
+        if self.dpo.unpaired:
+            raise ValueError(f"dpo.loss: {self.dpo.loss} reads unpaired examples; online DPO trains on the pairs "
+                             "it samples, so use a pair loss")
         if self.dpo.reference_model or self.dpo.reference == "precompute":
             raise ValueError("dpo.reference: online pairs are new every step; use auto, adapters_off or copy")
         if self.train.grad_accum != 1:
@@ -132,7 +135,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
 
     reference = None
-    if cfg.dpo.loss != "simpo" and (cfg.dpo.reference == "copy" or not disables_to_base(cfg.adapter)):
+    if cfg.dpo.needs_reference and (cfg.dpo.reference == "copy" or not disables_to_base(cfg.adapter)):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model = apply_adapter(model, cfg.adapter, tokenizer)
     summary = trainable_summary(model)

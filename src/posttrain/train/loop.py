@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from posttrain.config import TrainConfig
-from posttrain.data.collate import collate_packed, collate_padded, collate_pairs, plan_batches
+from posttrain.data.collate import (collate_packed, collate_padded, collate_two_sided, is_two_sided, plan_batches,
+                                   two_sided_lengths)
 from posttrain.fileio import atomic_dir, atomic_write, write_text_atomic
 from posttrain.train.objectives import IGNORE, Objective
 
@@ -43,7 +44,8 @@ class TrainState:
 
 
 def is_pair(example: dict) -> bool:
-    return "chosen_input_ids" in example
+    """A preference pair, or an unpaired (KTO) example with its KL row: two sequences, one loss unit."""
+    return is_two_sided(example)
 
 
 def loss_tokens(example: dict) -> int:
@@ -57,7 +59,7 @@ def loss_tokens(example: dict) -> int:
 def example_length(example: dict, packing: bool = False) -> int:
     """Tokens an example adds to a batch (a padded pair: two rows of the longer side)."""
     if is_pair(example):
-        chosen, rejected = len(example["chosen_input_ids"]), len(example["rejected_input_ids"])
+        chosen, rejected = two_sided_lengths(example)
         return chosen + rejected if packing else 2 * max(chosen, rejected)
     return len(example["input_ids"])
 
@@ -222,7 +224,7 @@ def _to_device(batch: dict, device) -> dict:
 
 def make_collate(packing: bool, pad_token_id: int, tasks: list[str] | None, pairs: bool = False):
     if pairs:
-        return lambda exs: collate_pairs(exs, pad_token_id, packed=packing)
+        return lambda exs: collate_two_sided(exs, pad_token_id, packed=packing)
     if packing:
         return lambda exs: collate_packed(exs, tasks=tasks)
     return lambda exs: collate_padded(exs, pad_token_id, tasks=tasks)

@@ -21,9 +21,11 @@ from posttrain.kernels.attention import packed_attention
 from posttrain.kernels.layers import fused_layers
 from posttrain.kernels.lora import fused_lora
 from posttrain.models import base_model
+from posttrain.registry import Registry
 
 Objective = Callable[[torch.nn.Module, dict], tuple[Tensor, dict]]
 IGNORE = -100
+OBJECTIVES: Registry[Objective] = Registry("objective")  # by stage name, for get_objective
 
 
 def is_prompt_learning(model) -> bool:
@@ -71,6 +73,7 @@ def loss_position_hidden(model, batch) -> tuple[Tensor, Tensor]:
     return hidden[:, :-1][keep], targets[keep]
 
 
+@OBJECTIVES.register("sft")
 def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, dict]:
     """Next-token cross-entropy on label positions only (SFT and continued pre-training).
 
@@ -173,13 +176,13 @@ def is_wrapped(model) -> bool:
                                                                             "DeepSpeedEngine")
 
 
-OBJECTIVES: dict[str, Objective] = {"sft": causal_lm_loss, "pretrain": causal_lm_loss}
+OBJECTIVES.register("pretrain", causal_lm_loss)  # continued pre-training: the same loss on text
 
 
 def get_objective(name: str) -> Objective:
+    """The objective a stage names (objectives that need more than a name, like distill's
+    teacher or DPO's reference, are built by their own make_* function)."""
     if name == "distill":
         raise ValueError("the distill objective needs a teacher: "
                          "posttrain.compress.distill.make_distill_objective(teacher, ...)")
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+    return OBJECTIVES.get(name)

@@ -12,12 +12,13 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from posttrain.adapters import AdapterConfig
 from posttrain.config import PairDataConfig, StageConfig, Strict, TrainConfig
 from posttrain.data.examples import split_pairs
 from posttrain.eval.suite import EvalConfig, evaluate_all, write_reports
+from posttrain.train.dpo import PREFERENCE_LOSSES
 
 
 class PairTrainConfig(TrainConfig):
@@ -124,22 +125,50 @@ def disables_to_base(adapter: AdapterConfig) -> bool:
 
 
 class DPOSettings(Strict):
-    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    loss: str = Field("sigmoid", description=f"a preference loss: {', '.join(PREFERENCE_LOSSES)}")
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid/simpo)")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term (TRL's beta)")
+    desirable_weight: float = Field(1.0, ge=0, description="KTO: lambda_D, weight of desirable examples")
+    undesirable_weight: float = Field(1.0, ge=0, description="KTO: lambda_U, weight of undesirable examples")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen replies' NLL added to the loss (RPO)")
     reference: Literal["auto", "adapters_off", "precompute", "copy"] = Field(
         "auto", description="auto: the base with adapters disabled for adapter methods, else log-probs "
                             "precomputed from the starting weights (no second copy in memory)")
     reference_model: str | None = Field(None, description="a different model as the frozen reference")
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        PREFERENCE_LOSSES.get(name)  # ValueError naming the registered choices
+        return name
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> "DPOSettings":
+        if self.label_smoothing and not PREFERENCE_LOSSES.get(self.loss).label_smoothing:
+            raise ValueError(f"dpo.label_smoothing applies to the "
+                             f"{', '.join(n for n, s in PREFERENCE_LOSSES.items() if s.label_smoothing)} losses, "
+                             f"not {self.loss}")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return PREFERENCE_LOSSES.get(self.loss).reference
+
+    @property
+    def unpaired(self) -> bool:
+        """The loss reads unpaired examples (KTO), not pairs."""
+        return PREFERENCE_LOSSES.get(self.loss).data == "unpaired"
+
     def objective(self, reference=None):
         """The loop objective these settings describe (`reference`: a frozen model, if one is used)."""
         from posttrain.train.dpo import make_dpo_objective
 
         return make_dpo_objective(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
-                                  simpo_gamma=self.simpo_gamma, reference=reference, rpo_alpha=self.rpo_alpha)
+                                  simpo_gamma=self.simpo_gamma, reference=reference, rpo_alpha=self.rpo_alpha,
+                                  orpo_lambda=self.orpo_lambda, desirable_weight=self.desirable_weight,
+                                  undesirable_weight=self.undesirable_weight)
 
 
 class WinRateConfig(Strict):
@@ -171,8 +200,9 @@ class DPOConfig(StageConfig):
                              f"adapter.method is {self.adapter.method}")
         if self.dpo.reference_model and self.dpo.reference not in ("auto", "copy"):
             raise ValueError("dpo.reference_model is a frozen model: use dpo.reference=copy (or auto)")
-        if self.dpo.loss == "simpo" and (self.dpo.reference_model or self.dpo.reference != "auto"):
-            raise ValueError("dpo.loss: simpo is reference-free; leave dpo.reference=auto and no reference_model")
+        if not self.dpo.needs_reference and (self.dpo.reference_model or self.dpo.reference != "auto"):
+            raise ValueError(f"dpo.loss: {self.dpo.loss} is reference-free; leave dpo.reference=auto and no "
+                             "reference_model")
         return self
 
 
@@ -214,7 +244,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
 
     run = start_stage(cfg, resume, overwrite, seed=cfg.train.seed)
     model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
-    examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed)
+    examples, held, report = split_pairs(tokenizer, cfg.data, cfg.train.seed, unpaired=cfg.dpo.unpaired)
     print(f"data: {report}")
 
     wr = cfg.eval.win_rate
@@ -226,7 +256,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
 
     reference = None
     mode = cfg.dpo.reference
-    if cfg.dpo.loss != "simpo":
+    if cfg.dpo.needs_reference:
         if cfg.dpo.reference_model:
             reference, _ = load_model(cfg.dpo.reference_model, dtype=cfg.model.dtype)
         elif mode == "copy":
@@ -268,5 +298,5 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
         files["win_rate_prompts"] = wr.prompts
     write_reports(run_dir, before, after)
     outputs = {"train": train_summary, "eval_before": before, "eval_after": after, "data": report,
-               "trainable": summary, "reference": mode if cfg.dpo.loss != "simpo" else "none"}
+               "trainable": summary, "reference": mode if cfg.dpo.needs_reference else "none"}
     return run.finish(stage_inputs(cfg.model.name, files), outputs)
