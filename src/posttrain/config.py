@@ -7,16 +7,32 @@ with the dotted key and the allowed values in the message.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from posttrain.fileio import read_text_utf8
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _bounded(test, bound: str):
+    def check(v, info: ValidationInfo):
+        if not test(v):
+            raise ValueError(f"{info.field_name} {bound}, got {v}")
+        return v
+
+    return AfterValidator(check)
+
+
+# Field types whose errors name the field and the bound in plain words ("k must be >= 1, got 0")
+AtLeastOne = Annotated[int, _bounded(lambda v: v >= 1, "must be >= 1")]
+Positive = Annotated[float, _bounded(lambda v: v > 0, "must be > 0")]
+NonNegative = Annotated[float, _bounded(lambda v: v >= 0, "must be >= 0")]
+Probability = Annotated[float, _bounded(lambda v: 0 <= v <= 1, "is a probability in [0, 1]")]
 
 
 class TrainConfig(Strict):

@@ -10,18 +10,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from posttrain.adapters import AdapterConfig, apply_adapter
 from posttrain.kernels.lora import _LoraLinear, fused_lora
-from posttrain.models import tiny_model
 
-VOCAB = 256
-
-
-def batch(rows: int = 3, length: int = 10, seed: int = 0) -> dict:
-    ids = torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-
-
-def plain(dtype=torch.float32):
-    return tiny_model(vocab_size=VOCAB, seed=0).to(dtype)
+from ..test_adapters import batch, plain
 
 
 def _lora_model(dtype):

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from pydantic import ValidationInfo, field_validator
 
-from posttrain.config import Strict
+from posttrain.config import AtLeastOne, Positive, Probability, Strict
 from posttrain.eval.metrics import right_pad
 from posttrain.generate.engine import GenerationConfig, generate, render_chat
 from posttrain.reason.tasks import Example, Task, answer_phrase, fraction_text, solve24
@@ -42,29 +42,29 @@ class ReasonConfig(Strict):
     """Knobs of every strategy; defaults are what the measurements used."""
 
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
-    batch_size: int = 16  # prompts per engine call
+    batch_size: AtLeastOne = 16  # prompts per engine call
     seed: int = 0
     direct_tokens: int | None = None  # None: the task's default budget
     cot_tokens: int | None = None
     fewshot: bool = False  # chain-of-thought with the task's worked examples
     # self-consistency
-    samples: int = 5
-    temperature: float = 0.7
+    samples: AtLeastOne = 5
+    temperature: Positive = 0.7
     top_p: float = 0.95
     sc_verify: bool = True  # tasks with a reference-free verifier: prefer a verified sample over the vote
     # Tree-of-Thoughts
     search: str = "bfs"
     value: str = "auto"  # checker (task rules, no reference), model (sure/likely/impossible logprobs), auto
-    k: int = 3  # proposals per state
-    beam: int = 2  # BFS: states kept per depth
-    depth: int = 4  # max thoughts on a path
-    threshold: float = 0.2  # DFS: prune states valued below this
-    budget: int = 12  # DFS: max expanded states
-    step_tokens: int = 48  # tokens per proposed thought
+    k: AtLeastOne = 3  # proposals per state
+    beam: AtLeastOne = 2  # BFS: states kept per depth
+    depth: AtLeastOne = 4  # max thoughts on a path
+    threshold: Probability = 0.2  # DFS: prune states valued below this
+    budget: AtLeastOne = 12  # DFS: max expanded states
+    step_tokens: AtLeastOne = 48  # tokens per proposed thought
     # router
     probe: str = "logprob"  # logprob: greedy direct answer's mean token probability; vote: agreement
-    probe_samples: int = 3
-    confidence: float = 0.8  # answer directly at or above this
+    probe_samples: AtLeastOne = 3
+    confidence: Probability = 0.8  # answer directly at or above this
     final: str = "auto"  # last rung: sc, tot, or auto (tot when the task has a verifier, else sc)
 
     @field_validator("search", "value", "probe", "final")
@@ -73,27 +73,6 @@ class ReasonConfig(Strict):
         allowed = {"search": SEARCHES, "value": VALUES, "probe": PROBES, "final": FINAL_RUNGS}[info.field_name]
         if v not in allowed:
             raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}; got {v!r}")
-        return v
-
-    @field_validator("batch_size", "samples", "k", "beam", "depth", "budget", "step_tokens", "probe_samples")
-    @classmethod
-    def _at_least_one(cls, v: int, info: ValidationInfo) -> int:
-        if v < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"temperature must be > 0, got {v}")
-        return v
-
-    @field_validator("confidence", "threshold")
-    @classmethod
-    def _probability(cls, v: float, info: ValidationInfo) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError(f"{info.field_name} is a probability in [0, 1], got {v}")
         return v
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from posttrain.config import Strict
+from posttrain.config import AtLeastOne, NonNegative, Positive, Strict
 from posttrain.generate.engine import GenerationConfig, GenerationOutput
 from posttrain.generate.guard import GuardRules
 
@@ -23,38 +23,17 @@ class ServeConfig(Strict):
 
     model_name: str = "default"  # the name clients put in `model` for the base model
     api_keys: list[str] = []  # empty: no auth
-    max_tokens_cap: int = 512  # a request asking for more gets 400
-    default_max_tokens: int = 128  # lowered to max_tokens_cap when above it
-    queue_size: int = 8  # requests admitted (waiting + running); more get 429
-    timeout_s: float = 120.0  # per request: waiting for the model + generating
-    max_body_bytes: int = 1 << 20  # bigger bodies get 413
+    max_tokens_cap: AtLeastOne = 512  # a request asking for more gets 400
+    default_max_tokens: AtLeastOne = 128  # lowered to max_tokens_cap when above it
+    queue_size: AtLeastOne = 8  # requests admitted (waiting + running); more get 429
+    timeout_s: Positive = 120.0  # per request: waiting for the model + generating
+    max_body_bytes: AtLeastOne = 1 << 20  # bigger bodies get 413
     decoding: str = "sam"
     backend: str = "auto"
     guard: GuardRules | None = None
     adapters: list[str] = []  # adapter names loaded on a PeftModel
-    max_batch: int = 8  # compatible requests decoded together; 1 = one at a time
-    batch_wait_ms: float = 5.0  # how long the worker waits for a batch to fill before it starts
-
-    @field_validator("max_tokens_cap", "default_max_tokens", "queue_size", "max_body_bytes", "max_batch")
-    @classmethod
-    def _at_least_one(cls, v: int, info: ValidationInfo) -> int:
-        if v < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
-        return v
-
-    @field_validator("timeout_s")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {v}")
-        return v
-
-    @field_validator("batch_wait_ms")
-    @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"batch_wait_ms must be >= 0, got {v}")
-        return v
+    max_batch: AtLeastOne = 8  # compatible requests decoded together; 1 = one at a time
+    batch_wait_ms: NonNegative = 5.0  # how long the worker waits for a batch to fill before it starts
 
     @field_validator("decoding", "backend")
     @classmethod
