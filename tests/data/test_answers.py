@@ -124,3 +124,9 @@ def test_a_missing_or_empty_file_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"empty\.jsonl: no examples"):
         load_checkable(write_jsonl(tmp_path / "empty.jsonl", []))
 
+
+def test_invalid_utf8_in_a_task_file_names_file_and_line(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(b'{"prompt": "q", "answer": "a"}\n{"prompt": "q\xff", "answer": "a"}\n')
+    with pytest.raises(ValueError, match=r"task\.jsonl:2: not valid UTF-8 \(byte 0xff at column 14\)"):
+        load_checkable(path)

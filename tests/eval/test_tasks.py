@@ -151,10 +151,3 @@ def test_cli_guard_needs_task_files(tmp_path, capsys):
 
     assert main(["eval", "--perplexity", "x.jsonl", "--guard", "g.yaml"]) == 2
     assert "--guard applies to --task files" in capsys.readouterr().err
-
-
-def test_invalid_utf8_in_a_task_file_names_file_and_line(tmp_path):
-    path = tmp_path / "task.jsonl"
-    path.write_bytes(b'{"prompt": "q", "answer": "a"}\n{"prompt": "q\xff", "answer": "a"}\n')
-    with pytest.raises(ValueError, match=r"task\.jsonl:2: not valid UTF-8 \(byte 0xff at column 14\)"):
-        load_task(path)
