@@ -246,7 +246,7 @@ class NativeLM:
         cfg = base.config
         self.config = cfg
         self.signature = _signature(model)  # LoRA A/B included: a training step repacks
-        self.dtype = base.model.embed_tokens.weight.dtype
+        self.dtype = next(p.dtype for n, p in model.named_parameters() if not _is_lora_param(n))
         lora, why = lora_layers(model)
         if why:
             raise NativeError(why)
