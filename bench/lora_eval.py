@@ -17,7 +17,8 @@ W x plus fp32 B A x); the script prints how many prompts got identical token ids
 generated and each way's exact-match score. Folding and
 packing the weights (once per weight change: once per eval after training) is timed apart.
 The three ways run batch by batch in turn (two model copies), so load from other processes
-slows them alike. Run from the repo root: `python bench/lora_eval.py`.
+slows them alike. `--ignore-eos` makes every row generate 16 tokens (equal work per batch for
+the base and a tuned model that answers in 3). Run from the repo root: `python bench/lora_eval.py`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from posttrain.models import load_model  # noqa: E402
 TASK = "data/quickstart/test.jsonl"
 
 
-def run_interleaved(ways: dict, tok, batches) -> dict:
+def run_interleaved(ways: dict, tok, batches, ignore_eos: bool = False) -> dict:
     """Seconds per batch and the outputs of each way (name -> (model, backend)), batch by batch in
     turn, so a busy minute on a shared machine slows every way alike; which backend ran is recorded."""
     rows = {}
@@ -54,7 +55,8 @@ def run_interleaved(ways: dict, tok, batches) -> dict:
                       "per_batch_s": [], "ids": [], "texts": []}
     for prompts in batches:
         for name, (model, backend) in ways.items():
-            cfg = GenerationConfig(max_new_tokens=16, do_sample=False, chat=True, backend=backend)  # as eval does
+            cfg = GenerationConfig(max_new_tokens=16, do_sample=False, chat=True, backend=backend,  # as eval does
+                                   ignore_eos=ignore_eos)
             t = time.perf_counter()
             out = generate(model, tok, prompts, cfg)
             rows[name]["per_batch_s"].append(time.perf_counter() - t)
@@ -68,6 +70,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="batches of 16 prompts")
     ap.add_argument("--b-std", type=float, default=0.2, help="std of the seeded random LoRA B matrices")
     ap.add_argument("--adapter", help="a trained LoRA adapter dir or run dir (default: seeded random B matrices)")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every row generates 16 tokens: equal work per batch for base and a tuned model")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(RESULTS_DIR / "lora_eval.json"))
     args = ap.parse_args()
@@ -93,7 +97,7 @@ def main() -> None:
     native_lm(lora, required=True)  # what the first eval batch after training pays once
     pack_s = time.perf_counter() - t
     rows = run_interleaved({"base": (base, "auto"), "lora_unfolded": (lora, "torch"), "lora_folded": (lora, "auto")},
-                           tok, batches)
+                           tok, batches, args.ignore_eos)
     assert all(torch.equal(before[k], v) for k, v in lora.state_dict().items()), "generation changed the model"
     assert trainable == [n for n, p in lora.named_parameters() if p.requires_grad], "trainable set changed"
 
@@ -105,7 +109,7 @@ def main() -> None:
         r["per_batch_s"] = [round(s, 3) for s in r["per_batch_s"]]
     same = sum(a == b for a, b in zip(rows["lora_folded"]["ids"], rows["lora_unfolded"]["ids"]))
     changed = sum(a != b for a, b in zip(rows["lora_folded"]["ids"], rows["base"]["ids"]))
-    result = {"task": TASK, "adapter": args.adapter or f"random B, std {args.b_std}", "prompts": len(examples), "batch_size": 16, "max_new_tokens": 16,
+    result = {"task": TASK, "ignore_eos": args.ignore_eos, "adapter": args.adapter or f"random B, std {args.b_std}", "prompts": len(examples), "batch_size": 16, "max_new_tokens": 16,
               "folded_vs_unfolded_identical": same, "folded_vs_base_different": changed,
               "bf16_matmul_peak_tflops": round(peak / 1e12, 3), "fold_and_pack_s": round(pack_s, 2),
               "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("ids", "texts")} for k, v in rows.items()},
@@ -116,7 +120,7 @@ def main() -> None:
         print(f"{r['prompts']} prompts of {TASK}, batch 16, 16 new tokens, greedy; bf16 matmul peak "
               f"{r['bf16_matmul_peak_tflops']} TFLOP/s; load {r['load_average_before'][0]:.2f} -> "
               f"{r['load_average_after'][0]:.2f}")
-        print(f"adapter: {r['adapter']}")
+        print(f"adapter: {r['adapter']}; {'every row 16 tokens (ignore_eos)' if r['ignore_eos'] else 'EOS ends a row'}")
         print("| model | ran on | s/batch (median) | vs base | tokens generated | exact match |")
         print("|---|---|---|---|---|---|")
         for name, row in r["rows"].items():
