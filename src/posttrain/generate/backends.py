@@ -117,10 +117,27 @@ class NativeRows:
         self.length = [length - n for length in self.length]
 
 
+# `auto` hands batches of this many rows or more to the torch forward: a decode step there is
+# compute-bound and oneDNN's GEMM beats the native mat-vec kernels. Measured by
+# bench/backend_crossover.py (default model, bf16, 2-core AMX Xeon, 32 new tokens): native is
+# 2.8x faster at batch 1, 1.5x at 8, even at 16, and 1.5x slower at 32. A model carrying PEFT
+# adapters or integer weights stays native at every size: its torch forward runs the adapters
+# unfolded (~2x slower) or dequantizes every weight at every step.
+AUTO_TORCH_BATCH = 16
+
+
+def _plain_float(model) -> bool:
+    from posttrain.quantized import QuantLinear
+
+    return not hasattr(model, "peft_config") and not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
 def make_rows(model, prompt_ids: list[list[int]], pad_id: int, extra: int, backend: str = "auto"):
     """Rows for these prompts on the chosen backend; `extra` = most tokens any row will add."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto" and len(prompt_ids) >= AUTO_TORCH_BATCH and _plain_float(model):
+        return TorchRows(model, prompt_ids, pad_id)
     if backend != "torch":
         from posttrain.generate.native import native_lm
 

@@ -1,0 +1,41 @@
+"""`backend: auto`: the native decoder for small batches, the torch forward for large batches of a
+plain float model (bench/backend_crossover.py measured where the two cross)."""
+
+import pytest
+import torch
+
+from posttrain.adapters import AdapterConfig, apply_adapter
+from posttrain.generate.backends import AUTO_TORCH_BATCH, NativeRows, TorchRows, make_rows
+from posttrain.generate.native import unsupported_reason
+from posttrain.models import tiny_model
+
+
+@pytest.fixture
+def model(tokenizer):
+    m = tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1).eval()
+    if unsupported_reason(m) is not None:
+        pytest.skip("the native decoder cannot run here")
+    return m
+
+
+def rows(model, n):
+    return make_rows(model, [[1, 2, 3]] * n, pad_id=0, extra=4, backend="auto")
+
+
+def test_auto_switches_to_torch_at_the_measured_batch_size(model):
+    assert isinstance(rows(model, AUTO_TORCH_BATCH - 1), NativeRows)
+    assert isinstance(rows(model, AUTO_TORCH_BATCH), TorchRows)
+    assert isinstance(make_rows(model, [[1, 2, 3]] * AUTO_TORCH_BATCH, 0, 4, backend="native"), NativeRows)
+
+
+def test_adapters_and_integer_weights_stay_native_at_any_batch(model, tokenizer):
+    from posttrain.quantized import QuantSpec
+    from posttrain.compress.quantize import quantize_model
+
+    lora = apply_adapter(model, AdapterConfig(method="lora", r=2))
+    assert isinstance(rows(lora, 4 * AUTO_TORCH_BATCH), NativeRows)
+    int8 = tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1, dtype=torch.bfloat16).eval()
+    quantize_model(int8, QuantSpec(weights="int8", group_size=32))
+    if unsupported_reason(int8) is not None:
+        pytest.skip(f"the native decoder cannot run int8 here: {unsupported_reason(int8)}")
+    assert isinstance(rows(int8, 4 * AUTO_TORCH_BATCH), NativeRows)
