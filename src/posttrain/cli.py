@@ -348,7 +348,8 @@ def cmd_report(args) -> int:
 
 def cmd_eval(args) -> int:
     from posttrain.config import load_yaml
-    from posttrain.eval.report import bar_chart, format_table, write_json_atomic
+    from posttrain.eval.report import bar_chart, format_table
+    from posttrain.fileio import write_json_atomic
     from posttrain.eval.tasks import EvalSpec, run_eval
     from posttrain.models import load_model
 

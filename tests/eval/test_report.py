@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from posttrain.eval.report import bar_chart, format_table, loss_curve, metric_table, read_metrics, write_json_atomic
+from posttrain.eval.report import bar_chart, format_table, loss_curve, metric_table, read_metrics
+from posttrain.fileio import write_json_atomic
 from posttrain.stages import verbs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

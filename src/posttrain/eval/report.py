@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Collection, Sequence
 
 from posttrain.data.formats import read_jsonl
-from posttrain.fileio import atomic_write, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from posttrain.fileio import atomic_write, write_text_atomic
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
