@@ -43,22 +43,17 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def is_pair(example: dict) -> bool:
-    """A preference pair, or an unpaired (KTO) example with its KL row: two sequences, one loss unit."""
-    return is_two_sided(example)
-
-
 def loss_tokens(example: dict) -> int:
     """What the objective's mean is over: positions that predict a loss token (the first
     token is never predicted), or one per preference pair."""
-    if is_pair(example):
+    if is_two_sided(example):
         return 1
     return sum(1 for t in example["labels"][1:] if t != IGNORE)
 
 
 def example_length(example: dict, packing: bool = False) -> int:
     """Tokens an example adds to a batch (a padded pair: two rows of the longer side)."""
-    if is_pair(example):
+    if is_two_sided(example):
         chosen, rejected = two_sided_lengths(example)
         return chosen + rejected if packing else 2 * max(chosen, rejected)
     return len(example["input_ids"])
@@ -95,7 +90,7 @@ def plan_steps(examples: list[dict], cfg: TrainConfig, world: int) -> list[list[
     micro: list[list[int]] = []
     for epoch in range(epochs):
         groups = plan_batches(lengths, shuffle=cfg.shuffle, seed=cfg.seed, epoch=epoch,
-                              **_sizes(cfg, bool(examples) and is_pair(examples[0])))
+                              **_sizes(cfg, bool(examples) and is_two_sided(examples[0])))
         if epoch == epochs - 1 and cfg.epochs < epochs:  # fractional last epoch
             groups = groups[: int(len(groups) * (cfg.epochs - epoch))]
         micro.extend(groups)
@@ -242,7 +237,7 @@ def evaluate_loss(model, objective: Objective, examples: list[dict], cfg: TrainC
     was_training = model.training
     model.eval()
     lengths = [example_length(e, cfg.packing) for e in examples]
-    groups = plan_batches(lengths, shuffle=False, seed=0, epoch=0, **_sizes(cfg, bool(examples) and is_pair(examples[0])))
+    groups = plan_batches(lengths, shuffle=False, seed=0, epoch=0, **_sizes(cfg, bool(examples) and is_two_sided(examples[0])))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for g in groups[accelerator.process_index :: accelerator.num_processes]:
         batch = _to_device(collate([examples[i] for i in g]), accelerator.device)
@@ -339,7 +334,7 @@ def train(
     steps = plan_steps(train_examples, cfg, world)
     total_steps = len(steps)
     n_loss = [loss_tokens(e) for e in train_examples]
-    collate = make_collate(cfg.packing, pad_token_id, tasks, pairs=is_pair(train_examples[0]))
+    collate = make_collate(cfg.packing, pad_token_id, tasks, pairs=is_two_sided(train_examples[0]))
 
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
