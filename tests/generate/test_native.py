@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from posttrain.generate.engine import GenerationConfig, generate
-from posttrain.generate.native import NativeError, native_lm, unsupported_reason
+from posttrain.generate.native import NativeError, amx_available, native_lm, unsupported_reason
 from posttrain.models import tiny_model
 
 _why = unsupported_reason(tiny_model(None, heads=2, kv_heads=1, vocab_size=64))
@@ -208,3 +208,54 @@ def test_bottleneck_adapters_hooks_keep_the_model_on_the_torch_path(tokenizer):
     cfg = dict(max_new_tokens=10, ignore_eos=True)
     auto = generate(model, tokenizer, PROMPTS, GenerationConfig(**cfg))
     assert auto.token_ids == generate(model, tokenizer, PROMPTS, GenerationConfig(backend="torch", **cfg)).token_ids
+
+
+def _amx_models(tokenizer):
+    """bf16 and each integer layout the AMX prefill converts; vocab 80 = an odd number of column blocks."""
+    from posttrain.compress.quantize import quantize_model
+    from posttrain.quantized import QuantSpec
+
+    models = {"bf16": tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1, intermediate=96, seed=3,
+                                 vocab_size=80, dtype=torch.bfloat16).eval()}
+    for name, spec in {"int8": QuantSpec(weights="int8"), "int8-g32": QuantSpec(weights="int8", group_size=32),
+                       "int4-g32": QuantSpec(weights="int4", group_size=32)}.items():
+        model = tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1, intermediate=96, seed=3,
+                           vocab_size=80, dtype=torch.bfloat16).eval()
+        quantize_model(model, spec)
+        models[name] = model
+    return models
+
+
+needs_amx = pytest.mark.skipif(_why is not None or not amx_available(), reason="no AMX tiles on this CPU")
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-g32", "int4-g32"])
+def test_amx_prefill_matches_the_vdpbf16ps_path(tokenizer, kind):
+    model = _amx_models(tokenizer)[kind]
+    lm = native_lm(model, required=True)
+    assert lm.amx
+    lm.allocate(2, 300)
+    # 37 + 262 rows: partial 16-row tiles, a 32-row pair cut short, and a second 256-row chunk
+    ids = torch.randint(0, 80, (299,), generator=torch.Generator().manual_seed(2)).tolist()
+    seq, pos = [0] * 37 + [1] * 262, list(range(37)) + list(range(262))
+    want = lm.forward(ids, seq, pos, list(range(299)))
+    got = lm.forward(ids, seq, pos, list(range(299)), prefill=True)
+    assert not torch.equal(got, want)  # it did take the other path: the rounding order differs
+    assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() > 0.95
+
+
+@needs_amx
+def test_amx_prefill_rows_do_not_depend_on_the_prompts_beside_them(tokenizer):
+    """A prompt prefilled alone or packed with others (also across a 256-row call boundary)
+    gives bit-identical logits, so batched generation still equals serial generation."""
+    from posttrain.generate.backends import NativeRows
+
+    model = _amx_models(tokenizer)["int8"]
+    lm = native_lm(model, required=True)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 80, (n,), generator=gen).tolist() for n in (5, 240, 31, 70)]
+    packed = NativeRows(lm, prompts, 1).start()
+    alone = torch.cat([NativeRows(lm, [p], 1).start() for p in prompts])
+    assert torch.equal(packed, alone)

@@ -88,14 +88,24 @@ class NativeRows:
         self.length = [len(p) for p in prompt_ids]
 
     def start(self) -> torch.Tensor:
-        last = []
+        """Prefill every prompt, packed into calls of up to PREFILL_CHUNK rows across prompts (a
+        row's result does not depend on the rows beside it); the logits of each prompt's last row."""
+        last: list[torch.Tensor] = []
+        flat, seq, pos, out = [], [], [], []
+
+        def run() -> None:
+            if flat:
+                last.append(self.lm.forward(flat, seq, pos, out, prefill=True))
+                flat.clear(), seq.clear(), pos.clear(), out.clear()
+
         for s, p in enumerate(self.prompts):
-            for a in range(0, len(p), PREFILL_CHUNK):
-                chunk = p[a:a + PREFILL_CHUNK]
-                final = a + PREFILL_CHUNK >= len(p)
-                logits = self.lm.forward(chunk, [s] * len(chunk), list(range(a, a + len(chunk))),
-                                         [len(chunk) - 1] if final else [])
-            last.append(logits)
+            for i, token in enumerate(p):
+                flat.append(token), seq.append(s), pos.append(i)
+                if i == len(p) - 1:
+                    out.append(len(flat) - 1)
+                if len(flat) == PREFILL_CHUNK:
+                    run()
+        run()
         return torch.cat(last)
 
     def extend(self, tokens: list[list[int]]) -> torch.Tensor:

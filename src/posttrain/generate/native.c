@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 typedef struct {
     int dtype; /* 0 fp32, 1 bf16: weights, cache and matmul inputs */
@@ -250,6 +252,139 @@ static void matmul(int dt, const void *W, const float *bias, const void *X, floa
     }
 }
 
+/* ------------------------------------------------------------------ AMX prefill matmul */
+
+/* Prefill is matrix-matrix work: the vdpbf16ps tiles above reach ~0.18 TFLOP/s on 2 cores where
+ * oneDNN's AMX GEMM reaches ~2.7. On CPUs with AMX, calls flagged as prefill run every matmul
+ * here: C[16x16 fp32] += A[16 rows x 32 k] . B[32 k x 16 cols] tiles, two row tiles by two
+ * column blocks per pass. The packed bf16 layout [N/16][K/2][16][2] is already AMX's B layout
+ * (16 k-pairs x 16 columns x 2 per 1 KB tile); integer weights are converted block by block to
+ * it (exact in bf16), accumulated per quantization group, then scaled as in tile_q.
+ * Rows are still independent: a row's sum runs over the same k tiles in the same order whatever
+ * rows share the call, so a prompt's prefill does not depend on its neighbours. It differs from
+ * the vdpbf16ps path in rounding order only; decode steps and draft verification never come here. */
+#define AMX_CHUNK 256 /* input rows per pass: the chunk stays in L2 while every weight block streams by */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+
+#ifndef SYS_arch_prctl
+#define SYS_arch_prctl 158
+#endif
+
+/* Linux hands out the AMX tile state only on request; 0 when this process may use it */
+int pt_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */); }
+
+/* the 16 x 16 fp32 tile `c` of row tile r and column block j into Y (bias, scale, accumulate) */
+static inline void amx_emit(const float *c, float *Y, int ldy, int row0, int rows, int col0, int valid,
+                            const float *bias, int accumulate) {
+    const __mmask16 mask = (__mmask16)((1u << valid) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col0) : _mm512_setzero_ps();
+    for (int i = 0; i < rows; i++) {
+        float *y = Y + (long)(row0 + i) * ldy + col0;
+        __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + i * 16), bv);
+        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, y));
+        _mm512_mask_storeu_ps(y, mask, v);
+    }
+}
+
+/* tot (+)= c * scale[j] (+ xsum[row, g] * minimum[j]) for one group g of a quantized block */
+static inline void amx_scale(float *tot, const float *c, int first, const uint16_t *sc, const uint16_t *mn,
+                             const float *xsum, int ng, int g, int row0) {
+    const __m512 s = f16x16(sc);
+    for (int i = 0; i < 16; i++) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(c + i * 16), s);
+        if (mn) v = _mm512_fmadd_ps(_mm512_set1_ps(xsum[(long)(row0 + i) * ng + g]), f16x16(mn), v);
+        if (!first) v = _mm512_add_ps(v, _mm512_loadu_ps(tot + i * 16));
+        _mm512_storeu_ps(tot + i * 16, v);
+    }
+}
+
+/* Y[m, n] (+)= X[m, :] . W[n, :] + bias[n] with AMX; X bf16 [M, K] with at least 32 readable rows
+ * past M (their results are dropped), K % 32 == 0; wbuf: this thread's 2 * 16 * K bf16 scratch. */
+AMX_TARGET static void matmul_amx(const void *W, const float *bias, const uint16_t *X, float *Y, int ldy, int M,
+                                  int N, int K, int accumulate, Quant q, float *xsum, uint16_t *wbuf) {
+    const int nb = (N + 15) / 16, group = q.group ? q.group : K, ng = K / group, gt = group / 32;
+    const int bytes = q.wt == 2 ? 32 : 16; /* bytes of one k-pair row of 16 columns */
+    const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150,
+                                           0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
+                                           0x4040, 0x4000, 0x3F80, 0x0000);
+    if (q.wt == 3) group_sums(X, xsum, M, K, group);
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    float c[4][256], tot[4][256];
+    for (int mc = 0; mc < M; mc += AMX_CHUNK) {
+        const int mend = M - mc < AMX_CHUNK ? M : mc + AMX_CHUNK;
+#pragma omp for schedule(static)
+        for (int bp = 0; bp < (nb + 1) / 2; bp++) {
+            const int b0 = 2 * bp, two = b0 + 1 < nb;
+            const uint16_t *B[2] = {NULL, NULL};
+            for (int j = 0; j <= two; j++) {
+                if (!q.wt) {
+                    B[j] = (const uint16_t *)W + (long)(b0 + j) * 16 * K;
+                    continue;
+                }
+                const uint8_t *w = (const uint8_t *)W + (long)(b0 + j) * 16 * K / (q.wt == 3 ? 2 : 1);
+                uint16_t *dst = wbuf + (long)j * 16 * K;
+                for (int p = 0; p < K / 2; p++)
+                    _mm512_storeu_si512(dst + (long)p * 32, (__m512i)(q.wt == 2 ? i8x32_to_bf16((const int8_t *)w + (long)p * bytes)
+                                                                                : u4x32_to_bf16(w + (long)p * bytes, table)));
+                B[j] = dst;
+            }
+            for (int m0 = mc; m0 < mend; m0 += 32) {
+                const int two_rows = m0 + 16 < mend;
+                for (int g = 0; g < ng; g++) {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int kt = g * gt; kt < (g + 1) * gt; kt++) {
+                        _tile_loadd(4, X + (long)m0 * K + kt * 32, K * 2);
+                        _tile_loadd(6, B[0] + (long)kt * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        if (two_rows) {
+                            _tile_loadd(5, X + (long)(m0 + 16) * K + kt * 32, K * 2);
+                            _tile_dpbf16ps(2, 5, 6);
+                        }
+                        if (two) {
+                            _tile_loadd(7, B[1] + (long)kt * 512, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                            if (two_rows) _tile_dpbf16ps(3, 5, 7);
+                        }
+                    }
+                    _tile_stored(0, c[0], 64);
+                    _tile_stored(1, c[1], 64);
+                    _tile_stored(2, c[2], 64);
+                    _tile_stored(3, c[3], 64);
+                    if (!q.wt) break;
+                    for (int t = 0; t < 4; t++) {
+                        const int j = t & 1, b = b0 + j;
+                        if ((j && !two) || ((t >> 1) && !two_rows)) continue;
+                        amx_scale(tot[t], c[t], g == 0, q.sc + (long)b * 16 * ng + g * 16,
+                                  q.mn ? q.mn + (long)b * 16 * ng + g * 16 : NULL, xsum, ng, g, m0 + (t >> 1) * 16);
+                    }
+                }
+                for (int t = 0; t < 4; t++) {
+                    const int j = t & 1, r = t >> 1, row0 = m0 + r * 16, col0 = (b0 + j) * 16;
+                    if ((j && !two) || (r && !two_rows)) continue;
+                    const int rows = mend - row0 < 16 ? mend - row0 : 16;
+                    amx_emit(q.wt ? tot[t] : c[t], Y, ldy, row0, rows, col0, N - col0 < 16 ? N - col0 : 16, bias,
+                             accumulate);
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
 /* ------------------------------------------------------------------ layers */
 
 /* out[m] = x[m] / rms(x[m]) * w, in the model dtype (the next matmul's input) */
@@ -381,8 +516,9 @@ static void to_input(int dt, const float *src, void *dst, int M, int n) {
 #define QUANT(name) ((Quant){md->wtype, md->qgroup, md->wtype ? md->s##name[l] : NULL, \
                               md->wtype == 3 ? md->m##name[l] : NULL})
 
+/* amx: run the matmuls with AMX (prefill; the caller checked pt_amx_init and dtype bf16) */
 int pt_forward(const Model *md, int M, const int64_t *tokens, const int *seq, const int *pos, int n_out,
-               const int *out_rows, float *logits) {
+               const int *out_rows, float *logits, int amx) {
     const int H = md->hidden, I = md->inter, hd = md->head_dim, dt = md->dtype;
     const int q_w = md->n_heads * hd, qkv_w = q_w + 2 * md->n_kv * hd;
     const size_t es = dt ? 2 : 4;
@@ -397,16 +533,26 @@ int pt_forward(const Model *md, int M, const int64_t *tokens, const int *seq, co
     float *x = malloc(sizeof(float) * (size_t)M * H);
     float *tmp = malloc(sizeof(float) * (size_t)M * (H > q_w ? H : q_w));
     float *big = malloc(sizeof(float) * (size_t)M * wide);
-    void *in = malloc(es * (size_t)M * in_w);
+    void *in = calloc((size_t)(M + 32) * in_w, es); /* AMX reads whole 16-row tiles past M */
     int nt = md->n_threads > 0 ? md->n_threads : 1;
     float *scores = malloc(sizeof(float) * (size_t)nt * md->max_len);
     float *xo = malloc(sizeof(float) * (size_t)(n_out > 0 ? n_out : 1) * H);
     /* int4 group sums: the widest input (I) over the smallest group */
-    float *xsum = malloc(sizeof(float) * (size_t)(M > n_out ? M : n_out) * (md->qgroup ? in_w / md->qgroup + 1 : 1));
-    if (!x || !tmp || !big || !in || !scores || !xo || !xsum) {
-        free(x); free(tmp); free(big); free(in); free(scores); free(xo); free(xsum);
+    float *xsum = malloc(sizeof(float) * (size_t)(M + 32) * (md->qgroup ? in_w / md->qgroup + 1 : 1));
+    amx = amx && dt;
+    uint16_t *wbuf = amx ? malloc(sizeof(uint16_t) * (size_t)nt * 2 * 16 * in_w) : NULL;
+    if (!x || !tmp || !big || !in || !scores || !xo || !xsum || (amx && !wbuf)) {
+        free(x); free(tmp); free(big); free(in); free(scores); free(xo); free(xsum); free(wbuf);
         return 4;
     }
+#define MATMUL(W, b, X, Y, ldy, M_, N, K, acc, q)                                                              \
+    do {                                                                                                       \
+        if (amx)                                                                                               \
+            matmul_amx(W, b, (const uint16_t *)(X), Y, ldy, M_, N, K, acc, q, xsum,                             \
+                       wbuf + (long)omp_get_thread_num() * 2 * 16 * in_w);                                     \
+        else                                                                                                   \
+            matmul(dt, W, b, X, Y, ldy, M_, N, K, acc, q, xsum);                                               \
+    } while (0)
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
@@ -424,22 +570,22 @@ int pt_forward(const Model *md, int M, const int64_t *tokens, const int *seq, co
         }
         for (int l = 0; l < md->n_layers; l++) {
             rmsnorm(dt, x, md->attn_norm[l], md->eps, in, M, H, tmp);
-            matmul(dt, md->wqkv[l], md->bqkv[l], in, big, qkv_w, M, qkv_w, H, 0, QUANT(qkv), xsum);
+            MATMUL(md->wqkv[l], md->bqkv[l], in, big, qkv_w, M, qkv_w, H, 0, QUANT(qkv));
             store_kv(md, l, big, seq, pos, M);
             attention(md, l, big, seq, pos, M, tmp, scores);
             to_input(dt, tmp, in, M, q_w);
-            matmul(dt, md->wo[l], md->bo[l], in, x, H, M, H, q_w, 1, QUANT(o), xsum);
+            MATMUL(md->wo[l], md->bo[l], in, x, H, M, H, q_w, 1, QUANT(o));
             rmsnorm(dt, x, md->mlp_norm[l], md->eps, in, M, H, tmp);
-            matmul(dt, md->wgu[l], md->bgu[l], in, big, 2 * I, M, 2 * I, H, 0, QUANT(gu), xsum);
+            MATMUL(md->wgu[l], md->bgu[l], in, big, 2 * I, M, 2 * I, H, 0, QUANT(gu));
             swiglu(dt, big, in, M, I);
-            matmul(dt, md->wdown[l], md->bdown[l], in, x, H, M, H, I, 1, QUANT(down), xsum);
+            MATMUL(md->wdown[l], md->bdown[l], in, x, H, M, H, I, 1, QUANT(down));
         }
 #pragma omp for schedule(static)
         for (int r = 0; r < n_out; r++) memcpy(xo + (long)r * H, x + (long)out_rows[r] * H, sizeof(float) * H);
         rmsnorm(dt, xo, md->final_norm, md->eps, in, n_out, H, tmp);
         const Quant hq = {md->head_wtype, 0, md->head_scale, NULL};
-        matmul(dt, md->head, NULL, in, logits, md->vocab, n_out, md->vocab, H, 0, hq, xsum);
+        MATMUL(md->head, NULL, in, logits, md->vocab, n_out, md->vocab, H, 0, hq);
     }
-    free(x); free(tmp); free(big); free(in); free(scores); free(xo); free(xsum);
+    free(x); free(tmp); free(big); free(in); free(scores); free(xo); free(xsum); free(wbuf);
     return 0;
 }

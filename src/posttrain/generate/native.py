@@ -78,8 +78,18 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     lib.pt_forward.restype = ctypes.c_int
     lib.pt_forward.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.pt_amx_init.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def amx_available() -> bool:
+    """Whether prefill may run its matmuls on AMX tiles: the CPU has them, Linux granted this
+    process the tile state, and POSTTRAIN_AMX is not 0."""
+    if os.environ.get("POSTTRAIN_AMX", "1") == "0" or not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return False
+    return library().pt_amx_init() == 0
 
 
 class _Model(ctypes.Structure):
@@ -346,6 +356,9 @@ class NativeLM:
         self.n_seq = 0
         self.max_len = 0
         self.lib = library()
+        q_w = self.n_heads * self.head_dim
+        self.amx = (self.dtype == torch.bfloat16 and amx_available()
+                    and not (cfg.hidden_size % 32 or cfg.intermediate_size % 32 or q_w % 32))
 
     def allocate(self, n_seq: int, max_len: int) -> None:
         """Room for `n_seq` sequences of up to `max_len` tokens; cache contents are not kept."""
@@ -370,8 +383,13 @@ class NativeLM:
         self.struct = m
         self.n_seq, self.max_len = n_seq, max_len
 
-    def forward(self, tokens: list[int], seq: list[int], pos: list[int], out_rows: list[int]) -> torch.Tensor:
-        """Run rows (token, sequence, position); K/V land in the cache; fp32 logits of `out_rows`."""
+    def forward(self, tokens: list[int], seq: list[int], pos: list[int], out_rows: list[int],
+                prefill: bool = False) -> torch.Tensor:
+        """Run rows (token, sequence, position); K/V land in the cache; fp32 logits of `out_rows`.
+
+        `prefill`: prompt rows, whose matmuls run on AMX tiles where `self.amx` (~10x the vdpbf16ps
+        kernels on 2 cores); decode steps and draft verification keep the vdpbf16ps path, so a
+        verified draft still matches single steps bit for bit."""
         if not tokens:
             raise ValueError("forward needs at least one row")
         if max(pos) >= self.max_len:
@@ -382,7 +400,8 @@ class NativeLM:
         rows = torch.tensor(out_rows, dtype=torch.int32)
         logits = torch.empty((len(out_rows), self.vocab), dtype=torch.float32)
         code = self.lib.pt_forward(ctypes.byref(self.struct), len(tokens), tok.data_ptr(), seq_t.data_ptr(),
-                                   pos_t.data_ptr(), len(out_rows), rows.data_ptr(), logits.data_ptr())
+                                   pos_t.data_ptr(), len(out_rows), rows.data_ptr(), logits.data_ptr(),
+                                   int(prefill and self.amx))
         if code:
             raise ValueError({1: f"a token id is outside the vocabulary of {self.vocab}",
                               2: "a sequence index or position is outside the allocated cache",
