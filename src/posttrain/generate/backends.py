@@ -95,7 +95,7 @@ class NativeRows:
 
         def run() -> None:
             if flat:
-                last.append(self.lm.forward(flat, seq, pos, out, prefill=True))
+                last.append(self.lm.forward(flat, seq, pos, out))
                 flat.clear(), seq.clear(), pos.clear(), out.clear()
 
         for s, p in enumerate(self.prompts):

@@ -8,6 +8,8 @@ through one function whose per-row results do not depend on the rows beside them
 Plain LoRA adapters (PEFT) are folded into that packed copy (W + scale·B·A, rounded
 once to the base dtype, as a merge would), so a LoRA model under training decodes as
 fast as its base and is itself left untouched: still trainable, same weights.
+On CPUs with AMX (and bf16 weights) every matmul runs on AMX tiles: prefill ~5x faster on
+2 cores, decode as fast at batch 1 and 4x faster at 100 rows.
 
 The C file is compiled on first use with the system C compiler into the posttrain
 cache (one .so per source/flags/compiler; atomic publish). Where that is not
@@ -85,7 +87,7 @@ def library() -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=1)
 def amx_available() -> bool:
-    """Whether prefill may run its matmuls on AMX tiles: the CPU has them, Linux granted this
+    """Whether the native matmuls may run on AMX tiles: the CPU has them, Linux granted this
     process the tile state, and POSTTRAIN_AMX is not 0."""
     if os.environ.get("POSTTRAIN_AMX", "1") == "0" or not {"amx_tile", "amx_bf16"} <= cpu_flags():
         return False
@@ -383,13 +385,13 @@ class NativeLM:
         self.struct = m
         self.n_seq, self.max_len = n_seq, max_len
 
-    def forward(self, tokens: list[int], seq: list[int], pos: list[int], out_rows: list[int],
-                prefill: bool = False) -> torch.Tensor:
+    def forward(self, tokens: list[int], seq: list[int], pos: list[int], out_rows: list[int]) -> torch.Tensor:
         """Run rows (token, sequence, position); K/V land in the cache; fp32 logits of `out_rows`.
 
-        `prefill`: prompt rows, whose matmuls run on AMX tiles where `self.amx` (~10x the vdpbf16ps
-        kernels on 2 cores); decode steps and draft verification keep the vdpbf16ps path, so a
-        verified draft still matches single steps bit for bit."""
+        Where `self.amx`, every call's matmuls run on AMX tiles (as fast as the vdpbf16ps kernels
+        at batch 1 and 4x faster at 100 rows on one core): one path for every call, so a verified
+        draft still matches single steps bit for bit.
+        """
         if not tokens:
             raise ValueError("forward needs at least one row")
         if max(pos) >= self.max_len:
@@ -401,7 +403,7 @@ class NativeLM:
         logits = torch.empty((len(out_rows), self.vocab), dtype=torch.float32)
         code = self.lib.pt_forward(ctypes.byref(self.struct), len(tokens), tok.data_ptr(), seq_t.data_ptr(),
                                    pos_t.data_ptr(), len(out_rows), rows.data_ptr(), logits.data_ptr(),
-                                   int(prefill and self.amx))
+                                   int(self.amx))
         if code:
             raise ValueError({1: f"a token id is outside the vocabulary of {self.vocab}",
                               2: "a sequence index or position is outside the allocated cache",
