@@ -1,5 +1,6 @@
 """`backend: auto`: the native decoder for small batches, the torch forward for large batches of a
-plain float model (bench/backend_crossover.py measured where the two cross)."""
+plain float model unless the native matmuls run on AMX (bench/backend_crossover.py measured where
+the two cross)."""
 
 import pytest
 import torch
@@ -24,8 +25,20 @@ def rows(model, n):
 
 def test_auto_switches_to_torch_at_the_measured_batch_size(model):
     assert isinstance(rows(model, AUTO_TORCH_BATCH - 1), NativeRows)
-    assert isinstance(rows(model, AUTO_TORCH_BATCH), TorchRows)
+    assert isinstance(rows(model, AUTO_TORCH_BATCH), TorchRows)  # fp32: no AMX path
     assert isinstance(make_rows(model, [[1, 2, 3]] * AUTO_TORCH_BATCH, 0, 4, backend="native"), NativeRows)
+
+
+def test_auto_keeps_a_bf16_model_native_at_any_batch_where_amx_runs_its_matmuls(model, monkeypatch):
+    import posttrain.generate.native as native
+
+    bf16 = model.to(torch.bfloat16)
+    if unsupported_reason(bf16) is not None:
+        pytest.skip(f"the native bf16 decoder cannot run here: {unsupported_reason(bf16)}")
+    monkeypatch.setattr(native, "amx_available", lambda: True)
+    assert isinstance(rows(bf16, 4 * AUTO_TORCH_BATCH), NativeRows)
+    monkeypatch.setattr(native, "amx_available", lambda: False)
+    assert isinstance(rows(bf16, AUTO_TORCH_BATCH), TorchRows)
 
 
 def test_adapters_and_integer_weights_stay_native_at_any_batch(model, tokenizer):

@@ -127,12 +127,13 @@ class NativeRows:
         self.length = [length - n for length in self.length]
 
 
-# `auto` hands batches of this many rows or more to the torch forward: a decode step there is
-# compute-bound and oneDNN's GEMM beats the native mat-vec kernels. Measured by
-# bench/backend_crossover.py (default model, bf16, 2-core AMX Xeon, 32 new tokens): native is
-# 2.8x faster at batch 1, 1.5x at 8, even at 16, and 1.5x slower at 32. A model carrying PEFT
-# adapters or integer weights stays native at every size: its torch forward runs the adapters
-# unfolded (~2x slower) or dequantizes every weight at every step.
+# `auto` hands batches of this many rows or more to the torch forward on CPUs without AMX: there
+# a decode step is compute-bound and oneDNN's GEMM beats the native vdpbf16ps kernels. Measured
+# by bench/backend_crossover.py (default model, bf16, 2-core Xeon, 32 new tokens): without AMX
+# native is 2.8x faster at batch 1, even at 16, 1.5x slower at 32. With AMX the native matmuls
+# run on AMX tiles and stay ahead at every size (1 thread: 2.5x at 1, 3.2x at 16, 1.6x at 50).
+# A model carrying PEFT adapters or integer weights stays native at every size: its torch
+# forward runs the adapters unfolded (~2x slower) or dequantizes every weight at every step.
 AUTO_TORCH_BATCH = 16
 
 
@@ -146,10 +147,12 @@ def make_rows(model, prompt_ids: list[list[int]], pad_id: int, extra: int, backe
     """Rows for these prompts on the chosen backend; `extra` = most tokens any row will add."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "auto" and len(prompt_ids) >= AUTO_TORCH_BATCH and _plain_float(model):
+    from posttrain.generate.native import amx_available, native_lm
+
+    if backend == "auto" and len(prompt_ids) >= AUTO_TORCH_BATCH and _plain_float(model) and not (
+            amx_available() and next(model.parameters()).dtype == torch.bfloat16):
         return TorchRows(model, prompt_ids, pad_id)
     if backend != "torch":
-        from posttrain.generate.native import native_lm
 
         lm = native_lm(model, required=backend == "native")
         if lm is not None:

@@ -91,7 +91,10 @@ def amx_available() -> bool:
     process the tile state, and POSTTRAIN_AMX is not 0."""
     if os.environ.get("POSTTRAIN_AMX", "1") == "0" or not {"amx_tile", "amx_bf16"} <= cpu_flags():
         return False
-    return library().pt_amx_init() == 0
+    try:
+        return library().pt_amx_init() == 0
+    except NativeError:  # no compiler: the native decoder is unavailable altogether, and says so there
+        return False
 
 
 class _Model(ctypes.Structure):
