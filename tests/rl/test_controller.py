@@ -127,6 +127,11 @@ def test_ray_backend_gives_the_local_result(rl_setup, ray_cluster, stage):
     ({"algo": {"advantage": "nope"}}, "unknown estimator 'nope'"),
     ({"backend": "slurm"}, "backend"),
     ({"reward": {"type": "lenght"}}, "invalid reward"),
+    ({"algo": {"policy_loss": "grpo"}}, "algo.policy_loss: unknown loss 'grpo'"),
+    ({"algo": {"loss_agg": "seq-sum"}}, "loss_agg"),
+    ({"algo": {"overlong_buffer": 500}}, "longer than rollout.max_new_tokens"),
+    ({"algo": {"mis_threshold": 0.5}}, "mis_threshold"),
+    ({"stage": "ppo", "rollout": {"dynamic_sampling": True}}, "needs groups"),
 ])
 def test_bad_rl_configs_name_the_field(extra, message):
     raw = {"data": {"prompts": "p.jsonl"}, "reward": {"type": "verifier"}}
@@ -162,3 +167,59 @@ def test_skipping_the_old_logprob_pass_changes_nothing_on_policy(rl_setup):
         for key in ("reward", "kl", "loss", "actor/grad_norm", "drift/mean_abs"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
     assert rl_setup("ppo", 1).recompute_old_logp  # several updates per batch need them fixed
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("dapo", {"algo": {"clip_high": 0.28, "overlong_buffer": 1}, "rollout": {"dynamic_sampling": True}}),
+    ("dr_grpo", {"algo": {"scale_by_std": False, "loss_agg": "seq-mean-token-sum-norm"}}),
+    ("gspo", {"algo": {"policy_loss": "gspo", "loss_agg": "seq-mean-token-mean", "clip": 0.02, "clip_high": 0.03}}),
+    ("cispo", {"algo": {"policy_loss": "cispo", "clip_high": 0.28}}),
+    ("reinforce_pp", {"algo": {"advantage": "reinforce_pp", "kl_in": "reward"}}),
+    ("masked_is", {"algo": {"mis_threshold": 2.0, "tis_cap": 2.0}}),
+])
+def test_grpo_loss_variants_raise_the_reward(rl_setup, name, extra):
+    cfg = rl_setup("grpo", 20, output_dir=f"{rl_setup('grpo', 1).output_dir}-{name}", **extra)
+    manifest = run_rl(cfg)
+    first, last = manifest["outputs"]["reward_first5"], manifest["outputs"]["reward_last5"]
+    assert last > first + 0.1, (name, first, last)
+    rows = _rows(cfg)
+    if name == "dapo":
+        assert all(0 <= r["dynamic_sampling/kept_share"] <= 1 for r in rows)
+        assert rows[0]["dynamic_sampling/kept_share"] > 0
+        # a round that kept every group it drew needed no refill
+        assert all(r["dynamic_sampling/rounds"] == 1 for r in rows if r["dynamic_sampling/kept_share"] == 1)
+        assert any(r["dynamic_sampling/rounds"] > 1 for r in rows)  # as the policy agrees, groups get dropped
+        assert all(r["overlong_penalty"] < 0 for r in rows)  # 3-token replies always hit the 1-token buffer
+    if name == "masked_is":
+        assert all(r["mis/masked_share"] == 0 for r in rows)  # fp32: the rollout copy is the trainer
+
+
+def test_dynamic_sampling_drops_groups_that_agree_and_refills():
+    from posttrain.rl.controller import Groups, prompt_batch, sample_scored
+
+    class Stub:
+        """Generates one token per row; group g scores all-equal unless g is odd."""
+
+        def call(self, method, batch, seed=None):
+            n = len(batch)
+            if method == "generate":
+                return Batch({"mask": torch.ones(n, 1), "rollout_logp": torch.zeros(n, 1)},
+                             {"prompt_ids": [[1]] * n, "response_ids": [[2]] * n, "response": ["x"] * n})
+            g = batch["group"]
+            return Batch({"scores": torch.where(g % 2 == 1, torch.arange(n) % 2, 0).float()})
+
+    stub = Stub()
+    cfg = RLConfig.model_validate({"data": {"prompts": "p.jsonl"}, "reward": {"type": "verifier"},
+                                   "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "dynamic_sampling": True,
+                                               "max_sampling_rounds": 5}})
+    records = [{"prompt": f"q{i}"} for i in range(2)]
+    drawn = [0]
+
+    def refill():
+        drawn[0] += 2
+        return prompt_batch(records, 2, first_group=drawn[0])
+
+    batch, m = sample_scored(Groups(stub, stub, stub, None), cfg, prompt_batch(records, 2), seed=0, refill=refill)
+    # groups 0,1 then 2,3: the odd ones (1, 3) disagree and are kept; two rounds were enough
+    assert sorted(set(batch["group"].tolist())) == [1, 3] and len(batch) == 4
+    assert m["dynamic_sampling/rounds"] == 2 and m["dynamic_sampling/kept_share"] == 0.5

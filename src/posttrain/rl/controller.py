@@ -19,7 +19,7 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -147,13 +147,16 @@ def per_row(flat: Tensor, response_ids: list[list[int]], group: list[int]) -> li
 
 
 def minibatch_updates(model, objective, batch: Batch, fields: tuple[str, ...], algo, train_cfg, optimizer, scheduler,
-                      acc, seed: int) -> list[dict]:
+                      acc, seed: int, max_len: int | None = None) -> list[dict]:
     """algo.epochs passes of algo.minibatches optimizer steps over a rollout batch.
 
     Each step's rows are packed into micro-batches of at most train_cfg.max_tokens tokens, the
-    per-token `fields` of the batch flattened in label order beside them; the objective's
-    metrics come back token-weighted, one row per step, with the loss and gradient norm.
+    per-token `fields` of the batch flattened in label order beside them, with `rows` (each
+    token's row in the step) and `agg_weight` (algo.loss_agg over the step's rows; `max_len`
+    normalises seq-mean-token-sum-norm); the objective's metrics come back token-weighted, one
+    row per step, with the loss and gradient norm.
     """
+    from posttrain.rl.algorithms import aggregation_weights
     from posttrain.train.loop import optimizer_step
 
     model.train()
@@ -167,11 +170,15 @@ def minibatch_updates(model, objective, batch: Batch, fields: tuple[str, ...], a
                 continue
             sub = batch.index(sorted(part))
             mask = sub["mask"].bool()
+            extra = {"agg_weight": aggregation_weights(sub["mask"], getattr(algo, "loss_agg", "token-mean"), max_len),
+                     "rows": torch.arange(len(sub), dtype=torch.float32)[:, None].expand(mask.shape)}
             micro = []
             for group, mb in packed_groups(sub["prompt_ids"], sub["response_ids"], train_cfg.max_tokens):
                 for key in fields:
                     if key in sub.tensors:
                         mb[key] = sub[key][group][mask[group]].float()
+                for key, value in extra.items():
+                    mb[key] = value[group][mask[group]]
                 micro.append(mb)
             n_tokens = int(mask.sum())
             seen: list[dict] = []
@@ -202,6 +209,9 @@ class RolloutSettings(Strict):
     top_k: int = Field(0, ge=0)
     greedy: bool = Field(False, description="greedy rollouts (benchmarks; no exploration)")
     decoding: Literal["plain", "sam"] = Field("plain", description="sam: SAM speculative decoding, lossless")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop prompts whose samples all got the same reward "
+                                                      "and sample more prompts to refill the step")
+    max_sampling_rounds: int = Field(3, gt=0, description="dynamic sampling: rollout rounds per step at most")
 
 
 class AlgoSettings(Strict):
@@ -210,7 +220,13 @@ class AlgoSettings(Strict):
     kl_target: float | None = Field(None, gt=0, description="adaptive KL: the per-sequence KL to track (PPO)")
     kl_estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="default: k1 in the reward, k3 in the loss")
     kl_in: Literal["reward", "loss"] | None = Field(None, description="default: PPO/RLOO reward, GRPO loss")
-    clip: float = Field(0.2, gt=0)
+    policy_loss: str = Field("ppo", description="from rl.algorithms.POLICY_LOSSES: ppo (clipped surrogate), gspo "
+                                                "(sequence-level ratio), cispo (clipped, detached IS weight)")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="token-mean (DAPO), seq-mean-token-mean (GRPO paper), seq-mean-token-sum-norm "
+                                  "(Dr. GRPO, over rollout.max_new_tokens)")
+    clip: float = Field(0.2, gt=0, description="eps_low: the ratio's lower clip is 1 - clip")
+    clip_high: float | None = Field(None, gt=0, description="eps_high (DAPO clip-higher, e.g. 0.28); default: clip")
     value_clip: float = Field(0.2, gt=0)
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
@@ -221,6 +237,12 @@ class AlgoSettings(Strict):
     minibatches: int = Field(1, gt=0, description="optimizer steps per pass")
     tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling: weight tokens by "
                                                            "min(p_trainer/p_rollout, cap)")
+    mis_threshold: float | None = Field(None, gt=1, description="masked importance sampling: drop sequences whose "
+                                                                "geometric-mean p_trainer/p_rollout is beyond "
+                                                                "[1/t, t]")
+    overlong_buffer: int | None = Field(None, gt=0, description="DAPO overlong shaping: the last N tokens before "
+                                                                "rollout.max_new_tokens cost up to overlong_factor")
+    overlong_factor: float = Field(1.0, ge=0)
     recompute_old_logp: bool | None = Field(
         None, description="a separate no-grad pass for the trainer's log-probs before the update; default: only "
                           "where they are needed (several updates per batch, TIS, KL in the reward). Otherwise "
@@ -272,6 +294,17 @@ class RLConfig(StageConfig):
         from posttrain.rl.rewards import parse_reward_config
 
         parse_reward_config(self.reward, source="reward")
+        from posttrain.rl.algorithms import POLICY_LOSSES
+
+        if self.algo.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"algo.policy_loss: unknown loss {self.algo.policy_loss!r}; "
+                             f"registered: {', '.join(sorted(POLICY_LOSSES))}")
+        if self.algo.overlong_buffer is not None and self.algo.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"algo.overlong_buffer: {self.algo.overlong_buffer} is longer than "
+                             f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        if self.rollout.dynamic_sampling and self.stage == "ppo":
+            raise ValueError("rollout.dynamic_sampling: drops prompts whose samples agree, which needs groups "
+                             "(grpo or rloo)")
         if self.algo.advantage is not None and self.algo.advantage not in ADVANTAGES:
             raise ValueError(f"algo.advantage: unknown estimator {self.algo.advantage!r}; "
                              f"registered: {', '.join(sorted(ADVANTAGES))}")
@@ -292,7 +325,8 @@ class RLConfig(StageConfig):
         a = self.algo
         if a.recompute_old_logp is not None:
             return a.recompute_old_logp
-        return a.epochs * a.minibatches > 1 or a.tis_cap is not None or self.kl_in == "reward"
+        return (a.epochs * a.minibatches > 1 or a.tis_cap is not None or a.mis_threshold is not None
+                or self.kl_in == "reward")
 
     @property
     def logprob_temperature(self) -> float:
@@ -417,13 +451,14 @@ class ActorWorker:
             logp = label_token_logps(model, mb, temp)
             # on-policy, one update: the trainer's log-probs before the step are this forward's own
             old = mb["old_logp"] if "old_logp" in mb else logp.detach()
-            loss, m = policy_loss(logp, old, mb["adv"], torch.ones_like(logp), a.clip, mb.get("is_weight"))
+            weight = mb["agg_weight"] * mb["is_weight"] if "is_weight" in mb else mb["agg_weight"]
+            loss, m = policy_loss(a.policy_loss, logp, old, mb["adv"], mb["rows"], a, weight)
             if "old_logp" not in mb:
                 drift = (logp.detach() - mb["rollout_logp"]).abs()
                 m["drift_mean_abs"] = drift.mean().item()
                 drift_max[0] = max(drift_max[0], drift.max().item())
             if kl_in_loss:
-                kl = kl_estimate(logp, mb["ref_logp"], cfg.kl_estimator).mean()
+                kl = (kl_estimate(logp, mb["ref_logp"], cfg.kl_estimator) * mb["agg_weight"]).mean()
                 loss = loss + kl_coef * kl
                 m["kl_loss"] = kl.item()
             m.update(loss=loss.item(), loss_tokens=logp.numel())
@@ -431,7 +466,7 @@ class ActorWorker:
 
         fields = ("old_logp", "adv", "ref_logp", "is_weight", "rollout_logp")
         history = minibatch_updates(self.model, objective, batch, fields, a, cfg.train, self.optimizer,
-                                    self.scheduler, self.acc, cfg.train.seed)
+                                    self.scheduler, self.acc, cfg.train.seed, cfg.rollout.max_new_tokens)
         out = {f"actor/{k}": sum(h[k] for h in history) / len(history) for k in history[0] if k != "drift_mean_abs"}
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         if "old_logp" not in batch.tensors:
@@ -608,36 +643,94 @@ def build_groups(cfg: RLConfig, threads: int | None = None) -> Groups:
 
 def add_advantages(batch: Batch, cfg: RLConfig, kl_coef: float) -> tuple[Batch, dict]:
     """Token rewards (KL in the reward), advantages and returns; also the drift/TIS weights."""
-    from posttrain.rl.algorithms import compute_advantages, kl_estimate, masked_mean, token_rewards
+    from posttrain.rl.algorithms import (compute_advantages, kl_estimate, masked_mean, mis_mask, overlong_penalty,
+                                         tis_weights, token_rewards)
 
     mask = batch["mask"]
     # the trainer's log-probs where a pass computed them, else the sampler's (equal up to drift)
     logp = batch["old_logp"] if "old_logp" in batch.tensors else batch["rollout_logp"]
     kl_k1 = kl_estimate(logp, batch["ref_logp"], "k1") * mask
     in_reward = kl_coef if cfg.kl_in == "reward" else 0.0
-    data = {"scores": batch["scores"], "mask": mask, "group": batch["group"]}
+    a = cfg.algo
+    scores = batch["scores"]
+    metrics = {}
+    if a.overlong_buffer is not None:  # DAPO: replies near the length limit lose up to overlong_factor
+        penalty = overlong_penalty(mask.sum(1), cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_factor)
+        scores = scores + penalty
+        metrics["overlong_penalty"] = penalty.mean().item()
+    data = {"scores": scores, "mask": mask, "group": batch["group"]}
+    # token-level estimators (GAE, REINFORCE++): the score on the last token, the KL penalty on each
+    data["token_rewards"], _ = token_rewards(scores, logp, batch["ref_logp"], mask, in_reward, cfg.kl_estimator)
     if cfg.advantage_name == "gae":
-        data["token_rewards"], _ = token_rewards(batch["scores"], logp, batch["ref_logp"], mask,
-                                                 in_reward, cfg.kl_estimator)
         data["values"] = batch["values"]
     elif in_reward:  # sequence-level methods: the summed KL penalty joins the score
-        data["scores"] = batch["scores"] - in_reward * (kl_estimate(logp, batch["ref_logp"],
-                                                                    cfg.kl_estimator) * mask).sum(1)
-    adv, returns = compute_advantages(cfg.advantage_name, data, cfg.algo)
+        data["scores"] = scores - in_reward * (kl_estimate(logp, batch["ref_logp"], cfg.kl_estimator) * mask).sum(1)
+    adv, returns = compute_advantages(cfg.advantage_name, data, a)
     tensors = {"adv": adv, "kl_coef": torch.full((len(batch),), kl_coef)}
     if returns is not None:
         tensors["returns"] = returns
-    if cfg.algo.tis_cap is not None:
-        tensors["is_weight"] = torch.exp(batch["old_logp"] - batch["rollout_logp"]).clamp(max=cfg.algo.tis_cap) * mask
-    metrics = {"kl": kl_k1.sum(1).mean().item(), "adv_abs": masked_mean(adv.abs(), mask).item()}
+    if a.tis_cap is not None or a.mis_threshold is not None:  # rollout-vs-trainer corrections
+        weight = mask.to(torch.float32)
+        if a.tis_cap is not None:
+            weight = weight * tis_weights(batch["old_logp"], batch["rollout_logp"], mask, a.tis_cap)
+        if a.mis_threshold is not None:
+            kept = mis_mask(batch["old_logp"], batch["rollout_logp"], mask, a.mis_threshold)
+            weight = weight * kept
+            metrics["mis/masked_share"] = 1.0 - kept.amax(1).mean().item()
+        tensors["is_weight"] = weight
+    metrics.update({"kl": kl_k1.sum(1).mean().item(), "adv_abs": masked_mean(adv.abs(), mask).item()})
     if "old_logp" in batch.tensors:  # else the actor's update reports the drift from its own forward
         drift = (batch["old_logp"] - batch["rollout_logp"]).abs() * mask
         metrics.update({"drift/mean_abs": masked_mean(drift, mask).item(), "drift/max_abs": drift.max().item()})
     return batch.union(Batch(tensors)), metrics
 
 
-def rl_step(groups: Groups, cfg: RLConfig, prompts: Batch, kl_coef: float, seed: int) -> tuple[Batch, dict]:
-    """One round, top to bottom. `prompts` has one row per sample (each prompt repeated k times)."""
+def sample_scored(groups: Groups, cfg: RLConfig, prompts: Batch, seed: int,
+                  refill: Callable[[], Batch] | None = None) -> tuple[Batch, dict]:
+    """Rollouts and their rewards. With rollout.dynamic_sampling (DAPO), groups whose samples
+    all got the same reward (zero advantage) are dropped and `refill()` prompts are sampled, up
+    to rollout.max_sampling_rounds rounds, until prompts_per_step informative groups are kept."""
+    from posttrain.rl.algorithms import informative_groups
+
+    timing = {"time/rollout": 0.0, "time/reward": 0.0}
+
+    def draw(p: Batch, s: int) -> Batch:
+        start = time.perf_counter()
+        b = p.union(groups.actor.call("generate", p, seed=s))
+        mid = time.perf_counter()
+        b = b.union(groups.reward.call("score", b))
+        timing["time/rollout"] += mid - start
+        timing["time/reward"] += time.perf_counter() - mid
+        return b
+
+    batch = draw(prompts, seed)
+    r = cfg.rollout
+    if not r.dynamic_sampling:
+        return batch, timing
+    kept, n_kept, drawn, rounds = [], 0, 0, 0
+    while True:
+        rounds += 1
+        drawn += len(batch["group"].unique())
+        ok = set(informative_groups(batch["scores"], batch["group"]))
+        rows = [i for i, g in enumerate(batch["group"].tolist()) if g in ok]
+        if rows:
+            kept.append(batch.index(rows))
+            n_kept += len(ok)
+        if n_kept >= r.prompts_per_step or rounds >= r.max_sampling_rounds or refill is None:
+            break
+        batch = draw(refill(), seed + rounds * 7919)
+    metrics = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_share": n_kept / max(drawn, 1), **timing}
+    if not kept:  # nothing informative in any round: train on the last one (its advantages are 0)
+        return batch, metrics
+    batch = Batch.cat(kept)
+    first = list(dict.fromkeys(batch["group"].tolist()))[: r.prompts_per_step]
+    return batch.index([i for i, g in enumerate(batch["group"].tolist()) if g in set(first)]), metrics
+
+
+def rl_step(groups: Groups, cfg: RLConfig, prompts: Batch, kl_coef: float, seed: int,
+            refill: Callable[[], Batch] | None = None) -> tuple[Batch, dict]:
+    """One round, top to bottom. `prompts` has one row per sample (each prompt repeated k times);
+    `refill()` gives more such rows when dynamic sampling drops groups."""
     t = {}
     clock = time.perf_counter()
 
@@ -647,10 +740,9 @@ def rl_step(groups: Groups, cfg: RLConfig, prompts: Batch, kl_coef: float, seed:
         t[f"time/{name}"] = now - clock
         clock = now
 
-    batch = prompts.union(groups.actor.call("generate", prompts, seed=seed))        # 1. rollout
-    lap("rollout")
-    batch = batch.union(groups.reward.call("score", batch))                         # 2. reward
-    lap("reward")
+    batch, sampling = sample_scored(groups, cfg, prompts, seed, refill)            # 1-2. rollout, reward
+    t.update({k: sampling.pop(k) for k in ("time/rollout", "time/reward")})
+    clock = time.perf_counter()
     if cfg.recompute_old_logp:
         batch = batch.union(groups.actor.call("logprobs", batch))                   # 3. old log-probs
     batch = batch.union(groups.reference.call("ref_logprobs", batch))               # 4. reference
@@ -659,6 +751,7 @@ def rl_step(groups: Groups, cfg: RLConfig, prompts: Batch, kl_coef: float, seed:
         batch = batch.union(groups.critic.call("values", batch))                    # 5. values
         lap("values")
     batch, metrics = add_advantages(batch, cfg, kl_coef)                            # 6. advantages
+    metrics.update(sampling)
     if groups.critic is not None:
         metrics.update(groups.critic.call("update", batch)[0])                      # 7. critic update
         lap("critic_update")
@@ -726,7 +819,14 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     bar = tqdm(range(cfg.train.max_steps), desc=cfg.stage, disable=not cfg.train.progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        batch, m = rl_step(groups, cfg, prompt_batch(next(rounds), k), kl.value, seed=cfg.train.seed * 100_003 + step)
+        def refill() -> Batch:
+            nonlocal next_group
+            next_group += cfg.rollout.prompts_per_step
+            return prompt_batch(next(rounds), k, first_group=next_group)
+
+        next_group = 0
+        batch, m = rl_step(groups, cfg, prompt_batch(next(rounds), k), kl.value, seed=cfg.train.seed * 100_003 + step,
+                           refill=refill)
         row = {"step": step + 1, "reward": batch["scores"].mean().item(), "kl_coef": kl.value,
                "response_length": batch["mask"].sum(1).mean().item(), "loss": m["actor/loss"], **m}
         for name in batch.tensors:
