@@ -16,9 +16,11 @@ Per-token tensors are ``[B, T]`` over each rollout's response tokens, right padd
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -351,6 +353,21 @@ def _setup(cfg: RLConfig, threads: int | None, offset: int) -> None:
     torch.manual_seed(cfg.train.seed * 1000 + offset)
 
 
+def _save_rng_dir(path: Path) -> Path:
+    from posttrain.train.loop import save_rng
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_rng(path)
+    return path
+
+
+def _load_rng_dir(path: Path) -> Path:
+    from posttrain.train.loop import load_rng
+
+    load_rng(path)
+    return path
+
+
 def _response_logps(model, prompt_ids, response_ids, temperature: float, max_tokens: int) -> Tensor:
     """[B, T] log p(response token) under `model` at the sampler's temperature (no grad)."""
     from posttrain.train.objectives import label_token_logps
@@ -483,6 +500,16 @@ class ActorWorker:
 
         save_model(self.raw, self.tokenizer, path)
 
+    def save_state(self, path: str) -> None:
+        from posttrain.train.loop import save_train_state
+
+        save_train_state(Path(path) / "actor", self.raw, self.optimizer, self.scheduler)
+
+    def load_state(self, path: str) -> None:
+        from posttrain.train.loop import load_train_state
+
+        load_train_state(Path(path) / "actor", self.raw, self.optimizer, self.scheduler)
+
 
 class ReferenceWorker:
     """A frozen copy of the starting model (full fine-tuning; LoRA uses the actor's base)."""
@@ -499,6 +526,12 @@ class ReferenceWorker:
         temp = self.cfg.logprob_temperature
         return Batch({"ref_logp": _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp,
                                                   self.cfg.train.max_tokens)})
+
+    def save_state(self, path: str) -> None:  # frozen: only its process's RNG
+        _save_rng_dir(Path(path) / "reference")
+
+    def load_state(self, path: str) -> None:
+        _load_rng_dir(Path(path) / "reference")
 
 
 class CriticWorker:
@@ -557,8 +590,19 @@ class CriticWorker:
             return loss, m
 
         history = minibatch_updates(self.model, objective, batch, ("values", "returns"), a, self.train_cfg,
-                                    self.optimizer, self.scheduler, self.acc, self.cfg.train.seed + 1)
+                                    self.optimizer, self.scheduler, self.acc, self.cfg.train.seed + 1,
+                                    self.cfg.rollout.max_new_tokens)
         return {f"critic/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
+
+    def save_state(self, path: str) -> None:
+        from posttrain.train.loop import save_train_state
+
+        save_train_state(Path(path) / "critic", self.model, self.optimizer, self.scheduler)
+
+    def load_state(self, path: str) -> None:
+        from posttrain.train.loop import load_train_state
+
+        load_train_state(Path(path) / "critic", self.model, self.optimizer, self.scheduler)
 
 
 class RewardWorker:
@@ -569,7 +613,19 @@ class RewardWorker:
         from posttrain.rl.rewards import build_reward
 
         _setup(cfg, threads, 4)
+        self.rank = rank
         self.reward_fn = build_reward(cfg.reward, tokenizer=load_tokenizer(cfg.model.name))
+
+    def save_state(self, path: str) -> None:
+        """Its RNG and the reward function's own state (a mixture's dynamic weights), per rank."""
+        out = _save_rng_dir(Path(path) / f"reward-{self.rank}")
+        if hasattr(self.reward_fn, "state_dict"):
+            (out / "reward.json").write_text(json.dumps(self.reward_fn.state_dict()))
+
+    def load_state(self, path: str) -> None:
+        src = _load_rng_dir(Path(path) / f"reward-{self.rank}")
+        if hasattr(self.reward_fn, "load_state_dict"):
+            self.reward_fn.load_state_dict(json.loads((src / "reward.json").read_text()))
 
     def score(self, batch: Batch) -> Batch:
         judged = self.reward_fn(batch["prompt"], batch["response"], batch["record"])
@@ -625,6 +681,14 @@ class Groups:
     reference: WorkerGroup  # the actor group itself when training adapters
     reward: WorkerGroup
     critic: WorkerGroup | None
+
+    def unique(self) -> list[WorkerGroup]:
+        """Each group once (with LoRA the reference is the actor group itself)."""
+        out: list[WorkerGroup] = []
+        for g in (self.actor, self.reference, self.reward, self.critic):
+            if g is not None and all(g is not o for o in out):
+                out.append(g)
+        return out
 
 
 def build_groups(cfg: RLConfig, threads: int | None = None) -> Groups:
@@ -777,6 +841,23 @@ def held_out_reward(groups: Groups, records: list[dict], max_new_tokens: int) ->
     return {"held_out/reward": scores["scores"].mean().item(), "held_out/length": lengths.mean().item()}
 
 
+def save_rl_checkpoint(run_dir: Path, groups: Groups, driver: dict, keep: int) -> Path:
+    """checkpoints/step-N, atomically: each worker's state (actor and critic weights, optimizer,
+    schedule, its process's RNG; reward state per rank), the driver's KL coefficient and prompt
+    cursor (the driver draws no random numbers of its own)."""
+    from posttrain.fileio import atomic_dir
+    from posttrain.train.loop import prune_checkpoints
+
+    final = run_dir / "checkpoints" / f"step-{driver['step']}"
+    with atomic_dir(final) as tmp:
+        for group in groups.unique():
+            group.broadcast("save_state", str(tmp))
+        (tmp / "driver.json").write_text(json.dumps(driver, indent=2))
+        (tmp / "state.json").write_text(json.dumps({"step": driver["step"]}))  # written last: marks complete
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
 def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """The ppo / grpo / rloo stage end to end; returns the manifest."""
     from tqdm.auto import tqdm
@@ -787,12 +868,13 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     from posttrain.rl.algorithms import AdaptiveKL
     from posttrain.rl.rollout import prompt_batches, reward_ends
     from posttrain.stage import stage_inputs, start_stage
-    from posttrain.train.loop import MetricsLog
+    from posttrain.train.loop import MetricsLog, checkpoint_dirs
 
-    if resume:
-        raise ValueError(f"{cfg.stage} has no checkpoints to resume from yet; rerun with --overwrite")
-    run = start_stage(cfg, overwrite=overwrite, load=False)  # the worker groups load their own copies
+    run = start_stage(cfg, resume=resume, overwrite=overwrite, load=False)  # the workers load their own copies
     run_dir = run.run_dir
+    ckpt = checkpoint_dirs(run_dir)[-1] if resume and checkpoint_dirs(run_dir) else None
+    if resume and ckpt is None:
+        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     records = load_records(cfg.data.prompts, kind="prompt").records
     held = None
     if cfg.eval.held_out_reward is not None:
@@ -808,24 +890,44 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     groups = build_groups(cfg, threads)
     print(groups.actor.broadcast("info")[0]["trainable"]["line"])
 
-    before = groups.actor.broadcast("evaluate", cfg.eval)[0] if cfg.eval.before and cfg.eval.tasks else {}
-    if held is not None:
-        before.update(held_out_reward(groups, held, held_tokens))
+    def evaluate_before() -> dict:
+        out = groups.actor.broadcast("evaluate", cfg.eval)[0] if cfg.eval.before and cfg.eval.tasks else {}
+        if held is not None:
+            out.update(held_out_reward(groups, held, held_tokens))
+        return out
+
+    before = run.cached("eval_before.json", evaluate_before)
     kl = AdaptiveKL(cfg.algo.kl_coef, cfg.algo.kl_target)
-    history: list[dict] = []
     rounds = prompt_batches(records, cfg.rollout.prompts_per_step, cfg.train.seed)
-    log = MetricsLog(run_dir, None, enabled=True)
+    drawn, start = 0, 0
+    if ckpt is not None:  # everything an uninterrupted run would hold at this step
+        driver = json.loads((ckpt / "driver.json").read_text())
+        start, kl.value, drawn = driver["step"], driver["kl_coef"], driver["rounds_drawn"]
+        for _ in range(drawn):  # the prompt cursor: the same seeded shuffle, advanced as far
+            next(rounds)
+        for group in groups.unique():
+            group.broadcast("load_state", str(ckpt))
+        print(f"resumed from {ckpt} (step {start} of {cfg.train.max_steps})")
+    log = MetricsLog(run_dir, start if ckpt is not None else None, enabled=True)
+    history: list[dict] = [json.loads(line) for line in log.path.read_text().splitlines()] if ckpt else []
     k = cfg.rollout.samples_per_prompt
-    bar = tqdm(range(cfg.train.max_steps), desc=cfg.stage, disable=not cfg.train.progress, dynamic_ncols=True)
+
+    def next_round() -> list[dict]:
+        nonlocal drawn
+        drawn += 1
+        return next(rounds)
+
+    bar = tqdm(range(start, cfg.train.max_steps), desc=cfg.stage, disable=not cfg.train.progress,
+               dynamic_ncols=True, initial=start, total=cfg.train.max_steps)
     for step in bar:
         t0 = time.perf_counter()
         def refill() -> Batch:
             nonlocal next_group
             next_group += cfg.rollout.prompts_per_step
-            return prompt_batch(next(rounds), k, first_group=next_group)
+            return prompt_batch(next_round(), k, first_group=next_group)
 
         next_group = 0
-        batch, m = rl_step(groups, cfg, prompt_batch(next(rounds), k), kl.value, seed=cfg.train.seed * 100_003 + step,
+        batch, m = rl_step(groups, cfg, prompt_batch(next_round(), k), kl.value, seed=cfg.train.seed * 100_003 + step,
                            refill=refill)
         row = {"step": step + 1, "reward": batch["scores"].mean().item(), "kl_coef": kl.value,
                "response_length": batch["mask"].sum(1).mean().item(), "loss": m["actor/loss"], **m}
@@ -842,6 +944,10 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
         history.append(row)
         log.write(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{m['kl']:.3f}")
+        done = step + 1
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+            save_rl_checkpoint(run_dir, groups, {"step": done, "kl_coef": kl.value, "rounds_drawn": drawn},
+                               cfg.train.keep_checkpoints)
     log.close()
     groups.actor.broadcast("save", str(run_dir / "final"))
     after = groups.actor.broadcast("evaluate", cfg.eval)[0] if cfg.eval.tasks else {}

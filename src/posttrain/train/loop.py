@@ -150,30 +150,53 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def save_rng(path: Path) -> None:
+    """This process's Python, NumPy and torch RNG states into path/rng.json + rng.pt."""
+    torch_rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        torch_rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(torch_rng, path / "rng.pt")
+    (path / "rng.json").write_text(json.dumps(_rng_state()))
+
+
+def load_rng(path: Path) -> None:
+    _set_rng_state(json.loads((path / "rng.json").read_text()), torch.load(path / "rng.pt", weights_only=True))
+
+
+def save_train_state(path: Path, model, optimizer, scheduler) -> None:
+    """What continues a trainer exactly: trainable weights, optimizer, schedule and RNG (into `path`)."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(path / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(scheduler.state_dict(), path / "scheduler.pt")
+    save_rng(path)
+
+
+def load_train_state(path: Path, model, optimizer, scheduler) -> None:
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    load_rng(path)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
     """Write checkpoints/step-N atomically: a temp dir, fully written, then renamed."""
     final = run_dir / "checkpoints" / f"step-{state.step}"
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch_rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            torch_rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(torch_rng, tmp / "rng.pt")
-        (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+        save_train_state(tmp, model, optimizer, scheduler)
         fields = {k: v for k, v in state.__dict__.items() if k != "history"}
         (tmp / "state.json").write_text(json.dumps(fields, indent=2))  # written last: marks complete
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
     return final
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(json.loads((path / "rng.json").read_text()), torch.load(path / "rng.pt", weights_only=True))
+    load_train_state(path, model, optimizer, scheduler)
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
