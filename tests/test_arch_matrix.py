@@ -8,6 +8,7 @@ tests/generate/test_native_archs.py.
 """
 
 import json
+import math
 
 import gguf
 import numpy as np
@@ -159,7 +160,7 @@ def test_prune_runs_or_refuses_naming_the_architecture(arch, arch_dirs, files, t
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_distill_and_greedy_generation_match_plain_transformers(arch, arch_dirs, files, tmp_path, tokenizer):
+def test_distill_greedy_generation_and_eval_match_plain_transformers(arch, arch_dirs, files, tmp_path, tokenizer):
     model = str(arch_dirs[arch])
     assert main(["distill", f"model.name={model}", "model.dtype=fp32", f"teacher.name={model}", "teacher.dtype=fp32",
                  "adapter.method=full", f"data.train={files['chat']}", f"output_dir={tmp_path / 'distill'}",
@@ -176,6 +177,18 @@ def test_distill_and_greedy_generation_match_plain_transformers(arch, arch_dirs,
             expected.append(int(plain(input_ids=torch.tensor([ids + expected])).logits[0, -1].argmax()))
     out = generate(plain, tokenizer, [prompt], GenerationConfig(max_new_tokens=8, ignore_eos=True))
     assert out.token_ids[0] == expected
+    # eval's perplexity (right-padded batches) == each text alone through plain transformers
+    assert main(["eval", "--model", model, "--dtype", "fp32", "--perplexity", str(files["text"]),
+                 "--out", str(tmp_path / "eval")]) == 0
+    ppl = json.loads((tmp_path / "eval" / "results.json").read_text())[model]["text_ppl"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in files["text"].read_text().splitlines():
+            ids = torch.tensor([tokenizer(json.loads(line)["text"])["input_ids"]])
+            total += torch.nn.functional.cross_entropy(plain(input_ids=ids).logits[0, :-1], ids[0, 1:],
+                                                       reduction="sum").item()
+            count += ids.shape[1] - 1
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-4)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama"])  # llama: tests/compress/test_export.py
