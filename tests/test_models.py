@@ -76,3 +76,16 @@ def test_gguf_file_spec_converts_once_into_the_cache(tmp_path, monkeypatch):
     assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
     assert models.resolve_model_path(gguf) == str(converted[0])  # second time: no conversion
     assert tok.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 30
+
+
+def test_tiny_model_builds_each_family_and_names_the_known_ones():
+    from posttrain.models import TINY_ARCHS
+
+    default = tiny_model(vocab_size=64)
+    assert type(default).__name__ == "LlamaForCausalLM" and default.config.num_attention_heads == 4
+    for arch in TINY_ARCHS:
+        model = tiny_model(vocab_size=64, arch=arch)
+        assert model.config.model_type == arch and model.config.num_hidden_layers == 2
+    assert tiny_model(vocab_size=64, arch="gemma2").config.layer_types == ["sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match="arch must be one of llama, qwen2, .*; got 'gpt2'"):
+        tiny_model(vocab_size=64, arch="gpt2")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -244,6 +245,12 @@ def _apply_peft(model: nn.Module, cfg: AdapterConfig, tokenizer) -> nn.Module:
         pcfg = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
     for p in model.parameters():
         p.requires_grad_(False)
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3]
+    if experts and cfg.method in ("lora", "dora", "ia3"):  # transformers 5 stacks MoE experts in 3-D tensors
+        logging.getLogger("posttrain").warning(
+            "%s: %s's routed MoE experts (%d stacked 3-D weights, e.g. %s) get no adapter: target_modules %s "
+            "matches nn.Linear layers only (attention, shared expert)", cfg.method,
+            getattr(model.config, "model_type", None), len(experts), experts[0], cfg.target_modules)
     with torchao_hidden():  # PEFT asks torchao about every layer it wraps
         wrapped = peft.get_peft_model(model, pcfg, autocast_adapter_dtype=cfg.trainable_dtype == "fp32")
     if cfg.method == "prompt" and cfg.prompt_init_text is not None:

@@ -253,6 +253,71 @@ def load_model(
     return model, tokenizer
 
 
+# Architectures `tiny_model` builds: (model_type, config class, causal LM class) in transformers.
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+}
+
+
+def _arch_extras(arch: str, hidden: int, heads: int, intermediate: int) -> dict:
+    """What makes each tiny family differ from Llama where it matters for correctness.
+
+    Gemma: a sliding window shorter than test sequences (so a path that ignores it gives other
+    numbers), Gemma2's soft-capping low enough to bite; Qwen2: q/k/v biases (its default);
+    Mistral: no sliding window, like current Mistral releases; Phi3: untied head; MoE: 4 experts, top-2, a shared one.
+    """
+    if arch == "gemma2":  # soft-capping low enough to change random weights' logits
+        return {"head_dim": hidden // heads, "sliding_window": 8, "query_pre_attn_scalar": hidden // heads,
+                "layer_types": None, "final_logit_softcapping": 1.0, "attn_logit_softcapping": 1.0}
+    if arch == "gemma3_text":
+        return {"head_dim": hidden // heads, "sliding_window": 8, "query_pre_attn_scalar": hidden // heads,
+                "layer_types": None}  # filled per layer count by tiny_config
+    if arch == "mistral":
+        return {"sliding_window": None}
+    if arch == "qwen2_moe":
+        return {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": intermediate // 2,
+                "shared_expert_intermediate_size": intermediate, "decoder_sparse_step": 1}
+    if arch == "qwen3":
+        return {"head_dim": hidden // heads}
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj; an untied head, like Phi-3
+        return {"tie_word_embeddings": False}
+    return {}
+
+
+def tiny_config(arch: str = "llama", tokenizer=None, layers: int = 2, hidden: int = 64, heads: int = 4,
+                kv_heads: int = 2, intermediate: int = 128, vocab_size: int | None = None):
+    """The config of a tiny `arch` model (one of TINY_ARCHS) over the tokenizer's vocabulary."""
+    import_transformers_models()
+    import transformers
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"tiny_model: arch must be one of {', '.join(TINY_ARCHS)}; got {arch!r}")
+    extras = _arch_extras(arch, hidden, heads, intermediate)
+    if "layer_types" in extras:  # alternate sliding and full attention, ending on full
+        extras["layer_types"] = ["sliding_attention" if (layers - i) % 2 == 0 else "full_attention"
+                                 for i in range(layers)]
+    return getattr(transformers, TINY_ARCHS[arch][0])(
+        vocab_size=vocab_size or (len(tokenizer) if tokenizer is not None else 256),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        **{"tie_word_embeddings": True, **extras},
+    )
+
+
 def tiny_model(
     tokenizer=None,
     layers: int = 2,
@@ -263,28 +328,15 @@ def tiny_model(
     vocab_size: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    arch: str = "llama",
 ):
-    """A randomly initialised Llama for tests: same architecture family as the default."""
-    import_transformers_models()
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised model for tests: Llama (the default's family) or another TINY_ARCHS family."""
+    import transformers
 
-    vocab = vocab_size or (len(tokenizer) if tokenizer is not None else 256)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
-        pad_token_id=getattr(tokenizer, "pad_token_id", None),
-    )
+    config = tiny_config(arch, tokenizer, layers, hidden, heads, kv_heads, intermediate, vocab_size)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, TINY_ARCHS[arch][1])(config)
     return model.to(dtype)
 
 

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from posttrain.config import Strict
 
 QUANT_FILE = "quantization.json"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "qkv_proj", "gate_up_proj")  # the last two: Phi3's fused projections
 
 
 class QuantSpec(Strict):
@@ -169,23 +170,41 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """int8 embedding rows with one fp16 scale per row (the rows of a tied LM head too)."""
+    """int8 embedding rows with one fp16 scale per row (the rows of a tied LM head too).
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16):
+    `embed_scale` keeps the factor of an embedding that scales its output (Gemma3's
+    ScaledWordEmbedding: sqrt(hidden)); it is rebuilt from the config, not saved.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
+                 embed_scale: Tensor | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
         self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(num_embeddings, 1, dtype=torch.float16))
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(),
+                             persistent=False)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "QuantEmbedding":
-        out = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
+        out = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.dtype, _embed_scale(emb))
         out.qweight, out.scale = quantize_int8(emb.weight.detach(), None)
         return out
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = F.embedding(ids, self.qweight).to(self.dtype)
-        return rows * F.embedding(ids, self.scale).to(self.dtype)
+        out = rows * F.embedding(ids, self.scale).to(self.dtype)
+        return out if self.embed_scale is None else out * self.embed_scale.to(self.dtype)
+
+
+def _embed_scale(emb: nn.Module) -> Tensor | None:
+    """The output factor of a scaled embedding (a tensor or a float attribute `embed_scale`), else None."""
+    if getattr(emb, "scalar_embed_scale", None) is not None:  # survives a meta-device build, unlike the buffer
+        return torch.tensor(float(emb.scalar_embed_scale))
+    scale = getattr(emb, "embed_scale", None)
+    if scale is None:
+        return None
+    return scale if isinstance(scale, Tensor) else torch.tensor(float(scale))
 
 
 def tied_head(emb: QuantEmbedding) -> QuantLinear:
@@ -288,7 +307,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
                                       lin.bias is not None, dtype))
     if spec.embeddings == "int8":
         emb = model.get_input_embeddings()
-        qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype)
+        qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype, _embed_scale(emb))
         model.set_input_embeddings(qemb)
         head = model.get_output_embeddings()
         model.set_output_embeddings(tied_head(qemb) if tied else
@@ -317,7 +336,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
 
 
 def _init_rotary(model: nn.Module) -> None:
-    """Rotary tables are computed buffers, not saved: rebuild them after a meta-device build."""
+    """Rotary tables (and Gemma3's embedding scale) are computed buffers, not saved: rebuild them
+    after a meta-device build."""
+    for m in model.modules():
+        if isinstance(getattr(m, "embed_scale", None), Tensor) and getattr(m, "scalar_embed_scale", None) is not None:
+            m.embed_scale.fill_(float(m.scalar_embed_scale))
     for name, m in list(model.named_modules()):
-        if name.endswith("rotary_emb") and hasattr(m, "inv_freq"):
+        if name.endswith("rotary_emb") and any(b.endswith("inv_freq") for b, _ in m.named_buffers(recurse=False)):
             set_submodule(model, name, type(m)(m.config))

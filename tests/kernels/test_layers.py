@@ -95,7 +95,7 @@ def test_modules_are_restored_after_the_forward():
     model = tiny_model(vocab_size=256).to(torch.bfloat16)
     rotary = llama.apply_rotary_pos_emb
     with L.fused_layers(model):
-        assert llama.apply_rotary_pos_emb is L._fused_rotary
+        assert L.is_fused_rotary(llama.apply_rotary_pos_emb)
         assert "forward" in model.model.norm.__dict__ and "forward" in model.model.layers[0].input_layernorm.__dict__
     assert llama.apply_rotary_pos_emb is rotary
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -124,15 +124,15 @@ def test_not_used_under_activation_checkpointing():
 
 def test_rotary_install_is_explicit_idempotent_and_nests():
     original = llama.apply_rotary_pos_emb
-    assert original is not L._fused_rotary  # importing the kernels patched nothing
+    assert not L.is_fused_rotary(original)  # importing the kernels patched nothing
     assert L.install_fused_rotary() is True
     try:
-        assert llama.apply_rotary_pos_emb is L._fused_rotary
+        assert L.is_fused_rotary(llama.apply_rotary_pos_emb)
         assert L.install_fused_rotary() is False  # already installed: the first caller undoes it
         model = tiny_model(vocab_size=256).to(torch.bfloat16)
         with L.fused_layers(model):  # nested inside an install: leaves it in place on exit
-            assert llama.apply_rotary_pos_emb is L._fused_rotary
-        assert llama.apply_rotary_pos_emb is L._fused_rotary
+            assert L.is_fused_rotary(llama.apply_rotary_pos_emb)
+        assert L.is_fused_rotary(llama.apply_rotary_pos_emb)
     finally:
         L.uninstall_fused_rotary()
     assert llama.apply_rotary_pos_emb is original

@@ -74,9 +74,9 @@ from posttrain.train.objectives import (
     Objective,
     _fused_lora,
     _routing,
-    is_prompt_learning,
-    is_wrapped,
     loss_position_hidden,
+    output_head,
+    own_forward,
     wrapper_label_logits,
 )
 from posttrain.data.examples import encode_file, with_held_out
@@ -186,17 +186,22 @@ def make_distill_objective(teacher: torch.nn.Module, loss: str = "forward_kl", t
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     freeze_teacher(teacher)
     t_base = base_model(teacher)
-    t_head = t_base.get_output_embeddings()
+    t_plain_head = t_base.get_output_embeddings()
+    t_own = own_forward(teacher)  # a head that must run through the teacher's own forward
+    t_head = (lambda logits: logits) if t_own else output_head(teacher)  # noqa: E731 (there: logits already)
 
     def objective(model, batch: dict) -> tuple[Tensor, dict]:
         device = batch["input_ids"].device
         if next(teacher.parameters()).device != device:  # the loop moved only the student
             teacher.to(device)
         with torch.no_grad():
-            t_hidden, t_targets = loss_position_hidden(teacher, batch)
+            if t_own:
+                t_hidden, t_targets = wrapper_label_logits(teacher, batch)
+            else:
+                t_hidden, t_targets = loss_position_hidden(teacher, batch)
         student_logits = None
         with _routing(model, batch), _fused_lora(model), fused_layers(model):
-            if is_prompt_learning(model) or is_wrapped(model):  # the wrapper's forward must run
+            if own_forward(model):  # the wrapper's (or an unknown head's) forward must run
                 student_logits, targets = wrapper_label_logits(model, batch)
                 s_hidden = student_logits
             else:
@@ -207,8 +212,8 @@ def make_distill_objective(teacher: torch.nn.Module, loss: str = "forward_kl", t
         if n == 0:
             zero = s_hidden.sum() * 0.0
             return zero, {"loss": 0.0, "divergence": 0.0, "kl": 0.0, "nll": 0.0, "agreement": 0.0, "loss_tokens": 0}
-        s_head = base_model(model).get_output_embeddings()
-        _check_vocab(s_head, t_head)
+        _check_vocab(base_model(model).get_output_embeddings(), t_plain_head)
+        s_head = output_head(model)
         sums = [s_hidden.new_zeros((), dtype=torch.float32) for _ in range(4)]
         for i in range(0, n, chunk_size):
             part = slice(i, i + chunk_size)

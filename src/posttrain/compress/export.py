@@ -31,7 +31,8 @@ from posttrain.config import ModelConfig, StageConfig
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
 LLAMA_TYPES = ("llama", "mistral")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "qkv_proj", "gate_up_proj")  # the last two: Phi3's fused projections
 CHECK_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, astronauts walked on the Moon; "
               "today, students learn why the sky is blue and how plants turn light into sugar.")
 
@@ -147,7 +148,9 @@ def _non_linear_projections(model) -> list[tuple[str, str]]:
         if module is not embedding and module is not head and name.rsplit(".", 1)[-1] not in PROJECTIONS:
             continue
         weight = getattr(module, "weight", None)
-        if type(module) is not want:
+        # Gemma's embedding is an nn.Embedding subclass that scales by sqrt(hidden): plain float weights
+        plain = isinstance(module, nn.Embedding) if module is embedding else type(module) is nn.Linear
+        if not plain:
             odd.append((name, type(module).__name__))
         elif weight is None or type(weight.detach()) is not torch.Tensor or not weight.dtype.is_floating_point:
             odd.append((name, f"{want.__name__} with a {type(weight).__name__} weight"))

@@ -7,7 +7,8 @@ attention heads or MLP channels and updates the config, so the result is a small
 model that loads anywhere.
 
 Llama-family layout assumed: model.model.layers[i].self_attn.{q,k,v,o}_proj and
-.mlp.{gate,up,down}_proj, with GQA (num_key_value_heads <= num_attention_heads).
+.mlp.{gate,up,down}_proj, with GQA (num_key_value_heads <= num_attention_heads); other layouts
+(Phi3's fused projections, MoE experts) are refused up front by `check_supported`.
 
 Activation statistics come from forward hooks over calibration batches:
 - input norm per linear: ||X_j||_2 over all calibration tokens, for each input feature j
@@ -518,9 +519,44 @@ def lm_eval_loss(model, examples: list[dict], cfg: TrainConfig, pad_token_id: in
     return evaluate_loss(model, causal_lm_loss, examples, cfg, collate, acc)
 
 
+def unsupported_reason(model, method: str) -> str | None:
+    """Why `method` cannot prune this architecture exactly, or None if it can.
+
+    Unstructured/N:M methods prune nn.Linear weights, so a MoE whose experts are stacked 3-D
+    parameters (transformers 5) would keep most of its weights; width-mlp slices separate
+    gate/up/down projections and width-heads separate q/k/v/o ones (Phi3 fuses them).
+    """
+    model_type = getattr(model.config, "model_type", None)
+    layers = decoder_layers(model)
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3]
+    if experts and method not in ("depth", "width-heads"):  # heads: attention Linears only, experts untouched
+        return (f"{model_type} keeps its MoE experts as stacked 3-D parameters ({experts[0]}, ...), which {method} "
+                "does not prune (it handles nn.Linear layers only); use method depth")
+    if method == "width-mlp":
+        mlp = layers[0].mlp
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            return (f"width-mlp slices separate mlp.gate_proj/up_proj/down_proj Linears; {model_type}'s MLP is a "
+                    f"{type(mlp).__name__} ({', '.join(n for n, _ in mlp.named_children())})")
+    if method == "width-heads":
+        attn = layers[0].self_attn
+        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return (f"width-heads slices separate self_attn.q_proj/k_proj/v_proj/o_proj Linears; {model_type}'s "
+                    f"attention is a {type(attn).__name__} ({', '.join(n for n, _ in attn.named_children())})")
+    return None
+
+
+def check_supported(model, method: str) -> None:
+    """Refuse, before any work, a method that cannot prune this architecture (see unsupported_reason)."""
+    why = unsupported_reason(model, method)
+    if why is not None:
+        raise ValueError(f"prune: method {method!r} is not supported for model type "
+                         f"{getattr(model.config, 'model_type', None)!r}: {why}")
+
+
 def apply_method(model, cfg: PruneConfig, calib: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor] | None, dict]:
     """Prune per cfg.method; returns (masks or None for structured methods, info)."""
     m = cfg.method
+    check_supported(model, m)
     if m == "magnitude":
         return magnitude_prune(model, cfg.ratio), {"ratio": cfg.ratio}
     if m == "wanda":
@@ -552,6 +588,7 @@ def run_prune(cfg: PruneConfig, resume: bool = False, overwrite: bool = False) -
     train_cfg = rec.train if rec else TrainConfig()
     run = start_stage(cfg, resume, overwrite, seed=train_cfg.seed)
     model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
+    check_supported(model, cfg.method)
     pad = tokenizer.pad_token_id
 
     examples = eval_examples = None

@@ -14,6 +14,7 @@ quantizes, so the converted model computes what the QAT model was trained to com
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -68,12 +69,23 @@ def is_tied(model: nn.Module) -> bool:
     return head is not None and isinstance(emb, nn.Embedding) and head.weight is emb.weight
 
 
+def float_experts(model: nn.Module) -> list[str]:
+    """Names of stacked (3-D) expert weights, as transformers 5 stores MoE experts: not nn.Linear."""
+    return [n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in f".{n}"]
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Replace target linears (and embeddings) in place with integer modules; returns the model."""
     if hasattr(model, "peft_config"):
         raise ValueError("quantize: the model carries PEFT adapters; merge them first (posttrain merge)")
     tied = is_tied(model)
     names = target_linears(model, spec)
+    experts = float_experts(model)
+    if experts:
+        logging.getLogger("posttrain").warning(
+            "quantize: %s keeps %d MoE expert weight tensors (%s, ...) in float: only nn.Linear layers are "
+            "quantized, and its experts are stacked 3-D parameters", getattr(model.config, "model_type", None),
+            len(experts), experts[0])
     check_groups(model, names, spec)
     for name in names:
         set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), spec.mode, spec.group_size))

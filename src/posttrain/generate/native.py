@@ -421,6 +421,9 @@ def native_lm(model, required: bool = False) -> NativeLM | None:
     if reason is not None:
         if required:
             raise NativeError(f"backend='native' cannot run here: {reason}")
+        from posttrain.kernels import fallback_once
+
+        fallback_once("native decoder", getattr(getattr(model, "config", None), "model_type", None), reason)
         return None
     cached = _PACKED.get(model)
     if cached is not None and cached.signature == _signature(model):

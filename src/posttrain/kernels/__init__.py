@@ -13,6 +13,28 @@ only, never train/ or adapters (which import from here).
 
 from __future__ import annotations
 
+import logging
+import threading
+
+LOG = logging.getLogger("posttrain")
+_stated: set[tuple[str, str]] = set()  # (fast path, architecture) fallbacks already logged
+_stated_lock = threading.Lock()
+
+
+def fallback_once(path: str, model_type: str | None, reason: str) -> bool:
+    """Log, once per process, that `path` (a fast path) does not run on `model_type` and why.
+
+    A fast path that cannot handle an architecture runs the library's own code instead; this
+    says so in one line (not once per step) so a slower run is explained. True if logged now.
+    """
+    key = (path, str(model_type))
+    with _stated_lock:
+        if key in _stated:
+            return False
+        _stated.add(key)
+    LOG.warning("%s: not used for model type %r (%s); running the plain transformers path", path, model_type, reason)
+    return True
+
 
 def checkpointing(base) -> bool:
     """Activation checkpointing on? (transformers 5 renamed is_gradient_checkpointing.)

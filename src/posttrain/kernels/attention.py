@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posttrain.kernels import checkpointing
+from posttrain.kernels import checkpointing, fallback_once
 
 # Perf (bench/sft_throughput.py, SmolLM2-135M LoRA, 1024-token packed rows of ~30-token chats,
 # 1 thread): transformers turns a packed row into a dense [T, T] block-diagonal mask, so SDPA
@@ -28,6 +28,10 @@ def _packed_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_ma
     Right padding needs no mask under `is_causal`: a real query only sees earlier real keys of
     its own example; padded queries see junk and are dropped.
     """
+    for key_name in ("sliding_window", "softcap", "s_aux"):  # packed_attention never switches such models
+        if kwargs.get(key_name) is not None:
+            raise RuntimeError(f"packed attention cannot apply {key_name}={kwargs[key_name]!r}; it must not be used "
+                               "for this model (see kernels.attention.unsupported_reason)")
     idx, valid = packed_index
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if idx.shape[1] <= SHORT and query.dtype != torch.float32 and not dropout:
@@ -138,22 +142,43 @@ def packed_index(position_ids: Tensor) -> tuple[Tensor, Tensor]:
     return idx, valid
 
 
+def unsupported_reason(config) -> str | None:
+    """Why per-example SDPA would not compute this model's attention, or None if it would.
+
+    It computes plain causal softmax(q k^T * scaling) v: no sliding window (Gemma2/3, Mistral
+    v0.1, Qwen with use_sliding_window), no logit soft-capping (Gemma2), no attention sinks; and it
+    replaces SDPA only (Gemma2 defaults to eager).
+    """
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention implementation {impl!r} is not sdpa"
+    types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) is not False else None
+    if any(t != "full_attention" for t in types) or (not types and window):
+        return "sliding-window attention"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    return None
+
+
 @contextmanager
 def packed_attention(base, batch: dict) -> Iterator[dict]:
     """Extra forward kwargs, with the model switched to per-example SDPA for a packed row.
 
     Applies only where it is exact and cheaper: one packed row (position_ids, no mask) on an
-    sdpa model without sliding windows or activation checkpointing (a recomputed forward
-    would run after the switch is undone), and fewer padded scores than the dense T².
+    sdpa model without sliding windows or soft-capping (`unsupported_reason`; logged once per
+    architecture) or activation checkpointing (a recomputed forward would run after the switch
+    is undone), and fewer padded scores than the dense T².
     """
     config = getattr(base, "config", None)
     ids = batch.get("position_ids")
-    usable = (
-        ids is not None and "attention_mask" not in batch and ids.shape[0] == 1 and config is not None
-        and getattr(config, "_attn_implementation", None) == "sdpa"
-        and getattr(config, "sliding_window", None) is None
-        and not checkpointing(base)
-    )
+    usable = (ids is not None and "attention_mask" not in batch and ids.shape[0] == 1 and config is not None
+              and not checkpointing(base))
+    if usable:
+        why = unsupported_reason(config)
+        if why is not None:
+            fallback_once("packed attention", getattr(config, "model_type", None), why)
+            usable = False
     if usable:
         idx, valid = packed_index(ids)
         usable = idx.numel() * idx.shape[1] * 2 <= ids.shape[1] ** 2

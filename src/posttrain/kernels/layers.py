@@ -1,7 +1,8 @@
-"""Fused Llama RMSNorm and rotary embedding (forward and hand-written backward) for bf16/fp16 training."""
+"""Fused Llama-style RMSNorm and rotary embedding (forward and hand-written backward) for bf16/fp16 training."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -9,7 +10,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from posttrain.kernels import checkpointing
+from posttrain.kernels import checkpointing, fallback_once
 from posttrain.models import base_model
 
 # Perf (SmolLM2-135M LoRA step, ~1015-token packed row, bf16, 1 thread): besides the matmuls,
@@ -89,46 +90,67 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: int) -> Tensor:
     return out
 
 
-def _fused_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
-    if unsqueeze_dim != 1 or q.dtype not in _HALF or not (q.dtype == k.dtype == cos.dtype == sin.dtype):
-        return _llama_rotary(q, k, cos, sin, unsqueeze_dim)
-    return _Rotary.apply(q, k, cos, sin)
+def _fused_rotary_over(original):
+    """`apply_rotary_pos_emb` through `_Rotary` where it is exact, else `original` (the module's own).
+
+    Falls back for fp32, mixed dtypes, another unsqueeze_dim, and partial rotary (cos narrower
+    than the head, as Phi3's partial_rotary_factor < 1 gives), which `_Rotary` does not cover.
+    """
+
+    def fused(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+        if (unsqueeze_dim != 1 or q.dtype not in _HALF or not (q.dtype == k.dtype == cos.dtype == sin.dtype)
+                or cos.shape[-1] != q.shape[-1]):
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return _Rotary.apply(q, k, cos, sin)
+
+    fused.posttrain_fused = True
+    return fused
+
+
+def is_fused_rotary(fn) -> bool:
+    return bool(getattr(fn, "posttrain_fused", False))
 
 
 _HALF = (torch.bfloat16, torch.float16)
-_llama_rotary = None  # transformers' apply_rotary_pos_emb while install_fused_rotary has replaced it
+# model_type -> transformers modeling module whose RMSNorm forward and apply_rotary_pos_emb are
+# Llama's math (RMSNorm checked source-identical in transformers 5.25; rotary parity-tested per
+# family in tests/kernels/test_arch_parity.py). Gemma is not here: its RMSNorm is x * (1 + w) in
+# fp32, a different rounding, so it keeps transformers' modules.
+FUSED_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+               "qwen2_moe": "qwen2_moe", "phi3": "phi3"}
+_originals: dict[str, object] = {}  # family -> its apply_rotary_pos_emb while replaced
 _rotary_lock = threading.Lock()
 
 
-def install_fused_rotary() -> bool:
-    """Point transformers' Llama `apply_rotary_pos_emb` at `_fused_rotary`; False if already done.
+def _modeling(family: str):
+    return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
 
-    Process-wide, not per model, because transformers offers no per-model hook: LlamaAttention's
-    forward calls the module-level function `modeling_llama.apply_rotary_pos_emb` by name. So
-    while it is installed every Llama forward in the process (any model, any thread) goes
-    through `_fused_rotary`, which hands fp32 and mixed-dtype calls to the original, so only
-    bf16/fp16 forwards elsewhere see the fused version's rounding. Idempotent: a nested
-    `fused_layers` finds it installed, gets False and leaves undoing it to the caller that
-    got True (`uninstall_fused_rotary`). Nothing is patched at import time.
+
+def install_fused_rotary(family: str = "llama") -> bool:
+    """Point transformers' `apply_rotary_pos_emb` of one family at the fused one; False if already done.
+
+    Process-wide, not per model, because transformers offers no per-model hook: e.g.
+    LlamaAttention's forward calls the module-level function `modeling_llama.apply_rotary_pos_emb`
+    by name. So while it is installed every forward of that family in the process (any model, any
+    thread) goes through the fused version, which hands fp32, mixed-dtype and partial-rotary calls
+    to the original, so only bf16/fp16 forwards elsewhere see the fused version's rounding.
+    Idempotent: a nested `fused_layers` finds it installed, gets False and leaves undoing it to the
+    caller that got True (`uninstall_fused_rotary`). Nothing is patched at import time.
     """
-    global _llama_rotary
-    from transformers.models.llama import modeling_llama as llama
-
+    modeling = _modeling(family)
     with _rotary_lock:
-        if _llama_rotary is not None:
+        if family in _originals:
             return False
-        _llama_rotary, llama.apply_rotary_pos_emb = llama.apply_rotary_pos_emb, _fused_rotary
+        _originals[family] = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = _fused_rotary_over(modeling.apply_rotary_pos_emb)
         return True
 
 
-def uninstall_fused_rotary() -> None:
-    """Put transformers' own `apply_rotary_pos_emb` back (no-op when not installed)."""
-    global _llama_rotary
-    from transformers.models.llama import modeling_llama as llama
-
+def uninstall_fused_rotary(family: str = "llama") -> None:
+    """Put transformers' own `apply_rotary_pos_emb` of the family back (no-op when not installed)."""
     with _rotary_lock:
-        if _llama_rotary is not None:
-            llama.apply_rotary_pos_emb, _llama_rotary = _llama_rotary, None
+        if family in _originals:
+            _modeling(family).apply_rotary_pos_emb = _originals.pop(family)
 
 
 def _norm_forward(norm):
@@ -144,31 +166,41 @@ def _norm_forward(norm):
 
 @contextmanager
 def fused_layers(model) -> Iterator[None]:
-    """Llama RMSNorm and rotary embedding through the fused Functions above in this block.
+    """RMSNorm and rotary embedding through the fused Functions above in this block.
 
-    Only transformers' Llama classes are switched (other families may differ in detail, e.g.
-    Gemma's 1 + weight); each falls back to the original for fp32 inputs. Off under activation
-    checkpointing: a recomputed forward would run after the block is left. The norms are
-    switched per module instance; rotary process-wide, see `install_fused_rotary`.
+    Only the families in FUSED_TYPES are switched (Gemma's norm is 1 + weight in fp32; other
+    families are logged once by `fallback_once` and keep transformers' modules); each falls back
+    to the original for fp32 inputs. Off under activation checkpointing: a recomputed forward
+    would run after the block is left. The norms are switched per module instance; rotary
+    process-wide, see `install_fused_rotary`.
     """
     base = base_model(model)
     if checkpointing(base):
         yield
         return
-    from transformers.models.llama import modeling_llama as llama
-
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    family = FUSED_TYPES.get(model_type)
+    if family is None:
+        fallback_once("fused RMSNorm/rotary", model_type,
+                      f"supported: {', '.join(FUSED_TYPES)}; other norms/rotary differ from Llama's")
+        yield
+        return
+    modeling = _modeling(family)
     patched = []
+    attention = False
     for m in base.modules():
-        if "forward" in m.__dict__:
+        kind = type(m)
+        if kind.__module__ != modeling.__name__:
             continue
-        if type(m) is llama.LlamaRMSNorm:
+        attention = attention or kind.__name__.endswith("Attention")
+        if kind.__name__.endswith("RMSNorm") and "forward" not in m.__dict__:
             m.forward = _norm_forward(m)
             patched.append(m)
-    rotary = any(type(m) is llama.LlamaAttention for m in base.modules()) and install_fused_rotary()
+    rotary = attention and install_fused_rotary(family)
     try:
         yield
     finally:
         for m in patched:
             del m.forward
         if rotary:
-            uninstall_fused_rotary()
+            uninstall_fused_rotary(family)

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.data.collate import model_inputs
-from posttrain.kernels import checkpointing
+from posttrain.kernels import checkpointing, fallback_once
 from posttrain.kernels.attention import packed_attention
 from posttrain.kernels.layers import fused_layers
 from posttrain.kernels.lora import fused_lora
@@ -53,6 +53,44 @@ def _fused_lora(model):
     return fused_lora(model)
 
 
+# Model types whose logits are exactly lm_head(final hidden state), or that followed by the final
+# tanh soft-capping Gemma2 applies (`output_head` applies it too): for these the head may run at
+# loss positions only. Any other type (Cohere's logit_scale, Granite's logits_scaling, ...) may
+# transform logits after the head, so it goes through the model's own forward (logged once).
+HEAD_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "gemma2",
+              "gemma3_text")
+
+
+def head_only(model) -> bool:
+    """May the LM head run at loss positions only (`loss_position_hidden` + `output_head`)?"""
+    model_type = getattr(getattr(base_model(model), "config", None), "model_type", None)
+    if model_type in HEAD_TYPES:
+        return True
+    fallback_once("head at loss positions", model_type,
+                  f"supported: {', '.join(HEAD_TYPES)}; others may transform logits after the head")
+    return False
+
+
+def output_head(model) -> Callable[[Tensor], Tensor]:
+    """The LM head as the model's forward applies it: the Linear, then final soft-capping if set
+    (Gemma2: logits = cap * tanh(logits / cap), in the model's dtype, like transformers)."""
+    base = base_model(model)
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+
+    def capped(hidden: Tensor) -> Tensor:
+        return torch.tanh(head(hidden) / cap) * cap
+
+    return capped
+
+
+def own_forward(model) -> bool:
+    """Must the loss go through the model's own forward (wrappers, prompt tuning, unknown heads)?"""
+    return is_prompt_learning(model) or is_wrapped(model) or not head_only(model)
+
+
 def _ce_sum(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
@@ -81,14 +119,14 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 2048) -> tuple[Tensor, 
     checkpointing, so the head never materialises [tokens, vocab] for a long batch.
     """
     with _routing(model, batch), _fused_lora(model), fused_layers(model):
-        if is_prompt_learning(model) or is_wrapped(model):
+        if own_forward(model):
             return _forward_loss(model, batch)
         hidden, targets = loss_position_hidden(model, batch)
     n = targets.numel()
     if n == 0:
         zero = hidden.sum() * 0.0
         return zero, {"loss": 0.0, "loss_tokens": 0, "token_acc": 0.0}
-    head = base_model(model).get_output_embeddings()
+    head = output_head(model)
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
     for i in range(0, n, chunk_size):
@@ -119,11 +157,11 @@ def label_token_logps(model, batch: dict, temperature: float = 1.0, chunk_size: 
     `temperature` divides the logits, as the sampler did (RL's old/new log-probs).
     """
     with _routing(model, batch), _fused_lora(model), fused_layers(model):
-        if is_prompt_learning(model) or is_wrapped(model):
+        if own_forward(model):
             logits, targets = wrapper_label_logits(model, batch)
             return -F.cross_entropy(logits / temperature, targets, reduction="none")
         hidden, labels = loss_position_hidden(model, batch)
-    head = base_model(model).get_output_embeddings()
+    head = output_head(model)
     n = labels.numel()
     parts = []
     for i in range(0, n, chunk_size):
