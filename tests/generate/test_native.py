@@ -133,7 +133,9 @@ def lora_tiny(tokenizer, dtype=torch.float32):
     """native_tiny under all-linear LoRA (fp32 adapters, as training makes them) with a non-zero B."""
     from posttrain.adapters import AdapterConfig, apply_adapter
 
-    model = apply_adapter(native_tiny(tokenizer, dtype), AdapterConfig(method="lora", r=4), tokenizer)
+    base = native_tiny(tokenizer, dtype)
+    torch.manual_seed(0)  # lora_A's init draws from the global RNG: the same adapters whatever ran before
+    model = apply_adapter(base, AdapterConfig(method="lora", r=4), tokenizer)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -182,7 +184,7 @@ def test_lora_over_a_bf16_base_folds_like_a_merge(tokenizer):
     ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
     rows = (ids[0].tolist(), [0] * 23, list(range(23)), list(range(23)))
     with torch.no_grad():
-        ref = model(input_ids=ids).logits[0].float()
+        ref = copy.deepcopy(model).float()(input_ids=ids).logits[0]  # the same weights, computed in fp32
         with model.disable_adapter():
             base = model(input_ids=ids).logits[0].float()
     merged = copy.deepcopy(model).merge_and_unload()  # what the RL rollout copy / `posttrain merge` give
@@ -191,7 +193,9 @@ def test_lora_over_a_bf16_base_folds_like_a_merge(tokenizer):
     lm_merged.allocate(1, 32)
     got, got_merged = lm.forward(*rows), lm_merged.forward(*rows)
     scale = ref.abs().max().item()
-    assert (got - ref).abs().max().item() < 0.1 * scale  # bf16 rounding of the folded weights only
+    # bf16 activations and the folded weights rounded to bf16 (HF's own bf16 forward of this
+    # model is 4% of the scale off fp32; the native fold 8%)
+    assert (got - ref).abs().max().item() < 0.1 * scale
     assert (got - got_merged).abs().max().item() < 0.01 * scale
     assert (base - ref).abs().max().item() > 10 * (got - ref).abs().max().item()  # the delta is in there
 
