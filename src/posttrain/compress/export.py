@@ -28,8 +28,8 @@ from torch import nn
 from posttrain.fileio import atomic_write
 from posttrain.config import ModelConfig, StageConfig
 
-GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
-GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
+GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 LLAMA_TYPES = ("llama", "mistral")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                "qkv_proj", "gate_up_proj")  # the last two: Phi3's fused projections
@@ -188,22 +188,46 @@ def gguf_tensors(model, shape: dict) -> Iterator[tuple[str, np.ndarray]]:
         yield name, array
 
 
-def encode_tensor(array: np.ndarray, qtype: str) -> tuple[np.ndarray, str, str | None]:
-    """Array -> (data, GGML type name, why it fell back or None). 1-D tensors (norms) stay F32."""
+def tensor_type(name: str, qtype: str, n_layers: int, tied: bool) -> str:
+    """The GGML type a 2-D tensor gets in a `qtype` file, as llama.cpp's quantizer assigns it:
+    q4_0 and q4_k_m put the output head (the tied embedding when there is no output.weight) in
+    Q6_K; q4_k_m also uses Q6_K for attn_v / ffn_down on a third of the layers."""
+    from posttrain.compress.kquants import q4_k_m_type
+
+    if qtype == "q4_k_m":
+        return q4_k_m_type(name, n_layers, tied)
+    if qtype == "q4_0" and (name == "output.weight" or (tied and name == "token_embd.weight")):
+        return "Q6_K"
+    return {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}[qtype]
+
+
+def encode_tensor(array: np.ndarray, qtype: str, name: str = "", n_layers: int = 1,
+                  tied: bool = True) -> tuple[np.ndarray, str, str | None]:
+    """Array -> (data, GGML type name, why it fell back or None). 1-D tensors (norms) stay F32.
+    A row length that is not a whole number of the type's blocks falls back as llama.cpp does
+    (Q4_K -> Q5_0, Q6_K -> Q8_0, 32-value types -> F16)."""
     import gguf
+
+    from posttrain.compress.kquants import K_ENCODERS, K_FALLBACK
 
     if array.ndim == 1 or qtype == "f32":
         return array.astype(np.float32), "F32", None
-    if qtype == "f16":
+    wanted = tensor_type(name, qtype, n_layers, tied)
+    ggml_type, why = wanted, None
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]][0]
+    if ggml_type in K_FALLBACK and array.shape[-1] % block:
+        why = f"row length {array.shape[-1]} is not a multiple of {block}"
+        ggml_type = K_FALLBACK[ggml_type]
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]][0]
+    if ggml_type == "F16" or array.shape[-1] % block:
+        if array.shape[-1] % block:
+            why = f"row length {array.shape[-1]} is not a multiple of {block}"
         if np.abs(array).max() > np.finfo(np.float16).max:
             return array.astype(np.float32), "F32", "values beyond the F16 range"
-        return array.astype(np.float16), "F16", None
-    if qtype == "bf16":
-        return gguf.quants.quantize(array, gguf.GGMLQuantizationType.BF16), "BF16", None
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if array.shape[-1] % block:
-        return array.astype(np.float16), "F16", f"row length {array.shape[-1]} is not a multiple of {block}"
-    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), "Q8_0", None
+        return array.astype(np.float16), "F16", why
+    if ggml_type in K_ENCODERS:
+        return K_ENCODERS[ggml_type](array), ggml_type, why
+    return gguf.quants.quantize(array, gguf.GGMLQuantizationType[ggml_type]), ggml_type, why
 
 
 # ----------------------------------------------------------------------------- tokenizer side
@@ -301,11 +325,12 @@ class GGUFExport:
 
 def export_gguf(model, tokenizer, out_path: str | os.PathLike, qtype: GGUFType = "f16",
                 name: str | None = None) -> GGUFExport:
-    """Write a llama GGUF (F32/F16/BF16/Q8_0 weights, F32 norms) atomically; returns what was written.
+    """Write a llama GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_K_M weights, F32 norms) atomically; returns
+    what was written.
 
-    PEFT adapters are merged first (in place: the PEFT wrapper is consumed). Q8_0 needs rows
-    that are a multiple of 32 values; a tensor that is not falls back to F16 and is listed
-    in `fallbacks`.
+    PEFT adapters are merged first (in place: the PEFT wrapper is consumed). Block types need
+    rows of whole blocks (32 values; 256 for K-quants); a tensor that is not falls back as
+    llama.cpp's quantizer does (`encode_tensor`) and is listed in `fallbacks`.
     """
     import gguf
 
@@ -318,14 +343,16 @@ def export_gguf(model, tokenizer, out_path: str | os.PathLike, qtype: GGUFType =
     shape = llama_config(model)
     tok = tokenizer_metadata(tokenizer, shape["vocab_size"])
     encoded, types, fallbacks = [], {}, {}
+    tied = "output.weight" not in {name for _, name in tensor_names(model, shape)}
     for tensor_name, array in gguf_tensors(model, shape):
-        data, ggml_type, why = encode_tensor(array, qtype)
+        data, ggml_type, why = encode_tensor(array, qtype, tensor_name, shape["block_count"], tied)
         encoded.append((tensor_name, data, ggml_type))
         types[ggml_type] = types.get(ggml_type, 0) + 1
         if why:
             fallbacks[tensor_name] = f"{ggml_type} ({why})"
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[qtype]
     name = name or Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
 
     def write(tmp: str) -> None:
@@ -334,7 +361,7 @@ def export_gguf(model, tokenizer, out_path: str | os.PathLike, qtype: GGUFType =
             writer.add_type(gguf.GGUFType.MODEL)
             writer.add_name(name)
             writer.add_file_type(int(file_type))
-            if qtype == "q8_0":
+            if qtype not in ("f32", "f16", "bf16"):
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             writer.add_context_length(shape["context_length"])
             writer.add_embedding_length(shape["embedding_length"])
@@ -446,7 +473,7 @@ def verify_gguf(source, tokenizer, path: str | os.PathLike, texts: list[str] | N
 
 # ----------------------------------------------------------------------------- stage
 
-ExportFormat = Literal["hf", "gguf-f32", "gguf-f16", "gguf-bf16", "gguf-q8_0"]
+ExportFormat = Literal["hf", "gguf-f32", "gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m"]
 
 
 class ExportModelConfig(ModelConfig):
