@@ -1,8 +1,10 @@
 """The model that samples rollouts: the policy's current weights as a plain model.
 
 Why a copy: PEFT's unmerged LoRA forward decodes 3-4x slower than a plain forward
-(64 prompts x 8 sampled tokens, default model bf16: 9.5-10.7 s against 2.5-3.0 s), and the
-native CPU decoder only runs plain models. Merging the adapters into the training model
+(64 prompts x 8 sampled tokens, default model bf16: 9.5-10.7 s against 2.5-3.0 s) on the
+torch path. (The native CPU decoder now folds plain LoRA into its own packed copy, so there
+the copy only saves that packing; it stays so that every backend, and every adapter the
+native decoder cannot fold, samples the trained weights the same way.) Merging the adapters into the training model
 and unmerging after sampling would add bf16 rounding to the frozen base at every step;
 a separate copy never touches it. `sync` writes base + LoRA delta into the copy before
 each rollout (cheap: one rank-r matmul per adapted matrix), so the copy samples exactly
