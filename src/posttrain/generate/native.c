@@ -40,7 +40,7 @@ typedef struct {
     const float *const *attn_norm, *const *mlp_norm; /* per layer [hidden] */
     const void *const *wqkv, *const *wo, *const *wgu, *const *wdown; /* packed */
     const float *const *bqkv, *const *bo, *const *bgu, *const *bdown; /* NULL entries: no bias */
-    void *const *kcache, *const *vcache; /* per layer [n_seq, max_len, n_kv, head_dim] */
+    void *const *kcache, *const *vcache; /* per layer K [n_seq, n_kv, head_dim, max_len], V [n_seq, max_len, n_kv, head_dim] */
     const float *cos, *sin;              /* [max_len, head_dim] */
     /* integer weights (dtype must be bf16): wtype 2 int8 (symmetric), 3 int4 (scale and minimum),
      * packed like bf16 but one byte per value (int8) or two values per byte (int4: [N/16][K/2][16],
@@ -421,6 +421,19 @@ static inline long cache_off(const Model *md, int seq, int pos) {
     return ((long)seq * md->max_len + pos) * md->n_kv * md->head_dim;
 }
 
+/* K is cached transposed, [n_seq][n_kv][head_dim][max_len]: 16 keys' scores are 16 lanes of
+ * one FMA per head dimension, no horizontal sums */
+static inline long kt_off(const Model *md, int seq, int g) {
+    return ((long)seq * md->n_kv + g) * md->head_dim * md->max_len;
+}
+
+static inline __m512 load16_masked(int dt, const void *p, long i, __mmask16 mask) {
+    if (dt)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i)), 16));
+    return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
+}
+
 /* qkv [M, (Hq + 2 Hkv) * hd] fp32 -> RoPE on k, K/V into the cache for every row */
 static void store_kv(const Model *md, int l, float *qkv, const int *seq, const int *pos, int M) {
     const int hd = md->head_dim, q_w = md->n_heads * hd, kv_w = md->n_kv * hd, row = q_w + 2 * kv_w;
@@ -430,12 +443,14 @@ static void store_kv(const Model *md, int l, float *qkv, const int *seq, const i
         float *k = qkv + (long)m * row + q_w + g * hd;
         const float *v = qkv + (long)m * row + q_w + kv_w + g * hd;
         rope(k, md->cos + (long)pos[m] * hd, md->sin + (long)pos[m] * hd, hd);
-        const long off = cache_off(md, seq[m], pos[m]) + g * hd;
+        const long off = cache_off(md, seq[m], pos[m]) + g * hd, kt = kt_off(md, seq[m], g) + pos[m];
         if (md->dtype) {
-            store_row(1, (uint16_t *)md->kcache[l] + off, k, hd);
+            uint16_t kb[256];
+            store_row(1, kb, k, hd);
+            for (int d = 0; d < hd; d++) ((uint16_t *)md->kcache[l])[kt + (long)d * md->max_len] = kb[d];
             store_row(1, (uint16_t *)md->vcache[l] + off, v, hd);
         } else {
-            memcpy((float *)md->kcache[l] + off, k, sizeof(float) * hd);
+            for (int d = 0; d < hd; d++) ((float *)md->kcache[l])[kt + (long)d * md->max_len] = k[d];
             memcpy((float *)md->vcache[l] + off, v, sizeof(float) * hd);
         }
     }
@@ -455,14 +470,30 @@ static void attention(const Model *md, int l, float *qkv, const int *seq, const 
         rope(q, md->cos + (long)pos[m] * hd, md->sin + (long)pos[m] * hd, hd);
         const void *kc = md->kcache[l], *vc = md->vcache[l];
         const long base = cache_off(md, seq[m], 0) + g * hd, stride = (long)md->n_kv * hd;
+        const long kt = kt_off(md, seq[m], g);
         float mx = -INFINITY;
-        for (int j = 0; j < n; j++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int i = 0; i < hd; i += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(md->dtype, kc, base + j * stride + i), acc);
-            const float sc = _mm512_reduce_add_ps(acc) * scale;
-            scores[j] = sc;
-            mx = sc > mx ? sc : mx;
+        /* scores of 64 keys at a time: four independent FMA chains over the head dimensions,
+         * each lane summing d = 0..hd-1 in order (the same for every row, whatever its neighbours) */
+        for (int j0 = 0; j0 < n; j0 += 64) {
+            __mmask16 mask[4];
+            __m512 acc[4];
+            for (int b = 0; b < 4; b++) {
+                const int valid = n - j0 - 16 * b;
+                mask[b] = valid >= 16 ? (__mmask16)0xFFFF : valid > 0 ? (__mmask16)((1u << valid) - 1u) : 0;
+                acc[b] = _mm512_setzero_ps();
+            }
+            for (int d = 0; d < hd; d++) {
+                const __m512 qd = _mm512_set1_ps(q[d]);
+                const long r = kt + (long)d * md->max_len + j0;
+                for (int b = 0; b < 4; b++)
+                    acc[b] = _mm512_fmadd_ps(qd, load16_masked(md->dtype, kc, r + 16 * b, mask[b]), acc[b]);
+            }
+            for (int b = 0; b < 4 && mask[b]; b++) {
+                const __m512 sc = _mm512_mul_ps(acc[b], _mm512_set1_ps(scale));
+                _mm512_mask_storeu_ps(scores + j0 + 16 * b, mask[b], sc);
+                const float bm = _mm512_mask_reduce_max_ps(mask[b], sc);
+                mx = bm > mx ? bm : mx;
+            }
         }
         __m512 sum = _mm512_setzero_ps();
         int j = 0;
@@ -480,12 +511,14 @@ static void attention(const Model *md, int l, float *qkv, const int *seq, const 
         }
         const float inv = 1.0f / _mm512_reduce_add_ps(sum);
         float *o = out + (long)m * q_w + h * hd;
-        for (int i = 0; i < hd; i += 16) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int jj = 0; jj < n; jj++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[jj]), load16(md->dtype, vc, base + jj * stride + i), acc);
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        __m512 acc[16]; /* hd / 16 independent chains (hd <= 256), each over the keys in order */
+        for (int c = 0; c < hd / 16; c++) acc[c] = _mm512_setzero_ps();
+        for (int jj = 0; jj < n; jj++) {
+            const __m512 w = _mm512_set1_ps(scores[jj]);
+            for (int c = 0; c < hd / 16; c++)
+                acc[c] = _mm512_fmadd_ps(w, load16(md->dtype, vc, base + jj * stride + 16 * c), acc[c]);
         }
+        for (int c = 0; c < hd / 16; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
     }
 }
 

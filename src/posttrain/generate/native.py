@@ -203,8 +203,8 @@ def unsupported_reason(model) -> str | None:
         return f"the CPU lacks {', '.join(sorted(need - flags))}"
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    if cfg.hidden_size % 16 or cfg.intermediate_size % 16 or hd % 32 or cfg.num_attention_heads % kv:
-        return "hidden/intermediate sizes must be multiples of 16 and the head size a multiple of 32"
+    if cfg.hidden_size % 16 or cfg.intermediate_size % 16 or hd % 32 or hd > 256 or cfg.num_attention_heads % kv:
+        return "hidden/intermediate sizes must be multiples of 16 and the head size a multiple of 32 up to 256"
     if compiler() is None:
         return "no C compiler found (set CC or install gcc)"
     return None
@@ -368,9 +368,10 @@ class NativeLM:
     def allocate(self, n_seq: int, max_len: int) -> None:
         """Room for `n_seq` sequences of up to `max_len` tokens; cache contents are not kept."""
         cfg = self.config
-        shape = (n_seq, max_len, self.n_kv, self.head_dim)
-        self.kcache = [torch.empty(shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.vcache = [torch.empty(shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        k_shape = (n_seq, self.n_kv, self.head_dim, max_len)  # K transposed: keys along the lanes
+        v_shape = (n_seq, max_len, self.n_kv, self.head_dim)
+        self.kcache = [torch.empty(k_shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.vcache = [torch.empty(v_shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
         cos, sin = self.rotary(torch.zeros(1), torch.arange(max_len)[None])
         self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         self.cache_arrays = {"kcache": _ptrs(self.kcache), "vcache": _ptrs(self.vcache)}
