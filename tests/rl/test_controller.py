@@ -1,11 +1,6 @@
 """The single-controller driver on a tiny model: batches, GRPO/RLOO/PPO runs, local vs Ray."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -230,45 +225,18 @@ def test_dynamic_sampling_drops_groups_that_agree_and_refills():
     assert m["dynamic_sampling/rounds"] == 2 and m["dynamic_sampling/kept_share"] == 0.5
 
 
-WORKER = str(Path(__file__).with_name("rl_worker.py"))
-
-
-def _spawn(cfg, *extra, wait=True):
-    path = Path(cfg.output_dir + ".json")
-    path.write_text(cfg.model_dump_json())
-    cmd = [sys.executable, WORKER, str(path), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if wait:
-        subprocess.run(cmd, check=True, env=env, timeout=600)
-        return None
-    return subprocess.Popen(cmd, env=env)
-
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_sigkill_mid_rl_then_resume_matches_the_uninterrupted_run(rl_setup, stage):
     """Policy, critic, optimizers, schedules, RNG, prompt cursor and adaptive KL all come back:
     a run killed with SIGKILL and resumed ends on the uninterrupted run's weights exactly."""
-    from safetensors.torch import load_file
-
-    from posttrain.train.loop import checkpoint_dirs
+    from tests.rl.rl_worker import straight_and_killed
 
     extra = {"train": {"save_every": 2, "warmup_ratio": 0.2, "schedule": "cosine"},
              "algo": {"kl_target": 0.01, "kl_coef": 0.1}, "adapter": {"dropout": 0.1}}
     straight = rl_setup(stage, 12, **extra)
     killed = rl_setup(stage, 12, output_dir=straight.output_dir + "-killed", **extra)
-    _spawn(straight)
-    proc = _spawn(killed, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and not checkpoint_dirs(Path(killed.output_dir)):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (Path(killed.output_dir) / "final").exists(), "the run ended before the kill: nothing was tested"
-    step = int(checkpoint_dirs(Path(killed.output_dir))[-1].name.split("-")[1])
-    assert 2 <= step < 12
-    _spawn(killed, "--resume")
-    a = load_file(str(Path(straight.output_dir) / "final" / "adapter_model.safetensors"))
-    b = load_file(str(Path(killed.output_dir) / "final" / "adapter_model.safetensors"))
+    a, b = straight_and_killed(straight, killed, 12)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

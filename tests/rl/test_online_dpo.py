@@ -25,21 +25,26 @@ def test_all_pairs_best_separated_first_capped_and_without_repeated_texts():
     assert [(p["chosen"], p["rejected"]) for p in capped] == [("b", "a")]
 
 
-def test_online_dpo_raises_the_reward_of_fresh_samples(tmp_path, tokenizer):
-    save_model(tiny_model(tokenizer, seed=2), tokenizer, tmp_path / "tiny")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(16)))
-    cfg = OnlineDPOConfig.model_validate({
-        "output_dir": str(tmp_path / "run"), "model": {"name": str(tmp_path / "tiny"), "dtype": "fp32"},
-        "adapter": {"method": "lora", "r": 8, "alpha": 16},
-        "data": {"prompts": str(prompts)},
+def _config(tmp_path, tokenizer, name="run", dropout=0.0, **train):
+    if not (tmp_path / "tiny").exists():
+        save_model(tiny_model(tokenizer, seed=2), tokenizer, tmp_path / "tiny")
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(16)))
+    return OnlineDPOConfig.model_validate({
+        "output_dir": str(tmp_path / name), "model": {"name": str(tmp_path / "tiny"), "dtype": "fp32"},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": dropout},
+        "data": {"prompts": str(tmp_path / "prompts.jsonl")},
         # replies that start with a space win; with top-k 8 the random model's first token is
         # a space-led one about 65% of the time, so there is a preference to learn
         "reward": {"type": "format", "pattern": "^\\s"},
         "sampling": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 2, "top_k": 8},
         "dpo": {"beta": 0.5},
-        "train": {"max_steps": 24, "lr": 2e-2, "progress": False},
+        "train": {"max_steps": 24, "lr": 2e-2, "progress": False, **train},
     })
+
+
+def test_online_dpo_raises_the_reward_of_fresh_samples(tmp_path, tokenizer):
+    cfg = _config(tmp_path, tokenizer)
     manifest = run_online_dpo(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 25))
@@ -60,3 +65,16 @@ def test_bad_online_configs_name_the_field(extra, message):
     raw = {"data": {"prompts": "p.jsonl"}, "reward": {"type": "verifier"}, **extra}
     with pytest.raises(ValueError, match=message):
         OnlineDPOConfig.model_validate(raw)
+
+
+def test_sigkill_mid_online_dpo_then_resume_matches_the_uninterrupted_run(tmp_path, tokenizer):
+    from tests.rl.rl_worker import straight_and_killed
+
+    extra = {"max_steps": 10, "save_every": 3, "warmup_ratio": 0.2, "schedule": "cosine"}
+    a, b = straight_and_killed(_config(tmp_path, tokenizer, "straight", dropout=0.1, **extra),
+                               _config(tmp_path, tokenizer, "killed", dropout=0.1, **extra), 10)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))

@@ -12,6 +12,7 @@ step, so the curve shows the policy improving on its own samples.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from typing import Any, Literal
 
@@ -109,6 +110,21 @@ def preference_pairs(prompts: list, records: list[dict], completions: list[list[
     return pairs
 
 
+def save_online_checkpoint(run_dir, model, optimizer, scheduler, reward_fn, step: int, keep: int):
+    """checkpoints/step-N atomically: trainable weights, optimizer, schedule, RNG, reward state."""
+    from posttrain.fileio import atomic_dir
+    from posttrain.train.loop import prune_checkpoints, save_train_state
+
+    final = run_dir / "checkpoints" / f"step-{step}"
+    with atomic_dir(final) as tmp:
+        save_train_state(tmp, model, optimizer, scheduler)
+        if hasattr(reward_fn, "state_dict"):
+            (tmp / "reward.json").write_text(json.dumps(reward_fn.state_dict()))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))  # written last: marks complete
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
 def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the stage end to end; returns the manifest."""
     from accelerate import Accelerator
@@ -124,15 +140,17 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     from posttrain.rl.rewards import build_reward
     from posttrain.rl.rollout import RolloutModel, prompt_batches, reward_ends
     from posttrain.stage import stage_inputs, start_stage
-    from posttrain.train.loop import MetricsLog, build_optimizer, lr_lambda, optimizer_step
+    from posttrain.train.loop import (MetricsLog, build_optimizer, checkpoint_dirs, load_train_state, lr_lambda,
+                                      optimizer_step)
 
-    if resume:
-        raise ValueError("online DPO has no checkpoints to resume from yet; rerun with --overwrite")
-    run = start_stage(cfg, overwrite=overwrite, seed=cfg.train.seed)
+    run = start_stage(cfg, resume=resume, overwrite=overwrite, seed=cfg.train.seed)
     model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
+    ckpt = checkpoint_dirs(run_dir)[-1] if resume and checkpoint_dirs(run_dir) else None
+    if resume and ckpt is None:
+        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     records = load_records(cfg.data.prompts, kind="prompt").records
     reward_fn = build_reward(cfg.reward, tokenizer=tokenizer)
-    before = evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {}
+    before = run.cached("eval_before.json", lambda: evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {})
 
     reference = None
     if cfg.dpo.needs_reference and (cfg.dpo.reference == "copy" or not disables_to_base(cfg.adapter)):
@@ -151,10 +169,20 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     s = cfg.sampling
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p,
                            top_k=s.top_k, chat=True)
-    history: list[dict] = []
     rounds = prompt_batches(records, s.prompts_per_step, cfg.train.seed)
-    log = MetricsLog(run_dir, None, enabled=True)  # metrics.jsonl + TensorBoard, as the offline loop
-    bar = tqdm(range(cfg.train.max_steps), desc="online dpo", disable=not cfg.train.progress, dynamic_ncols=True)
+    start = 0
+    if ckpt is not None:  # weights, optimizer, schedule, RNG, reward state; the prompt cursor re-advanced
+        load_train_state(ckpt, raw, optimizer, scheduler)
+        if hasattr(reward_fn, "load_state_dict"):
+            reward_fn.load_state_dict(json.loads((ckpt / "reward.json").read_text()))
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+        for _ in range(start):
+            next(rounds)
+        print(f"resumed from {ckpt} (step {start} of {cfg.train.max_steps})")
+    log = MetricsLog(run_dir, start if ckpt is not None else None, enabled=True)  # metrics.jsonl + TensorBoard
+    history: list[dict] = [json.loads(line) for line in log.path.read_text().splitlines()] if ckpt else []
+    bar = tqdm(range(start, cfg.train.max_steps), desc="online dpo", disable=not cfg.train.progress,
+               dynamic_ncols=True, initial=start, total=cfg.train.max_steps)
     for step in bar:
         t0 = time.perf_counter()
         batch_records = next(rounds)
@@ -192,6 +220,9 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
         history.append(row)
         log.write(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", pairs=row["pairs"])
+        done = step + 1
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+            save_online_checkpoint(run_dir, raw, optimizer, scheduler, reward_fn, done, cfg.train.keep_checkpoints)
 
     log.close()
     save_model(raw, tokenizer, run_dir / "final")
