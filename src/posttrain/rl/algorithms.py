@@ -189,17 +189,21 @@ def _clip_range(cfg) -> tuple[float, float]:
     return low, cfg.clip_high if getattr(cfg, "clip_high", None) is not None else low
 
 
-@POLICY_LOSSES.register("ppo")
-def ppo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, rows: Tensor, cfg) -> tuple[Tensor, dict]:
-    """PPO's clipped surrogate per token: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))."""
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, logp: Tensor, old_logp: Tensor, cfg) -> tuple[Tensor, dict]:
+    """max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) per token, with the clip metrics."""
     low, high = _clip_range(cfg)
-    ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - low, 1 + high)
     with torch.no_grad():
         metrics = {"clipfrac": (clipped > unclipped).float().mean().item(),
                    "approx_kl": (0.5 * (logp - old_logp) ** 2).mean().item(), "ratio_max": ratio.max().item()}
     return torch.maximum(unclipped, clipped), metrics
+
+
+@POLICY_LOSSES.register("ppo")
+def ppo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, rows: Tensor, cfg) -> tuple[Tensor, dict]:
+    """PPO's clipped surrogate on each token's own ratio (clip-higher when eps_high > eps_low)."""
+    return _clipped_surrogate(torch.exp(logp - old_logp), adv, logp, old_logp, cfg)
 
 
 def _per_row_mean(x: Tensor, rows: Tensor) -> Tensor:
@@ -215,15 +219,8 @@ def _per_row_mean(x: Tensor, rows: Tensor) -> Tensor:
 def gspo_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, rows: Tensor, cfg) -> tuple[Tensor, dict]:
     """GSPO-token: s = exp(mean over the sequence of log r) (its value), with each token's own
     gradient path (s * exp(logp - sg(logp))); clipped like PPO at the sequence level."""
-    low, high = _clip_range(cfg)
     log_s = _per_row_mean(logp - old_logp, rows)
-    ratio = torch.exp(log_s.detach() + logp - logp.detach())
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - low, 1 + high)
-    with torch.no_grad():
-        metrics = {"clipfrac": (clipped > unclipped).float().mean().item(),
-                   "approx_kl": (0.5 * (logp - old_logp) ** 2).mean().item(), "ratio_max": ratio.max().item()}
-    return torch.maximum(unclipped, clipped), metrics
+    return _clipped_surrogate(torch.exp(log_s.detach() + logp - logp.detach()), adv, logp, old_logp, cfg)
 
 
 @POLICY_LOSSES.register("cispo")
