@@ -47,6 +47,9 @@ def test_weights_gradients_optimizer_bytes_are_exact(tiny256):
     assert parts["weights"] == TINY_PARAMS * 4  # full + trainable_dtype fp32: the whole model in fp32
     assert parts["gradients"] == TINY_PARAMS * 4
     assert parts["optimizer"] == TINY_PARAMS * 8  # AdamW: two fp32 moments
+    assert parts["freed load copy"] == TINY_PARAMS * 2  # CPU: the bf16 copy the cast freed stays in the heap
+    fp32 = P.estimate(shape, P.Setup("sft", method="full", load_dtype="fp32", trainable_fp32=True, seq=32), dev)
+    assert "freed load copy" not in {p.name for p in fp32.parts}
     bf16 = P.estimate(shape, P.Setup("sft", method="full", load_dtype="bf16", trainable_fp32=False, seq=32), dev)
     parts = {p.name: p.bytes for p in bf16.parts}
     assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (TINY_PARAMS * 2, TINY_PARAMS * 2,
@@ -189,3 +192,14 @@ def test_bad_device_and_size_are_clear_errors():
     with pytest.raises(P.PlanError, match="80GB"):
         P.parse_size("eighty")
     assert P.parse_size("24GiB") == P.parse_size("24GB") == 24 * P.GiB
+
+
+def test_gguf_metadata_gives_the_same_shape_as_the_converted_model():
+    """The default model's GGUF header (read by our parser, not loaded) against its converted config.json."""
+    from posttrain.models import default_gguf_path, default_model_dir
+
+    from_gguf = P.shape_from_gguf(default_gguf_path())
+    from_dir = P.shape_from_dir(default_model_dir())
+    for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "tied", "params"):
+        assert getattr(from_gguf, key) == getattr(from_dir, key), key
+    assert from_gguf.params == 134_515_008

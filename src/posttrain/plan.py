@@ -161,28 +161,85 @@ def shape_from_dir(model_dir: Path) -> ModelShape:
     return shape_from_config(cfg, str(cfg_path), params=counted[0], disk_bytes=counted[1])
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """(metadata, {tensor name: elements}) of a GGUF file, from its header only (arrays are
+    reduced to their length). Our own ~40 lines: gguf.GGUFReader also decodes every token
+    string, ~100x slower, and start_stage has ~50 ms."""
+    import mmap
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise PlanError(f"{path}: not a GGUF file")
+        pos = 8
+        n_tensors, n_kv = struct.unpack_from("<QQ", buf, pos)
+        pos += 16
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8 + n
+            return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+
+        def value(kind: int):
+            nonlocal pos
+            if kind == 8:
+                return string()
+            if kind == 9:
+                elem, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if elem in _GGUF_SCALARS:
+                    pos += struct.calcsize(_GGUF_SCALARS[elem]) * count
+                elif elem == 8:  # strings (the vocabulary): skip by their lengths
+                    unpack = struct.Struct("<Q").unpack_from
+                    for _ in range(count):
+                        pos += 8 + unpack(buf, pos)[0]
+                else:
+                    for _ in range(count):
+                        value(elem)
+                return count
+            fmt_ = _GGUF_SCALARS.get(kind)
+            if fmt_ is None:
+                raise PlanError(f"{path}: unknown GGUF value type {kind}")
+            (v,) = struct.unpack_from(fmt_, buf, pos)
+            pos += struct.calcsize(fmt_)
+            return v
+
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            (kind,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            meta[key] = value(kind)
+        tensors = {}
+        for _ in range(n_tensors):
+            name = string()
+            (dims,) = struct.unpack_from("<I", buf, pos)
+            shape = struct.unpack_from(f"<{dims}Q", buf, pos + 4)
+            pos += 4 + 8 * dims + 4 + 8  # dims, shape, type, offset
+            tensors[name] = math.prod(shape)
+    return meta, tensors
+
+
 def shape_from_gguf(path: Path) -> ModelShape:
     """Shape from GGUF metadata; the planner predicts the dequantized model the loader builds."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-
-    def value(key: str, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    arch = value("general.architecture", "llama")
-    heads = int(value(f"{arch}.attention.head_count"))
-    hidden = int(value(f"{arch}.embedding_length"))
-    tokens = value("tokenizer.ggml.tokens")
-    names = {t.name for t in reader.tensors}
-    cfg = {"hidden_size": hidden, "num_hidden_layers": int(value(f"{arch}.block_count")),
-           "num_attention_heads": heads, "num_key_value_heads": int(value(f"{arch}.attention.head_count_kv", heads)),
-           "head_dim": int(value(f"{arch}.attention.key_length", hidden // heads)),
-           "intermediate_size": int(value(f"{arch}.feed_forward_length")),
-           "vocab_size": int(value(f"{arch}.vocab_size", len(tokens) if tokens else 0)),
-           "tie_word_embeddings": "output.weight" not in names}
-    params = sum(int(t.n_elements) for t in reader.tensors)
+    meta, tensors = gguf_metadata(path)
+    arch = meta.get("general.architecture", "llama")
+    try:
+        heads = int(meta[f"{arch}.attention.head_count"])
+        hidden = int(meta[f"{arch}.embedding_length"])
+        cfg = {"hidden_size": hidden, "num_hidden_layers": int(meta[f"{arch}.block_count"]),
+               "num_attention_heads": heads,
+               "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+               "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+               "intermediate_size": int(meta[f"{arch}.feed_forward_length"]),
+               "vocab_size": int(meta.get(f"{arch}.vocab_size", meta.get("tokenizer.ggml.tokens", 0))),
+               "tie_word_embeddings": "output.weight" not in tensors}
+    except KeyError as exc:
+        raise PlanError(f"{path}: GGUF metadata lacks {exc}; the planner needs a decoder-only transformer") from None
+    params = sum(tensors.values())
     # the loader converts once to an fp32 safetensors copy, which later loads map
     return shape_from_config(cfg, str(path), params=params, disk_bytes=4 * params)
 
@@ -590,7 +647,14 @@ def estimate(shape: ModelShape, s: Setup, device: Device, runtime: int | None = 
     # the peak in backward: every activation still held plus the head's buffers and the first
     # (head) gradient; or at its end, every gradient; the optimizer state lives through both
     active = acts + head + head_grad
-    steady = weights + optimizer + max(active, grads) + sum(b for _, b in s.extra_copies) + s.kv_cache
+    # CPU: full/freeze training casts the loaded weights to fp32 tensor by tensor; glibc keeps most of the
+    # freed copy in its heap (measured on the default model: 205 of the 269 MB came back only with
+    # malloc_trim), so it stays resident through training
+    cast_leftover = 0
+    if device.kind == "cpu" and s.method in ("full", "freeze") and s.compute_dtype != s.load_dtype:
+        cast_leftover = shape.params * DTYPE_BYTES[s.load_dtype]
+    steady = (weights + optimizer + max(active, grads) + cast_leftover + sum(b for _, b in s.extra_copies)
+              + s.kv_cache)
     runtime = (CPU_RUNTIME if device.kind == "cpu" else CUDA_RUNTIME) if runtime is None else runtime
     # CPU: loading maps the checkpoint file (its pages count as resident) while the weights are built
     disk = shape.disk_bytes or shape.params * 4
@@ -609,6 +673,9 @@ def estimate(shape: ModelShape, s: Setup, device: Device, runtime: int | None = 
     n_loss = min(s.loss_positions, HEAD_CHUNK)
     parts.append(Part("head (logits)", head + head_grad, f"{n_loss} loss positions x {shape.vocab} vocab"
                       + (" (one chunk)" if s.loss_positions > HEAD_CHUNK else "")))
+    if cast_leftover:
+        parts.append(Part("freed load copy", cast_leftover, f"the {s.load_dtype} weights cast to fp32: freed, "
+                          "but kept in the C heap (model.dtype=fp32 avoids it)"))
     for name, b in s.extra_copies:
         parts.append(Part(name, b, "frozen, forward only"))
     if s.kv_cache:
@@ -651,6 +718,9 @@ def suggest(plan: Plan, runtime: int | None = None) -> list[tuple[str, int]]:
     if s.method in ("full", "freeze"):
         out.append(("adapter.method=lora (r=16, frozen base in bf16)",
                     dataclasses.replace(s, method="lora", load_dtype="bf16" if dev.fast_bf16 else s.load_dtype)))
+        if dev.kind == "cpu" and s.trainable_fp32 and s.load_dtype != "fp32":
+            out.append(("model.dtype=fp32 (load straight in fp32: no freed bf16 copy left in the heap)",
+                        dataclasses.replace(s, load_dtype="fp32")))
         if s.trainable_fp32 and dev.fast_bf16:
             out.append(("adapter.trainable_dtype=same model.dtype=bf16 (pure bf16 training)",
                         dataclasses.replace(s, trainable_fp32=False, load_dtype="bf16")))
