@@ -203,3 +203,14 @@ def test_gguf_metadata_gives_the_same_shape_as_the_converted_model():
     for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "tied", "params"):
         assert getattr(from_gguf, key) == getattr(from_dir, key), key
     assert from_gguf.params == 134_515_008
+
+
+def test_quantize_plans_forward_only_unless_qat(tiny256):
+    from posttrain.compress.quantize import QuantizeConfig
+
+    ptq = P.plan_stage(build_config(QuantizeConfig, overrides=[f"model.name={tiny256}"]), stated())
+    assert "gradients" not in {p.name for p in ptq.parts} and ptq.setup.forward_only
+    qat = P.plan_stage(build_config(QuantizeConfig, overrides=[f"model.name={tiny256}", "qat.data=t.jsonl"]), stated())
+    parts = {p.name: p.bytes for p in qat.parts}
+    assert parts["gradients"] == parts["weights"] == TINY_PARAMS * 4  # QAT trains the fp32 model
+    assert parts["teacher (frozen bf16 copy)"] == TINY_PARAMS * 2  # qat.objective=distill: the float model

@@ -455,10 +455,20 @@ def setup_of(cfg: Any, shape: ModelShape, device: Device, extra_shapes: dict[str
     """The Setup a stage config describes (fields read by name: the planner sits below the stages)."""
     stage = str(_get(cfg, "stage", "sft")).replace("-", "_")
     adapter = _get(cfg, "adapter")
-    method = _get(adapter, "method", "full") if adapter is not None else "none"
-    load_dtype = resolve_load_dtype(_get(cfg, "model.dtype", "auto"), device)
     train = _get(cfg, "train")
     data = _get(cfg, "data")
+    if stage == "quantize" and _get(cfg, "qat") is None:
+        train = None  # post-training quantization: no training (its train section is QAT's)
+    if stage == "prune":  # trains only in its recovery section
+        recovery = _get(cfg, "recovery")
+        adapter, train, data = (_get(recovery, "adapter"), _get(recovery, "train"), _get(recovery, "data"))
+    method = _get(adapter, "method", "full") if adapter is not None else ("full" if train is not None else "none")
+    load_dtype = resolve_load_dtype(_get(cfg, "model.dtype", "auto"), device)
+    extra = []
+    if stage == "quantize" and train is not None:
+        load_dtype = "fp32"  # QAT loads the model in fp32 (run_quantize)
+        if _get(cfg, "qat.objective", "distill") == "distill":
+            extra.append(("teacher (frozen bf16 copy)", shape.params * 2))
     max_length = int(_get(data, "max_length", 0) or _get(data, "max_prompt_length", 0) or 512)
     kw: dict[str, Any] = {}
     if train is not None:
@@ -498,7 +508,7 @@ def setup_of(cfg: Any, shape: ModelShape, device: Device, extra_shapes: dict[str
             emb = shape.vocab * shape.hidden if _get(adapter, "freeze_embeddings", False) else 0
             kw["frozen_fraction"] = min(1.0, (k * per_layer + emb) / shape.params)
     weights_of = lambda s, dt: s.params * DTYPE_BYTES[resolve_load_dtype(dt, device)]  # noqa: E731
-    copies = [(name, weights_of(s, dt)) for name, (s, dt) in extra_shapes.items()]
+    copies = [(name, weights_of(s, dt)) for name, (s, dt) in extra_shapes.items()] + extra
     peft = method in ("lora", "dora", "ia3", "prompt")
     if stage == "dpo":
         ref = str(_get(cfg, "dpo.reference", "auto"))
