@@ -417,6 +417,7 @@ class Setup:
     seq: int = 2048  # tokens per sequence (packing: one row of `seq` tokens)
     loss_tokens: int | None = None  # positions that carry loss per micro-batch (None: every position)
     packed: bool = True
+    max_length: int = 0  # data.max_length (a packed row holds one example up to this long)
     checkpointing: bool = False
     optimizer: str = "adamw"  # adamw | adamw8bit (a what-if: posttrain has no 8-bit optimizer)
     shards: int = 1  # FSDP processes the weights, gradients and optimizer are split over
@@ -488,7 +489,7 @@ def setup_of(cfg: Any, shape: ModelShape, device: Device, extra_shapes: dict[str
         else:
             rows, seq = batch * (2 if stage in ("dpo", "rm") else 1), max_length  # a pair: two rows
         if "rows" not in kw:
-            kw.update(rows=rows, seq=seq, packed=packing)
+            kw.update(rows=rows, seq=seq, packed=packing, max_length=max_length)
         kw["checkpointing"] = bool(_get(train, "gradient_checkpointing", False))
     else:
         kw["forward_only"] = True
@@ -735,8 +736,10 @@ def suggest(plan: Plan, runtime: int | None = None) -> list[tuple[str, int]]:
             out.append(("adapter.trainable_dtype=same model.dtype=bf16 (pure bf16 training)",
                         dataclasses.replace(s, trainable_fp32=False, load_dtype="bf16")))
     if s.packed and s.seq > 512:
-        out.append((f"train.max_tokens={s.seq // 2} (tokens per packed micro-batch; raise train.grad_accum to "
-                    "keep the step size)", dataclasses.replace(s, seq=s.seq // 2)))
+        n = s.seq // 2
+        out.append((f"train.max_tokens={n}" + (f" data.max_length={n}" if s.max_length > n else "")
+                    + " (tokens per packed micro-batch; raise train.grad_accum to keep the step size)",
+                    dataclasses.replace(s, seq=n)))
     if not s.packed and s.rows > 1:
         out.append((f"train.batch_size={max(1, s.rows // 2)} with train.grad_accum x2 (same step size)",
                     dataclasses.replace(s, rows=max(1, s.rows // 2))))
