@@ -104,17 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="ask through the chat template; score the reply's code block")
 
     p = sub.add_parser("plan", help="will it fit? predict a recipe's peak memory and step time before loading",
-                       description="Predict the peak memory of a training recipe from the model's config.json "
-                                   "(or GGUF metadata) alone: weights, gradients, optimizer state, activations, the "
-                                   "vocabulary head, reference/teacher copies, the rollout KV cache, and on CPU the "
-                                   "load peak. Prints a table, whether it fits the device, and what to change when "
-                                   "it does not (with the predicted peak of each change). Nothing is loaded.",
+                       description="Predict the peak memory of a training recipe from the model's config.json\n"
+                                   "(or GGUF metadata) alone: weights, gradients, optimizer state, activations,\n"
+                                   "the vocabulary head, reference/teacher copies, the rollout KV cache, and on\n"
+                                   "CPU the load peak. Prints a table, whether it fits the device, and when it\n"
+                                   "does not, what to change with the predicted peak of each change (exit 1).\n"
+                                   "Nothing is loaded.",
                        epilog="examples:\n"
                               "  posttrain plan --config recipes/sft_full.yaml\n"
-                              "  posttrain plan -c recipes/sft_lora.yaml model.name=HuggingFaceTB/SmolLM2-1.7B "
-                              "data.max_length=4096 --device cuda:24GB\n"
-                              "Training stages run the same check at start and refuse a run that cannot fit "
-                              "(--no-memory-check runs it anyway). CPU figures are checked by bench/plan_check.py "
+                              "  posttrain plan -c recipes/sft_lora.yaml model.name=HuggingFaceTB/SmolLM2-1.7B \\\n"
+                              "      data.max_length=4096 --device cuda:24GB\n"
+                              "  (a hub id needs its config.json in the local HF cache: the planner reads no network)\n"
+                              "Training stages run the same check at start and refuse a run that cannot fit\n"
+                              "(--no-memory-check runs it anyway). CPU figures are checked by bench/plan_check.py\n"
                               "(BENCHMARKS.md); GPU figures are unchecked.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="the stage's recipe YAML (its stage: key names the stage; default sft)")
