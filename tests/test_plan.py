@@ -214,3 +214,23 @@ def test_quantize_plans_forward_only_unless_qat(tiny256):
     parts = {p.name: p.bytes for p in qat.parts}
     assert parts["gradients"] == parts["weights"] == TINY_PARAMS * 4  # QAT trains the fp32 model
     assert parts["teacher (frozen bf16 copy)"] == TINY_PARAMS * 2  # qat.objective=distill: the float model
+
+
+def test_cpu_checkpointing_over_a_frozen_base_is_not_credited_unless_malloc_returns_memory(tiny256, monkeypatch):
+    """glibc keeps what recomputed layers free (bench: LoRA + checkpointing peaked above the plain run)."""
+    shape, _ = P.read_model_shape(str(tiny256))
+
+    def acts(device, **kw):
+        plan = P.estimate(shape, P.Setup("sft", method="lora", seq=128, **kw), device)
+        return {p.name: p.bytes for p in plan.parts}["activations"]
+
+    plain = acts(stated())
+    assert acts(stated(), checkpointing=True) == plain  # the bound we can state on CPU
+    assert acts(stated(), checkpointing=True, fixed_mmap_threshold=True) < plain
+    assert acts(P.get_device("cuda:8GB"), checkpointing=True) < plain  # no glibc heap on a GPU
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    from posttrain.train.sft import SFTConfig
+
+    cfg = build_config(SFTConfig, overrides=[f"model.name={tiny256}", "data.train=t.jsonl",
+                                             "train.gradient_checkpointing=true"])
+    assert P.plan_stage(cfg, stated()).setup.fixed_mmap_threshold
