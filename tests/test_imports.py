@@ -18,7 +18,7 @@ PACKAGE = "posttrain"
 LAYERS = [
     ["config", "fileio", "registry", "hf_imports"],
     ["models", "quantized", "adapters", "kernels"],
-    ["stage", "data"],
+    ["stage", "plan", "data"],
     ["generate"],
     ["eval"],
     ["train"],

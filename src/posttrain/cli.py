@@ -24,6 +24,8 @@ def _add_stage(sub, stage: Stage):
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key with its value) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when `posttrain plan` predicts the run will not fit the device's memory")
     if stage.backends:
         p.add_argument("--backend", choices=["local", "ray"],
                        help="where the worker groups run (default: the config's backend, local)")
@@ -100,6 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256, help="per completion (default 256)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="ask through the chat template; score the reply's code block")
+
+    p = sub.add_parser("plan", help="will it fit? predict a recipe's peak memory and step time before loading",
+                       description="Predict the peak memory of a training recipe from the model's config.json\n"
+                                   "(or GGUF metadata) alone: weights, gradients, optimizer state, activations,\n"
+                                   "the vocabulary head, reference/teacher copies, the rollout KV cache, and on\n"
+                                   "CPU the load peak. Prints a table, whether it fits the device, and when it\n"
+                                   "does not, what to change with the predicted peak of each change (exit 1).\n"
+                                   "Nothing is loaded.",
+                       epilog="examples:\n"
+                              "  posttrain plan --config recipes/sft_full.yaml\n"
+                              "  posttrain plan -c recipes/sft_lora.yaml model.name=HuggingFaceTB/SmolLM2-1.7B \\\n"
+                              "      data.max_length=4096 --device cuda:24GB\n"
+                              "  (a hub id needs its config.json in the local HF cache: the planner reads no network)\n"
+                              "Training stages run the same check at start and refuse a run that cannot fit\n"
+                              "(--no-memory-check runs it anyway). CPU figures are checked by bench/plan_check.py\n"
+                              "(BENCHMARKS.md); GPU figures are unchecked.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="the stage's recipe YAML (its stage: key names the stage; default sft)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for the stage's verb")
+    p.add_argument("--stage", choices=[v for v in STAGES_FOR_CLI], help="the stage (default: the recipe's stage:)")
+    p.add_argument("--device", help="cpu (this machine's available RAM), cuda (device 0's free memory), or a "
+                                    "stated size: cpu:64GB, cuda:80GB (GB = GiB) (default: cuda if present, else cpu)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak matmul TFLOP/s for the step-time estimate (default on cpu: measured)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("generate", help="generate text from prompts",
                        description="Generate from one or more prompts (or a JSONL file of {prompt}).",
@@ -312,9 +339,48 @@ def cmd_stage(args) -> int:
         print(dump_config(build_config(config_cls, args.config, overrides)), end="")
         return 0
     cfg = build_config(config_cls, args.config, overrides)
+    if args.no_memory_check:
+        import os
+
+        from posttrain.plan import SKIP_ENV
+
+        os.environ[SKIP_ENV] = "0"
     manifest = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {cfg.output_dir}  (final model: {cfg.output_dir}/final)")
     return 0 if manifest else 1
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from posttrain.config import build_config, load_yaml
+    from posttrain.plan import format_plan, get_device, measure_cpu_flops, plan_stage
+    from posttrain.stages import stage_of_recipe
+
+    stage = STAGES.get(args.stage) if args.stage else stage_of_recipe(load_yaml(args.config) if args.config else {})
+    config_cls, _ = stage.load()
+    overrides = [f"{k}={v}" for k, v in stage.presets.items()] + list(args.overrides)
+    given = {o.split("=", 1)[0] for o in overrides}
+    data = load_yaml(args.config) if args.config else {}
+    for placeholder in stage.placeholders:  # required data keys: the plan reads no data file
+        key = placeholder.split("=", 1)[0]
+        node = data
+        for part in key.split(".")[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if key not in given and key.split(".")[-1] not in (node if isinstance(node, dict) else {}):
+            overrides.append(placeholder)
+    cfg = build_config(config_cls, args.config, overrides)
+    device = get_device(args.device, args.peak_tflops)
+    if device.kind == "cpu" and not device.peak_flops:
+        import dataclasses
+
+        device = dataclasses.replace(device, peak_flops=measure_cpu_flops(), flops_measured=True)
+    plan = plan_stage(cfg, device)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan, stage.verb))
+    return 0 if plan.fits else 1
 
 
 def cmd_run(args) -> int:
@@ -676,7 +742,7 @@ COMMANDS = {**{v: cmd_stage for v in STAGES_FOR_CLI},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
             "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run,
-            "report": cmd_report}
+            "report": cmd_report, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward: activations "
+                                         "shrink to each layer's input plus one layer, for ~1/3 more compute")
     ewc_weight: float = Field(0.0, ge=0)
     progress: bool = True
 

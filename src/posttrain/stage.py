@@ -110,9 +110,15 @@ class StageRun:
 
 def start_stage(cfg, resume: bool = False, overwrite: bool = False, seed: int | None = None,
                 load: bool = True, dtype: str | None = None) -> StageRun:
-    """What every stage does first: the run dir with its config.yaml (refusing to mix two runs),
-    the seed, and the input model `cfg.model` (in `dtype` when the stage needs another)."""
+    """What every stage does first: the memory check (`plan.check_fits`: a run predicted not to fit
+    the device stops here, before it loads or writes anything), the run dir with its config.yaml
+    (refusing to mix two runs), the seed, and the input model `cfg.model` (in `dtype` when the
+    stage needs another)."""
     started = time.time()
+    if load or hasattr(cfg, "train"):  # a stage that holds a model: refuse one that cannot fit, before any write
+        from posttrain.plan import check_fits
+
+        check_fits(cfg)
     run_dir = prepare_run_dir(cfg.output_dir, cfg, resume=resume, overwrite=overwrite)
     if seed is not None:
         torch.manual_seed(seed)

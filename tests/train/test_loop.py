@@ -85,6 +85,27 @@ def test_packed_and_padded_training_reach_the_same_weights(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=2e-5, msg=n)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_reaches_the_same_weights(tmp_path, method):
+    """train.gradient_checkpointing recomputes layers in backward (the fused kernels step aside): same steps."""
+    from posttrain.adapters import AdapterConfig, apply_adapter
+    from posttrain.kernels import checkpointing
+    from posttrain.models import base_model
+
+    examples = make_examples()
+    runs = []
+    for ckpt in (False, True):
+        model = apply_adapter(tiny_model(vocab_size=256), AdapterConfig(method=method, r=4))
+        trained, _ = train(model, causal_lm_loss, examples, _cfg(lr=1e-3, shuffle=False, max_steps=3,
+                                                                 gradient_checkpointing=ckpt),
+                           tmp_path / f"{method}-{ckpt}", pad_token_id=0)
+        assert checkpointing(base_model(trained)) == ckpt
+        runs.append(trained)
+    assert _losses(tmp_path / f"{method}-False") == pytest.approx(_losses(tmp_path / f"{method}-True"), abs=1e-5)
+    for (n, p), (_, q) in zip(runs[0].named_parameters(), runs[1].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-5, msg=n)
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     f = lr_lambda(TrainConfig(warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1), 100)
     assert f(0) < f(5) < f(9) <= 1.0

@@ -316,6 +316,8 @@ class RLConfig(StageConfig):
             raise ValueError("algo.advantage: gae needs a critic, which only the ppo stage trains")
         if self.train.grad_accum != 1:
             raise ValueError("train.grad_accum: use algo.minibatches; micro-batches follow train.max_tokens")
+        if self.train.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing: the RL stages do not support it yet")
         return self
 
     @property

@@ -68,6 +68,8 @@ class OnlineDPOConfig(StageConfig):
         from posttrain.rl.rewards import parse_reward_config
 
         parse_reward_config(self.reward, source="reward")  # fail at load time, naming the field
+        if self.train.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing: online DPO does not support it yet")
         if self.dpo.unpaired:
             raise ValueError(f"dpo.loss: {self.dpo.loss} reads unpaired examples; online DPO trains on the pairs "
                              "it samples, so use a pair loss")

@@ -285,6 +285,18 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant; transformers 5 renamed the method).
+    Our fused kernels step aside under it (kernels.checkpointing)."""
+    from posttrain.models import base_model
+
+    base = base_model(model)
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def optimizer_step(model, objective: Objective, batches: list[dict], n_global: int, optimizer, scheduler,
                    cfg: TrainConfig, acc, regularizer: Regularizer | None = None,
                    stats: dict[str, float] | None = None) -> tuple[float, int, float | None]:
@@ -359,6 +371,8 @@ def train(
     n_loss = [loss_tokens(e) for e in train_examples]
     collate = make_collate(cfg.packing, pad_token_id, tasks, pairs=is_two_sided(train_examples[0]))
 
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     model, optimizer = acc.prepare(model, optimizer)
