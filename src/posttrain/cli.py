@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="task files: JSONL rows {prompt, answer}; perplexity files: rows {text}. "
                               "Or give --config with a tasks: list (see recipes/eval.yaml).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", default="default", help="model spec: default, HF dir, run dir, .gguf, hub id")
+    p.add_argument("--model", "-m", default="default", help="model spec: default, gemma3-270m, HF dir, run dir, .gguf, hub id")
     p.add_argument("--compare", help="a second model to compare against (e.g. the base)")
     p.add_argument("--config", "-c", help="YAML with a tasks: list (name, path, type, metric, extract, ...) "
                                           "and any option below by its long name (model, compare, limit, ...)")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/v1/completions (streaming with SSE), /v1/models, /health, /metrics (Prometheus). "
                                    "Concurrent compatible requests are decoded as one batch (--max-batch); a request "
                                    "running alone uses SAM speculative decoding by default.")
-    p.add_argument("model", nargs="?", default="default", help="model spec: default, HF dir, run dir, .gguf")
+    p.add_argument("model", nargs="?", default="default", help="model spec: default, gemma3-270m, HF dir, run dir, .gguf")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", help="the model name clients send (default: MODEL as given)")
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--method", default="bm25", choices=["bm25", "dense", "hybrid"])
         if name == "search":
             continue
-        q.add_argument("--model", "-m", default="default", help="model spec: default, HF dir, run dir, hub id")
+        q.add_argument("--model", "-m", default="default", help="model spec: default, gemma3-270m, HF dir, run dir, hub id")
         q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
         q.add_argument("--max-new-tokens", type=int, default=32 if name == "eval" else 64)
         if name == "eval":

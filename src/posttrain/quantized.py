@@ -169,42 +169,50 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, group_size={self.group_size}"
 
 
+def embed_scale(emb: nn.Module) -> float:
+    """The factor a scaled embedding (Gemma's sqrt(hidden)) multiplies its rows by; 1.0 for nn.Embedding."""
+    value = getattr(emb, "embed_scale", None)
+    return 1.0 if value is None else float(value)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """nn.Embedding times a constant, as Gemma's embedding: what a dequantized scaled embedding becomes.
+    Its state dict is an nn.Embedding's, so a saved model reloads into the family's own class."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float, dtype: torch.dtype | None = None):
+        super().__init__(num_embeddings, embedding_dim, dtype=dtype)
+        self.embed_scale = scale
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return super().forward(ids) * torch.tensor(self.embed_scale, dtype=self.weight.dtype)
+
+
 class QuantEmbedding(nn.Module):
     """int8 embedding rows with one fp16 scale per row (the rows of a tied LM head too).
 
-    `embed_scale` keeps the factor of an embedding that scales its output (Gemma3's
-    ScaledWordEmbedding: sqrt(hidden)); it is rebuilt from the config, not saved.
-    """
+    `embed_scale` keeps a scaled embedding's constant factor (Gemma multiplies every row by
+    sqrt(hidden_size); dropping it made Gemma 3 270M's perplexity 22.7 -> 6e6)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
-                 embed_scale: Tensor | None = None):
+                 embed_scale: float = 1.0):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.embed_scale = embed_scale
         self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(num_embeddings, 1, dtype=torch.float16))
-        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(),
-                             persistent=False)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "QuantEmbedding":
-        out = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.dtype, _embed_scale(emb))
+        out = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.dtype, embed_scale(emb))
         out.qweight, out.scale = quantize_int8(emb.weight.detach(), None)
         return out
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = F.embedding(ids, self.qweight).to(self.dtype)
-        out = rows * F.embedding(ids, self.scale).to(self.dtype)
-        return out if self.embed_scale is None else out * self.embed_scale.to(self.dtype)
-
-
-def _embed_scale(emb: nn.Module) -> Tensor | None:
-    """The output factor of a scaled embedding (a tensor or a float attribute `embed_scale`), else None."""
-    if getattr(emb, "scalar_embed_scale", None) is not None:  # survives a meta-device build, unlike the buffer
-        return torch.tensor(float(emb.scalar_embed_scale))
-    scale = getattr(emb, "embed_scale", None)
-    if scale is None:
-        return None
-    return scale if isinstance(scale, Tensor) else torch.tensor(float(scale))
+        rows = rows * F.embedding(ids, self.scale).to(self.dtype)
+        if self.embed_scale != 1.0:  # as the family's own module: the factor rounded to the compute dtype
+            rows = rows * torch.tensor(self.embed_scale, dtype=self.dtype)
+        return rows
 
 
 def tied_head(emb: QuantEmbedding) -> QuantLinear:
@@ -300,6 +308,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")
     model.to(dtype)
+    _init_computed_buffers(model)  # before the swap: a scaled embedding's factor is one of them
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name in target_linears(model, spec):
         lin = model.get_submodule(name)
@@ -307,7 +316,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
                                       lin.bias is not None, dtype))
     if spec.embeddings == "int8":
         emb = model.get_input_embeddings()
-        qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype, _embed_scale(emb))
+        qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype, embed_scale(emb))
         model.set_input_embeddings(qemb)
         head = model.get_output_embeddings()
         model.set_output_embeddings(tied_head(qemb) if tied else
@@ -336,11 +345,16 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
 
 
 def _init_rotary(model: nn.Module) -> None:
-    """Rotary tables (and Gemma3's embedding scale) are computed buffers, not saved: rebuild them
-    after a meta-device build."""
-    for m in model.modules():
-        if isinstance(getattr(m, "embed_scale", None), Tensor) and getattr(m, "scalar_embed_scale", None) is not None:
-            m.embed_scale.fill_(float(m.scalar_embed_scale))
+    """Rotary tables are computed buffers, not saved: rebuild them after a meta-device build
+    (`inv_freq`, or one table per layer type as Gemma 3's `sliding_attention_inv_freq`)."""
     for name, m in list(model.named_modules()):
         if name.endswith("rotary_emb") and any(b.endswith("inv_freq") for b, _ in m.named_buffers(recurse=False)):
             set_submodule(model, name, type(m)(m.config))
+
+
+def _init_computed_buffers(model: nn.Module) -> None:
+    """Other unsaved buffers (Gemma's embedding scale) hold garbage after `to_empty`: the model's
+    own initializer sets them (and re-initializes that module's weights, which loading replaces)."""
+    for name, m in model.named_modules():
+        if getattr(m, "_non_persistent_buffers_set", None) and not name.endswith("rotary_emb"):
+            model._init_weights(m)

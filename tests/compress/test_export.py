@@ -423,3 +423,23 @@ def test_default_model_q8_0_perplexity_within_one_percent(tmp_path):
     source, exported = perplexity(model, tokenizer, texts), perplexity(reloaded, tokenizer, texts)
     print(f"ppl source {source:.3f} q8_0 gguf {exported:.3f}, {result.size_bytes / 1e6:.1f} MB")
     assert exported == pytest.approx(source, rel=0.01)
+
+
+def test_gemma3_exports_as_hf_and_gguf_refuses_naming_the_architecture(bpe, tmp_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=len(bpe), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], pad_token_id=bpe.pad_token_id)
+    torch.manual_seed(0)
+    model = export.plain_model(Gemma3ForCausalLM(cfg).eval())  # its scaled embedding is a plain float module
+    ids = torch.tensor([bpe(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="this model's type is 'gemma3_text'. Export it as a HF directory"):
+        export_gguf(model, bpe, tmp_path / "m.gguf", "q8_0")
+    assert not (tmp_path / "m.gguf").exists()
+    out = export_hf(model, bpe, tmp_path / "hf", dtype="same")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, want)

@@ -27,6 +27,7 @@ from torch import nn
 
 from posttrain.fileio import atomic_write
 from posttrain.config import ModelConfig, StageConfig
+from posttrain.quantized import ScaledEmbedding
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")
@@ -139,6 +140,13 @@ def _dequantizer():
     return getattr(module, "dequantize_model", None)
 
 
+def _family_embedding(module: nn.Module, embedding: nn.Module) -> bool:
+    """A model family's own nn.Embedding subclass with a plain weight (Gemma's embedding scales its
+    rows by sqrt(hidden); posttrain.quantized.ScaledEmbedding is what a dequantized one becomes)."""
+    return module is embedding and isinstance(module, nn.Embedding) and (
+        type(module).__module__.startswith("transformers.models.") or type(module) is ScaledEmbedding)
+
+
 def _non_linear_projections(model) -> list[tuple[str, str]]:
     """(name, class) of every projection, embedding or head that is not a plain float module."""
     odd = []
@@ -148,9 +156,7 @@ def _non_linear_projections(model) -> list[tuple[str, str]]:
         if module is not embedding and module is not head and name.rsplit(".", 1)[-1] not in PROJECTIONS:
             continue
         weight = getattr(module, "weight", None)
-        # Gemma's embedding is an nn.Embedding subclass that scales by sqrt(hidden): plain float weights
-        plain = isinstance(module, nn.Embedding) if module is embedding else type(module) is nn.Linear
-        if not plain:
+        if type(module) is not want and not _family_embedding(module, embedding):
             odd.append((name, type(module).__name__))
         elif weight is None or type(weight.detach()) is not torch.Tensor or not weight.dtype.is_floating_point:
             odd.append((name, f"{want.__name__} with a {type(weight).__name__} weight"))

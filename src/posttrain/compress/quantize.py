@@ -28,6 +28,7 @@ from posttrain.quantized import (
     QuantEmbedding,
     QuantLinear,
     QuantSpec,
+    ScaledEmbedding,
     dequantize_int4,
     dequantize_int8,
     head_name,
@@ -116,7 +117,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             set_submodule(model, name, lin)
     emb = model.get_input_embeddings()
     if isinstance(emb, QuantEmbedding):
-        plain = nn.Embedding(emb.num_embeddings, emb.embedding_dim, dtype=dtype)
+        plain = (nn.Embedding(emb.num_embeddings, emb.embedding_dim, dtype=dtype) if emb.embed_scale == 1.0
+                 else ScaledEmbedding(emb.num_embeddings, emb.embedding_dim, emb.embed_scale, dtype=dtype))
         plain.weight.data = dequantize_int8(emb.qweight, emb.scale, dtype)
         model.set_input_embeddings(plain)
     head = model.get_output_embeddings()

@@ -41,7 +41,7 @@ RowVerifier = Callable[[dict], bool]  # a finished chat row (self-instruct) -> k
 # ================================================================================ config
 
 class TeacherConfig(Strict):
-    name: str = Field("default", description="'default', HF dir, run dir, .gguf file or hub id")
+    name: str = Field("default", description="a named model ('default' = SmolLM2-135M-Instruct, 'gemma3-270m'), HF dir, run dir, .gguf file or hub id")
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
 
 
