@@ -52,3 +52,18 @@ def test_adapters_and_integer_weights_stay_native_at_any_batch(model, tokenizer)
     if unsupported_reason(int8) is not None:
         pytest.skip(f"the native decoder cannot run int8 here: {unsupported_reason(int8)}")
     assert isinstance(rows(int8, 4 * AUTO_TORCH_BATCH), NativeRows)
+
+
+def test_torch_rows_feed_the_head_a_contiguous_input_and_leave_no_hook(model):
+    """hidden[:, -1:] is a strided view; the torch path hands the head a contiguous copy (a frozen
+    bf16 head copied its whole weight per row otherwise) and removes its hook after each call."""
+    seen = []
+    head = model.get_output_embeddings()
+    probe = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    rows = TorchRows(model, [[1, 2, 3], [4, 5]], pad_id=0)
+    with torch.no_grad():
+        first = rows.start()
+        rows.extend([[6], [7]])
+    probe.remove()
+    assert seen == [True, True] and first.shape[0] == 2
+    assert not head._forward_pre_hooks  # nothing left behind (the native decoder refuses hooked models)
