@@ -73,14 +73,14 @@ def main(argv=None) -> dict:
     records = [json.loads(line) for line in open("data/quickstart/test.jsonl")][:100]
     ids = encode_prompts(tok, [[{"role": "user", "content": r["prompt"]}] for r in records], chat=True)
     result = {"threads": torch.get_num_threads(), "prompt_tokens": sum(map(len, ids)), "decode": {}, "prompts": {}}
+    int8 = load_model(args.int8, dtype="auto")[0] if args.int8 else None
     with torch.inference_mode():
         lm = native_lm(model.eval(), required=True)
         for batch in ([1, 100] if args.quick else [1, 8, 100]):
             result["decode"][batch] = decode_steps(lm, batch)
             print(batch, result["decode"][batch], flush=True)
         result["prompts"]["bf16"] = prompts_and_decode(lm, ids)
-        if args.int8:
-            int8, _ = load_model(args.int8, dtype="auto")
+        if int8 is not None:
             result["prompts"]["int8"] = prompts_and_decode(native_lm(int8.eval(), required=True), ids)
     result.update(run_context(load_before, load_average(), "transformers"))
 

@@ -264,3 +264,12 @@ def test_packed_amx_prefill_rows_do_not_depend_on_the_prompts_beside_them(tokeni
     packed = NativeRows(lm, prompts, 1).start()
     alone = torch.cat([NativeRows(lm, [p], 1).start() for p in prompts])
     assert torch.equal(packed, alone)
+
+
+def test_a_model_loaded_under_inference_mode_packs(tokenizer):
+    with torch.inference_mode():
+        model = native_tiny(tokenizer)
+        lm = native_lm(model, required=True)
+        lm.allocate(1, 8)
+        assert lm.forward([1, 2, 3], [0, 0, 0], [0, 1, 2], [2]).shape == (1, model.config.vocab_size)
+        assert native_lm(model) is lm  # the signature is stable: no repack

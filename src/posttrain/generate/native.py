@@ -246,7 +246,9 @@ def _signature(model) -> tuple:
     (disable_adapter(), set_adapter() and merges change the weights without a tensor write)."""
     lora = tuple((m.disable_adapters, tuple(m.merged_adapters), tuple(m.active_adapters), tuple(m.scaling.items()))
                  for m in model.modules() if hasattr(m, "lora_A"))
-    return tuple((p.data_ptr(), p._version) for p in [*model.parameters(), *model.buffers()]) + lora
+    # inference tensors (made under torch.inference_mode) have no version counter: their pointer stands in
+    return tuple((p.data_ptr(), -1 if p.is_inference() else p._version)
+                 for p in [*model.parameters(), *model.buffers()]) + lora
 
 
 def _ptrs(tensors) -> ctypes.Array:
