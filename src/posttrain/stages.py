@@ -86,7 +86,7 @@ register_stage("prune", "prune: magnitude, Wanda, 2:4, depth (layers) or width (
 register_stage("distill", "knowledge distillation: logit (forward/reverse KL, JSD), sequence-level, on-policy",
                "posttrain.compress.distill:DistillConfig", "posttrain.compress.distill:run_distill",
                "model, teacher, adapter, data, distill, train, eval", recipe="distill", role="compress")
-register_stage("export", "export a model: merged HF directory, GGUF (F16, Q8_0) with a round-trip check",
+register_stage("export", "export a model: merged HF directory, GGUF (F16, Q8_0, Q4_0, Q4_K_M) with a round-trip check",
                "posttrain.compress.export:ExportConfig", "posttrain.compress.export:run_export",
                "model, formats, check", recipe="export", role="export")
 register_stage("scaling-fit", "fit the P2 law to pruning-recovery runs and predict a held-out ratio",

@@ -844,20 +844,16 @@ def held_out_reward(groups: Groups, records: list[dict], max_new_tokens: int) ->
 
 
 def save_rl_checkpoint(run_dir: Path, groups: Groups, driver: dict, keep: int) -> Path:
-    """checkpoints/step-N, atomically: each worker's state (actor and critic weights, optimizer,
-    schedule, its process's RNG; reward state per rank), the driver's KL coefficient and prompt
-    cursor (the driver draws no random numbers of its own)."""
-    from posttrain.fileio import atomic_dir
-    from posttrain.train.loop import prune_checkpoints
+    """checkpoints/step-N: each worker's state (actor and critic weights, optimizer, schedule,
+    its process's RNG; reward state per rank); state.json holds the driver's step, KL
+    coefficient and prompt cursor (the driver draws no random numbers of its own)."""
+    from posttrain.train.loop import write_checkpoint
 
-    final = run_dir / "checkpoints" / f"step-{driver['step']}"
-    with atomic_dir(final) as tmp:
+    def write(tmp: Path) -> None:
         for group in groups.unique():
             group.broadcast("save_state", str(tmp))
-        (tmp / "driver.json").write_text(json.dumps(driver, indent=2))
-        (tmp / "state.json").write_text(json.dumps({"step": driver["step"]}))  # written last: marks complete
-    prune_checkpoints(run_dir, keep)
-    return final
+
+    return write_checkpoint(run_dir, driver["step"], driver, keep, write)
 
 
 def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -870,13 +866,11 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     from posttrain.rl.algorithms import AdaptiveKL
     from posttrain.rl.rollout import prompt_batches, reward_ends
     from posttrain.stage import stage_inputs, start_stage
-    from posttrain.train.loop import MetricsLog, checkpoint_dirs
+    from posttrain.train.loop import MetricsLog, resume_point
 
     run = start_stage(cfg, resume=resume, overwrite=overwrite, load=False)  # the workers load their own copies
     run_dir = run.run_dir
-    ckpt = checkpoint_dirs(run_dir)[-1] if resume and checkpoint_dirs(run_dir) else None
-    if resume and ckpt is None:
-        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    ckpt = resume_point(run_dir, resume)
     records = load_records(cfg.data.prompts, kind="prompt").records
     held = None
     if cfg.eval.held_out_reward is not None:
@@ -903,7 +897,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     rounds = prompt_batches(records, cfg.rollout.prompts_per_step, cfg.train.seed)
     drawn, start = 0, 0
     if ckpt is not None:  # everything an uninterrupted run would hold at this step
-        driver = json.loads((ckpt / "driver.json").read_text())
+        driver = json.loads((ckpt / "state.json").read_text())
         start, kl.value, drawn = driver["step"], driver["kl_coef"], driver["rounds_drawn"]
         for _ in range(drawn):  # the prompt cursor: the same seeded shuffle, advanced as far
             next(rounds)
@@ -921,13 +915,15 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     bar = tqdm(range(start, cfg.train.max_steps), desc=cfg.stage, disable=not cfg.train.progress,
                dynamic_ncols=True, initial=start, total=cfg.train.max_steps)
+    next_group = 0
+
+    def refill() -> Batch:  # dynamic sampling's extra prompts: group ids after the step's own
+        nonlocal next_group
+        next_group += cfg.rollout.prompts_per_step
+        return prompt_batch(next_round(), k, first_group=next_group)
+
     for step in bar:
         t0 = time.perf_counter()
-        def refill() -> Batch:
-            nonlocal next_group
-            next_group += cfg.rollout.prompts_per_step
-            return prompt_batch(next_round(), k, first_group=next_group)
-
         next_group = 0
         batch, m = rl_step(groups, cfg, prompt_batch(next_round(), k), kl.value, seed=cfg.train.seed * 100_003 + step,
                            refill=refill)

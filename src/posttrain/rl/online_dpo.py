@@ -113,18 +113,15 @@ def preference_pairs(prompts: list, records: list[dict], completions: list[list[
 
 
 def save_online_checkpoint(run_dir, model, optimizer, scheduler, reward_fn, step: int, keep: int):
-    """checkpoints/step-N atomically: trainable weights, optimizer, schedule, RNG, reward state."""
-    from posttrain.fileio import atomic_dir
-    from posttrain.train.loop import prune_checkpoints, save_train_state
+    """checkpoints/step-N: trainable weights, optimizer, schedule, RNG, reward state."""
+    from posttrain.train.loop import save_train_state, write_checkpoint
 
-    final = run_dir / "checkpoints" / f"step-{step}"
-    with atomic_dir(final) as tmp:
+    def write(tmp) -> None:
         save_train_state(tmp, model, optimizer, scheduler)
         if hasattr(reward_fn, "state_dict"):
             (tmp / "reward.json").write_text(json.dumps(reward_fn.state_dict()))
-        (tmp / "state.json").write_text(json.dumps({"step": step}))  # written last: marks complete
-    prune_checkpoints(run_dir, keep)
-    return final
+
+    return write_checkpoint(run_dir, step, {"step": step}, keep, write)
 
 
 def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -142,14 +139,12 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     from posttrain.rl.rewards import build_reward
     from posttrain.rl.rollout import RolloutModel, prompt_batches, reward_ends
     from posttrain.stage import stage_inputs, start_stage
-    from posttrain.train.loop import (MetricsLog, build_optimizer, checkpoint_dirs, load_train_state, lr_lambda,
-                                      optimizer_step)
+    from posttrain.train.loop import (MetricsLog, build_optimizer, load_train_state, lr_lambda, optimizer_step,
+                                      resume_point)
 
     run = start_stage(cfg, resume=resume, overwrite=overwrite, seed=cfg.train.seed)
     model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
-    ckpt = checkpoint_dirs(run_dir)[-1] if resume and checkpoint_dirs(run_dir) else None
-    if resume and ckpt is None:
-        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    ckpt = resume_point(run_dir, resume)
     records = load_records(cfg.data.prompts, kind="prompt").records
     reward_fn = build_reward(cfg.reward, tokenizer=tokenizer)
     before = run.cached("eval_before.json", lambda: evaluate_all(model, tokenizer, cfg.eval) if cfg.eval.before else {})

@@ -179,20 +179,31 @@ def load_train_state(path: Path, model, optimizer, scheduler) -> None:
     load_rng(path)
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
+def write_checkpoint(run_dir: Path, step: int, fields: dict, keep: int, write: Callable[[Path], None]) -> Path:
+    """checkpoints/step-N atomically: `write(tmp)` fills a temp dir, state.json (`fields`) goes in
+    last and marks it complete, then the rename; only the newest `keep` are kept. Every trainer's
+    checkpoints (the offline loop, the RL driver, online DPO) are written here."""
+    final = run_dir / "checkpoints" / f"step-{step}"
+    with atomic_dir(final) as tmp:
+        write(tmp)
+        (tmp / "state.json").write_text(json.dumps(fields, indent=2))
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resume_point(run_dir: Path, resume: bool) -> Path | None:
+    """The last complete checkpoint when resuming; None (saying so when resuming) otherwise."""
+    ckpts = checkpoint_dirs(run_dir) if resume else []
+    if resume and not ckpts:
+        print(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0")
+    return ckpts[-1] if ckpts else None
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
-    """Write checkpoints/step-N atomically: a temp dir, fully written, then renamed."""
-    final = run_dir / "checkpoints" / f"step-{state.step}"
-    with atomic_dir(final) as tmp:
-        save_train_state(tmp, model, optimizer, scheduler)
-        fields = {k: v for k, v in state.__dict__.items() if k != "history"}
-        (tmp / "state.json").write_text(json.dumps(fields, indent=2))  # written last: marks complete
-    prune_checkpoints(run_dir, keep)
-    return final
+    fields = {k: v for k, v in state.__dict__.items() if k != "history"}
+    return write_checkpoint(run_dir, state.step, fields, keep,
+                            lambda tmp: save_train_state(tmp, model, optimizer, scheduler))
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
@@ -379,14 +390,12 @@ def train(
     raw = acc.unwrap_model(model)
 
     state = TrainState()
-    ckpts = checkpoint_dirs(run_dir) if resume else []
-    if resume and not ckpts:
-        print(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0")
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], raw, optimizer, scheduler)
+    ckpt = resume_point(run_dir, resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, raw, optimizer, scheduler)
         if main:
-            print(f"resumed from {ckpts[-1]} (step {state.step}/{total_steps})")
-    log = MetricsLog(run_dir, state.step if ckpts else None, enabled=main)
+            print(f"resumed from {ckpt} (step {state.step}/{total_steps})")
+    log = MetricsLog(run_dir, state.step if ckpt is not None else None, enabled=main)
     best_path = run_dir / "checkpoints" / "best.safetensors"
 
     model.train()
