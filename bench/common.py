@@ -9,12 +9,15 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -118,3 +121,44 @@ def finish(result: dict, out: str | Path, quick: bool, print_table) -> dict:
         write_json(out, result)
         print(f"wrote {out}")
     return result
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def child_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+# The child reports its own VmHWM (peak RSS of its address space since exec) at exit. getrusage's
+# ru_maxrss would also count the pages a forked child shares with this (bigger) process before exec.
+WRAP = """
+import atexit, runpy, sys
+out, what = sys.argv[1], sys.argv[2]
+def dump():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(out, "w").write(line.split()[1])
+atexit.register(dump)
+if what == "-c":
+    exec(sys.argv[3])
+else:
+    sys.argv = [what] + sys.argv[3:]
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_child(args: list[str], log: Path, env: dict | None = None) -> tuple[int, float, int]:
+    """(peak RSS bytes of that child alone, seconds, exit status); args: ['-m', module, ...] or ['-c', code]."""
+    start = time.perf_counter()
+    hwm = log.with_suffix(".hwm")
+    hwm.unlink(missing_ok=True)
+    with open(log, "w") as fh:
+        what = args if args[0] == "-c" else args[1:]  # "-c" CODE, or MODULE ARGS...
+        rc = subprocess.run([sys.executable, "-c", WRAP, str(hwm), *what],
+                            stdout=fh, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})},
+                            cwd=ROOT).returncode
+    peak = int(hwm.read_text()) * 1024 if hwm.is_file() else 0
+    return peak, time.perf_counter() - start, rc

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from common import RESULTS_DIR, child_env, machine_info, run_child, write_json  # noqa: E402
 
 SMOLLM2_360M = {  # HuggingFaceTB/SmolLM2-360M config.json (architecture keys)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 960, "intermediate_size": 2560,
@@ -51,44 +51,6 @@ POINTS = [
 ]
 MALLOC_FIX = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 QUICK = [("135M", "lora", 1, 512, False), ("135M", "full", 1, 2048, False), ("135M", "lora", 2, 2048, False)]
-
-
-def child_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
-               TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-# The child reports its own VmHWM (peak RSS of its address space since exec) at exit. getrusage's
-# ru_maxrss would also count the pages a forked child shares with this (bigger) process before exec.
-WRAP = """
-import atexit, runpy, sys
-out, what = sys.argv[1], sys.argv[2]
-def dump():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(out, "w").write(line.split()[1])
-atexit.register(dump)
-if what == "-c":
-    exec(sys.argv[3])
-else:
-    sys.argv = [what] + sys.argv[3:]
-    runpy.run_module(what, run_name="__main__", alter_sys=True)
-"""
-
-
-def run_child(args: list[str], log: Path, env: dict | None = None) -> tuple[int, float, int]:
-    """(peak RSS bytes of that child alone, seconds, exit status); args: ['-m', module, ...] or ['-c', code]."""
-    start = time.perf_counter()
-    hwm = log.with_suffix(".hwm")
-    hwm.unlink(missing_ok=True)
-    with open(log, "w") as fh:
-        what = args if args[0] == "-c" else args[1:]  # "-c" CODE, or MODULE ARGS...
-        rc = subprocess.run([sys.executable, "-c", WRAP, str(hwm), *what],
-                            stdout=fh, stderr=subprocess.STDOUT, env={**child_env(), **(env or {})},
-                            cwd=ROOT).returncode
-    peak = int(hwm.read_text()) * 1024 if hwm.is_file() else 0
-    return peak, time.perf_counter() - start, rc
 
 
 def make_360m(root: Path) -> Path:

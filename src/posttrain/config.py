@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from posttrain.fileio import read_text_utf8
 
@@ -64,6 +64,11 @@ class TrainConfig(Strict):
                                          "shrink to each layer's input plus one layer, for ~1/3 more compute")
     ewc_weight: float = Field(0.0, ge=0)
     progress: bool = True
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML reads a bare `no` as false
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

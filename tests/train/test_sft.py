@@ -112,6 +112,15 @@ def test_bad_configs_are_refused_before_any_model_loads(overrides, message):
         build_config(SFTConfig, None, overrides)
 
 
+def test_yaml_bare_no_means_no_mixed_precision(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {train: x.jsonl}\ntrain: {mixed_precision: no}\n")  # YAML reads `no` as false
+    assert build_config(SFTConfig, path).train.mixed_precision == "no"
+    path.write_text("data: {train: x.jsonl}\ntrain: {mixed_precision: true}\n")
+    with pytest.raises(ValueError, match="train.mixed_precision"):
+        build_config(SFTConfig, path)
+
+
 @pytest.mark.parametrize(
     "adapter, train",
     [
