@@ -22,7 +22,7 @@ from posttrain.generate.engine import GenerationConfig, generate
 from posttrain.models import TINY_ARCHS, load_model, save_model, tiny_model
 
 ARCHS = list(TINY_ARCHS)
-GGUF_ARCHS = ("llama", "mistral")  # compress/export.py LLAMA_TYPES
+GGUF_ARCHS = ("llama", "mistral", "gemma3_text")  # compress/export.py GGUF_ARCHS
 SEPARATE_MLP = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")  # gate/up/down Linears
 SEPARATE_QKV = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "qwen2_moe")
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -192,15 +192,19 @@ def test_distill_greedy_generation_and_eval_match_plain_transformers(arch, arch_
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama"])  # llama: tests/compress/test_export.py
-def test_gguf_export_only_where_the_llama_graph_fits(arch, arch_dirs, files, tmp_path, capsys):
+def test_gguf_export_only_where_a_llama_cpp_graph_fits(arch, arch_dirs, files, tmp_path, tokenizer, capsys):
     out = tmp_path / "gguf"
     if arch not in GGUF_ARCHS:
         code = main(["export", f"model.name={arch_dirs[arch]}", "formats=[gguf-q8_0]", f"output_dir={out}",
                      "check=false"])
         err = capsys.readouterr().err
         assert code == 2
-        assert f"GGUF export supports Llama-family models (llama, mistral); this model's type is {arch!r}" in err
+        assert (f"GGUF export supports llama, mistral, gemma3_text (Gemma 3 text-only) models; this model's type "
+                f"is {arch!r}") in err
         assert not list(tmp_path.rglob("*.gguf"))
+        return
+    if arch == "gemma3_text":
+        _gemma3_gguf_round_trip(arch_dirs[arch], files, tmp_path, tokenizer, capsys)
         return
     # check=false: reloading through transformers takes ~9 s (the llama path, the same code, does it
     # in tests/compress/test_export.py); read the file with gguf-py instead. Directory names are
@@ -217,3 +221,35 @@ def test_gguf_export_only_where_the_llama_graph_fits(arch, arch_dirs, files, tmp
     q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     stored = np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(q.shape)
     np.testing.assert_array_equal(stored, permute_qk(q, model.config.num_attention_heads))
+
+
+def _gemma3_gguf_round_trip(tiny_dir, files, tmp_path, tokenizer, capsys):
+    """The tiny family model alternates sliding and full layers, which llama.cpp's gemma3 graph (every
+    6th layer full) cannot run: refused. A tiny Gemma 3 shaped the way that graph runs (5 sliding + 1
+    full, head_dim 256 = query_pre_attn_scalar) goes through `posttrain export` with its round-trip
+    check, and the file decodes greedily as the source does."""
+    from transformers import Gemma3ForCausalLM
+
+    from posttrain.compress.export import load_gguf
+    from posttrain.models import tiny_config
+
+    assert main(["export", f"model.name={tiny_dir}", "formats=[gguf-q8_0]", f"output_dir={tmp_path / 'no'}",
+                 "check=false"]) == 2
+    assert "llama.cpp's gemma3 graph fixes it at every 6th layer" in capsys.readouterr().err
+    config = tiny_config("gemma3_text", tokenizer, layers=6, heads=2, kv_heads=1)
+    config.layer_types = ["sliding_attention"] * 5 + ["full_attention"]
+    config.head_dim = config.query_pre_attn_scalar = 256
+    torch.manual_seed(0)
+    source = Gemma3ForCausalLM(config).eval()
+    save_model(source, tokenizer, tmp_path / "tiny-gemma3-6")
+    out = tmp_path / "gguf"
+    assert main(["export", f"model.name={tmp_path / 'tiny-gemma3-6'}", "formats=[gguf-f16]", f"output_dir={out}",
+                 f"check_data={files['text']}"]) == 0
+    check = json.loads((out / "manifest.json").read_text())["outputs"]["gguf-f16"]["check"]
+    assert check["max_abs_logit_diff"] <= 4e-3 and check["tokenizer_match"], check  # f16 bound of test_export.py
+    assert check["ppl_gguf"] == pytest.approx(check["ppl_source"], rel=0.01)
+    reloaded, _ = load_gguf(out / "model-f16.gguf")
+    greedy = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    prompt = ["Rivers carry water"]
+    want = generate(source, tokenizer, prompt, greedy).token_ids
+    assert generate(reloaded, tokenizer, prompt, greedy).token_ids == want
