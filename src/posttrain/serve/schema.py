@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from posttrain.config import AtLeastOne, NonNegative, Positive, Strict
 from posttrain.generate.engine import GenerationConfig, GenerationOutput
@@ -34,6 +36,15 @@ class ServeConfig(Strict):
     adapters: list[str] = []  # adapter names loaded on a PeftModel
     max_batch: AtLeastOne = 8  # compatible requests decoded together; 1 = one at a time
     batch_wait_ms: NonNegative = 5.0  # how long the worker waits for a batch to fill before it starts
+    max_n: AtLeastOne = 4  # most samples (`n`) per request; each takes a queue slot (lowered to queue_size)
+    # where replies and feedback are stored: a SQLite file or a postgresql:// URL; None: nothing is
+    # stored and /v1/feedback answers 404 (`posttrain serve` sets a file by default)
+    feedback_db: str | None = None
+    # PII (emails, phone and card numbers) in prompts, replies and feedback text is replaced by
+    # [EMAIL]/[PHONE]/[CARD] before storage: the database keeps raw traffic for months, and the
+    # training export redacts anyway, so an unredacted copy would only be a liability
+    feedback_redact_pii: bool = True
+    feedback_window: AtLeastOne = 100  # /metrics' up-rate is over the last this-many ratings
 
     @field_validator("decoding", "backend")
     @classmethod
@@ -47,6 +58,10 @@ class ServeConfig(Strict):
             raise ValueError(f"adapters: adapter name {self.model_name!r} is the base model's name; rename it")
         if self.default_max_tokens > self.max_tokens_cap:
             self.default_max_tokens = self.max_tokens_cap  # re-validates: then equal, so no loop
+        if self.max_n > self.queue_size:  # n samples take n slots: more could never be admitted
+            self.max_n = self.queue_size
+        if self.feedback_db is not None and not self.feedback_db.strip():
+            raise ValueError("feedback_db: empty; give a SQLite file path or a postgresql:// URL (None: off)")
         return self
 
     def served_names(self) -> list[str]:
@@ -74,7 +89,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)  # at most ServeConfig.max_n; each sample has its own reply id
     user: str | None = None
 
 
@@ -98,17 +113,25 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def parse_request(cls: type[_Common], data: Any, config: ServeConfig) -> tuple[_Common, GenerationConfig]:
-    """A decoded JSON body -> (request, its GenerationConfig), or APIError naming the bad field."""
+def _validated(cls: type[BaseModel], data: Any) -> Any:
+    """cls.model_validate(data), or APIError 400 naming the first bad field."""
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
     try:
-        req = cls.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
                        code="invalid_value") from None
+
+
+def parse_request(cls: type[_Common], data: Any, config: ServeConfig) -> tuple[_Common, GenerationConfig]:
+    """A decoded JSON body -> (request, its GenerationConfig), or APIError naming the bad field."""
+    req = _validated(cls, data)
+    if req.n > config.max_n:
+        raise APIError(400, f"n: {req.n} samples is over this server's limit of {config.max_n}", param="n",
+                       code="invalid_value")
     names = config.served_names()
     if req.model not in names:
         raise APIError(404, f"the model '{req.model}' does not exist; served: {', '.join(names)}",
@@ -124,6 +147,71 @@ def parse_request(cls: type[_Common], data: Any, config: ServeConfig) -> tuple[_
                            temperature=req.temperature or 1.0, top_p=req.top_p, seed=req.seed, stop=stop,
                            decoding=config.decoding, backend=config.backend)  # the guard runs per row (batcher)
     return req, gen
+
+
+def reply_ids(rid: str, n: int) -> list[str]:
+    """The id of each choice of response `rid`: the response id itself when n == 1 (so a client
+    that keeps OpenAI's `id` can give feedback), else `rid-0`, `rid-1`, ..."""
+    return [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]
+
+
+def choice_configs(gen: GenerationConfig, n: int) -> list[GenerationConfig]:
+    """One config per sample; a seeded request's sample i draws with seed + i, so the n samples
+    differ and each is reproducible (the same seed would give n copies)."""
+    if n == 1 or gen.seed is None:
+        return [gen] * n
+    return [replace(gen, seed=gen.seed + i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------
+# feedback on replies (our extension; strict: an unknown field is a typo, refused by name)
+
+ReplyId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class RatingFeedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reply_id: ReplyId
+    rating: Literal["up", "down"]
+    text: str | None = None
+
+
+class ChoiceFeedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reply_ids: list[ReplyId] = Field(min_length=2, max_length=2)
+    chosen: ReplyId
+    text: str | None = None
+
+    @property
+    def rejected(self) -> str:
+        return next(i for i in self.reply_ids if i != self.chosen)
+
+
+FEEDBACK_SHAPES = ("a rating {\"reply_id\": ID, \"rating\": \"up\" | \"down\", \"text\": optional} or a choice "
+                   "{\"reply_ids\": [A, B], \"chosen\": A, \"text\": optional}")
+
+
+def parse_feedback(data: Any) -> RatingFeedback | ChoiceFeedback:
+    """A decoded `POST /v1/feedback` body -> a rating or a choice, or APIError naming the bad field."""
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    choice, rating = {"reply_ids", "chosen"} & set(data), {"reply_id", "rating"} & set(data)
+    if choice and rating:
+        field = sorted(rating)[0]
+        raise APIError(400, f"{field}: a feedback body is {FEEDBACK_SHAPES}, not both", param=field,
+                       code="invalid_value")
+    if not choice and not rating:
+        raise APIError(400, f"reply_id: missing; a feedback body is {FEEDBACK_SHAPES}", param="reply_id",
+                       code="invalid_value")
+    fb = _validated(ChoiceFeedback if choice else RatingFeedback, data)
+    if isinstance(fb, ChoiceFeedback):
+        if fb.reply_ids[0] == fb.reply_ids[1]:
+            raise APIError(400, "reply_ids: a choice is between two different replies", param="reply_ids",
+                           code="invalid_value")
+        if fb.chosen not in fb.reply_ids:
+            raise APIError(400, f"chosen: {fb.chosen!r} is not one of reply_ids {fb.reply_ids}", param="chosen",
+                           code="invalid_value")
+    return fb
 
 
 def parse_json(body: bytes) -> Any:
@@ -142,20 +230,25 @@ def finish_reason(out: GenerationOutput, gen: GenerationConfig) -> str:
         else "stop"
 
 
-def completion_body(rid: str, chat: bool, model: str, text: str, finish: str, prompt_tokens: int,
+def completion_body(rid: str, chat: bool, model: str, choices: list[tuple[str, str, str]], prompt_tokens: int,
                     completion_tokens: int) -> dict:
-    """A whole `chat.completion` or `text_completion` answer."""
-    choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    """A whole `chat.completion` or `text_completion` answer; choices: (text, finish_reason, reply_id)
+    per sample. Each choice carries its `reply_id` (for `POST /v1/feedback`)."""
+    out = []
+    for index, (text, finish, reply_id) in enumerate(choices):
+        choice = {"index": index, "finish_reason": finish, "logprobs": None, "reply_id": reply_id}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        out.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice],
+            "model": model, "choices": out,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def chunk_event(rid: str, chat: bool, model: str, delta: dict | str, finish: str | None) -> str:
-    """One SSE event of a stream (chat: a `delta` dict; completions: a text piece)."""
-    choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+def chunk_event(rid: str, chat: bool, model: str, delta: dict | str, finish: str | None, index: int = 0,
+                reply_id: str | None = None) -> str:
+    """One SSE event of a stream (chat: a `delta` dict; completions: a text piece) for choice `index`."""
+    choice = {"index": index, "finish_reason": finish, "logprobs": None, "reply_id": reply_id or rid}
     choice.update({"delta": delta} if chat else {"text": delta})
     body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
