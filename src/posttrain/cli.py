@@ -215,6 +215,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a new batch waits for more requests before it starts (default 5)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--max-n", type=int, default=4, help="most samples (`n`) one request may ask for (default 4)")
+    p.add_argument("--feedback-db", metavar="PATH|URL|off",
+                   help="where replies and /v1/feedback are stored: a SQLite file (WAL) or a postgresql:// URL; "
+                        "'off' stores nothing (default: MODEL/serve/feedback.db when MODEL is a directory, "
+                        "else ./serve/feedback.db)")
+    p.add_argument("--no-redact-feedback", action="store_true",
+                   help="store prompts, replies and feedback text as they are (default: emails, phone and card "
+                        "numbers replaced by [EMAIL]/[PHONE]/[CARD] before storage)")
+
+    p = sub.add_parser("feedback", help="feedback collected by `posttrain serve`: export as training data",
+                       description="Tools for the feedback database of `posttrain serve --feedback-db`."
+                       ).add_subparsers(dest="feedback_verb", metavar="<tool>")
+    text = ("Export feedback as training data: choices between two replies -> preference pairs "
+            "(prompt, chosen, rejected) for `posttrain dpo`; ratings -> KTO examples (prompt, completion, "
+            "label) for `posttrain dpo dpo.loss=kto`. The latest feedback on a reply (or pair) wins; the "
+            "data filters run on the rows (default: exact + near dedup, PII redaction); OUT is written "
+            "atomically, with OUT.report.json (counts, skipped and dropped rows).")
+    q = p.add_parser("export", help="feedback -> preference pairs (DPO) or KTO examples", description=text)
+    q.add_argument("--db", required=True, help="the server's feedback database: SQLite file or postgresql:// URL")
+    q.add_argument("--out", "-o", required=True, help="output JSONL")
+    q.add_argument("--since", help="only feedback given at or after this ISO date or date-time (no zone = UTC)")
+    q.add_argument("--kind", default="preference", choices=["preference", "kto"],
+                   help="preference: choices -> pairs (default); kto: ratings -> unpaired examples")
+    q.add_argument("--rules", help="filter rules YAML (recipes/data/filter_rules.yaml; default: dedup + PII)")
 
     p = sub.add_parser("merge", help="fold an adapter (LoRA/DoRA/IA3) into a full model directory",
                        description="Fold adapters into the base weights and save a plain transformers model.")
@@ -576,17 +600,46 @@ def cmd_serve(args) -> int:
         from posttrain.generate.guard import load_guard
 
         guard = load_guard(args.guard)
+    feedback_db = args.feedback_db or str(Path(args.model if Path(args.model).is_dir() else ".") / "serve"
+                                          / "feedback.db")
     try:
         config = ServeConfig(model_name=args.name or args.model, api_keys=args.api_key,
                              max_tokens_cap=args.max_tokens_cap, queue_size=args.queue, timeout_s=args.timeout,
                              max_body_bytes=args.max_body, decoding=args.decoding, guard=guard,
-                             adapters=list(adapters), max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                             adapters=list(adapters), max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                             max_n=args.max_n, feedback_db=None if feedback_db == "off" else feedback_db,
+                             feedback_redact_pii=not args.no_redact_feedback)
     except ValidationError as exc:
         raise ValueError(format_validation_error(exc, "serve options")) from None
     model, tok = load_model(args.model, dtype=args.dtype)
     if adapters:
         model = load_adapters(model, adapters)
-    uvicorn.run(create_app(model, tok, config), host=args.host, port=args.port, log_level="info")
+    app = create_app(model, tok, config)
+    if config.feedback_db:
+        from posttrain.data.feedback import describe
+
+        print(f"replies and feedback are stored in {describe(config.feedback_db)}"
+              f"{' (PII redacted)' if config.feedback_redact_pii else ''}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_feedback(args) -> int:
+    from posttrain.data.feedback import export_feedback
+    from posttrain.data.filters import load_rules
+    from posttrain.train.reward_model import filter_scorer
+
+    if args.feedback_verb != "export":
+        raise ValueError("usage: posttrain feedback export --db PATH --out FILE [--since DATE] [--kind preference|kto]")
+    rules = load_rules(args.rules)
+    report = export_feedback(args.db, args.out, "unpaired" if args.kind == "kto" else "preference", args.since,
+                             rules, scorer=filter_scorer(rules))
+    what = "preference pairs" if args.kind == "preference" else "KTO examples"
+    skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
+    print(f"{report['feedback_rows']} feedback rows -> {report['records']} {what} (superseded "
+          f"{report['superseded']}, skipped: {skipped}) -> {report['kept']} kept by the filters "
+          f"({report['filters']['dropped']} dropped)")
+    print(f"wrote {args.out} and {args.out}.report.json")
     return 0
 
 
@@ -740,7 +793,7 @@ def cmd_kb(args) -> int:
 COMMANDS = {**{v: cmd_stage for v in STAGES_FOR_CLI},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
-            "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run,
+            "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run, "feedback": cmd_feedback,
             "report": cmd_report, "plan": cmd_plan}
 
 

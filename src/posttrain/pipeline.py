@@ -1,8 +1,9 @@
 """Pipeline runner: one YAML is the whole loop, data -> model -> stages -> gates -> deploy.
 
-- `data:` entries load files (any format `load_records` reads), add synthetic rows
-  (`posttrain synth` recipes) and run the filters; each writes `<output_dir>/data/NAME.jsonl`,
-  which stage overrides name as `${data.NAME}`.
+- `data:` entries load files (any format `load_records` reads) or `feedback:DB` sources (the
+  feedback a `posttrain serve` database holds: choices as preference pairs, or ratings as KTO
+  examples with `kind: unpaired`), add synthetic rows (`posttrain synth` recipes) and run the
+  filters; each writes `<output_dir>/data/NAME.jsonl`, which stage overrides name as `${data.NAME}`.
 - `model:` is the first stage's input, and its `dtype`/`adapter` (LoRA, freezing, ...)
   initialise every stage that trains; `eval:` is one evaluation every stage runs, so the
   metric table compares like with like (only the first stage also evaluates its input).
@@ -35,6 +36,7 @@ from posttrain.stages import PIPELINE_ROLES, STAGES, verbs
 
 VERBS = verbs(*PIPELINE_ROLES)
 DATA_REF = re.compile(r"\$\{data\.([A-Za-z0-9_.-]+)\}")
+FEEDBACK = "feedback:"  # a data source read from a feedback database (SQLite path or postgresql:// URL)
 
 
 class Gate(Strict):
@@ -64,8 +66,10 @@ class StageSpec(Strict):
 class DataPrep(Strict):
     """One prepared dataset: source rows, then synthetic rows, then the filters."""
 
-    source: str | list[str] = Field(default_factory=list, description="files or `datasets` dirs, concatenated")
-    kind: Literal["chat", "completion", "text", "preference", "prompt"] | None = None
+    source: str | list[str] = Field(default_factory=list, description="files or `datasets` dirs, concatenated; "
+                                    "feedback:DB reads a `posttrain serve` feedback database (SQLite file or "
+                                    "postgresql:// URL): choices as preference pairs, or ratings with kind: unpaired")
+    kind: Literal["chat", "completion", "text", "preference", "prompt", "unpaired"] | None = None
     synth: str | None = Field(None, description="a `posttrain synth` recipe; its rows are appended")
     synth_overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value")
     filters: str | dict[str, Any] | None = Field(None, description="filter rules: a YAML path or the rules inline")
@@ -80,6 +84,12 @@ class DataPrep(Strict):
             raise ValueError("synth_overrides needs synth: a `posttrain synth` recipe to override")
         if "output" in self.synth_overrides:
             raise ValueError("synth_overrides.output is set by the pipeline")
+        for src in self.source:
+            if src.startswith(FEEDBACK) and not src[len(FEEDBACK):].strip():
+                raise ValueError(f"source {src!r}: give the database, e.g. feedback:runs/x/serve/feedback.db")
+        if any(src.startswith(FEEDBACK) for src in self.source) and self.kind not in (None, "preference", "unpaired"):
+            raise ValueError(f"kind {self.kind!r}: a feedback source gives preference pairs (choices) or "
+                             "unpaired examples (ratings, kind: unpaired)")
         return self
 
 
@@ -309,8 +319,25 @@ def check_gates(spec: StageSpec, record: dict, previous: dict | None) -> None:
         outcome["passed"] = True
 
 
+def feedback_source(name: str, src: str, kind: str) -> list[dict]:
+    """The records of a `feedback:DB` source (`posttrain feedback export` without the filters,
+    which prepare_data runs on the whole entry)."""
+    from posttrain.data.feedback import feedback_records
+
+    try:
+        records, report = feedback_records(src[len(FEEDBACK):], kind)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"data {name!r}: source {src}: {exc}") from None
+    if not records:
+        what = "choices between two replies" if kind == "preference" else "ratings"
+        raise ValueError(f"data {name!r}: source {src} holds no usable {what} ({report['feedback_rows']} "
+                         f"feedback rows, skipped: {report['skipped'] or 'none'})")
+    return records
+
+
 def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     """Write `<output_dir>/data/NAME.jsonl` (skipped when its inputs are unchanged); returns its record."""
+    from posttrain.data.feedback import records_digest
     from posttrain.data.filters import filter_file, load_rules
     from posttrain.data.formats import load_records
     from posttrain.generate.synth import SynthConfig, run_synth
@@ -328,11 +355,17 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
             raise ValueError(f"data {name!r} (synth): {exc}") from None
     rules = spec.filters if isinstance(spec.filters, dict) else load_rules(spec.filters).model_dump(mode="json") \
         if spec.filters else None
+    feedback = {}  # feedback source -> its records, read now: the database's content is the fingerprint
     for src in spec.source:
-        if not Path(src).exists():
+        if src.startswith(FEEDBACK):
+            feedback[src] = feedback_source(name, src, spec.kind or "preference")
+        elif not Path(src).exists():
             raise ValueError(f"data {name!r}: source {src} does not exist")
+    if feedback and rules is None:  # raw user traffic: never unfiltered (dedup, PII redaction)
+        rules = load_rules(None).model_dump(mode="json")
     blob = {"spec": spec.model_dump(mode="json"), "rules": rules,
-            "sources": {src: content_hash(src) for src in spec.source},
+            "sources": {src: records_digest(feedback[src]) if src in feedback else content_hash(src)
+                        for src in spec.source},
             "synth": synth_cfg and {"config": synth_cfg.model_dump(mode="json"), "data": data_hashes(synth_cfg),
                                     "teacher": model_fingerprint(synth_cfg.teacher.name)}}
     fp = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
@@ -345,13 +378,17 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     started = time.time()
     rows, kind, counts = [], None, {}  # counts: rows per source file, then "synth"
     for src in spec.source:
-        loaded = load_records(src, kind=spec.kind)
-        if kind is not None and loaded.kind != kind:
-            raise ValueError(f"data {name!r}: {src} holds {loaded.kind} rows, the sources before it "
+        if src in feedback:
+            loaded_kind, records = spec.kind or "preference", feedback[src]
+        else:
+            loaded = load_records(src, kind=spec.kind)
+            loaded_kind, records = loaded.kind, loaded.records
+        if kind is not None and loaded_kind != kind:
+            raise ValueError(f"data {name!r}: {src} holds {loaded_kind} rows, the sources before it "
                              f"{kind} rows; one entry holds one kind")
-        kind = loaded.kind
-        counts[src] = len(loaded.records)
-        rows += loaded.records
+        kind = loaded_kind
+        counts[src] = len(records)
+        rows += records
     if synth_cfg is not None:
         if kind not in (None, "chat"):
             raise ValueError(f"data {name!r}: synth writes chat rows, the sources hold {kind} rows; "

@@ -452,8 +452,8 @@ def export_feedback(target: str | Path, out: str | Path, kind: Literal["preferen
     records, report = feedback_records(target, kind, since)
     if not records:
         what = "choices between two replies" if kind == "preference" else "ratings"
-        raise ValueError(f"{describe(str(target))}: no usable {what}"
-                         f"{' since ' + since if since else ''} to export ({report})")
+        raise ValueError(f"{describe(str(target))}: no usable {what}{' since ' + since if since else ''} to "
+                         f"export ({report['feedback_rows']} feedback rows, skipped: {report['skipped'] or 'none'})")
     result = filter_records(records, rules, scorer=scorer)
     if not result.kept:
         raise ValueError(f"{describe(str(target))}: the data filters dropped every row "

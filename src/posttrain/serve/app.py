@@ -394,6 +394,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
             server.store.close()
 
     app = FastAPI(title="posttrain", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.feedback_store = server.store  # None when feedback_db is not set
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
