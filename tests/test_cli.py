@@ -216,3 +216,62 @@ def test_data_inspect_renders_unpaired_records(tmp_path, tiny_dir, capsys):
     assert "1 valid records of kind 'unpaired', 1 invalid" in out
     assert "u.jsonl:2: field 'label' must be true or false" in out
     assert "[[1<|im_end|>]]" in out.replace(" ", "")
+
+
+# ------------------------------------------------------------------------------ feedback
+
+
+def test_feedback_export_writes_what_the_dpo_and_kto_loaders_read(tmp_path, tokenizer, capsys):
+    from posttrain.data.examples import load_pairs, load_unpaired
+    from tests.data.test_feedback import populate
+
+    db = tmp_path / "fb.db"
+    populate(db)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("near_dedup: {enabled: false}\n")
+    pairs, kto = tmp_path / "out" / "pairs.jsonl", tmp_path / "out" / "kto.jsonl"
+    assert main(["feedback", "export", "--db", str(db), "--out", str(pairs), "--since", "2000-01-01",
+                 "--rules", str(rules)]) == 0
+    assert "7 feedback rows -> 3 preference pairs" in capsys.readouterr().out
+    assert main(["feedback", "export", "--db", str(db), "--out", str(kto), "--kind", "kto", "--rules", str(rules)]) == 0
+    assert "3 KTO examples (superseded 1" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # atomic: no temp files left behind
+        "kto.jsonl", "kto.jsonl.report.json", "pairs.jsonl", "pairs.jsonl.report.json"]
+    assert load_pairs(tokenizer, str(pairs), max_length=128, skip_invalid=False)[1]["pairs"] == 3
+    groups, report = load_unpaired(tokenizer, str(kto), max_length=128, skip_invalid=False)
+    assert report["kind"] == "unpaired" and report["examples"] == 3 and report["desirable"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--db", "{tmp}/missing.db", "--out", "{tmp}/o.jsonl"], "missing.db: no such file"),
+    (["--db", "{db}", "--out", "{tmp}/o.jsonl", "--since", "last week"], "since: 'last week' is not an ISO date"),
+    (["--db", "{db}", "--out", "{tmp}/o.jsonl", "--since", "2999-01-01"], "no usable choices between two replies"),
+])
+def test_feedback_export_errors_are_clear(tmp_path, argv, message, capsys):
+    from tests.data.test_feedback import populate
+
+    db = tmp_path / "fb.db"
+    populate(db)
+    argv = [a.format(tmp=tmp_path, db=db) for a in argv]
+    assert main(["feedback", "export", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_serve_stores_feedback_in_the_model_dir_by_default(tmp_path, tiny_dir, monkeypatch, capsys):
+    import shutil
+
+    import uvicorn
+
+    model = tmp_path / "run"
+    shutil.copytree(tiny_dir, model)
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", str(model), "--max-n", "2"]) == 0
+    assert apps[-1].state.feedback_store.target == str(model / "serve" / "feedback.db")
+    assert (model / "serve" / "feedback.db").is_file() and "(PII redacted)" in capsys.readouterr().out
+    assert main(["serve", str(model), "--feedback-db", "off"]) == 0 and apps[-1].state.feedback_store is None
+    url = tmp_path / "elsewhere.db"
+    assert main(["serve", str(model), "--feedback-db", str(url), "--no-redact-feedback"]) == 0
+    assert apps[-1].state.feedback_store.target == str(url) and "PII" not in capsys.readouterr().out

@@ -321,3 +321,64 @@ def test_weights_changed_outside_the_pipeline_rerun_the_stages_after(tmp_path, t
     tensors[name] = tensors[name] + 1
     save_file(tensors, weights, metadata={"format": "pt"})  # stage a's output edited by hand
     assert [s["status"] for s in run_pipeline(load_pipeline(path))["stages"].values()] == ["skipped", "done"]
+
+
+def test_feedback_sources_feed_dpo_and_kto_stages(tmp_path, tiny_dir):
+    """`feedback:DB` entries: choices -> pairs for a DPO stage, ratings -> KTO examples for a
+    KTO stage; unchanged feedback skips, new feedback re-runs."""
+    from posttrain.data.feedback import open_store
+    from tests.data.test_feedback import populate
+
+    db = tmp_path / "serve" / "feedback.db"
+    populate(db)
+    train = {"train.max_steps": 1, "train.batch_size": 2, "train.progress": False, "data.max_length": 64,
+             "adapter.method": "lora", "adapter.r": 2}
+    spec = {"name": "t", "output_dir": str(tmp_path / "out"), "model": str(tiny_dir),
+            "data": {"pairs": {"source": f"feedback:{db}", "filters": {"near_dedup": {"enabled": False}}},
+                     "kto": {"source": [f"feedback:{db}"], "kind": "unpaired"}},
+            "stages": [{"name": "dpo", "verb": "dpo", "overrides": {**train, "data.train": "${data.pairs}"}},
+                       {"name": "kto", "verb": "dpo", "overrides": {**train, "data.train": "${data.kto}",
+                                                                   "dpo.loss": "kto"}}]}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    state = run_pipeline(load_pipeline(path))
+    assert state["data"]["pairs"]["kind"] == "preference" and state["data"]["pairs"]["kept"] == 3
+    assert state["data"]["kto"]["kind"] == "unpaired" and state["data"]["kto"]["kept"] == 3
+    assert (tmp_path / "out" / "data" / "kto.filter.json").is_file()  # default filters on raw traffic
+    out = tmp_path / "out"
+    assert (out / "dpo" / "final" / "adapter_config.json").is_file()
+    assert (out / "kto" / "final" / "adapter_config.json").is_file()
+    assert json.loads((out / "dpo" / "manifest.json").read_text())["outputs"]["data"]["pairs"] == 3
+
+    state = run_pipeline(load_pipeline(path))
+    assert [r["status"] for r in state["data"].values()] == ["skipped", "skipped"]
+    store = open_store(db)
+    store.add_rating("c3-0", "up")  # new feedback: the KTO data changes, the pairs do not
+    store.close()
+    state = run_pipeline(load_pipeline(path))
+    assert {k: r["status"] for k, r in state["data"].items()} == {"pairs": "skipped", "kto": "done"}
+    assert state["data"]["kto"]["kept"] == 4 and state["stages"]["kto"]["status"] == "done"
+    assert state["stages"]["dpo"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"source": "feedback:"}, "give the database"),
+    ({"source": "feedback:x.db", "kind": "chat"}, "a feedback source gives preference pairs"),
+])
+def test_bad_feedback_sources_are_refused(tmp_path, entry, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "out"), "data": {"x": entry},
+                                    "stages": [{"name": "a", "verb": "sft"}]}))
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(path)
+
+
+def test_a_missing_feedback_database_names_the_entry(tmp_path):
+    from posttrain.pipeline import prepare_data
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "out"),
+                                    "data": {"fb": {"source": f"feedback:{tmp_path}/none.db"}},
+                                    "stages": [{"name": "a", "verb": "sft"}]}))
+    with pytest.raises(ValueError, match="data 'fb': source feedback:.*none.db: .*no such file"):
+        prepare_data(load_pipeline(path), "fb")
