@@ -259,7 +259,6 @@ def test_postgres_store_and_export(postgres_url, tmp_path, tokenizer):
         store.add_choice("c1-0", "c2-0")
     assert store.conversation("c2")["model"] == "math"
     assert store.recent_ratings(10) == [True, False, True, False]  # oldest first: up, down, up, down
-    store.close()
     sqlite_db = tmp_path / "fb.db"
     populate(sqlite_db)
     for kind in ("preference", "unpaired"):  # the same statements give the same records on both engines
@@ -271,3 +270,14 @@ def test_postgres_store_and_export(postgres_url, tmp_path, tokenizer):
     export_feedback(postgres_url, out, rules={"near_dedup": {"enabled": False}})
     assert load_pairs(tokenizer, str(out), max_length=128, skip_invalid=False)[1]["pairs"] == 3
     assert ids["choice1"] in out.read_text()
+
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # the server drops the store's connection
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                      "AND datname = current_database()")
+    with pytest.raises(psycopg.OperationalError):
+        store.add_rating("c2-1", "up")  # this write fails (and is reported)...
+    store.add_rating("c2-1", "up")  # ...the next one reconnects
+    assert store.recent_ratings(1) == [True]
+    store.close()

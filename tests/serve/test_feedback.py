@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from posttrain.data.feedback import open_store
 from posttrain.generate.engine import GenerationOutput
 from posttrain.serve import ServeConfig, create_app
+from tests.data.test_feedback import postgres_url  # noqa: F401 (a fixture: a throwaway PostgreSQL server)
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -254,6 +255,19 @@ def test_metrics_up_rate_over_a_sliding_window(tiny, tokenizer, tmp_path):
         assert metric(text, "posttrain_feedback_window_ratings") == 3
     with TestClient(create_app(tiny, tokenizer, config(db, feedback_window=3))) as client:  # a restart
         assert metric(client.get("/metrics").text, "posttrain_feedback_up_rate") == pytest.approx(2 / 3)
+
+
+def test_postgres_feedback_database(tiny, tokenizer, postgres_url):
+    with TestClient(create_app(tiny, tokenizer, config(postgres_url))) as client:
+        answer = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "n": 2,
+                                                           "temperature": 0.9}, headers=AUTH).json()
+        a, b = (c["reply_id"] for c in answer["choices"])
+        assert client.post("/v1/feedback", json={"reply_ids": [a, b], "chosen": a}, headers=AUTH).status_code == 200
+        assert client.post("/v1/feedback", json={"reply_id": "x", "rating": "up"}, headers=AUTH).status_code == 404
+    store = open_store(postgres_url)
+    assert [r["id"] for r in store.conversation(answer["id"])["replies"]] == [a, b]
+    assert [(r["kind"], r["reply_id"], r["other_reply_id"]) for r in store.feedback()] == [("choice", a, b)]
+    store.close()
 
 
 # ------------------------------------------------------------------------------ kill -9

@@ -209,16 +209,20 @@ class FeedbackStore:
     def _transaction(self, work):
         """Run work(cursor) in one transaction, committed before returning (rolled back on error)."""
         with self.lock:
+            if self.postgres and self.conn.closed:  # the link dropped (server restart): a new one
+                self.conn = self._connect(create=False)
             cur = self.conn.cursor()
             try:
                 result = work(cur)
                 self.conn.commit()
                 return result
             except BaseException:
-                self.conn.rollback()
+                if not (self.postgres and self.conn.closed):  # a dead link has nothing to roll back
+                    self.conn.rollback()
                 raise
             finally:
-                cur.close()
+                if not (self.postgres and self.conn.closed):
+                    cur.close()
 
     def _query(self, cur, statement: str, params: Sequence = ()) -> list[tuple]:
         cur.execute(self._sql(statement), tuple(params))
