@@ -30,6 +30,7 @@ import collections
 import contextlib
 import functools
 import json
+import logging
 import threading
 import time
 import uuid
@@ -60,6 +61,7 @@ from posttrain.serve.schema import (
 )
 
 __all__ = ["APIError", "ServeConfig", "batch_key", "create_app", "load_adapters"]
+log = logging.getLogger("posttrain.serve")
 
 
 def http_metrics(registry: CollectorRegistry) -> dict:
@@ -110,7 +112,9 @@ def load_adapters(model, adapters: dict[str, str]):
 
 
 def storage_error(exc: BaseException) -> APIError:
-    """The feedback database refused a write: the reply is not acknowledged (500)."""
+    """The feedback database refused a write: the reply is not acknowledged (500), and the
+    operator is told (a full disk or a dropped database link is theirs to fix)."""
+    log.error("feedback database write failed: %s: %s", type(exc).__name__, exc)
     return APIError(500, f"storing failed: {type(exc).__name__}: {exc}", "server_error", code="storage_error")
 
 
