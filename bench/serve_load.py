@@ -108,7 +108,9 @@ def run(args, name: str) -> dict:
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "posttrain.cli", "serve", args.model, "--name", "default", "--port", str(port),
            "--queue", str(args.clients), "--max-tokens-cap", str(max(args.budgets)), "--timeout", "600",
-           "--decoding", "sam", *CONFIGS[name]]
+           "--decoding", "sam", *CONFIGS[name],
+           # replies are stored, as by default, but in a temp dir rather than ./serve/
+           "--feedback-db", str(Path(tempfile.mkdtemp(prefix="serve_load.")) / "feedback.db")]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = open(Path(tempfile.gettempdir()) / "serve_load.server.log", "w")  # read it when the server fails
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
