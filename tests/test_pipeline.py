@@ -382,3 +382,18 @@ def test_a_missing_feedback_database_names_the_entry(tmp_path):
                                     "stages": [{"name": "a", "verb": "sft"}]}))
     with pytest.raises(ValueError, match="data 'fb': source feedback:.*none.db: .*no such file"):
         prepare_data(load_pipeline(path), "fb")
+
+
+def test_deploy_serve_passes_its_feedback_database(tmp_path):
+    from posttrain.cli import serve_argv
+
+    spec = {"name": "t", "output_dir": str(tmp_path / "out"), "stages": [{"name": "a", "verb": "sft"}],
+            "deploy": {"serve": {"port": 8124, "feedback_db": "postgresql://me@db/fb", "args": ["--queue", "3"]}}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert serve_argv(load_pipeline(path)) == ["serve", str(tmp_path / "out" / "deploy"), "--host", "127.0.0.1",
+                                               "--port", "8124", "--feedback-db", "postgresql://me@db/fb",
+                                               "--queue", "3"]
+    del spec["deploy"]["serve"]["feedback_db"]  # default: the server's own, <output_dir>/deploy/serve/feedback.db
+    path.write_text(yaml.safe_dump(spec))
+    assert "--feedback-db" not in serve_argv(load_pipeline(path))

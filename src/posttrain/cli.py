@@ -423,9 +423,16 @@ def cmd_run(args) -> int:
     if pipe.deploy is not None and pipe.deploy.serve is not None and not args.no_serve:
         serve = pipe.deploy.serve
         print(f"serving {pipe.output_dir}/deploy on http://{serve.host}:{serve.port}/v1 (Ctrl-C stops)")
-        return main(["serve", str(Path(pipe.output_dir) / "deploy"), "--host", serve.host, "--port",
-                     str(serve.port), *serve.args])
+        return main(serve_argv(pipe))
     return 0
+
+
+def serve_argv(pipe) -> list[str]:
+    """The `posttrain serve` command line of a pipeline's deploy.serve section."""
+    serve = pipe.deploy.serve
+    feedback = ["--feedback-db", serve.feedback_db] if serve.feedback_db else []
+    return ["serve", str(Path(pipe.output_dir) / "deploy"), "--host", serve.host, "--port", str(serve.port),
+            *feedback, *serve.args]
 
 
 def cmd_report(args) -> int:

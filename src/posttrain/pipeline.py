@@ -105,6 +105,8 @@ class ModelInit(Strict):
 class ServeSpec(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    feedback_db: str | None = Field(None, description="replies and feedback: a SQLite file, a postgresql:// URL "
+                                                      "or 'off' (default: <output_dir>/deploy/serve/feedback.db)")
     args: list[str] = Field(default_factory=list, description="more `posttrain serve` flags")
 
 
