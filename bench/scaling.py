@@ -360,6 +360,35 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(result: dict) -> str:
+    """The BENCHMARKS.md tables of a result."""
+    gib = lambda d: f"{d['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in d and "exit" not in d else (  # noqa: E731
+        f"exit {d['exit']}" if "exit" in d else "-")
+    rate = lambda d: f"{d['tokens_per_s']:.1f}" if "tokens_per_s" in d else gib(d)  # noqa: E731
+    lines = ["| size | method | L | ckpt | ours tok/s | TRL tok/s | ratio | ours peak GiB | TRL peak GiB | TRL/ours | "
+             "planned GiB | planner error |", "|" + "---|" * 12]
+    for p in result["points"]:
+        if "skipped" in p:
+            lines.append(f"| {p['size']} | {p['method']} | {p['length']} | | skipped: {p['skipped']} |" + " |" * 7)
+            continue
+        o, t = p.get("ours", {}), p.get("trl", {})
+        lines.append(f"| {p['size']} | {p['method']} | {p['length']} | {'yes' if p['checkpointing'] else 'no'} | "
+                     f"{rate(o)} | {rate(t)} | {p.get('speed_ratio', '-')} | {gib(o)} | {gib(t)} | "
+                     f"{p.get('memory_ratio_trl_over_ours', '-')} | {p['predicted_peak_bytes'] / 2**30:.2f} | "
+                     f"{p.get('planner_error_pct', '-')}% |")
+    dec = {k: v for k, v in result.get("decode", {}).items() if isinstance(v, dict)}
+    if dec:
+        lines += ["", f"Decode (greedy, 64 new tokens, bf16; read bandwidth {result['decode'].get('read_bandwidth_gbs')} GB/s):",
+                  "", "| size | batch | ours tok/s | transformers tok/s | roofline tok/s | ours / roofline |",
+                  "|---|---|---|---|---|---|"]
+        for size, d in dec.items():
+            for b in ("batch1", "batch8"):
+                x = d[b]
+                lines.append(f"| {size} | {b[5:]} | {x['ours_tokens_per_s']} | {x['hf_tokens_per_s']} | "
+                             f"{x['roofline_tokens_per_s']} | {x['ours_fraction_of_roofline']:.0%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="135M,360M,1B")
@@ -374,7 +403,13 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="replace these points in --out, keep the others")
     ap.add_argument("--work", default=None, help="directory for models, data and run dirs (kept)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "scaling.json"))
+    ap.add_argument("--table", action="store_true", help="print the markdown tables of --out (and redraw its plot); run nothing")
     args = ap.parse_args()
+    if args.table:
+        result = json.loads(Path(args.out).read_text())
+        plot(result, Path(args.out).with_suffix(".png"))
+        print(markdown(result))
+        return
     if args.quick:
         args.sizes, args.lengths, args.no_decode = "135M", "512", True
     sizes, lengths, methods = args.sizes.split(","), [int(x) for x in args.lengths.split(",")], args.methods.split(",")

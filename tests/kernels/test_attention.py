@@ -42,12 +42,36 @@ def test_not_used_when_dense_is_cheaper(monkeypatch):
         assert extra == {} and model.config._attn_implementation == "sdpa"
 
 
-def test_not_used_under_activation_checkpointing():
+def test_used_under_activation_checkpointing_with_the_same_grads(monkeypatch):
+    """The recomputed forward (in backward, after the switch is undone) runs per example too, without a mask."""
+    torch.manual_seed(0)
     model = tiny_model(vocab_size=256)
+    batch = packed_batch([5, 17, 3, 20, 9, 12, 8, 6, 20, 4])
+    plain_loss, plain = loss_and_grads(model, batch, monkeypatch, disable="packed_attention")
     model.gradient_checkpointing_enable()
-    batch = packed_batch([5] * 20)
-    with A.packed_attention(model, batch) as extra:
-        assert extra == {}
+    masks = []
+    real = A._packed_sdpa
+    monkeypatch.setattr(A, "_packed_sdpa", lambda m, q, k, v, mask, **kw: masks.append(mask) or real(m, q, k, v, mask, **kw))
+    loss, grads = loss_and_grads(model, batch, monkeypatch)
+    layers = model.config.num_hidden_layers
+    assert len(masks) == 2 * layers and all(m is None for m in masks)  # forward, then recomputed in backward
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_without_packed_index_is_transformers_own():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    A.register_packed_sdpa()
+    model = tiny_model(vocab_size=256).eval()
+    q, k, v = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)  # 4 query heads, 2 kv
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    layer = model.model.layers[0].self_attn
+    ours, _ = A._sdpa_or_packed(layer, q, k, v, mask, dropout=0.0)
+    theirs, _ = sdpa_attention_forward(layer, q, k, v, mask, dropout=0.0)
+    assert torch.equal(ours, theirs)
 
 
 def test_short_attention_function_matches_per_example_sdpa():

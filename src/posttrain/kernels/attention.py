@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posttrain.kernels import checkpointing, fallback_once
+from posttrain.kernels import fallback_once
 
 # Perf (bench/sft_throughput.py, SmolLM2-135M LoRA, 1024-token packed rows of ~30-token chats,
 # 1 thread): transformers turns a packed row into a dense [T, T] block-diagonal mask, so SDPA
@@ -112,23 +112,41 @@ class _PackedShortAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
+def _sdpa_or_packed(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """transformers' SDPA, unless the call carries `packed_index`: then per-example SDPA.
+
+    Registered as "sdpa" so that a forward recomputed under activation checkpointing (in
+    backward, after `packed_attention` has switched the config back to "sdpa") still runs
+    per example: the recomputation replays the layer's keyword arguments, `packed_index`
+    with them, and no mask was built for the row. Calls without `packed_index` (every caller
+    but ours) reach transformers' function unchanged.
+    """
+    if kwargs.get("packed_index") is not None:
+        return _packed_sdpa(module, query, key, value, attention_mask, **kwargs)
+    return _transformers_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
 def register_packed_sdpa() -> None:
     """Register `_packed_sdpa` with transformers as the attention implementation PACKED_SDPA.
 
     Idempotent: registers again only when `_packed_sdpa` is no longer the function registered
     (a test replaced it with a spy). A new name changes no model by itself; `packed_attention`
-    switches one model's config to it for one forward.
+    switches one model's config to it for one forward. "sdpa" becomes `_sdpa_or_packed`.
     """
-    global _registered
+    global _registered, _transformers_sdpa
     if _registered is _packed_sdpa:
         return
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     AttentionInterface.register(PACKED_SDPA, _packed_sdpa)  # not a mask function: no mask is built
+    _transformers_sdpa = sdpa_attention_forward
+    AttentionInterface.register("sdpa", _sdpa_or_packed)
     _registered = _packed_sdpa
 
 
 _registered: Callable | None = None  # the function registered under PACKED_SDPA
+_transformers_sdpa: Callable | None = None
 
 
 def packed_index(position_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,13 +185,13 @@ def packed_attention(base, batch: dict) -> Iterator[dict]:
 
     Applies only where it is exact and cheaper: one packed row (position_ids, no mask) on an
     sdpa model without sliding windows or soft-capping (`unsupported_reason`; logged once per
-    architecture) or activation checkpointing (a recomputed forward would run after the switch
-    is undone), and fewer padded scores than the dense T².
+    architecture), and fewer padded scores than the dense T². Under activation checkpointing
+    too: the recomputed forward reaches `_sdpa_or_packed` with the same `packed_index`, so a long
+    packed row never builds its [T, T] block mask.
     """
     config = getattr(base, "config", None)
     ids = batch.get("position_ids")
-    usable = (ids is not None and "attention_mask" not in batch and ids.shape[0] == 1 and config is not None
-              and not checkpointing(base))
+    usable = (ids is not None and "attention_mask" not in batch and ids.shape[0] == 1 and config is not None)
     if usable:
         why = unsupported_reason(config)
         if why is not None:
