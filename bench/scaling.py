@@ -15,7 +15,7 @@ so attention runs per document. Both trainers get the same documents, tokenized 
 - activation checkpointing on at L >= 8192 for both (it pays there: it is what lets the row fit),
   off below; MALLOC_MMAP_THRESHOLD_=131072 for both (glibc then returns what checkpointing frees);
 - TRL: packing=True (bfd, padding_free), max_length=L, batch 1, AdamW (fused), lr constant.
-Each trainer runs in its own subprocess: 1-2 untimed steps, then max(2, 16384 // L) timed ones.
+Each trainer runs in its own subprocess: 1-2 untimed steps, then max(1, T // L) timed ones (--timed-tokens T).
 Tokens/s counts the row tokens of the timed steps; peak memory is the child's own VmHWM
 (peak resident set). Before each of our runs, `posttrain plan` predicts its peak from the
 config alone (reported beside the measurement: the planner's CPU validation).
@@ -249,7 +249,7 @@ def available_bytes() -> int:
 
 def step_counts(length: int, args) -> tuple[int, int]:
     """(warm-up, timed) optimizer steps at length L."""
-    return args.warmup + (length < CKPT_FROM), max(2, args.timed_tokens // length)
+    return args.warmup + (length < CKPT_FROM), max(1, args.timed_tokens // length)
 
 
 def train_point(work: Path, size: str, method: str, length: int, args, device) -> dict:
@@ -276,8 +276,12 @@ def train_point(work: Path, size: str, method: str, length: int, args, device) -
         row["skipped"] = f"planned peak {plan.peak / 2**30:.1f} GiB > {avail / 2**30:.1f} GiB available"
         print(f"{name}: skipped: {row['skipped']}", flush=True)
         return row
-    peak, wall, rc = run_child(["-m", "posttrain.cli", "sft", "-c", str(cfg_path), "--overwrite", "--no-memory-check"],
-                               work / f"ours-{name}.log", MALLOC)
+    reuse = lambda log: args.reuse and log.with_suffix(".hwm").is_file()  # noqa: E731
+    if reuse(work / f"ours-{name}.log"):  # a finished earlier run of this point: read its files
+        peak, wall, rc = int((work / f"ours-{name}.hwm").read_text()) * 1024, 0.0, 0
+    else:
+        peak, wall, rc = run_child(["-m", "posttrain.cli", "sft", "-c", str(cfg_path), "--overwrite", "--no-memory-check"],
+                                   work / f"ours-{name}.log", MALLOC)
     if rc == 0:
         rate, timed, step_s = ours_rate(out, warmup)
         row["ours"] = {"tokens_per_s": round(rate, 1), "timed_tokens": timed, "step_s": step_s,
@@ -287,10 +291,13 @@ def train_point(work: Path, size: str, method: str, length: int, args, device) -
         row["ours"] = {"exit": rc, "peak_bytes": peak, "log": (work / f"ours-{name}.log").read_text()[-1500:]}
     if not args.skip_trl:
         res = work / f"trl-{name}.json"
-        res.unlink(missing_ok=True)
-        code = (f"import sys; sys.path[:0] = {[str(ROOT / 'bench'), str(ROOT / 'src')]!r}; from scaling import trl_child; "
-                f"trl_child({str(model)!r}, {method!r}, {length}, {warmup}, {steps}, {str(data)!r}, {str(res)!r})")
-        peak, wall, rc = run_child(["-c", code], work / f"trl-{name}.log", MALLOC)
+        if reuse(work / f"trl-{name}.log") and res.is_file():
+            peak, wall, rc = int((work / f"trl-{name}.hwm").read_text()) * 1024, 0.0, 0
+        else:
+            res.unlink(missing_ok=True)
+            code = (f"import sys; sys.path[:0] = {[str(ROOT / 'bench'), str(ROOT / 'src')]!r}; from scaling import trl_child; "
+                    f"trl_child({str(model)!r}, {method!r}, {length}, {warmup}, {steps}, {str(data)!r}, {str(res)!r})")
+            peak, wall, rc = run_child(["-c", code], work / f"trl-{name}.log", MALLOC)
         if rc == 0:
             trl = json.loads(res.read_text())
             row["trl"] = {"tokens_per_s": round(trl["tokens_per_s"], 1), "timed_tokens": trl["timed_tokens"],
@@ -389,6 +396,35 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def save(out: str, points: list[dict], decode: dict, merge: bool) -> dict:
+    """Write `points` and `decode` into `out` (atomically), keeping its other points when merging."""
+    old = json.loads(Path(out).read_text()) if merge and Path(out).is_file() else {}
+    key = lambda p: (p["size"], p["method"], p["length"])  # noqa: E731
+    new = {key(p) for p in points}
+    points = [p for p in old.get("points", []) if key(p) not in new] + points
+    order = {(s, m, n): i for i, (s, n, m) in enumerate((s, n, m) for s in SIZES for n in (512, 2048, 8192)
+                                                         for m in ("lora", "full"))}
+    points.sort(key=lambda p: order.get(key(p), len(order)))
+    decode = {**old.get("decode", {}), **decode}
+    done = [p for p in points if "speed_ratio" in p]
+    at_8192 = [p for p in done if p["length"] == 8192]
+    planned = [p for p in points if "planner_error_pct" in p]
+    summary = {
+        "points": len(points), "compared": len(done),
+        "speed_ratio_by_size": {s: [p["speed_ratio"] for p in done if p["size"] == s] for s in SIZES},
+        "memory_ratio_at_8192": {f"{p['size']} {p['method']}": p["memory_ratio_trl_over_ours"] for p in at_8192},
+        "memory_goal_met_at_8192": all(p["memory_ratio_trl_over_ours"] >= 1.5 for p in at_8192) if at_8192 else None,
+        "planner_within_15pct": f"{sum(abs(p['planner_error_pct']) <= 15 for p in planned)}/{len(planned)}",
+        "planner_max_abs_error_pct": max((abs(p["planner_error_pct"]) for p in planned), default=None),
+    }
+    runs = old.get("runs", []) + [{"command": "python " + " ".join(sys.argv), "date": machine_info()["date"]}]
+    runs = [r for i, r in enumerate(runs) if r not in runs[:i]]
+    result = {"machine": machine_info(), "runs": runs, "models": SIZES, "lora": LORA, "checkpointing_from": CKPT_FROM,
+              "points": points, "decode": decode, "summary": summary}
+    write_json(out, result)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="135M,360M,1B")
@@ -396,11 +432,13 @@ def main() -> None:
     ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first (2 below L=8192)")
     ap.add_argument("--timed-tokens", type=int, default=16384,
-                    help="timed steps per trainer = max(2, this // L): ~the same tokens at every length")
+                    help="timed steps per trainer = max(1, this // L): ~the same tokens at every length")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--quick", action="store_true", help="135M, L=512, both methods, no decode; no JSON")
     ap.add_argument("--merge", action="store_true", help="replace these points in --out, keep the others")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a point's figures from the finished runs in --work instead of running it again")
     ap.add_argument("--work", default=None, help="directory for models, data and run dirs (kept)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "scaling.json"))
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out (and redraw its plot); run nothing")
@@ -431,6 +469,8 @@ def main() -> None:
         for length in lengths:
             for method in methods:
                 points.append(train_point(work, size, method, length, args, device))
+                if not args.quick:  # each point lands at once: a stopped run keeps what it measured
+                    save(args.out, [points[-1]], {}, merge=args.merge or len(points) > 1)
     decode = {}
     if not args.no_decode:
         bw = read_bandwidth()
@@ -448,32 +488,9 @@ def main() -> None:
         decode["read_bandwidth_gbs"] = round(bw / 1e9, 1)
     if args.quick:
         return
-    if args.merge and Path(args.out).is_file():
-        old = json.loads(Path(args.out).read_text())
-        key = lambda p: (p["size"], p["method"], p["length"])  # noqa: E731
-        new = {key(p) for p in points}
-        points = [p for p in old["points"] if key(p) not in new] + points
-        order = {(s, m, n): i for i, (s, n, m) in enumerate((s, n, m) for s in SIZES for n in (512, 2048, 8192)
-                                                             for m in ("lora", "full"))}
-        points.sort(key=lambda p: order.get(key(p), len(order)))
-        decode = {**old.get("decode", {}), **decode}
-    done = [p for p in points if "speed_ratio" in p]
-    at_8192 = [p for p in done if p["length"] == 8192]
-    planned = [p for p in points if "planner_error_pct" in p]
-    summary = {
-        "points": len(points), "compared": len(done),
-        "speed_ratio_by_size": {s: [p["speed_ratio"] for p in done if p["size"] == s] for s in SIZES},
-        "memory_ratio_at_8192": {f"{p['size']} {p['method']}": p["memory_ratio_trl_over_ours"] for p in at_8192},
-        "memory_goal_met_at_8192": all(p["memory_ratio_trl_over_ours"] >= 1.5 for p in at_8192) if at_8192 else None,
-        "planner_within_15pct": f"{sum(abs(p['planner_error_pct']) <= 15 for p in planned)}/{len(planned)}",
-        "planner_max_abs_error_pct": max((abs(p["planner_error_pct"]) for p in planned), default=None),
-    }
-    result = {"machine": machine_info(), "command": "python " + " ".join(sys.argv[0:1] + sys.argv[1:]),
-              "models": SIZES, "lora": LORA, "checkpointing_from": CKPT_FROM, "points": points, "decode": decode,
-              "summary": summary}
-    write_json(args.out, result)
+    result = save(args.out, [], decode, merge=True)
     plot(result, Path(args.out).with_suffix(".png"))
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(result["summary"], indent=1))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
