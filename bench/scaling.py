@@ -435,6 +435,7 @@ def main() -> None:
                     help="timed steps per trainer = max(1, this // L): ~the same tokens at every length")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode measurements")
     ap.add_argument("--quick", action="store_true", help="135M, L=512, both methods, no decode; no JSON")
     ap.add_argument("--merge", action="store_true", help="replace these points in --out, keep the others")
     ap.add_argument("--reuse", action="store_true",
@@ -465,7 +466,7 @@ def main() -> None:
     device = dataclasses.replace(get_device("cpu"), peak_flops=measure_cpu_flops(), flops_measured=True)
     print(HEADER, flush=True)
     points = []
-    for size in sizes:
+    for size in sizes if not args.decode_only else []:
         for length in lengths:
             for method in methods:
                 points.append(train_point(work, size, method, length, args, device))
