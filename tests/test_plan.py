@@ -234,3 +234,28 @@ def test_cpu_checkpointing_over_a_frozen_base_is_not_credited_unless_malloc_retu
     cfg = build_config(SFTConfig, overrides=[f"model.name={tiny256}", "data.train=t.jsonl",
                                              "train.gradient_checkpointing=true"])
     assert P.plan_stage(cfg, stated()).setup.fixed_mmap_threshold
+
+
+def test_autocast_keeps_bf16_activations_and_a_bf16_copy_of_the_weights(tmp_path, tiny_dir):
+    dev = stated("8GB", 1)
+    plain = P.plan_stage(sft_cfg(tmp_path, tiny_dir, **{"adapter.method": "full"}), dev)
+    auto = P.plan_stage(sft_cfg(tmp_path, tiny_dir, **{"adapter.method": "full", "train.mixed_precision": "bf16"}), dev)
+    part = lambda plan, name: next((p.bytes for p in plan.parts if p.name == name), 0)  # noqa: E731
+    assert auto.setup.compute_dtype == "fp32" and auto.setup.activation_dtype == "bf16"
+    assert part(auto, "activations") < 0.8 * part(plain, "activations")
+    assert part(auto, "autocast weight copies") == auto.shape.params * 2 and part(plain, "autocast weight copies") == 0
+    assert part(auto, "weights") == part(plain, "weights")
+
+
+def test_packed_rows_of_short_examples_count_the_short_attention_probabilities(tmp_path, tiny_dir):
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": "hello world " * n}) + "\n" for n in (10, 20, 40, 60)))
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"text": "hello world " * 400}) + "\n" for _ in range(4)))
+    plans = {}
+    for name, path in (("short", short), ("long", long)):
+        cfg = sft_cfg(tmp_path, tiny_dir, **{"data.train": str(path), "data.max_length": 1024})
+        plans[name] = P.plan_stage(cfg, stated("8GB", 1))
+    assert plans["short"].setup.short_attention_cols > 0 and plans["long"].setup.short_attention_cols == 0
+    acts = {k: next(p.bytes for p in v.parts if p.name == "activations") for k, v in plans.items()}
+    assert acts["short"] > acts["long"]

@@ -17,6 +17,7 @@ with measured peak RSS (BENCHMARKS.md). GPU figures are unchecked: no GPU was av
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -419,6 +420,8 @@ class Setup:
     packed: bool = True
     max_length: int = 0  # data.max_length (a packed row holds one example up to this long)
     checkpointing: bool = False
+    mixed_precision: str = "no"  # train.mixed_precision: "bf16"/"fp16" autocast the matmuls of fp32 weights
+    short_attention_cols: int = 0  # packed rows of examples <= 256 tokens: probability columns per token (0: none)
     fixed_mmap_threshold: bool = False  # MALLOC_MMAP_THRESHOLD_ set: glibc returns freed activations (see estimate)
     optimizer: str = "adamw"  # adamw | adamw8bit (a what-if: posttrain has no 8-bit optimizer)
     shards: int = 1  # FSDP processes the weights, gradients and optimizer are split over
@@ -439,6 +442,13 @@ class Setup:
         if self.method in ("full", "freeze") and self.trainable_fp32:
             return "fp32"  # apply_adapter casts the whole model to fp32 (mixed bf16/fp32 blocks do not run)
         return self.load_dtype
+
+    @property
+    def activation_dtype(self) -> str:
+        """The dtype matmul outputs (most saved activations) have: autocast's over fp32 weights."""
+        if self.compute_dtype == "fp32" and self.mixed_precision in ("bf16", "fp16"):
+            return self.mixed_precision
+        return self.compute_dtype
 
 
 def _get(obj: Any, dotted: str, default=None):
@@ -492,6 +502,9 @@ def setup_of(cfg: Any, shape: ModelShape, device: Device, extra_shapes: dict[str
         if "rows" not in kw:
             kw.update(rows=rows, seq=seq, packed=packing, max_length=max_length)
         kw["checkpointing"] = bool(_get(train, "gradient_checkpointing", False))
+        kw["mixed_precision"] = str(_get(train, "mixed_precision", "no") or "no")
+        if packing and stage == "sft":
+            kw["short_attention_cols"] = short_attention_cols(cfg)
     else:
         kw["forward_only"] = True
         kw.update(rows=1, seq=max_length)
@@ -532,6 +545,52 @@ def setup_of(cfg: Any, shape: ModelShape, device: Device, extra_shapes: dict[str
     return Setup(stage=stage, method=method, load_dtype=load_dtype, extra_copies=tuple(copies), **kw)
 
 
+SHORT_ATTENTION = 256  # kernels.attention.SHORT: longest example that takes the short (probabilities-kept) path
+SAMPLE_RECORDS = 256
+
+
+def short_attention_cols(cfg: Any) -> int:
+    """Probability columns per token the short attention path keeps for this data's packed rows.
+
+    A row of E examples padded to its longest, M, keeps E x M x M probabilities per head, about
+    T x M² / mean per head for T tokens. Read from the first records of a local JSONL training
+    file (tokenizer only, no weights); 0 when most examples are longer than SHORT_ATTENTION (flash
+    attention keeps no probabilities) or the file cannot be sampled here.
+    """
+    path = Path(str(_get(cfg, "data.train", "")))
+    if path.suffix != ".jsonl" or not path.is_file():
+        return 0
+    return _sampled_cols(path, path.stat().st_mtime_ns, str(_get(cfg, "model.name", "default")),
+                         _get(cfg, "data.kind"), int(_get(cfg, "data.max_length", 1024)))
+
+
+@functools.lru_cache(maxsize=16)
+def _sampled_cols(path: Path, mtime_ns: int, model: str, kind: str | None, max_length: int) -> int:
+    """short_attention_cols' sampling, once per file version (stages check at every start)."""
+    from posttrain.data.templates import encode_record
+    from posttrain.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model)
+    except (OSError, ValueError):  # no tokenizer here (a bare weights dir): the stage itself will say so
+        return 0
+    lengths = []
+    with open(path, encoding="utf-8") as fh:
+        for line, _ in zip(fh, range(SAMPLE_RECORDS)):
+            try:  # the loader reports bad records with their line; an estimate skips them
+                record = json.loads(line)
+                example = encode_record(tokenizer, record, kind or (
+                    "chat" if "messages" in record else "completion" if "prompt" in record else "text"), max_length)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if example is not None:
+                lengths.append(len(example["input_ids"]))
+    short = [n for n in lengths if n <= SHORT_ATTENTION]
+    if len(short) < 0.9 * max(len(lengths), 1) or not short:
+        return 0
+    return int(max(short) ** 2 / (sum(short) / len(short)))
+
+
 def kv_cache_bytes(shape: ModelShape, sequences: int, length: int, dtype_bytes: int) -> int:
     """K and V of every layer for `sequences` x `length` tokens."""
     return 2 * shape.layers * shape.kv_dim * sequences * length * dtype_bytes
@@ -568,14 +627,20 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
     and r-wide intermediates in fp32.
     """
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate * shape.active_experts
-    b = DTYPE_BYTES[s.compute_dtype]
+    b = DTYPE_BYTES[s.activation_dtype]
+    # under autocast the residual stream stays fp32: the two norm inputs keep 2 more bytes a value
+    residual = 2 * 2 * h if s.activation_dtype != s.compute_dtype else 0
     lse = 4 * shape.heads  # flash attention's log-sum-exp, fp32
+    if s.short_attention_cols and b < 4:
+        # kernels.attention's short path (examples <= 256 tokens, bf16/fp16): fp32 probabilities of each
+        # example's [M, M] block and fp32 copies of q, k, v and the output
+        lse = 4 * (shape.heads * s.short_attention_cols + 2 * shape.q_dim + 2 * kv)
     if s.method in ("full", "freeze"):
-        return b * (8 * h + 2 * kv + 4 * i) + lse
+        return b * (8 * h + 2 * kv + 4 * i) + residual + lse
     if s.method in ("lora", "dora"):
         lora = 4 * s.lora_r * len(s.lora_targets) * 2
-        return b * (6.5 * h + 2 * kv + 4 * i) + lse + lora
-    return b * (6.5 * h + 2 * kv + 4 * i) + lse  # ia3, prompt, bottleneck: a frozen base keeps as much
+        return b * (6.5 * h + 2 * kv + 4 * i) + residual + lse + lora
+    return b * (6.5 * h + 2 * kv + 4 * i) + residual + lse  # ia3, prompt, bottleneck: a frozen base keeps as much
 
 
 def head_peak_bytes(shape: ModelShape, s: Setup) -> int:
@@ -585,7 +650,7 @@ def head_peak_bytes(shape: ModelShape, s: Setup) -> int:
     fp32 log-softmax kept for backward, and in backward its gradient and the logits' gradient.
     """
     n = min(s.loss_positions, HEAD_CHUNK)
-    b = DTYPE_BYTES[s.compute_dtype]
+    b = DTYPE_BYTES[s.activation_dtype]
     per = (b if b != 4 else 0) + 4 + 4 + 4 + b
     return int(n * shape.vocab * per)
 
@@ -665,7 +730,9 @@ def estimate(shape: ModelShape, s: Setup, device: Device, runtime: int | None = 
     head_grad = shape.vocab * shape.hidden * tb if s.method in ("full", "freeze") and not s.forward_only else 0
     # the peak in backward: every activation still held plus the head's buffers and the first
     # (head) gradient; or at its end, every gradient; the optimizer state lives through both
-    active = acts + head + head_grad
+    # autocast casts each fp32 weight once per forward and keeps the copy (cache, then saved for backward)
+    cast_copies = 0 if s.forward_only or s.activation_dtype == s.compute_dtype else shape.params * DTYPE_BYTES[s.activation_dtype]
+    active = acts + head + head_grad + cast_copies
     # CPU: full/freeze training casts the loaded weights to fp32 tensor by tensor; glibc keeps most of the
     # freed copy in its heap (measured on the default model: 205 of the 269 MB came back only with
     # malloc_trim), so it stays resident through training
@@ -691,6 +758,9 @@ def estimate(shape: ModelShape, s: Setup, device: Device, runtime: int | None = 
                               " (checkpointed, but the C heap keeps what it frees: set MALLOC_MMAP_THRESHOLD_=131072)"
                               if heap_keeps else " (checkpointed)" if s.checkpointing
                               else f"; checkpointed: {fmt(ckpt_acts)}")))
+    if cast_copies:
+        parts.append(Part("autocast weight copies", cast_copies, f"{s.mixed_precision} copies of the fp32 weights, "
+                          "live from the forward through the backward"))
     n_loss = min(s.loss_positions, HEAD_CHUNK)
     parts.append(Part("head (logits)", head + head_grad, f"{n_loss} loss positions x {shape.vocab} vocab"
                       + (" (one chunk)" if s.loss_positions > HEAD_CHUNK else "")))
@@ -712,7 +782,7 @@ def estimate(shape: ModelShape, s: Setup, device: Device, runtime: int | None = 
     else:
         backward = 2 * fwd if s.method in ("full", "freeze") else fwd  # frozen base: input grads only
         flops = fwd + backward + (fwd if s.checkpointing else 0)
-    rate = device.peak_flops.get(s.compute_dtype)
+    rate = device.peak_flops.get(s.activation_dtype)
     eff = CPU_EFFICIENCY if device.kind == "cpu" else GPU_EFFICIENCY
     seconds = flops / (rate * eff) if rate else None
     return Plan(s, shape, device, parts, peak, load, train_peak, ckpt_acts, flops, seconds)
@@ -813,7 +883,9 @@ def format_plan(plan: Plan, stage_label: str | None = None) -> str:
     s, shape, dev = plan.setup, plan.shape, plan.device
     head = (f"plan: {stage_label or s.stage} of {Path(shape.source).parent.name or shape.source} "
             f"({count(shape.params)} params, {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
-            f"method {s.method}, compute {s.compute_dtype}, micro-batch {s.rows} x {s.seq} tokens"
+            f"method {s.method}, compute {s.compute_dtype}"
+            f"{f' ({s.activation_dtype} autocast)' if s.activation_dtype != s.compute_dtype else ''}, "
+            f"micro-batch {s.rows} x {s.seq} tokens"
             f"{' (packed)' if s.packed and not s.forward_only else ''}")
     width = max(len(p.name) for p in plan.parts)
     lines = [head, f"  {'part':<{width}}  {'memory':>10}  note"]
@@ -828,7 +900,7 @@ def format_plan(plan: Plan, stage_label: str | None = None) -> str:
     if plan.step_seconds is not None:
         lines.append(f"step time: ~{plan.step_seconds:.2f} s per micro-batch ({plan.step_flops / 1e12:.2f} TFLOP at "
                      f"{CPU_EFFICIENCY if dev.kind == 'cpu' else GPU_EFFICIENCY:.0%} of "
-                     f"{dev.peak_flops[s.compute_dtype] / 1e12:.2f} TFLOP/s {s.compute_dtype}"
+                     f"{dev.peak_flops[s.activation_dtype] / 1e12:.2f} TFLOP/s {s.activation_dtype}"
                      f"{' measured' if dev.flops_measured else ' stated'})"
                      + ("" if dev.kind == "cpu" else "; unchecked on GPU"))
     else:
