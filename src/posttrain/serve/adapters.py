@@ -302,7 +302,11 @@ def attach_adapter(model, peft_name: str, path: str):
 
 def detach_adapter(model, peft_name: str):
     """Delete `peft_name` from the PeftModel; the last one unloads the wrapper (returns the plain model)."""
-    model.delete_adapter(peft_name)
+    import warnings
+
+    with warnings.catch_warnings():  # "adapter X was active ... setting active adapter to Y": each batch sets its own
+        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+        model.delete_adapter(peft_name)
     if not model.peft_config:
         return model.unload()
     return model

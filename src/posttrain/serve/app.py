@@ -129,7 +129,8 @@ def failure_error(exc: BaseException, timeout_s: float) -> APIError:
 class _Server:
     """One app's state (settings, metrics, admission count, batcher) and its handlers' steps."""
 
-    def __init__(self, model, tokenizer, config: ServeConfig, generate_fn: Callable[..., GenerationOutput]):
+    def __init__(self, model, tokenizer, config: ServeConfig, generate_fn: Callable[..., GenerationOutput],
+                 adapter_paths: dict[str, str] | None = None):
         self.model, self.tokenizer, self.config, self.generate_fn = model, tokenizer, config, generate_fn
         self.registry = CollectorRegistry()
         self.m = {**http_metrics(self.registry), **batch_metrics(self.registry), **monitor_metrics(self.registry)}
@@ -144,6 +145,14 @@ class _Server:
                 raise ValueError(f"adapters: {name!r} is not loaded on the model (PEFT adapters: "
                                  f"{sorted(loaded) or 'none'}); load it with load_adapters first")
             self.adapters.install(AdapterEntry(name, name, 1, loaded_at=now_iso()))
+            self.m["adapter_version"].labels(name).set(1)
+        for name, spec in (adapter_paths or {}).items():  # as a hot load would (the worker is not running yet)
+            try:
+                if name in self.adapters.names():
+                    raise AdapterProblem(f"name: {name!r} is given twice", "invalid_name")
+                self.install(check_name(name, config.model_name), read_adapter(spec), True, spec)
+            except AdapterProblem as exc:
+                raise ValueError(f"adapter {name}={spec}: {exc}") from None
             self.m["adapter_version"].labels(name).set(1)
         self.monitor = Monitor(self.m, config.monitor_window, drift_thresholds(config.drift_threshold),
                                config.drift_baseline)
@@ -558,10 +567,13 @@ class _Server:
 
 
 def create_app(model, tokenizer, config: ServeConfig | None = None,
-               generate_fn: Callable[..., GenerationOutput] = generate) -> FastAPI:
+               generate_fn: Callable[..., GenerationOutput] = generate,
+               adapter_paths: dict[str, str] | None = None) -> FastAPI:
     """The FastAPI app. `generate_fn` has `engine.generate`'s signature (tests slow it down);
-    it gets `row_max_new_tokens` and `row_done` only for batches of more than one request."""
-    server = _Server(model, tokenizer, config or ServeConfig(), generate_fn)
+    it gets `row_max_new_tokens` and `row_done` only for batches of more than one request.
+    `adapter_paths`: name -> LoRA adapter dir or run dir, loaded now as `/admin/adapters` would
+    (`config.adapters` instead names adapters already loaded on `model` by `load_adapters`)."""
+    server = _Server(model, tokenizer, config or ServeConfig(), generate_fn, adapter_paths)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -572,6 +584,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
 
     app = FastAPI(title="posttrain", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.feedback_store = server.store  # None when feedback_db is not set
+    app.state.server = server  # tests and embedding code: the model, adapter table, monitor
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
