@@ -337,3 +337,15 @@ def test_stored_replies_record_the_adapter_and_its_version(tokenizer, adapters, 
     assert [r["params"].get("adapter", {}).get("version") for r in rows] == [1, 2, None]
     assert rows[1]["params"]["adapter"]["fingerprint"] == fingerprints[2]
     assert rows[0]["params"]["adapter"]["fingerprint"] != fingerprints[2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--api-key", "k", "--admin-key", "k"], "admin key is also an API key"),
+    (["--adapter", "a=x", "--adapter", "a=y"], "a NAME is given twice"),
+    (["--drift-threshold", "-1"], "drift_threshold"),
+])
+def test_cli_serve_refuses_bad_admin_and_monitor_flags(argv, message, capsys):
+    from posttrain.cli import main
+
+    assert main(["serve", "default", *argv]) == 2
+    assert message in capsys.readouterr().err
