@@ -553,7 +553,7 @@ def swap_adapter(pipe: PipelineConfig) -> dict:
     current = next((a for a in listing.get("data", []) if a.get("name") == name), None)
     record = {"url": pipe.deploy.swap_into, "name": name, "source": source, "path": str(path),
               "fingerprint": fingerprint}
-    if current is not None and current.get("fingerprint") == fingerprint and not pipe.deploy.swap_reset_baseline:
+    if current is not None and current.get("fingerprint") == fingerprint:
         print(f"[swap] skipped: {pipe.deploy.swap_into} already serves these weights as {name!r} "
               f"(version {current.get('version')})")
         return {**record, "status": "skipped", "version": current.get("version")}
