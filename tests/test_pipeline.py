@@ -299,6 +299,17 @@ def test_model_init_shared_eval_eval_stage_deploy_and_serve(tmp_path, tiny_dir, 
     ({"data": {"x": {"synth": "s.yaml", "synth_overrides": {"output": "o"}}}}, "output is set by the pipeline"),
     ({"stages": [{"name": "deploy", "verb": "sft"}], "deploy": {}}, "'deploy' is taken"),
     ({"eval": {"taskz": []}}, "taskz"),
+    ({"deploy": {"swap_into": "http://127.0.0.1:8000", "serve": {}}}, "choose one"),
+    ({"deploy": {"swap_into": "127.0.0.1:8000"}}, "not a server address like http://"),
+    ({"deploy": {"swap_name": "x"}}, "swap_name needs swap_into"),
+    ({"deploy": {"formats": []}}, "exports at least one format"),
+    ({"deploy": {"swap_into": "http://h:1", "formats": [], "gate": [{"metric": "m", "min": 0}]}},
+     "no export stage to gate"),
+    ({"stages": [{"name": "a", "verb": "sft"}, {"name": "b", "verb": "dpo"}], "deploy": {"swap_into": "http://h:1"}},
+     "stage 'b' trains over .*/a, not over the pipeline's model"),
+    ({"stages": [{"name": "q", "verb": "quantize"}], "deploy": {"swap_into": "http://h:1"}},
+     "stage 'q' \\(quantize\\) does not train an adapter"),
+    ({"stages": [{"name": "r", "verb": "rm"}], "deploy": {"swap_into": "http://h:1"}}, "does not train an adapter"),
 ])
 def test_bad_sections_are_refused(tmp_path, change, message):
     path = tmp_path / "bad.yaml"

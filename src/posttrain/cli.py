@@ -176,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run PIPELINE.yaml (see recipes/pipeline_demo.yaml): prepare the data: entries "
                                    "(<output_dir>/data/NAME.jsonl), run each stage into <output_dir>/<name> with the "
                                    "model: initialisation and the shared eval:, check its gates, then export the "
-                                   "deploy: model to <output_dir>/deploy (and serve it if deploy.serve is set). "
-                                   "Unchanged steps are skipped, unfinished ones resumed; a failed gate stops the run.",
+                                   "deploy: model to <output_dir>/deploy (and serve it if deploy.serve is set, or post its "
+                                   "LoRA adapter to a running server if deploy.swap_into is). Unchanged steps are skipped, unfinished ones resumed; a failed gate stops the run.",
                        epilog="keys: name, output_dir, data, model, eval, stages (name, verb, config, overrides, "
-                              "gate), deploy (source, config, formats, overrides, serve, gate)")
+                              "gate), deploy (source, config, formats, overrides, serve, gate, swap_into, swap_name, "
+                              "swap_key_env, swap_reset_baseline)")
     p.add_argument("pipeline", help="pipeline YAML")
     p.add_argument("--force", action="store_true", help="re-run every step even if unchanged")
     p.add_argument("--no-serve", action="store_true", help="do not start the server of deploy.serve")
@@ -203,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept only 'Authorization: Bearer KEY' (repeatable; default: no auth)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
                    help="a LoRA adapter (PEFT dir or run dir) over MODEL, served as model NAME (repeatable)")
+    p.add_argument("--admin-key", action="append", default=[], metavar="KEY",
+                   help="enable /admin/adapters (load, swap, delete adapters while serving) for "
+                        "'Authorization: Bearer KEY' (repeatable; also read from $POSTTRAIN_ADMIN_KEY; must differ "
+                        "from every --api-key; default: /admin/* off)")
+    p.add_argument("--monitor-window", type=int, default=100,
+                   help="replies per adapter in /metrics' window series: refusal rate, mean reply length, "
+                        "tokens/s (default 100)")
+    p.add_argument("--drift-threshold", type=float, default=0.5,
+                   help="relative change of a window series from its baseline that sets posttrain_drift_alert "
+                        "(default 0.5; 0 = off)")
+    p.add_argument("--drift-baseline", metavar="FILE",
+                   help="baselines as YAML/JSON {served name: {refusal_rate: x, reply_tokens: y, tokens_per_s: z}, "
+                        "'*': {up_rate: u}} (default: each series' first full window)")
     p.add_argument("--guard", metavar="RULES.yaml", help="output-guard rules (guarded streams arrive in one chunk)")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted (default 512)")
     p.add_argument("--queue", type=int, default=8, help="requests waiting or running; more get 429 (default 8)")
@@ -420,6 +434,9 @@ def cmd_run(args) -> int:
     if table:
         print(format_table(table))
     print(f"pipeline {state['name']}: " + ", ".join(f"{k} {v['status']}" for k, v in state["stages"].items()))
+    if state.get("swap"):
+        swap = state["swap"]
+        print(f"swap into {swap['url']}: {swap['name']!r} {swap['status']} (version {swap.get('version')})")
     if pipe.deploy is not None and pipe.deploy.serve is not None and not args.no_serve:
         serve = pipe.deploy.serve
         print(f"serving {pipe.output_dir}/deploy on http://{serve.host}:{serve.port}/v1 (Ctrl-C stops)")
@@ -594,14 +611,20 @@ def cmd_serve(args) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from posttrain.config import format_validation_error
+    from posttrain.config import format_validation_error, load_yaml
 
     from posttrain.models import load_model
-    from posttrain.serve import ServeConfig, create_app, load_adapters
+    from posttrain.serve import ServeConfig, create_app
 
-    adapters = dict(a.split("=", 1) for a in args.adapter if "=" in a)
-    if len(adapters) != len(args.adapter):
+    if any("=" not in a for a in args.adapter):
         raise ValueError("--adapter takes NAME=RUN_DIR, e.g. --adapter math=runs/sft-math")
+    adapters = dict(a.split("=", 1) for a in args.adapter)
+    if len(adapters) != len(args.adapter):
+        raise ValueError("--adapter: a NAME is given twice")
+    admin_keys = list(args.admin_key)
+    if os.environ.get("POSTTRAIN_ADMIN_KEY", "").strip():
+        admin_keys.append(os.environ["POSTTRAIN_ADMIN_KEY"].strip())
+    baseline = load_yaml(args.drift_baseline) if args.drift_baseline else {}
     guard = None
     if args.guard:
         from posttrain.generate.guard import load_guard
@@ -613,15 +636,16 @@ def cmd_serve(args) -> int:
         config = ServeConfig(model_name=args.name or args.model, api_keys=args.api_key,
                              max_tokens_cap=args.max_tokens_cap, queue_size=args.queue, timeout_s=args.timeout,
                              max_body_bytes=args.max_body, decoding=args.decoding, guard=guard,
-                             adapters=list(adapters), max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                              max_n=args.max_n, feedback_db=None if feedback_db == "off" else feedback_db,
-                             feedback_redact_pii=not args.no_redact_feedback)
+                             feedback_redact_pii=not args.no_redact_feedback, admin_keys=admin_keys,
+                             monitor_window=args.monitor_window,
+                             drift_threshold=args.drift_threshold if args.drift_threshold else None,
+                             drift_baseline=baseline)
     except ValidationError as exc:
         raise ValueError(format_validation_error(exc, "serve options")) from None
     model, tok = load_model(args.model, dtype=args.dtype)
-    if adapters:
-        model = load_adapters(model, adapters)
-    app = create_app(model, tok, config)
+    app = create_app(model, tok, config, adapter_paths=adapters)
     if config.feedback_db:
         from posttrain.data.feedback import describe
 

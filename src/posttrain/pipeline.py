@@ -11,7 +11,10 @@
   run dir under `<output_dir>/<stage name>`, and reads the previous stage's model. An
   `eval` stage evaluates that model without changing it.
 - `deploy:` exports a stage's model (adapters merged, HF dir and GGUF files) as the last
-  stage, `<output_dir>/deploy`, and `posttrain run` can then serve it.
+  stage, `<output_dir>/deploy`, and `posttrain run` can then serve it. Or, with `swap_into`,
+  the source stage's LoRA adapter is posted to a running `posttrain serve` (its
+  `/admin/adapters`) once every gate has passed: the loop from served feedback back into the
+  server, without a restart.
 
 A fingerprint (resolved config + input fingerprint + data content hashes) makes a re-run
 skip unchanged steps and resume a stage that did not finish; gates stop the run when a
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -110,14 +114,50 @@ class ServeSpec(Strict):
     args: list[str] = Field(default_factory=list, description="more `posttrain serve` flags")
 
 
+SWAP_KEY_ENV = "POSTTRAIN_ADMIN_KEY"
+
+
 class DeploySpec(Strict):
     source: str | None = Field(None, description="the stage whose model is deployed (default: the last one "
                                                  "that makes a model)")
     config: str | None = Field(None, description="an export recipe (recipes/export.yaml)")
-    formats: list[str] = Field(["hf", "gguf-q8_0"], description="hf = adapters merged into a transformers dir")
+    formats: list[str] | None = Field(None, description="hf = adapters merged into a transformers dir (default: "
+                                                        "[hf, gguf-q8_0]; with swap_into: [] = no export)")
     overrides: dict[str, Any] = Field(default_factory=dict)
     serve: ServeSpec | None = Field(None, description="serve the exported model after the run (`--no-serve` skips)")
     gate: list[Gate] = Field(default_factory=list)
+    swap_into: str | None = Field(None, description="http://host:port of a running `posttrain serve`: post the "
+                                                    "source stage's LoRA adapter to its /admin/adapters (after every "
+                                                    "gate passed) instead of serving a new model")
+    swap_name: str | None = Field(None, description="the adapter's name on that server (default: the pipeline's "
+                                                    "name); requests pick it with model: NAME")
+    swap_key_env: str = Field(SWAP_KEY_ENV, description="environment variable holding that server's admin key")
+    swap_reset_baseline: bool = Field(False, description="the server's drift baselines of swap_name start over")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeploySpec":
+        if self.swap_into is not None:
+            if not re.match(r"^https?://[^/\s]+/?$", self.swap_into):
+                raise ValueError(f"swap_into: {self.swap_into!r} is not a server address like http://127.0.0.1:8000")
+            if self.serve is not None:
+                raise ValueError("swap_into posts the adapter to a running server; serve starts a new one: "
+                                 "choose one")
+            if not self.swap_key_env.strip():
+                raise ValueError("swap_key_env: give the environment variable that holds the admin key")
+        else:
+            for key in ("swap_name", "swap_reset_baseline"):
+                if getattr(self, key):
+                    raise ValueError(f"{key} needs swap_into (the server to swap the adapter into)")
+            if self.formats == []:
+                raise ValueError("formats: empty; a deploy without swap_into exports at least one format")
+        if self.formats == [] and self.gate:
+            raise ValueError("gate: with formats: [] there is no export stage to gate; gate the source stage")
+        return self
+
+    def export_formats(self) -> list[str]:
+        if self.formats is not None:
+            return self.formats
+        return [] if self.swap_into else ["hf", "gguf-q8_0"]
 
 
 class PipelineConfig(Strict):
@@ -150,6 +190,8 @@ class PipelineConfig(Strict):
                                  f"choose one of {makers}")
             if self.deploy.source is None and not makers:
                 raise ValueError("deploy: no stage makes a model to deploy")
+            if self.deploy.swap_into is not None:
+                self._check_swap(makers)
         seen = set()
         for stage in self.all_stages():
             if stage.name in seen:
@@ -163,12 +205,28 @@ class PipelineConfig(Strict):
                                      f"{sorted(self.data) or 'none defined'}")
         return self
 
+    def _check_swap(self, makers: list[str]) -> None:
+        """A swapped adapter must be a LoRA adapter over the served base: the source stage trains one
+        and reads the pipeline's input model itself (after an adapter stage, a stage trains over a
+        merged copy, and its adapter means nothing without that stage's weights)."""
+        source = self.deploy.source or makers[-1]
+        index = next(i for i, s in enumerate(self.stages) if s.name == source)
+        if STAGES.get(self.stages[index].verb).role != "model" or self.stages[index].verb == "rm":
+            raise ValueError(f"deploy.swap_into: stage {source!r} ({self.stages[index].verb}) does not train an "
+                             "adapter; swap a training stage's LoRA adapter")
+        reads = input_model(self, index)
+        if reads != self.model.name:
+            raise ValueError(f"deploy.swap_into: stage {source!r} trains over {reads}, not over the pipeline's "
+                             f"model {self.model.name!r} that the server serves, so its adapter does not apply "
+                             "there; swap a stage that reads model.name, or deploy a merged model (deploy.serve)")
+
     def all_stages(self) -> list[StageSpec]:
-        """The stages, then the deploy section as one more: an export of the chosen stage's model."""
-        if self.deploy is None:
+        """The stages, then the deploy section as one more: an export of the chosen stage's model
+        (none when deploy only swaps an adapter into a running server)."""
+        if self.deploy is None or not self.deploy.export_formats():
             return list(self.stages)
         source = self.deploy.source or _model_makers(self.stages)[-1]
-        overrides = {"model.name": str(Path(self.output_dir) / source), "formats": self.deploy.formats,
+        overrides = {"model.name": str(Path(self.output_dir) / source), "formats": self.deploy.export_formats(),
                      **self.deploy.overrides}
         return [*self.stages, StageSpec(name="deploy", verb="export", config=self.deploy.config,
                                         overrides=overrides, gate=self.deploy.gate)]
@@ -415,11 +473,106 @@ def prepare_data(pipe: PipelineConfig, name: str, force: bool = False) -> dict:
     return record
 
 
+# ================================================================================ swap into a server
+
+
+def swap_key(pipe: PipelineConfig) -> str:
+    env = pipe.deploy.swap_key_env
+    key = os.environ.get(env, "").strip()
+    if not key:
+        raise ValueError(f"deploy.swap_into: the environment variable {env} (deploy.swap_key_env) is not set; it "
+                         f"holds the admin key of the server at {pipe.deploy.swap_into} (posttrain serve --admin-key)")
+    return key
+
+
+def admin_call(url: str, method: str, key: str, body: dict | None = None, timeout: float = 600) -> dict:
+    """One request to a server's /admin/adapters; a refusal or an unreachable server raises ValueError."""
+    import urllib.error
+    import urllib.request
+
+    target = url.rstrip("/") + "/admin/adapters"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(target, data=data, method=method, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode(errors="replace")
+        try:
+            message = json.loads(text)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = text[:500] or exc.reason
+        raise ValueError(f"deploy.swap_into: {method} {target} answered {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ValueError(f"deploy.swap_into: cannot reach {target}: {getattr(exc, 'reason', exc)}") from None
+
+
+def source_stage(pipe: PipelineConfig) -> str:
+    return pipe.deploy.source or _model_makers(pipe.stages)[-1]
+
+
+def check_swap_target(pipe: PipelineConfig, built: list) -> None:
+    """Before anything trains: the source stage trains a LoRA adapter, the admin key is set, and
+    the server answers it and serves the pipeline's base model (where both paths are known)."""
+    from posttrain.models import resolve_model_path
+
+    source = source_stage(pipe)
+    cfg = built[[s.name for s in pipe.all_stages()].index(source)][0]
+    method = getattr(getattr(cfg, "adapter", None), "method", None)
+    if method not in ("lora", "dora"):
+        raise ValueError(f"deploy.swap_into: stage {source!r} trains adapter.method {method!r}; a hot swap takes "
+                         "a LoRA adapter (model.adapter: {method: lora} or the stage's adapter.method)")
+    listing = admin_call(pipe.deploy.swap_into, "GET", swap_key(pipe), timeout=30)
+    served = (listing.get("base") or {}).get("path")
+    try:
+        ours = resolve_model_path(pipe.model.name)
+    except ValueError:
+        ours = None
+    if served and ours and Path(served).exists() and Path(ours).exists() and \
+            os.path.realpath(served) != os.path.realpath(ours):
+        raise ValueError(f"deploy.swap_into: the server at {pipe.deploy.swap_into} serves {served}, this pipeline "
+                         f"trains adapters over {ours} (model.name {pipe.model.name!r}); they would not apply")
+
+
+def swap_adapter(pipe: PipelineConfig) -> dict:
+    """Post the source stage's adapter to the server (skipped when the server already serves these
+    exact files under that name); returns the record for pipeline.json."""
+    from posttrain.models import resolve_model_path
+    from posttrain.stage import content_hash
+
+    source = source_stage(pipe)
+    name = pipe.deploy.swap_name or pipe.name
+    path = Path(resolve_model_path(Path(pipe.output_dir) / source)).resolve()
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"deploy.swap_into: {path} holds no PEFT adapter (adapter_config.json); stage {source!r} "
+                         "did not save a LoRA adapter")
+    key, started = swap_key(pipe), time.time()
+    fingerprint = content_hash(path)
+    listing = admin_call(pipe.deploy.swap_into, "GET", key, timeout=30)
+    current = next((a for a in listing.get("data", []) if a.get("name") == name), None)
+    record = {"url": pipe.deploy.swap_into, "name": name, "source": source, "path": str(path),
+              "fingerprint": fingerprint}
+    if current is not None and current.get("fingerprint") == fingerprint:
+        print(f"[swap] skipped: {pipe.deploy.swap_into} already serves these weights as {name!r} "
+              f"(version {current.get('version')})")
+        return {**record, "status": "skipped", "version": current.get("version")}
+    print(f"[swap] posting {path} to {pipe.deploy.swap_into} as {name!r}")
+    answer = admin_call(pipe.deploy.swap_into, "POST", key, {"name": name, "path": str(path),
+                                                             "reset_baseline": pipe.deploy.swap_reset_baseline})
+    print(f"[swap] {name!r} version {answer.get('version')} serving"
+          + (f" (replaced version {answer['replaced']['version']})" if answer.get("replaced") else ""))
+    return {**record, "status": "swapped", "version": answer.get("version"),
+            "replaced": (answer.get("replaced") or {}).get("version"), "seconds": round(time.time() - started, 1)}
+
+
 def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
     """Prepare the data, then run (or skip, or resume) each stage in order; returns the pipeline state."""
     out = Path(pipe.output_dir)
     stages = pipe.all_stages()
     built = [stage_config(pipe, i) for i in range(len(stages))]  # every config valid before any runs
+    if pipe.deploy is not None and pipe.deploy.swap_into:  # and the server ready before anything trains
+        check_swap_target(pipe, built)
     state: dict[str, Any] = {"name": pipe.name, "data": {}, "stages": {},
                              "plan": [{"stage": s.name, "verb": s.verb} for s in stages]}  # for the report
     for name in pipe.data:
@@ -471,4 +624,12 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
         fps[str(out / spec.name)] = fp
         if STAGES.get(spec.verb).role != "export":  # an export's checks are not model metrics
             previous_metrics = {**(previous_metrics or {}), **record["metrics"]}  # the latest value of each
+    if pipe.deploy is not None and pipe.deploy.swap_into:  # every gate passed (a failed one raised above)
+        try:
+            state["swap"] = swap_adapter(pipe)
+        except ValueError as exc:
+            state["swap"] = {"url": pipe.deploy.swap_into, "status": "error", "error": str(exc)}
+            raise
+        finally:
+            write_json_atomic(out / "pipeline.json", state)
     return state

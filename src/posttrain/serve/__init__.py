@@ -1,7 +1,8 @@
 """OpenAI-compatible serving: `create_app(model, tokenizer, ServeConfig)`, `posttrain serve MODEL`.
 
 schema.py: settings, request models and their checks; batcher.py: the worker thread that batches
-requests; app.py: routes, auth, admission, errors.
+requests; adapters.py: LoRA adapters loaded, hot-swapped and deleted while serving; monitor.py:
+per-adapter window series and drift alerts; app.py: routes, auth, admission, errors.
 """
 
 from posttrain.serve.app import create_app, load_adapters

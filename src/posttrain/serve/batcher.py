@@ -16,6 +16,10 @@ Every job has a deadline: a waiting job past it leaves the queue, and a running 
 batch at the next token (the engine drops that row; the other rows go on), with `JobTimeout`.
 If a batch fails, each job that has not streamed anything runs again alone, so one bad
 request does not fail its batch-mates. Nothing here knows about HTTP.
+
+`Batcher.call(fn)` runs fn in the worker thread between batches (before the next batch is
+taken): how the server loads and deletes adapters, since the model's adapter state is global
+and only this thread may touch it.
 """
 
 from __future__ import annotations
@@ -133,7 +137,8 @@ def run_batch(jobs: list[Job], decode: Decode, guard: GuardRules | None = None, 
             text, blocked = checked.text, checked.blocked
             m["guard_blocked"].inc(int(blocked))
         settle(jobs[row].future, GenerationOutput([text], [out.token_ids[i]], [out.logprobs[i]],
-                                                  {"guard_blocked": int(blocked)}))
+                                                  {"guard_blocked": int(blocked),
+                                                   "decode_s": time.perf_counter() - start}))
 
     rows = {"row_max_new_tokens": limits, "row_stop": [job.gen.stop for job in jobs], "row_done": answer} \
         if n > 1 else {}
@@ -172,19 +177,45 @@ class Batcher:
     def __init__(self, run_batch: Callable[[list[Job]], None], max_batch: int, wait_s: float):
         self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
         self.pending: list[Job] = []
+        self.calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
 
+    def _start(self) -> None:
+        """Start the worker on first use (under self.cond)."""
+        if self.thread is None or not self.thread.is_alive():
+            self.stopping = False
+            self.thread = threading.Thread(target=self._loop, name="posttrain-batcher", daemon=True)
+            self.thread.start()
+
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self.cond:
-            if self.thread is None or not self.thread.is_alive():  # started on first use
-                self.stopping = False
-                self.thread = threading.Thread(target=self._loop, name="posttrain-batcher", daemon=True)
-                self.thread.start()
+            self._start()
             self.pending.append(job)
             self.cond.notify()
         return job.future
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run fn() in the worker thread before the next batch (after the running one); its future gets
+        fn's result or exception."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            self._start()
+            self.calls.append((fn, future))
+            self.cond.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        with self.cond:
+            calls, self.calls = self.calls, []
+        for fn, future in calls:
+            try:
+                result = fn()
+            except BaseException as exc:  # the caller gets it; the worker goes on
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     def abandon(self, job: Job) -> None:
         """Deadline passed or client gone: a waiting job leaves the queue (504) now; a running one
@@ -201,11 +232,14 @@ class Batcher:
             self.cond.notify_all()
 
     def _take(self) -> list[Job] | None:
-        """The oldest waiting job plus the compatible ones behind it (None: stopping, queue empty)."""
+        """The oldest waiting job plus the compatible ones behind it (None: stopping, queue empty;
+        [] when calls wait and no batch is being formed)."""
         with self.cond:
             batch: list[Job] = []
             until = None
             while True:
+                if self.calls and not batch:
+                    return []
                 for job in list(self.pending):
                     if job.expired():
                         self.pending.remove(job)
@@ -225,6 +259,9 @@ class Batcher:
 
     def _loop(self) -> None:
         while (jobs := self._take()) is not None:
+            self._run_calls()
+            if not jobs:
+                continue
             try:
                 self.run_batch(jobs)
             except Exception as exc:  # run_batch settles futures itself; this is the last resort

@@ -45,12 +45,36 @@ class ServeConfig(Strict):
     # training export redacts anyway, so an unredacted copy would only be a liability
     feedback_redact_pii: bool = True
     feedback_window: AtLeastOne = 100  # /metrics' up-rate is over the last this-many ratings
+    # keys for /admin/* (loading, swapping and deleting adapters), kept apart from api_keys: a client
+    # key lets one ask for text, an admin key makes the server read a directory on its disk into the
+    # model; empty: /admin/* answers 403
+    admin_keys: list[str] = []
+    monitor_window: AtLeastOne = 100  # replies per adapter in /metrics' sliding-window series
+    # drift alert: relative change of a window series from its baseline that raises
+    # posttrain_drift_alert; a number for every series, {series: number} for some, None: off
+    drift_threshold: float | dict[str, float] | None = 0.5
+    drift_baseline: dict[str, dict[str, float]] = {}  # served name -> {series: value}; else the first full window
 
     @field_validator("decoding", "backend")
     @classmethod
     def _engine_name(cls, v: str, info: ValidationInfo) -> str:
         GenerationConfig(**{info.field_name: v})  # the engine's own list of names
         return v
+
+    @field_validator("drift_threshold")
+    @classmethod
+    def _thresholds(cls, v):
+        from posttrain.serve.monitor import drift_thresholds
+
+        drift_thresholds(v)
+        return v
+
+    @field_validator("drift_baseline")
+    @classmethod
+    def _baselines(cls, v):
+        from posttrain.serve.monitor import check_baselines
+
+        return check_baselines(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
@@ -60,6 +84,12 @@ class ServeConfig(Strict):
             self.default_max_tokens = self.max_tokens_cap  # re-validates: then equal, so no loop
         if self.max_n > self.queue_size:  # n samples take n slots: more could never be admitted
             self.max_n = self.queue_size
+        shared = sorted(set(self.admin_keys) & set(self.api_keys))
+        if shared:
+            raise ValueError("admin_keys: an admin key is also an API key; give /admin/* its own key (a client "
+                             "key must not be able to load adapters)")
+        if any(not k.strip() for k in self.admin_keys):
+            raise ValueError("admin_keys: an empty key")
         if self.feedback_db is not None and not self.feedback_db.strip():
             raise ValueError("feedback_db: empty; give a SQLite file path or a postgresql:// URL (None: off)")
         return self
@@ -126,13 +156,15 @@ def _validated(cls: type[BaseModel], data: Any) -> Any:
                        code="invalid_value") from None
 
 
-def parse_request(cls: type[_Common], data: Any, config: ServeConfig) -> tuple[_Common, GenerationConfig]:
-    """A decoded JSON body -> (request, its GenerationConfig), or APIError naming the bad field."""
+def parse_request(cls: type[_Common], data: Any, config: ServeConfig,
+                  names: list[str] | None = None) -> tuple[_Common, GenerationConfig]:
+    """A decoded JSON body -> (request, its GenerationConfig), or APIError naming the bad field.
+    `names`: the model names served now (default: the config's; hot-swapped adapters change them)."""
     req = _validated(cls, data)
     if req.n > config.max_n:
         raise APIError(400, f"n: {req.n} samples is over this server's limit of {config.max_n}", param="n",
                        code="invalid_value")
-    names = config.served_names()
+    names = config.served_names() if names is None else names
     if req.model not in names:
         raise APIError(404, f"the model '{req.model}' does not exist; served: {', '.join(names)}",
                        param="model", code="model_not_found")
@@ -212,6 +244,24 @@ def parse_feedback(data: Any) -> RatingFeedback | ChoiceFeedback:
             raise APIError(400, f"chosen: {fb.chosen!r} is not one of reply_ids {fb.reply_ids}", param="chosen",
                            code="invalid_value")
     return fb
+
+
+# ---------------------------------------------------------------------------------
+# adapter administration (our extension; strict)
+
+
+class AdapterLoad(BaseModel):
+    """`POST /admin/adapters`: load the adapter at `path` under `name` (replacing one of that name)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str
+    check_base: bool = True  # refuse an adapter whose adapter_config.json names another base model
+    reset_baseline: bool = False  # the drift baselines of `name` start over from its next full window
+
+
+def parse_adapter_load(data: Any) -> AdapterLoad:
+    return _validated(AdapterLoad, data)
 
 
 def parse_json(body: bytes) -> Any:
