@@ -288,3 +288,29 @@ def episode_metrics(episodes: Sequence[Episode], tool_call_reward: float = 0.0) 
 def transcript(tokenizer, episode: Episode) -> str:
     """The episode after the prompt as text, special tokens kept (for logs and inspection)."""
     return tokenizer.decode(episode.tokens, skip_special_tokens=False)
+
+
+def evaluate_tool_use(model, tokenizer, records: Sequence[dict], env: dict, max_turns: int, max_new_tokens: int,
+                      batch_size: int = 32, examples: int = 5) -> dict[str, Any]:
+    """Greedy episodes on held-out records: accuracy (final answer correct), the tool figures of
+    `episode_metrics`, accuracy per record `kind` when records carry one, and a few transcripts."""
+    from posttrain.generate.engine import GenerationConfig
+    from posttrain.rl.envs import build_env, parse_env_config
+
+    cfg = parse_env_config(env)
+    make_env = build_env(cfg)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    episodes: list[Episode] = []
+    for start in range(0, len(records), batch_size):
+        episodes += run_episodes(model, tokenizer, records[start:start + batch_size], make_env, gen, max_turns,
+                                 cfg.workers)
+    out: dict[str, Any] = {"n": len(episodes), "accuracy": sum(e.env_reward for e in episodes) / max(len(episodes), 1),
+                           **{k.removeprefix("tools/"): v for k, v in episode_metrics(episodes).items()
+                              if k.startswith("tools/")}}
+    kinds = sorted({r["kind"] for r in records if isinstance(r.get("kind"), str)})
+    if kinds:
+        out["accuracy_by_kind"] = {k: sum(e.env_reward for e, r in zip(episodes, records) if r.get("kind") == k)
+                                   / sum(r.get("kind") == k for r in records) for k in kinds}
+    out["examples"] = [{"prompt": r["prompt"], "answer": r["answer"], "reward": e.env_reward,
+                        "transcript": transcript(tokenizer, e)} for r, e in list(zip(records, episodes))[:examples]]
+    return out
