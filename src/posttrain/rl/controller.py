@@ -11,6 +11,11 @@ actors (`ray`); the driver code is the same, see `rl_step`.
 Per-token tensors are ``[B, T]`` over each rollout's response tokens, right padded, with
 `mask`. Training packs each (prompt, response) of a minibatch into one row without padding
 (as DPO's pairs), so an update costs the real tokens only.
+
+With an `env` (multi-turn tool use, rl/tools.py) a rollout is an episode: `response_ids` hold
+the model's turns and the observation turns between them, `response_mask` is 1 on the model's
+tokens, and the per-token tensors run over those tokens only; observations are context in
+training, never labels. The environment's answer check is the score (plus `reward` if given).
 """
 
 from __future__ import annotations
