@@ -319,9 +319,9 @@ def tool_setup(tmp_path, tokenizer):
     prompts.write_text("".join(json.dumps({"prompt": f"What is {a} * {b}?", "answer": str(a * b)}) + "\n"
                                for a, b in pairs))
 
-    def config(steps, name="grpo-tools", **extra):
+    def config(steps, name="grpo-tools", stage="grpo", **extra):
         raw = {
-            "stage": "grpo", "output_dir": str(tmp_path / name),
+            "stage": stage, "output_dir": str(tmp_path / name),
             "model": {"name": str(tmp_path / "tiny"), "dtype": "fp32"},
             "adapter": {"method": "lora", "r": 8, "alpha": 16}, "data": {"prompts": str(prompts)},
             "env": {"name": "python", "tool_call_reward": 0.1},
@@ -352,10 +352,12 @@ def test_tool_grpo_runs_two_steps_end_to_end_with_the_python_env(tool_setup):
     assert (Path(cfg.output_dir) / "plots" / "grpo.png").exists()
 
 
-def test_tool_grpo_trains_on_multi_turn_episodes_and_logs_the_tool_figures(tool_setup, tokenizer, monkeypatch):
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_tool_rl_trains_on_multi_turn_episodes_and_logs_the_tool_figures(tool_setup, tokenizer, monkeypatch, stage):
     """A scripted policy (the tiny model's own log-probs of scripted turns): per prompt one sample
     calls python and answers with its result, the other guesses wrong, so every group has an
-    advantage and every step's figures are known exactly."""
+    advantage and every step's figures are known exactly. PPO adds the old log-prob pass, the
+    KL in the reward and the critic's values, all over the model's tokens only."""
     import re
 
     from tests.rl.tool_policy import ScriptedPolicy
@@ -373,9 +375,10 @@ def test_tool_grpo_trains_on_multi_turn_episodes_and_logs_the_tool_figures(tool_
         return "The answer is 0."
 
     monkeypatch.setattr("posttrain.generate.engine.generate", ScriptedPolicy(tokenizer, respond))
-    cfg = tool_setup(3, name="scripted")
+    cfg = tool_setup(3, name=f"scripted-{stage}", stage=stage)
     run_rl(cfg)
     for r in _rows(cfg):
         assert r["reward/env"] == 0.5 and r["tools/valid_rate"] == 1.0 and r["tools/calls"] == 0.5
         assert r["tools/turns"] == 1.5 and r["reward"] == pytest.approx(0.55)
         assert r["drift/max_abs"] < 1e-4 and r["actor/grad_norm"] > 0 and r["adv_abs"] > 0
+        assert ("critic/loss" in r) == (stage == "ppo")

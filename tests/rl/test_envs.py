@@ -95,6 +95,10 @@ def test_kb_env_searches_the_knowledge_base_and_checks_the_answer_by_containment
     assert env.step(ToolCall("search", {"query": "zzzz qqqq"})).observation == "No passage matches the query."
     assert env.step(Answer("It was Ilsa Brann.")).reward == 1.0
     assert env.step(Answer("Ilsa")).reward == 0.0
+    short = build_env({"name": "kb", "index": str(tiny_kb), "max_observation_chars": 20})()
+    short.reset({"prompt": "Q", "answer": "A"})
+    cut = short.step(ToolCall("search", {"query": "Korvath lighthouse"})).observation
+    assert cut.startswith("[1] Harbor: The ligh") and cut.endswith("characters cut]")
 
 
 def test_kb_env_without_an_index_says_how_to_build_one(tmp_path):
