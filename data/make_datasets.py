@@ -652,6 +652,52 @@ def online(rng: random.Random) -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------- tool use: problems for a python tool
+
+# Multi-turn tool-use RL (recipes/grpo_tools.yaml, env `python`): arithmetic and word problems
+# with exact integer answers that a 135M model cannot work out in its head (3-4 digit products,
+# sums of four numbers, remainders, two-step word problems) but one line of Python can. The
+# test split shares no prompt with training and is the held-out accuracy of bench/tool_grpo.py.
+TOOLS_TRAIN = 400
+TOOLS_TEST = 100
+_ITEMS = ["pencils", "apples", "stamps", "marbles", "cards", "bottles", "bricks", "coins"]
+
+
+def tool_problem(rng: random.Random) -> tuple[str, str, int]:
+    """(kind, prompt, answer) of one of five problem shapes, chosen uniformly."""
+    kind = rng.choice(["product", "sum", "remainder", "boxes", "rate"])
+    if kind == "product":
+        a, b = rng.randint(101, 999), rng.randint(12, 99)
+        return kind, f"What is {a} * {b}?", a * b
+    if kind == "sum":
+        xs = [rng.randint(100, 999) for _ in range(4)]
+        return kind, f"What is the sum of {xs[0]}, {xs[1]}, {xs[2]} and {xs[3]}?", sum(xs)
+    if kind == "remainder":
+        a, b = rng.randint(1000, 9999), rng.randint(7, 97)
+        return kind, f"What is the remainder when {a} is divided by {b}?", a % b
+    if kind == "boxes":
+        item = rng.choice(_ITEMS)
+        boxes, per = rng.randint(12, 60), rng.randint(12, 48)
+        start = boxes * per + rng.randint(50, 900)
+        return (kind, f"A store has {start} {item}. It sells {boxes} boxes with {per} {item} in each box. "
+                      f"How many {item} are left?", start - boxes * per)
+    speed, hours, extra = rng.randint(41, 97), rng.randint(11, 29), rng.randint(100, 999)
+    return (kind, f"A train travels {speed} km every hour for {hours} hours, then {extra} km more. "
+                  "How many km does it travel in total?", speed * hours + extra)
+
+
+def tools(rng: random.Random) -> tuple[list[Row], list[Row]]:
+    seen: set[str] = set()
+    rows = []
+    while len(rows) < TOOLS_TRAIN + TOOLS_TEST:
+        kind, prompt, answer = tool_problem(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "answer": str(answer), "kind": kind})
+    return rows[TOOLS_TEST:], rows[:TOOLS_TEST]
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -669,6 +715,7 @@ def build(out: Path) -> list[Path]:
     files["preference/train.jsonl"], files["preference/test.jsonl"] = preference(random.Random(SEED + 3))
     files["safety/harmful_test.jsonl"], files["safety/benign_test.jsonl"] = safety(random.Random(SEED + 4))
     files["online/train.jsonl"] = online(random.Random(SEED + 5))
+    files["tools/train.jsonl"], files["tools/test.jsonl"] = tools(random.Random(SEED + 7))
     written = []
     for rel, rows in files.items():
         write_jsonl(out / rel, rows)

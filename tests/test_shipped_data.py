@@ -31,6 +31,8 @@ EXPECTED_KIND = {
     "safety/harmful_test.jsonl": "prompt",
     "safety/benign_test.jsonl": "prompt",
     "online/train.jsonl": "prompt",
+    "tools/train.jsonl": "prompt",
+    "tools/test.jsonl": "prompt",
 }
 
 
@@ -132,6 +134,21 @@ def test_multitask_rows_are_correct_and_splits_disjoint():
             assert answer == str(a + b)
     train_prompts = {r["messages"][0]["content"] for r in train}
     assert not train_prompts & {r["prompt"] for r in test}
+
+
+def test_tool_problems_are_correct_held_out_and_need_more_than_mental_arithmetic():
+    train, test = _rows("tools/train.jsonl"), _rows("tools/test.jsonl")
+    assert (len(train), len(test)) == (400, 100)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert len({r["prompt"] for r in train}) == len(train)
+    nums = lambda p: [int(x) for x in re.findall(r"\d+", p)]  # noqa: E731
+    check = {"product": lambda n: n[0] * n[1], "sum": sum, "remainder": lambda n: n[0] % n[1],
+             "boxes": lambda n: n[0] - n[1] * n[2], "rate": lambda n: n[0] * n[1] + n[2]}
+    for row in train + test:
+        assert set(row) == {"prompt", "answer", "kind"}
+        assert row["answer"] == str(check[row["kind"]](nums(row["prompt"]))), row
+        assert int(row["answer"]) >= 0
+    assert {r["kind"] for r in test} == set(check)
 
 
 def test_text_sets_have_real_paragraphs():

@@ -52,7 +52,7 @@ def register_stage(verb: str, help: str, config: str, run: str, sections: str, *
 
 _SFT = ("posttrain.train.sft:SFTConfig", "posttrain.train.sft:run_sft")
 _RL = ("posttrain.rl.controller:RLConfig", "posttrain.rl.controller:run_rl")
-_RL_SECTIONS = "backend, model, adapter, data, reward, rollout, algo, critic, train, eval, eval_every"
+_RL_SECTIONS = "backend, model, adapter, data, reward, env, rollout, algo, critic, train, eval, eval_every"
 _PROMPTS = ("data.prompts=PROMPTS.jsonl", "reward.type=verifier")
 _TRAIN_FILE = ("data.train=TRAIN.jsonl",)
 

@@ -132,6 +132,12 @@ def test_ray_backend_gives_the_local_result(rl_setup, ray_cluster, stage):
     ({"algo": {"overlong_buffer": 500}}, "longer than rollout.max_new_tokens"),
     ({"algo": {"mis_threshold": 0.5}}, "mis_threshold"),
     ({"stage": "ppo", "rollout": {"dynamic_sampling": True}}, "needs groups"),
+    ({"reward": None}, "reward: missing; give a reward function, or an env"),
+    ({"env": {"name": "shell"}}, "unknown environment 'shell'; choose one of python, kb"),
+    ({"env": {"name": "python", "timout": 1}}, "env.timout: unknown key"),
+    ({"env": {"name": "python"}, "algo": {"overlong_buffer": 2}}, "overlong_buffer: not supported with env"),
+    ({"env": {"name": "python"}, "rollout": {"decoding": "sam"}}, "rollout.decoding: multi-turn"),
+    ({"rollout": {"max_turns": 0}}, "max_turns"),
 ])
 def test_bad_rl_configs_name_the_field(extra, message):
     raw = {"data": {"prompts": "p.jsonl"}, "reward": {"type": "verifier"}}
@@ -245,3 +251,134 @@ def test_sigkill_mid_rl_then_resume_matches_the_uninterrupted_run(rl_setup, stag
     for x, y in zip(rows_a, rows_b, strict=True):
         for key in ("reward", "kl", "kl_coef", "loss"):
             assert x[key] == y[key], (x["step"], key)
+
+
+# ----------------------------------------------------------------------------- multi-turn tool use
+
+
+def _two_turn_episode(tokenizer):
+    """A hand-built episode: prompt, a tool call, the observation turn, the answer."""
+    from posttrain.rl.tools import TurnFormat, observation_ids
+
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = enc("<|im_start|>user\nWhat is 6 * 7?<|im_end|>\n<|im_start|>assistant\n")
+    call = enc('<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>')
+    obs = observation_ids(tokenizer, TurnFormat.of(tokenizer), "42", None)
+    answer = enc("The answer is 42.") + [tokenizer.eos_token_id]
+    return prompt, call + obs + answer, [1] * len(call) + [0] * len(obs) + [1] * len(answer), (call, obs, answer)
+
+
+def test_observation_and_prompt_tokens_get_no_label_no_logprob_and_no_gradient(tokenizer, tiny):
+    from posttrain.models import base_model
+    from posttrain.rl.algorithms import kl_estimate, policy_loss
+    from posttrain.rl.controller import AlgoSettings, _response_logps
+    from posttrain.train.objectives import label_token_logps
+
+    prompt, tokens, mask, (call, obs, answer) = _two_turn_episode(tokenizer)
+    packed = packed_sequences([prompt], [tokens], [mask])
+    labels = packed["labels"][0].tolist()
+    n = len(prompt)
+    model_positions = [*range(n, n + len(call)), *range(n + len(call) + len(obs), n + len(tokens))]
+    assert [j for j, t in enumerate(labels) if t != -100] == model_positions  # the loss mask: 0 on prompt + obs
+    assert [labels[j] for j in model_positions] == call + answer
+    with pytest.raises(ValueError, match="row 0: .* response tokens but a loss mask of 3"):
+        packed_sequences([prompt], [tokens], [[1, 0, 1]])
+
+    # the policy gradient: PPO surrogate + k3 KL, as the actor's update computes them, through the
+    # hidden state at every position (position p predicts token p + 1)
+    captured = {}
+
+    def keep_hidden(module, args, output):
+        output.last_hidden_state.retain_grad()
+        captured["h"] = output.last_hidden_state
+
+    handle = base_model(tiny).get_decoder().register_forward_hook(keep_hidden)
+    logp = label_token_logps(tiny, packed)
+    handle.remove()
+    assert logp.shape == (len(call) + len(answer),)  # one log-prob per model token, none for observations
+    loss, _ = policy_loss("ppo", logp, logp.detach(), torch.ones_like(logp), torch.zeros_like(logp), AlgoSettings())
+    loss = loss + 0.05 * kl_estimate(logp, logp.detach() - 0.1, "k3").mean()
+    loss.backward()
+    grad = captured["h"].grad[0].abs().sum(-1)
+    predicts_model_token = torch.tensor([labels[p + 1] != -100 for p in range(len(labels) - 1)] + [False])
+    assert torch.all(grad[~predicts_model_token] == 0)  # prompt and observation tokens: exactly zero
+    assert torch.all(grad[predicts_model_token] > 0)
+
+    # the ratio's and the KL's [B, T] log-probs (old, reference, rollout) run over the model tokens only
+    rollout = Batch(meta={"prompt_ids": [prompt], "response_ids": [tokens], "response_mask": [mask]})
+    per_token = _response_logps(tiny, rollout, 1.0, 4096)
+    assert per_token.shape == (1, len(call) + len(answer))
+    torch.testing.assert_close(per_token[0], logp.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def tool_setup(tmp_path, tokenizer):
+    save_model(tiny_model(tokenizer, seed=2), tokenizer, tmp_path / "tiny")
+    prompts = tmp_path / "tools.jsonl"
+    pairs = [(12, 34), (56, 78), (91, 23), (45, 67)]
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {a} * {b}?", "answer": str(a * b)}) + "\n"
+                               for a, b in pairs))
+
+    def config(steps, name="grpo-tools", stage="grpo", **extra):
+        raw = {
+            "stage": stage, "output_dir": str(tmp_path / name),
+            "model": {"name": str(tmp_path / "tiny"), "dtype": "fp32"},
+            "adapter": {"method": "lora", "r": 8, "alpha": 16}, "data": {"prompts": str(prompts)},
+            "env": {"name": "python", "tool_call_reward": 0.1},
+            "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 8, "max_turns": 2,
+                        "top_k": 8},
+            "train": {"max_steps": steps, "lr": 1e-2, "progress": False},
+            "eval": {"held_out_reward": {"prompts": str(prompts), "limit": 2}},
+        }
+        for key, value in extra.items():
+            raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+        return RLConfig.model_validate(raw)
+
+    return config
+
+
+def test_tool_grpo_runs_two_steps_end_to_end_with_the_python_env(tool_setup):
+    cfg = tool_setup(2)
+    manifest = run_rl(cfg)
+    rows = _rows(cfg)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"reward/env", "reward/tool_shaping", "tools/valid_rate", "tools/calls", "tools/turns"} <= set(r)
+        assert 1 <= r["tools/turns"] <= 2 and r["reward"] == pytest.approx(r["reward/env"] + r["reward/tool_shaping"])
+        assert r["drift/max_abs"] < 1e-4  # the trainer scores exactly the tokens the sampler drew
+    for phase in ("eval_before", "eval_after"):
+        assert {"held_out/accuracy", "held_out/valid_rate", "held_out/turns"} <= set(manifest["outputs"][phase])
+    assert (Path(cfg.output_dir) / "final" / "adapter_config.json").exists()
+    assert (Path(cfg.output_dir) / "plots" / "grpo.png").exists()
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_tool_rl_trains_on_multi_turn_episodes_and_logs_the_tool_figures(tool_setup, tokenizer, monkeypatch, stage):
+    """A scripted policy (the tiny model's own log-probs of scripted turns): per prompt one sample
+    calls python and answers with its result, the other guesses wrong, so every group has an
+    advantage and every step's figures are known exactly. PPO adds the old log-prob pass, the
+    KL in the reward and the critic's values, all over the model's tokens only."""
+    import re
+
+    from tests.rl.tool_policy import ScriptedPolicy
+
+    first_turns = [0]
+
+    def respond(text: str) -> str:
+        question = text.rsplit("<|im_start|>user\n", 1)[1]
+        if "<|im_start|>tool\n" in question:  # after the observation: answer with it
+            return f"The answer is {question.rsplit('<|im_start|>tool' + chr(10), 1)[1].split('<|im_end|>')[0]}."
+        first_turns[0] += 1
+        if first_turns[0] % 2:
+            a, b = re.search(r"What is (\d+) \* (\d+)\?", question).groups()
+            return f'<tool_call>{{"name": "python", "arguments": {{"code": "print({a} * {b})"}}}}</tool_call>'
+        return "The answer is 0."
+
+    monkeypatch.setattr("posttrain.generate.engine.generate", ScriptedPolicy(tokenizer, respond))
+    cfg = tool_setup(3, name=f"scripted-{stage}", stage=stage)
+    run_rl(cfg)
+    for r in _rows(cfg):
+        assert r["reward/env"] == 0.5 and r["tools/valid_rate"] == 1.0 and r["tools/calls"] == 0.5
+        assert r["tools/turns"] == 1.5 and r["reward"] == pytest.approx(0.55)
+        assert r["drift/max_abs"] < 1e-4 and r["actor/grad_norm"] > 0 and r["adv_abs"] > 0
+        assert ("critic/loss" in r) == (stage == "ppo")

@@ -11,6 +11,11 @@ actors (`ray`); the driver code is the same, see `rl_step`.
 Per-token tensors are ``[B, T]`` over each rollout's response tokens, right padded, with
 `mask`. Training packs each (prompt, response) of a minibatch into one row without padding
 (as DPO's pairs), so an update costs the real tokens only.
+
+With an `env` (multi-turn tool use, rl/tools.py) a rollout is an episode: `response_ids` hold
+the model's turns and the observation turns between them, `response_mask` is 1 on the model's
+tokens, and the per-token tensors run over those tokens only; observations are context in
+training, never labels. The environment's answer check is the score (plus `reward` if given).
 """
 
 from __future__ import annotations
@@ -108,15 +113,29 @@ def pad_rows(rows: list[list[float]], dtype=torch.float32) -> Tensor:
     return out
 
 
-def packed_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict[str, Tensor]:
+def packed_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]],
+                     loss_masks: list[list[int]] | None = None) -> dict[str, Tensor]:
     """Prompt + response of every row in one packed row; labels on the response tokens only.
 
     The label order (row-major) is row 0's response tokens, then row 1's, ...: the order of
-    `x[mask.bool()]` for a right-padded [B, T] tensor over the same responses.
+    `x[mask.bool()]` for a right-padded [B, T] tensor over the same responses. Multi-turn
+    episodes (rl/tools.py) pass `loss_masks`: a response is then the model's turns with the
+    tool observations between them, and only tokens with mask 1 get a label, so observation
+    tokens are context only (no log-prob, ratio, KL or gradient of their own); the [B, T]
+    tensors then run over each row's masked-in tokens.
     """
     from posttrain.data.collate import collate_packed
 
-    rows = [{"input_ids": p + r, "labels": [IGNORE] * len(p) + r} for p, r in zip(prompt_ids, response_ids)]
+    if loss_masks is None:
+        labels = list(response_ids)
+    else:
+        labels = []
+        for k, (r, m) in enumerate(zip(response_ids, loss_masks)):
+            if len(m) != len(r):
+                raise ValueError(f"row {k}: {len(r)} response tokens but a loss mask of {len(m)}")
+            labels.append([t if keep else IGNORE for t, keep in zip(r, m)])
+    rows = [{"input_ids": p + r, "labels": [IGNORE] * len(p) + lab}
+            for p, r, lab in zip(prompt_ids, response_ids, labels)]
     batch = collate_packed(rows)
     batch["seq_index"] = torch.tensor([[k for k, r in enumerate(rows) for _ in r["input_ids"]]], dtype=torch.long)
     return batch
@@ -136,16 +155,29 @@ def micro_batches(n_tokens: list[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
-def packed_groups(prompt_ids: list[list[int]], response_ids: list[list[int]], max_tokens: int):
+def packed_groups(prompt_ids: list[list[int]], response_ids: list[list[int]], max_tokens: int,
+                  loss_masks: list[list[int]] | None = None):
     """(row indices, packed batch) per micro-batch of at most max_tokens tokens."""
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     for group in micro_batches(lengths, max_tokens):
-        yield group, packed_sequences([prompt_ids[i] for i in group], [response_ids[i] for i in group])
+        yield group, packed_sequences([prompt_ids[i] for i in group], [response_ids[i] for i in group],
+                                      None if loss_masks is None else [loss_masks[i] for i in group])
 
 
-def per_row(flat: Tensor, response_ids: list[list[int]], group: list[int]) -> list[list[float]]:
-    """A micro-batch's per-token values (label order) back into one list per row."""
-    return [x.tolist() for x in flat.split([len(response_ids[i]) for i in group])]
+def sequences(batch: Batch) -> tuple[list[list[int]], list[list[int]], list[list[int]] | None]:
+    """(prompt ids, response ids, loss masks or None) of a rollout batch's rows."""
+    return batch["prompt_ids"], batch["response_ids"], batch.meta.get("response_mask")
+
+
+def trained_lengths(response_ids: list[list[int]], loss_masks: list[list[int]] | None) -> list[int]:
+    """Labelled tokens per row: the whole response, or its masked-in (model-written) tokens."""
+    return [len(r) for r in response_ids] if loss_masks is None else [sum(m) for m in loss_masks]
+
+
+def per_row(flat: Tensor, lengths: list[int], group: list[int]) -> list[list[float]]:
+    """A micro-batch's per-token values (label order) back into one list per row (`lengths`: labelled
+    tokens of every row of the batch)."""
+    return [x.tolist() for x in flat.split([lengths[i] for i in group])]
 
 
 def minibatch_updates(model, objective, batch: Batch, fields: tuple[str, ...], algo, train_cfg, optimizer, scheduler,
@@ -175,7 +207,8 @@ def minibatch_updates(model, objective, batch: Batch, fields: tuple[str, ...], a
             extra = {"agg_weight": aggregation_weights(sub["mask"], getattr(algo, "loss_agg", "token-mean"), max_len),
                      "rows": torch.arange(len(sub), dtype=torch.float32)[:, None].expand(mask.shape)}
             micro = []
-            for group, mb in packed_groups(sub["prompt_ids"], sub["response_ids"], train_cfg.max_tokens):
+            prompt_ids, response_ids, masks = sequences(sub)
+            for group, mb in packed_groups(prompt_ids, response_ids, train_cfg.max_tokens, masks):
                 for key in fields:
                     if key in sub.tensors:
                         mb[key] = sub[key][group][mask[group]].float()
@@ -214,6 +247,8 @@ class RolloutSettings(Strict):
     dynamic_sampling: bool = Field(False, description="DAPO: drop prompts whose samples all got the same reward "
                                                       "and sample more prompts to refill the step")
     max_sampling_rounds: int = Field(3, gt=0, description="dynamic sampling: rollout rounds per step at most")
+    max_turns: int = Field(4, gt=0, description="tool use (with env): model turns per episode at most; "
+                                                "max_new_tokens is then per turn")
 
 
 class AlgoSettings(Strict):
@@ -282,7 +317,12 @@ class RLConfig(StageConfig):
     reward_workers: int = Field(1, gt=0, description="data-parallel reward workers")
     adapter: AdapterConfig = AdapterConfig()
     data: OnlineDataConfig
-    reward: dict[str, Any] = Field(..., description="a reward function config (see rl/rewards.py build_reward)")
+    reward: dict[str, Any] | None = Field(None, description="a reward function config (see rl/rewards.py "
+                                                            "build_reward); with env, optional and added to the "
+                                                            "environment's reward")
+    env: dict[str, Any] | None = Field(None, description="multi-turn tool use: an environment from rl/envs.py ENVS "
+                                                         "(name: python | kb, and its settings); its final-answer "
+                                                         "check is the reward")
     rollout: RolloutSettings = RolloutSettings()
     algo: AlgoSettings = AlgoSettings()
     critic: CriticSettings = CriticSettings()
@@ -295,8 +335,21 @@ class RLConfig(StageConfig):
         from posttrain.rl.algorithms import ADVANTAGES
         from posttrain.rl.rewards import parse_reward_config
 
-        parse_reward_config(self.reward, source="reward")
         from posttrain.rl.algorithms import POLICY_LOSSES
+        from posttrain.rl.envs import parse_env_config
+
+        if self.reward is None and self.env is None:
+            raise ValueError("reward: missing; give a reward function, or an env (tool use) whose answer check "
+                             "scores the episode")
+        if self.reward is not None:
+            parse_reward_config(self.reward, source="reward")
+        if self.env is not None:
+            parse_env_config(self.env, source="env")
+            if self.algo.overlong_buffer is not None:
+                raise ValueError("algo.overlong_buffer: not supported with env (multi-turn); rollout.max_new_tokens "
+                                 "bounds each turn")
+            if self.rollout.decoding != "plain":
+                raise ValueError("rollout.decoding: multi-turn tool rollouts decode with plain batched decoding")
 
         if self.algo.policy_loss not in POLICY_LOSSES:
             raise ValueError(f"algo.policy_loss: unknown loss {self.algo.policy_loss!r}; "
@@ -331,6 +384,11 @@ class RLConfig(StageConfig):
             return a.recompute_old_logp
         return (a.epochs * a.minibatches > 1 or a.tis_cap is not None or a.mis_threshold is not None
                 or self.kl_in == "reward")
+
+    @property
+    def max_response_tokens(self) -> int:
+        """The most model-written tokens a rollout can have (every turn at its budget with tools)."""
+        return self.rollout.max_new_tokens * (self.rollout.max_turns if self.env is not None else 1)
 
     @property
     def logprob_temperature(self) -> float:
@@ -370,14 +428,17 @@ def _load_rng_dir(path: Path) -> Path:
     return path
 
 
-def _response_logps(model, prompt_ids, response_ids, temperature: float, max_tokens: int) -> Tensor:
-    """[B, T] log p(response token) under `model` at the sampler's temperature (no grad)."""
+def _response_logps(model, rollout: Batch, temperature: float, max_tokens: int) -> Tensor:
+    """[B, T] log p(response token) under `model` at the sampler's temperature (no grad); with
+    loss masks, of the model-written tokens only."""
     from posttrain.train.objectives import label_token_logps
 
+    prompt_ids, response_ids, masks = sequences(rollout)
+    lengths = trained_lengths(response_ids, masks)
     rows: list[list[float]] = [[] for _ in prompt_ids]
     with torch.no_grad():
-        for group, batch in packed_groups(prompt_ids, response_ids, max_tokens):
-            for i, values in zip(group, per_row(label_token_logps(model, batch, temperature), response_ids, group)):
+        for group, batch in packed_groups(prompt_ids, response_ids, max_tokens, masks):
+            for i, values in zip(group, per_row(label_token_logps(model, batch, temperature), lengths, group)):
                 rows[i] = values
     return pad_rows(rows)
 
@@ -406,6 +467,12 @@ class ActorWorker:
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.raw = self.acc.unwrap_model(self.model)
         self.rollout = RolloutModel(self.raw)
+        self.env_cfg = self.make_env = None
+        if cfg.env is not None:  # multi-turn tool use: the episodes run here, beside the sampler
+            from posttrain.rl.envs import build_env, parse_env_config
+
+            self.env_cfg = parse_env_config(cfg.env)
+            self.make_env = build_env(self.env_cfg)
 
     def info(self) -> dict:
         return {"trainable": self.summary, "rollout_copy": self.rollout.is_copy}
@@ -420,8 +487,10 @@ class ActorWorker:
         gen = GenerationConfig(max_new_tokens=max_new_tokens or r.max_new_tokens, do_sample=not greedy,
                                temperature=1.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed,
                                decoding=r.decoding)
-        prompt_ids = encode_prompts(self.tokenizer, batch["prompt"], chat=True)
         self.rollout.sync(self.raw)
+        if self.make_env is not None:
+            return self._episodes(batch, gen)
+        prompt_ids = encode_prompts(self.tokenizer, batch["prompt"], chat=True)
         # greedy: a prompt repeated k times has one reply; decode each distinct prompt once
         unique = list(dict.fromkeys(map(tuple, prompt_ids))) if greedy else [tuple(p) for p in prompt_ids]
         if r.decoding == "sam":  # speculative decoding runs one prompt at a time
@@ -441,17 +510,38 @@ class ActorWorker:
         return Batch({"mask": mask, "rollout_logp": pad_rows(lps)},
                      {"prompt_ids": prompt_ids, "response_ids": ids, "response": texts})
 
+    def _episodes(self, batch: Batch, gen) -> Batch:
+        """Multi-turn tool-use rollouts (rl/tools.py): per row the whole episode after the prompt as
+        `response_ids` with `response_mask` (1 on the model's tokens); the [B, T] tensors run over the
+        model's tokens only; the environment's reward and the tool figures per row."""
+        from posttrain.rl.tools import run_episodes, transcript
+
+        eps = run_episodes(self.rollout.model, self.tokenizer, batch["record"], self.make_env, gen,
+                           self.cfg.rollout.max_turns, self.env_cfg.workers)
+        w = self.env_cfg.tool_call_reward
+        per_episode = {"reward/env": [e.env_reward for e in eps], "reward/tool_shaping": [e.shaping(w) for e in eps],
+                       "tools/attempted": [e.attempted for e in eps], "tools/valid": [e.valid for e in eps],
+                       "tools/turns": [len(e.turns) for e in eps],
+                       "tools/answered": [any(t["kind"] == "answer" for t in e.turns) for e in eps]}
+        tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in per_episode.items()}
+        tensors["mask"] = pad_rows([[1.0] * len(e.logprobs) for e in eps])
+        tensors["rollout_logp"] = pad_rows([e.logprobs for e in eps])
+        meta = {"prompt_ids": [e.prompt_ids for e in eps], "response_ids": [e.tokens for e in eps],
+                "response_mask": [e.loss_mask for e in eps], "response": [e.answer or "" for e in eps],
+                "transcript": [transcript(self.tokenizer, e) for e in eps]}
+        return Batch(tensors, meta)
+
     def logprobs(self, batch: Batch) -> Batch:
         """The trainer's log-probs of the sampled tokens before the update (PPO's old log-probs)."""
         temp = self.cfg.logprob_temperature
-        return Batch({"old_logp": _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp,
+        return Batch({"old_logp": _response_logps(self.model, batch, temp,
                                                   self.cfg.train.max_tokens)})
 
     def ref_logprobs(self, batch: Batch) -> Batch:
         """The reference's log-probs: the base with the adapters disabled (no second copy)."""
         temp = self.cfg.logprob_temperature
         with self.raw.disable_adapter():
-            return Batch({"ref_logp": _response_logps(self.raw, batch["prompt_ids"], batch["response_ids"], temp,
+            return Batch({"ref_logp": _response_logps(self.raw, batch, temp,
                                                       self.cfg.train.max_tokens)})
 
     def update(self, batch: Batch) -> dict:
@@ -485,7 +575,7 @@ class ActorWorker:
 
         fields = ("old_logp", "adv", "ref_logp", "is_weight", "rollout_logp")
         history = minibatch_updates(self.model, objective, batch, fields, a, cfg.train, self.optimizer,
-                                    self.scheduler, self.acc, cfg.train.seed, cfg.rollout.max_new_tokens)
+                                    self.scheduler, self.acc, cfg.train.seed, cfg.max_response_tokens)
         out = {f"actor/{k}": sum(h[k] for h in history) / len(history) for k in history[0] if k != "drift_mean_abs"}
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         if "old_logp" not in batch.tensors:
@@ -526,7 +616,7 @@ class ReferenceWorker:
 
     def ref_logprobs(self, batch: Batch) -> Batch:
         temp = self.cfg.logprob_temperature
-        return Batch({"ref_logp": _response_logps(self.model, batch["prompt_ids"], batch["response_ids"], temp,
+        return Batch({"ref_logp": _response_logps(self.model, batch, temp,
                                                   self.cfg.train.max_tokens)})
 
     def save_state(self, path: str) -> None:  # frozen: only its process's RNG
@@ -575,8 +665,10 @@ class CriticWorker:
         rows: list[list[float]] = [[] for _ in range(len(batch))]
         self.model.eval()
         with torch.no_grad():
-            for group, mb in packed_groups(batch["prompt_ids"], batch["response_ids"], self.cfg.train.max_tokens):
-                for i, values in zip(group, per_row(self._values(mb), batch["response_ids"], group)):
+            prompt_ids, response_ids, masks = sequences(batch)
+            lengths = trained_lengths(response_ids, masks)
+            for group, mb in packed_groups(prompt_ids, response_ids, self.cfg.train.max_tokens, masks):
+                for i, values in zip(group, per_row(self._values(mb), lengths, group)):
                     rows[i] = values
         return Batch({"values": pad_rows(rows)})
 
@@ -593,7 +685,7 @@ class CriticWorker:
 
         history = minibatch_updates(self.model, objective, batch, ("values", "returns"), a, self.train_cfg,
                                     self.optimizer, self.scheduler, self.acc, self.cfg.train.seed + 1,
-                                    self.cfg.rollout.max_new_tokens)
+                                    self.cfg.max_response_tokens)
         return {f"critic/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
 
     def save_state(self, path: str) -> None:
@@ -681,7 +773,7 @@ class WorkerGroup:
 class Groups:
     actor: WorkerGroup
     reference: WorkerGroup  # the actor group itself when training adapters
-    reward: WorkerGroup
+    reward: WorkerGroup | None  # None: an environment's answer check is the whole reward
     critic: WorkerGroup | None
 
     def unique(self) -> list[WorkerGroup]:
@@ -699,7 +791,7 @@ def build_groups(cfg: RLConfig, threads: int | None = None) -> Groups:
     b = cfg.backend
     actor = WorkerGroup(ActorWorker, 1, b, cfg, threads)
     reference = actor if disables_to_base(cfg.adapter) else WorkerGroup(ReferenceWorker, 1, b, cfg, threads)
-    reward = WorkerGroup(RewardWorker, cfg.reward_workers, b, cfg, threads)
+    reward = WorkerGroup(RewardWorker, cfg.reward_workers, b, cfg, threads) if cfg.reward is not None else None
     critic = WorkerGroup(CriticWorker, 1, b, cfg, threads) if cfg.advantage_name == "gae" else None
     return Groups(actor, reference, reward, critic)
 
@@ -751,6 +843,18 @@ def add_advantages(batch: Batch, cfg: RLConfig, kl_coef: float) -> tuple[Batch, 
     return batch.union(Batch(tensors)), metrics
 
 
+def score_rows(groups: Groups, cfg: RLConfig, batch: Batch) -> Batch:
+    """Each row's score: the reward function's, plus with an env the episode's own reward (answer
+    correctness + the tool-call shaping term the rollout computed)."""
+    out = groups.reward.call("score", batch) if groups.reward is not None else Batch()
+    if cfg.env is None:
+        return out
+    env_score = batch["reward/env"] + batch["reward/tool_shaping"]
+    tensors = dict(out.tensors)
+    tensors["scores"] = env_score + tensors["scores"] if "scores" in tensors else env_score
+    return Batch(tensors)
+
+
 def sample_scored(groups: Groups, cfg: RLConfig, prompts: Batch, seed: int,
                   refill: Callable[[], Batch] | None = None) -> tuple[Batch, dict]:
     """Rollouts and their rewards. With rollout.dynamic_sampling (DAPO), groups whose samples
@@ -764,7 +868,7 @@ def sample_scored(groups: Groups, cfg: RLConfig, prompts: Batch, seed: int,
         start = time.perf_counter()
         b = p.union(groups.actor.call("generate", p, seed=s))
         mid = time.perf_counter()
-        b = b.union(groups.reward.call("score", b))
+        b = b.union(score_rows(groups, cfg, b))
         timing["time/rollout"] += mid - start
         timing["time/reward"] += time.perf_counter() - mid
         return b
@@ -834,13 +938,28 @@ def prompt_batch(records: list[dict], k: int, first_group: int = 0) -> Batch:
                  {"prompt": [r["prompt"] for r, _ in rows], "record": [r for r, _ in rows]})
 
 
-def held_out_reward(groups: Groups, records: list[dict], max_new_tokens: int) -> dict:
-    """Greedy replies to held-out prompts, scored by the reward function."""
+def held_out_reward(groups: Groups, cfg: RLConfig, records: list[dict], max_new_tokens: int) -> dict:
+    """Greedy replies to held-out prompts, scored by the reward function; with an env, greedy
+    episodes, and also their answer accuracy and tool figures."""
     batch = prompt_batch(records, 1)
     batch = batch.union(groups.actor.call("generate", batch, greedy=True, max_new_tokens=max_new_tokens))
-    scores = groups.reward.call("score", batch)
+    scores = score_rows(groups, cfg, batch)
     lengths = batch["mask"].sum(1)
-    return {"held_out/reward": scores["scores"].mean().item(), "held_out/length": lengths.mean().item()}
+    out = {"held_out/reward": scores["scores"].mean().item(), "held_out/length": lengths.mean().item()}
+    if cfg.env is not None:
+        out["held_out/accuracy"] = batch["reward/env"].mean().item()
+        out.update({f"held_out/{k.removeprefix('tools/')}": v for k, v in tool_metrics(batch).items()})
+    return out
+
+
+def tool_metrics(batch: Batch) -> dict:
+    """A tool-use batch's figures: tools/valid_rate (valid calls / attempted calls over the batch;
+    None when no turn attempted one), tools/calls and tools/turns per episode, tools/answered
+    (share of episodes that ended with a final answer)."""
+    attempted = batch["tools/attempted"].sum().item()
+    return {"tools/valid_rate": batch["tools/valid"].sum().item() / attempted if attempted else None,
+            "tools/calls": batch["tools/attempted"].mean().item(), "tools/turns": batch["tools/turns"].mean().item(),
+            "tools/answered": batch["tools/answered"].mean().item()}
 
 
 def save_rl_checkpoint(run_dir: Path, groups: Groups, driver: dict, keep: int) -> Path:
@@ -889,7 +1008,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     def evaluate_before() -> dict:
         out = groups.actor.broadcast("evaluate", cfg.eval)[0] if cfg.eval.before and cfg.eval.tasks else {}
         if held is not None:
-            out.update(held_out_reward(groups, held, held_tokens))
+            out.update(held_out_reward(groups, cfg, held, held_tokens))
         return out
 
     before = run.cached("eval_before.json", evaluate_before)
@@ -932,12 +1051,14 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
         for name in batch.tensors:
             if name.startswith("reward/") and not name.startswith("reward/weight/"):
                 row[name] = batch[name].mean().item()
+        if cfg.env is not None:
+            row.update(tool_metrics(batch))
         kl.update(m["kl"], len(batch))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             if cfg.eval.tasks:
                 row.update({f"eval/{n}": v for n, v in groups.actor.broadcast("evaluate", cfg.eval)[0].items()})
             if held is not None:
-                row.update(held_out_reward(groups, held, held_tokens))
+                row.update(held_out_reward(groups, cfg, held, held_tokens))
         row["step_s"] = time.perf_counter() - t0
         history.append(row)
         log.write(row)
@@ -950,10 +1071,13 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
     groups.actor.broadcast("save", str(run_dir / "final"))
     after = groups.actor.broadcast("evaluate", cfg.eval)[0] if cfg.eval.tasks else {}
     if held is not None:
-        after.update(held_out_reward(groups, held, held_tokens))
+        after.update(held_out_reward(groups, cfg, held, held_tokens))
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    metric_curves(log.path, plots / f"{cfg.stage}.png", ["reward", "kl", "response_length", "actor/loss"])
+    curves = ["reward", "kl", "response_length", "actor/loss"]
+    if cfg.env is not None:
+        curves += ["reward/env", "tools/valid_rate", "tools/turns", "tools/calls"]
+    metric_curves(log.path, plots / f"{cfg.stage}.png", curves)
     write_reports(run_dir, before, after)
     first, last = reward_ends(history)
     n5 = min(5, len(history))
