@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -396,6 +397,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def replan(out: Path, work: Path) -> None:
+    """Predictions of the current planner for the measured points (the measurements are untouched)."""
+    import subprocess
+
+    from posttrain.config import build_config
+    from posttrain.plan import get_device, plan_stage
+    from posttrain.train.sft import SFTConfig
+
+    os.environ.update(MALLOC)  # as the runs had it
+    result = json.loads(out.read_text())
+    device = get_device("cpu")
+    for p in result["points"]:
+        cfg = build_config(SFTConfig, work / f"ours-{p['size']}-{p['method']}-{p['length']}.yaml")
+        p["predicted_peak_bytes"] = plan_stage(cfg, device, with_suggestions=False).peak
+        if "peak_bytes" in p.get("ours", {}) and "exit" not in p["ours"]:
+            m = p["ours"]["peak_bytes"]
+            p["planner_error_pct"] = round(100 * (p["predicted_peak_bytes"] - m) / m, 1)
+        print(point_line(p))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    result["planner_replanned"] = {"commit": commit, "date": machine_info()["date"]}
+    write_json(out, result)  # then save() re-derives the summary
+    save(str(out), [], {}, merge=True)
+
+
 def save(out: str, points: list[dict], decode: dict, merge: bool) -> dict:
     """Write `points` and `decode` into `out` (atomically), keeping its other points when merging."""
     old = json.loads(Path(out).read_text()) if merge and Path(out).is_file() else {}
@@ -418,9 +443,10 @@ def save(out: str, points: list[dict], decode: dict, merge: bool) -> dict:
         "planner_max_abs_error_pct": max((abs(p["planner_error_pct"]) for p in planned), default=None),
     }
     runs = old.get("runs", []) + [{"command": "python " + " ".join(sys.argv), "date": machine_info()["date"]}]
+    extra = {k: old[k] for k in ("planner_replanned",) if k in old}
     runs = [r for i, r in enumerate(runs) if r not in runs[:i]]
     result = {"machine": machine_info(), "runs": runs, "models": SIZES, "lora": LORA, "checkpointing_from": CKPT_FROM,
-              "points": points, "decode": decode, "summary": summary}
+              "points": points, "decode": decode, "summary": summary, **extra}
     write_json(out, result)
     return result
 
@@ -442,8 +468,14 @@ def main() -> None:
                     help="take a point's figures from the finished runs in --work instead of running it again")
     ap.add_argument("--work", default=None, help="directory for models, data and run dirs (kept)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "scaling.json"))
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute every point's planner prediction in --out from the configs kept in --work "
+                         "(the planner changed after the runs); run nothing else")
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out (and redraw its plot); run nothing")
     args = ap.parse_args()
+    if args.replan:
+        replan(Path(args.out), Path(args.work or "."))
+        return
     if args.table:
         result = json.loads(Path(args.out).read_text())
         plot(result, Path(args.out).with_suffix(".png"))
