@@ -101,6 +101,37 @@ def recipe(model: str, method: str, batch: int, length: int, ckpt: bool, data: P
             "eval": {"before": False}}
 
 
+def replan(out: Path, work: Path) -> None:
+    """Predictions of the current planner for the measured points (measurements untouched)."""
+    from posttrain.config import build_config
+    from posttrain.plan import CPU_RUNTIME, get_device, plan_stage
+    from posttrain.train.sft import SFTConfig
+
+    work.mkdir(parents=True, exist_ok=True)
+    result = json.loads(out.read_text())
+    models = {"135M": "default", "360M": str(make_360m(work))}
+    for r in result["points"]:
+        if "measured_bytes" not in r:
+            continue
+        cfg_path = work / "replan.yaml"
+        cfg_path.write_text(yaml.safe_dump(recipe(models[r["model"]], r["method"], r["batch"], r["length"],
+                                                  r.get("checkpointing", False), work / "text.jsonl", work / "out")))
+        plan = plan_stage(build_config(SFTConfig, cfg_path), get_device("cpu"), with_suggestions=False,
+                          fixed_mmap_threshold=r.get("malloc_mmap_threshold", False))
+        r["predicted_bytes"], r["predicted_net_bytes"] = plan.peak, plan.peak - CPU_RUNTIME
+        r["error_pct"] = round(100 * (plan.peak - r["measured_bytes"]) / r["measured_bytes"], 1)
+        r["net_error_pct"] = round(100 * (r["predicted_net_bytes"] - r["measured_net_bytes"]) / r["measured_net_bytes"], 1)
+        r["parts"] = {p.name: p.bytes for p in plan.parts}
+        print(f"{r['model']} {r['method']} ckpt={r.get('checkpointing')} {r['batch']}x{r['length']}: {r['error_pct']:+.1f}%")
+    done = [r for r in result["points"] if "error_pct" in r]
+    result["summary"].update({"within_15pct": sum(abs(r["error_pct"]) <= 15 for r in done),
+                              "net_within_15pct": sum(abs(r["net_error_pct"]) <= 15 for r in done),
+                              "max_abs_error_pct": max(abs(r["error_pct"]) for r in done),
+                              "max_abs_net_error_pct": max(abs(r["net_error_pct"]) for r in done)})
+    result["replanned"] = machine_info()["date"]
+    write_json(out, result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="three points only")
@@ -110,7 +141,13 @@ def main() -> None:
                     help="replace those points in the existing --out JSON and keep the others (each row says when)")
     ap.add_argument("--work", default=None, help="directory for the data, the 360M model and run dirs")
     ap.add_argument("--out", default=str(RESULTS_DIR / "plan_check.json"))
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute the predictions of the points in --out with the current planner (the 360M "
+                         "model is built in --work if missing); measure nothing")
     args = ap.parse_args()
+    if args.replan:
+        replan(Path(args.out), Path(args.work or tempfile.mkdtemp(prefix="plan_check_")))
+        return
 
     from posttrain.config import build_config
     from posttrain.plan import CPU_RUNTIME, get_device, measure_cpu_flops, plan_stage
