@@ -284,8 +284,14 @@ def evaluate_loss(model, objective: Objective, examples: list[dict], cfg: TrainC
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
+# torch's default AdamW on CPU tensors steps one tensor at a time; the fused kernel does the whole
+# update in one pass. 60 fp32 tensors, 53M values, 1 thread: 218-721 ms a step by default, 71-83 ms
+# fused; on a 1B model's full fine-tuning that was most of the gap to TRL (adamw_torch_fused).
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and 1-D params."""
+    """AdamW (fused where torch has the kernel); no weight decay on biases, norms and 1-D params."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -293,7 +299,10 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters: check the adapter/freeze settings")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    params = decay + no_decay
+    fused = (len({p.device.type for p in params}) == 1 and params[0].device.type in ("cpu", "cuda")
+             and all(p.dtype in FUSED_DTYPES for p in params))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
 def enable_checkpointing(model) -> None:
