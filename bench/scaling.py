@@ -201,7 +201,7 @@ def decode_point(model_dir: Path, batches=(1, 8), new_tokens: int = 64) -> dict:
         generate(model, tok, prompts, GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
         t = time.perf_counter()
         res = generate(model, tok, prompts, cfg)
-        ours = sum(len(x) for x in res.tokens) / (time.perf_counter() - t)
+        ours = sum(len(x) for x in res.token_ids) / (time.perf_counter() - t)
         ids = torch.tensor(prompts)
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
