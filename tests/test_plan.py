@@ -86,9 +86,11 @@ def test_activations_scale_with_tokens_and_checkpointing_lowers_them(tiny256):
     assert acts(rows=1, seq=128) == 2 * 128 * per
     # checkpointed: each layer's fp32 input (h values per token) plus one layer recomputed in backward
     assert acts(rows=1, seq=128, checkpointing=True) == 4 * 64 * 2 * 128 + 128 * per
-    # the head holds at most one chunk of logits however long the batch
+    # the head holds at most one chunk of logits however long the batch; chunks (checkpointed) keep
+    # 12 B per position and vocabulary entry, one unchunked pass 16 (fp32: logits, log-softmax, grads)
     short = P.head_peak_bytes(shape, P.Setup("sft", method="full", seq=100))
-    assert P.head_peak_bytes(shape, P.Setup("sft", method="full", seq=10 * P.HEAD_CHUNK)) == short * P.HEAD_CHUNK // 100
+    assert short == 100 * shape.vocab * 16
+    assert P.head_peak_bytes(shape, P.Setup("sft", method="full", seq=10 * P.HEAD_CHUNK)) == P.HEAD_CHUNK * shape.vocab * 12
 
 
 def test_kv_cache_and_reference_copy_are_counted(tiny256):
