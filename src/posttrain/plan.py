@@ -552,8 +552,8 @@ SAMPLE_RECORDS = 256
 def short_attention_cols(cfg: Any) -> int:
     """Probability columns per token the short attention path keeps for this data's packed rows.
 
-    A row of E examples padded to its longest, M, keeps E x M x M probabilities per head, about
-    T x M² / mean per head for T tokens. Read from the first records of a local JSONL training
+    A row of E examples padded to its longest, M, keeps E x M x M probabilities per head; the
+    sampled examples are packed into rows as the loop packs them to count it. Read from the first records of a local JSONL training
     file (tokenizer only, no weights); 0 when most examples are longer than SHORT_ATTENTION (flash
     attention keeps no probabilities) or the file cannot be sampled here.
     """
@@ -561,11 +561,12 @@ def short_attention_cols(cfg: Any) -> int:
     if path.suffix != ".jsonl" or not path.is_file():
         return 0
     return _sampled_cols(path, path.stat().st_mtime_ns, str(_get(cfg, "model.name", "default")),
-                         _get(cfg, "data.kind"), int(_get(cfg, "data.max_length", 1024)))
+                         _get(cfg, "data.kind"), int(_get(cfg, "data.max_length", 1024)),
+                         int(_get(cfg, "train.max_tokens", 2048)))
 
 
 @functools.lru_cache(maxsize=16)
-def _sampled_cols(path: Path, mtime_ns: int, model: str, kind: str | None, max_length: int) -> int:
+def _sampled_cols(path: Path, mtime_ns: int, model: str, kind: str | None, max_length: int, row_tokens: int) -> int:
     """short_attention_cols' sampling, once per file version (stages check at every start)."""
     from posttrain.data.templates import encode_record
     from posttrain.models import load_tokenizer
@@ -588,7 +589,14 @@ def _sampled_cols(path: Path, mtime_ns: int, model: str, kind: str | None, max_l
     short = [n for n in lengths if n <= SHORT_ATTENTION]
     if len(short) < 0.9 * max(len(lengths), 1) or not short:
         return 0
-    return int(max(short) ** 2 / (sum(short) / len(short)))
+    # pack the sample in order into rows of `row_tokens`, as the loop does: sum of E x M² over rows / tokens
+    cols = tokens = 0
+    row: list[int] = []
+    for n in short + [row_tokens + 1]:  # the sentinel closes the last row
+        if row and sum(row) + n > row_tokens:
+            cols, tokens, row = cols + len(row) * max(row) ** 2, tokens + sum(row), []
+        row.append(n)
+    return int(cols / tokens)
 
 
 def kv_cache_bytes(shape: ModelShape, sequences: int, length: int, dtype_bytes: int) -> int:
@@ -741,7 +749,8 @@ def estimate(shape: ModelShape, s: Setup, device: Device, runtime: int | None = 
     # freed copy in its heap (measured on the default model: 205 of the 269 MB came back only with
     # malloc_trim), so it stays resident through training
     cast_leftover = 0
-    if device.kind == "cpu" and s.method in ("full", "freeze") and s.compute_dtype != s.load_dtype:
+    if (device.kind == "cpu" and s.method in ("full", "freeze") and s.compute_dtype != s.load_dtype
+            and not s.fixed_mmap_threshold):  # a fixed threshold maps each tensor: freeing returns it
         cast_leftover = shape.params * DTYPE_BYTES[s.load_dtype]
     steady = (weights + optimizer + max(active, grads) + cast_leftover + sum(b for _, b in s.extra_copies)
               + s.kv_cache)
