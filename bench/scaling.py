@@ -111,7 +111,7 @@ def ours_recipe(model: Path, method: str, length: int, steps: int, data: Path, o
             "adapter": adapter, "data": {"train": str(data), "kind": "text", "max_length": length},
             "train": {"packing": True, "max_tokens": length, "max_steps": steps, "lr": LR, "schedule": "constant",
                       "warmup_ratio": 0.0, "progress": False, "log_every": 1, "shuffle": False,
-                      "mixed_precision": "bf16" if method == "full" else "no",
+                      "mixed_precision": "bf16" if method == "full" else "no", "fused_optimizer": True,
                       "gradient_checkpointing": length >= CKPT_FROM},
             "eval": {"before": False}}
 

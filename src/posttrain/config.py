@@ -62,6 +62,8 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward: activations "
                                          "shrink to each layer's input plus one layer, for ~1/3 more compute")
+    fused_optimizer: bool = Field(False, description="torch's fused AdamW kernel (CPU: 3-10x faster optimizer "
+                                  "steps than the per-tensor default; matters for full fine-tuning)")
     ewc_weight: float = Field(0.0, ge=0)
     progress: bool = True
 

@@ -204,3 +204,24 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     b = load_file(str(tmp_path / "ddp" / "final.safetensors"))
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-5, msg=n)
+
+
+def test_fused_optimizer_is_opt_in_and_steps_like_the_default():
+    import torch
+
+    from posttrain.config import TrainConfig
+    from posttrain.train.loop import build_optimizer
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [build_optimizer(nets[0], TrainConfig()), build_optimizer(nets[1], TrainConfig(fused_optimizer=True))]
+    assert not opts[0].defaults["fused"] and opts[1].defaults["fused"]
+    x = torch.randn(16, 8)
+    for net, opt in zip(nets, opts):
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
