@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, load_average, machine_info, run_child, write_json  # noqa: E402
+from decoding import read_bandwidth, weight_bytes_per_token  # noqa: E402  (the roofline as bench/decoding.py measures it)
 
 _SMOL = {"model_type": "llama", "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
          "tie_word_embeddings": True, "hidden_act": "silu", "rope_parameters": {"rope_theta": 100000.0,
@@ -211,41 +212,11 @@ def decode_point(model_dir: Path, batches=(1, 8), new_tokens: int = 64) -> dict:
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             hf = (gen.shape[1] - ids.shape[1]) * b / (time.perf_counter() - t)
         out[f"batch{b}"] = {"ours_tokens_per_s": round(ours, 2), "hf_tokens_per_s": round(hf, 2)}
-    seen, total = set(), 0  # bytes read per decode step: every weight once (the tied head once)
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    out["weight_bytes_per_step"] = total
+    out["weight_bytes_per_step"] = weight_bytes_per_token(model)
     return out
 
 
-def read_bandwidth() -> float:
-    """Best of a 1 GiB streaming sum and a 512 MiB fp32 matrix-vector product, bytes/s."""
-    import torch
-
-    def best(f) -> float:
-        f()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    x = torch.empty(256 * 1024 * 1024).normal_()
-    w, v = torch.randn(16384, 8192), torch.randn(1, 8192)
-    return max(x.numel() * 4 / best(lambda: x.sum()), w.numel() * 4 / best(lambda: v @ w.T))
-
-
 # ----------------------------------------------------------------------------- main
-
-
-def available_bytes() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def step_counts(length: int, args) -> tuple[int, int]:
@@ -255,7 +226,7 @@ def step_counts(length: int, args) -> tuple[int, int]:
 
 def train_point(work: Path, size: str, method: str, length: int, args, device) -> dict:
     from posttrain.config import build_config
-    from posttrain.plan import plan_stage
+    from posttrain.plan import get_device, plan_stage
     from posttrain.train.sft import SFTConfig
 
     import yaml
@@ -272,7 +243,7 @@ def train_point(work: Path, size: str, method: str, length: int, args, device) -
     cfg_path.write_text(yaml.safe_dump(ours_recipe(model, method, length, warmup + steps, data, out)))
     plan = plan_stage(build_config(SFTConfig, cfg_path), device, with_suggestions=False, fixed_mmap_threshold=True)
     row["predicted_peak_bytes"] = plan.peak
-    avail = available_bytes()
+    avail = get_device("cpu").available
     if plan.peak > avail:
         row["skipped"] = f"planned peak {plan.peak / 2**30:.1f} GiB > {avail / 2**30:.1f} GiB available"
         print(f"{name}: skipped: {row['skipped']}", flush=True)
@@ -506,7 +477,7 @@ def main() -> None:
                     save(args.out, [points[-1]], {}, merge=args.merge or len(points) > 1)
     decode = {}
     if not args.no_decode:
-        bw = read_bandwidth()
+        bw = read_bandwidth()["best_gbs"] * 1e9
         print(f"read bandwidth {bw / 1e9:.1f} GB/s")
         for size in sizes:
             d = decode_point(make_model(work, size))

@@ -261,3 +261,9 @@ def test_packed_rows_of_short_examples_count_the_short_attention_probabilities(t
     assert plans["short"].setup.short_attention_cols > 0 and plans["long"].setup.short_attention_cols == 0
     acts = {k: next(p.bytes for p in v.parts if p.name == "activations") for k, v in plans.items()}
     assert acts["short"] > acts["long"]
+
+
+def test_the_planner_knows_the_short_attention_paths_limit():
+    from posttrain.kernels.attention import SHORT
+
+    assert P.SHORT_ATTENTION == SHORT  # plan.py avoids importing torch, so it keeps its own copy
