@@ -121,7 +121,9 @@ class Scripted:
 def test_synthetic_refusals_raise_the_drift_gauge_through_the_app(tiny, tokenizer, caplog):
     caplog.set_level(logging.WARNING, "posttrain.serve")
     script = Scripted([ANSWER] * 5 + [REFUSAL] * 5)
-    config = ServeConfig(model_name="tiny", monitor_window=5, max_batch=1)
+    # tokens_per_s is wall-clock timing of a scripted generator: noise under load, so not judged here
+    config = ServeConfig(model_name="tiny", monitor_window=5, max_batch=1,
+                         drift_threshold={"refusal_rate": 0.5, "reply_tokens": 0.5})
     with TestClient(create_app(tiny, tokenizer, config, generate_fn=script)) as client:
         for i in range(10):
             body = {"model": "tiny", "prompt": f"q{i}", "max_tokens": 3, "stream": i % 2 == 1}
