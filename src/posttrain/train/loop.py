@@ -341,11 +341,14 @@ def optimizer_step(model, objective: Objective, batches: list[dict], n_global: i
     for a, batch in enumerate(batches):
         tokens += _batch_tokens(batch)
         sync = nullcontext() if a == len(batches) - 1 else acc.no_sync(model)
-        with sync, acc.autocast():
-            loss, m = objective(model, batch)
-            scaled = loss * (m["loss_tokens"] * world / max(n_global, 1))
-            if regularizer is not None and cfg.ewc_weight > 0:
-                scaled = scaled + (cfg.ewc_weight / 2) * regularizer(raw) / len(batches)
+        with sync:
+            with acc.autocast():
+                loss, m = objective(model, batch)
+                scaled = loss * (m["loss_tokens"] * world / max(n_global, 1))
+                if regularizer is not None and cfg.ewc_weight > 0:
+                    scaled = scaled + (cfg.ewc_weight / 2) * regularizer(raw) / len(batches)
+            # backward outside autocast: leaving it frees autocast's bf16 copies of the weights
+            # (2 bytes a parameter) before the gradients are allocated
             acc.backward(scaled)
         loss_sum += loss.item() * m["loss_tokens"]
         units += m["loss_tokens"]
