@@ -53,6 +53,7 @@ from posttrain.serve.adapters import (AdapterEntry, AdapterProblem, AdapterTable
                                       check_fits, check_name, detach_adapter, read_adapter)
 from posttrain.serve.batcher import Batcher, Job, JobTimeout, batch_key, batch_metrics, run_batch
 from posttrain.serve.monitor import Monitor, drift_thresholds, monitor_metrics
+from posttrain.serve.scheduler import ContinuousBatcher, selector
 from posttrain.serve.schema import (
     APIError,
     ChatRequest,
@@ -157,7 +158,14 @@ class _Server:
         self.monitor = Monitor(self.m, config.monitor_window, drift_thresholds(config.drift_threshold),
                                config.drift_baseline)
         worker = functools.partial(run_batch, decode=self.decode, guard=config.guard, metrics=self.m)
-        self.batcher = Batcher(worker, config.max_batch, config.batch_wait_ms / 1000)
+        self.select = selector(lambda: self.model)
+        if config.batching == "continuous" and generate_fn is generate:
+            self.batcher = ContinuousBatcher(worker, config.max_batch, config.batch_wait_ms / 1000,
+                                             select=self.select, tokenizer=tokenizer, guard=config.guard,
+                                             metrics=self.m, prefill_chunk=config.prefill_chunk,
+                                             draft_max_rows=config.draft_max_rows)
+        else:  # a replacement generate_fn (tests) decodes whole batches: only the static batcher calls it
+            self.batcher = Batcher(worker, config.max_batch, config.batch_wait_ms / 1000)
         self.store = open_store(config.feedback_db) if config.feedback_db else None
         self.ratings: collections.deque[bool] = collections.deque(maxlen=config.feedback_window)
         if self.store is not None:  # a restart keeps the window: the latest ratings from the database
@@ -175,15 +183,7 @@ class _Server:
     def decode(self, peft_name: str, prompts: list, gen: GenerationConfig, **kwargs) -> GenerationOutput:
         """In the worker thread: generate with PEFT adapter `peft_name` selected ("": the bare base).
         A batch holds one adapter's requests (the batch key), and only this thread selects."""
-        model = self.model
-        if peft_name:
-            if peft_name not in (getattr(model, "peft_config", None) or {}):  # a pinned adapter is never deleted
-                raise RuntimeError(f"adapter {peft_name} is not loaded")
-            model.set_adapter(peft_name)
-            context = contextlib.nullcontext()
-        else:
-            context = model.disable_adapter() if getattr(model, "peft_config", None) else contextlib.nullcontext()
-        with context:
+        with self.select(peft_name) as model:
             return self.generate_fn(model, self.tokenizer, prompts, gen, **kwargs)
 
     def error_response(self, exc: APIError, endpoint: str) -> JSONResponse:

@@ -100,6 +100,19 @@ def batch_metrics(registry: CollectorRegistry) -> dict:
     }
 
 
+def reply(job: Job, out: GenerationOutput, i: int, guard: GuardRules | None, m: dict, decode_s: float) -> None:
+    """Settle `job` with row i of `out`, the output guard applied (both batchers answer this way)."""
+    text, blocked = out.texts[i], False
+    if guard is not None:
+        from posttrain.generate.guard import guard_text
+
+        checked = guard_text(text, guard)
+        text, blocked = checked.text, checked.blocked
+        m["guard_blocked"].inc(int(blocked))
+    settle(job.future, GenerationOutput([text], [out.token_ids[i]], [out.logprobs[i]],
+                                        {"guard_blocked": int(blocked), "decode_s": decode_s}))
+
+
 def run_batch(jobs: list[Job], decode: Decode, guard: GuardRules | None = None, metrics: dict | None = None) -> None:
     """In the worker thread: decode compatible, unexpired jobs as one batch and settle each job's future.
 
@@ -129,16 +142,7 @@ def run_batch(jobs: list[Job], decode: Decode, guard: GuardRules | None = None, 
 
     def answer(row: int, out: GenerationOutput, i: int = 0) -> None:
         """Settle one job with its row of `out` (guard applied): called as soon as the row ends."""
-        text, blocked = out.texts[i], False
-        if guard is not None:
-            from posttrain.generate.guard import guard_text
-
-            checked = guard_text(text, guard)
-            text, blocked = checked.text, checked.blocked
-            m["guard_blocked"].inc(int(blocked))
-        settle(jobs[row].future, GenerationOutput([text], [out.token_ids[i]], [out.logprobs[i]],
-                                                  {"guard_blocked": int(blocked),
-                                                   "decode_s": time.perf_counter() - start}))
+        reply(jobs[row], out, i, guard, m, time.perf_counter() - start)
 
     rows = {"row_max_new_tokens": limits, "row_stop": [job.gen.stop for job in jobs], "row_done": answer} \
         if n > 1 else {}
