@@ -10,9 +10,10 @@ Feedback: with `feedback_db` set, every answered request and its replies (each c
 stream's before its closing chunks and `[DONE]`; `/v1/feedback` then takes a rating of a
 reply or a choice between two replies to the same prompt, also committed before it answers.
 
-Requests are checked by schema.py and decoded by batcher.py's worker thread, which batches
-compatible concurrent requests (see its docstring); this module turns HTTP into jobs and
-outcomes into answers.
+Requests are checked by schema.py and decoded by one worker thread: by default scheduler.py's
+continuous batcher (requests join and leave the running batch at token boundaries), with
+`batching: static` batcher.py's static batches (see their docstrings); this module turns HTTP
+into jobs and outcomes into answers.
 
 Admission is bounded: at most `queue_size` requests wait or run; one more gets 429
 at once instead of piling up. Every request has a deadline: a waiting request past it
@@ -570,7 +571,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                generate_fn: Callable[..., GenerationOutput] = generate,
                adapter_paths: dict[str, str] | None = None) -> FastAPI:
     """The FastAPI app. `generate_fn` has `engine.generate`'s signature (tests slow it down);
-    it gets `row_max_new_tokens` and `row_done` only for batches of more than one request.
+    it gets `row_max_new_tokens` and `row_done` only for batches of more than one request. A
+    replacement `generate_fn` means static batching: the continuous batcher drives the engine's
+    rows step by step, which a function decoding whole batches cannot stand in for.
     `adapter_paths`: name -> LoRA adapter dir or run dir, loaded now as `/admin/adapters` would
     (`config.adapters` instead names adapters already loaded on `model` by `load_adapters`)."""
     server = _Server(model, tokenizer, config or ServeConfig(), generate_fn, adapter_paths)

@@ -9,8 +9,10 @@ step of 8 rows costs little more than a step of 1 (weights are read once per ste
 tokens/s grows with the batch. A batch of one decodes with its config's decoding (SAM by
 default, lossless for greedy); a batch of several uses plain batched decoding, because our
 speculative decoding verifies one row at a time. Batches are static: a job arriving mid-batch
-waits for the next batch (continuous batching would need inserting rows into a running KV
-cache); a job is settled as soon as its own row ends (`row_done`), not when the whole batch ends.
+waits for the next batch (scheduler.py's continuous batcher, the server's default, lets it join
+the running one); a job is settled as soon as its own row ends (`row_done`), not when the whole
+batch ends. `batching: static` selects this batcher; the continuous one also falls back to it
+where the native decoder cannot run the model.
 
 Every job has a deadline: a waiting job past it leaves the queue, and a running one leaves its
 batch at the next token (the engine drops that row; the other rows go on), with `JobTimeout`.

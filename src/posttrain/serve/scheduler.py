@@ -101,7 +101,7 @@ class ContinuousBatcher(Batcher):
         if reason is not None:
             if reason not in self.fallbacks:
                 self.fallbacks.add(reason)
-                log.warning("continuous batching needs the native decoder (%s): static batches instead", reason)
+                log.warning("continuous batching cannot run here (%s): static batches instead", reason)
             jobs = self._take()  # the static batcher's choice: head and the compatible jobs behind it
             if jobs:
                 self._run_static(jobs)
