@@ -22,7 +22,7 @@ Every configuration's answers are compared request by request with `serial`'s (g
 should be identical). Goal: zero errors.
 
     python bench/serve_load.py                    # 16 clients, 64 requests, 32 tokens; writes serve_load.json
-    python bench/serve_load.py --quick            # 4 clients, 8 requests, no JSON
+    python bench/serve_load.py --quick            # 4 clients, 8 requests (unless given), no JSON
     python bench/serve_load.py --max-tokens 8,64  # mixed lengths; writes bench/results/serve_load_mixed.json
     python bench/serve_load.py --configs continuous,static   # a subset (no identity check without serial)
 """
@@ -233,10 +233,10 @@ def print_table(r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--clients", type=int, help="default 16 (--quick: 4)")
+    parser.add_argument("--requests", type=int, help="default 64 (--quick: 8)")
     parser.add_argument("--max-tokens", default="32", help="T, or T1,T2,... cycled over the requests")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a small load (unless sized), no JSON written")
     parser.add_argument("--configs", default="continuous,static,serial",
                         help=f"comma-separated, run in this order: {', '.join(CONFIGS)} (default: all three)")
     parser.add_argument("--no-serial", action="store_true", help="skip the serial run (no identity check)")
@@ -245,8 +245,8 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
         raise SystemExit(f"--configs: unknown or no configuration {unknown}; choose from {', '.join(CONFIGS)}")
-    if args.quick:
-        args.clients, args.requests = 4, 8
+    args.clients = args.clients or (4 if args.quick else 16)
+    args.requests = args.requests or (8 if args.quick else 64)
     args.budgets = [int(t) for t in args.max_tokens.split(",")]
     if any(t < 1 for t in args.budgets):
         raise SystemExit(f"--max-tokens: every budget must be >= 1, got {args.max_tokens}")
