@@ -153,3 +153,24 @@ def test_a_dropped_row_leaves_and_the_others_go_on(tokenizer):
         batch.add([10 ** 9], config)
     with pytest.raises(ValueError, match="empty"):
         batch.add([], config)
+
+
+def test_long_prompts_handed_to_the_torch_forward_still_equal_each_prompt_alone(tokenizer, monkeypatch):
+    """Prompts from TORCH_PREFILL_MIN tokens are prefilled by the torch forward, one per step, in
+    the batch as in `generate`: a row still equals its prompt decoded alone."""
+    from posttrain.generate import backends
+
+    model = native_tiny(tokenizer, torch.bfloat16)
+    monkeypatch.setattr(backends, "TORCH_PREFILL_MIN", 12)
+    handed = []
+    real = backends.prefill_with_torch
+    monkeypatch.setattr(backends, "prefill_with_torch", lambda m, p, c, s: handed.append(len(p)) or real(m, p, c, s))
+    ids = encode_prompts(tokenizer, PROMPTS)
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    want = {i: alone(model, tokenizer, ids[i], config).token_ids[0] for i in range(len(ids))}
+    assert sorted(handed) == sorted(len(p) for p in ids if len(p) >= 12) and handed  # generate handed them over
+    handed.clear()
+    batch = RunningBatch(model, tokenizer, max_rows=5, prefill_chunk=4)
+    got = run(batch, {0: [(i, ids[i], config) for i in range(3)], 3: [(i, ids[i], config) for i in (3, 4)]})
+    assert {i: got[i][0].tokens for i in got} == want
+    assert sorted(handed) == sorted(len(p) for p in ids if len(p) >= 12)

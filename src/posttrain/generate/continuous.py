@@ -22,6 +22,11 @@ extra row, so drafts are nearly free for one or two rows and cost more than they
 with the ~15% acceptance measured on chat replies (BENCHMARKS.md, serving). Sampled rows decode
 plain, so a seed gives the same tokens whatever the batch.
 
+Long prompts (`backends.TORCH_PREFILL_MIN` tokens or more, bf16 models without adapters) are
+prefilled whole by the model's torch forward, alone, and their K/V copied into the row's slot, as
+`generate` does (the torch forward's GEMMs and SDPA beat the native per-row attention there);
+at most one per step, which then takes no other prompt tokens.
+
 Only the native decoder runs it (`unsupported_reason` says why not); the caller falls back to
 static batches then. One model state per batch: adapters are selected before the batch starts.
 """
@@ -108,7 +113,8 @@ class RunningBatch:
     """
 
     def __init__(self, model, tokenizer, max_rows: int, prefill_chunk: int = PREFILL_CHUNK,
-                 draft_max_rows: int = DRAFT_MAX_ROWS):
+                 draft_max_rows: int = DRAFT_MAX_ROWS, torch_prefill_min: int | None = None):
+        from posttrain.generate import backends
         from posttrain.generate.native import native_lm
 
         if max_rows < 1 or prefill_chunk < 1 or draft_max_rows < 0:
@@ -119,6 +125,10 @@ class RunningBatch:
         self.max_rows, self.prefill_chunk, self.draft_max_rows = max_rows, prefill_chunk, draft_max_rows
         self.eos = eos_ids(model, tokenizer)
         self.cache = self.lm.new_cache(max_rows, CACHE_ROUND)
+        # long prompts: the torch forward prefills them, as engine.generate's NativeRows does (same rule,
+        # each prompt alone, so a row still equals its prompt decoded alone)
+        self.torch_prefill_min = backends.TORCH_PREFILL_MIN if torch_prefill_min is None else torch_prefill_min
+        self.torch_model = backends.torch_prefill_model(self.lm)
         self.free = list(range(max_rows))
         self.rows: list[Row] = []  # in the order they joined
 
@@ -187,6 +197,9 @@ class RunningBatch:
         decoding = [r for r in self.rows if r.pending is not None]
         drafting = len(decoding) <= self.draft_max_rows
         budget = self.prefill_chunk
+        handed = self._torch_prefill(stats)  # at most one long prompt, prefilled by the torch forward
+        if handed is not None:
+            budget = 0  # that was this step's prefill
         for row in self.rows:
             if row.pending is not None:
                 draft: list[int] = []
@@ -201,7 +214,7 @@ class RunningBatch:
                 for i, token in enumerate(feed):
                     out.append(len(flat))
                     flat.append(token), seq.append(row.slot), pos.append(start + i)
-            elif budget > 0:  # prefilling: the next chunk of its prompt
+            elif budget > 0 and row.fed < len(row.prompt):  # prefilling: the next chunk of its prompt
                 chunk = row.prompt[row.fed:row.fed + budget]
                 for i, token in enumerate(chunk):
                     flat.append(token), seq.append(row.slot), pos.append(row.fed + i)
@@ -211,10 +224,14 @@ class RunningBatch:
                 if row.fed == len(row.prompt):  # its last prompt token's logits choose the first token
                     plan.append((row, [], len(out)))
                     out.append(len(flat) - 1)
-        if not flat:
+        if not flat and handed is None:
             return stats
-        stats.rows = len(set(seq))
-        logits = self.lm.forward(flat, seq, pos, out, cache=self.cache)
+        stats.rows = len(set(seq)) + (handed is not None)
+        parts = [self.lm.forward(flat, seq, pos, out, cache=self.cache)] if flat else []
+        if handed is not None:  # its first token is chosen from the torch forward's logits, after the others
+            plan.append((handed[0], [], len(out)))
+            parts.append(handed[1][None])
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         # greedy rows' choices and logprobs in one call each (per-row calls cost ~10% of a step)
         preds = logits.numpy().argmax(-1).tolist()  # the first maximum, as torch's; ~30x faster on one core
         greedy_lp = F.log_softmax(logits, dim=-1)
@@ -238,6 +255,21 @@ class RunningBatch:
             row.accepted += len(emitted) - 1
             stats.tokens += self._emit(row, emitted, lp)
         return stats
+
+    def _torch_prefill(self, stats: StepStats) -> tuple[Row, torch.Tensor] | None:
+        """The first joining row with a prompt of `torch_prefill_min` tokens or more, prefilled whole
+        by the torch forward into its cache slot: (row, its last position's logits); or None."""
+        if self.torch_model is None:
+            return None
+        from posttrain.generate.backends import prefill_with_torch
+
+        for row in self.rows:
+            if row.fed == 0 and row.pending is None and len(row.prompt) >= self.torch_prefill_min:
+                logits = prefill_with_torch(self.torch_model, row.prompt, self.cache, row.slot)
+                row.fed = len(row.prompt)
+                stats.prefilled += row.fed
+                return row, logits
+        return None
 
     def _emit(self, row: Row, emitted: list[int], logprobs: torch.Tensor) -> int:
         """Append the row's new tokens (stopping at EOS, a stop string or the budget), stream them,

@@ -276,6 +276,7 @@ class NativeLM:
         base = base_model(model)
         cfg = base.config
         self.config = cfg
+        self.model = weakref.ref(model)  # the model packed (weak: _PACKED's value must not keep its key alive)
         self.signature = _signature(model)  # LoRA A/B included: a training step repacks
         self.dtype = next(p.dtype for n, p in model.named_parameters() if not _is_lora_param(n))
         lora, why = lora_layers(model)
