@@ -1,21 +1,30 @@
-"""A bounded load on `posttrain serve`: many concurrent clients, one local server, batching on and off.
+"""A bounded load on `posttrain serve`: many concurrent clients, one local server, three ways of batching.
 
 Starts `python -m posttrain.cli serve MODEL` as a subprocess on 127.0.0.1 (queue as large
 as the number of clients, so no request should be refused), then C client threads send
 N chat requests in total (greedy, max_tokens T, or request i gets T[i % len(T)] for a list;
-every 4th one streamed over SSE). The same
-load runs twice, each on a fresh server: `batched` (--max-batch 8: concurrent requests decode
-together, plain batched decoding; a request alone uses SAM) and `serial` (--max-batch 1: one
-request at a time with SAM, the server before batching). Latency is per request, from send
-to the last byte (streams: time to first chunk recorded too). Tokens are the server's own
-count (`/metrics` generated tokens); tokens/s = tokens / wall time of the whole load; mean
-batch size = rows / generate calls from the `posttrain_batch_size` histogram. The answers of
-both runs are compared request by request (greedy: they should agree; a batched bf16 step
-may round differently from a batch-1 step). Goal: zero errors.
+every 4th one streamed over SSE). The same load runs once per configuration, each on a fresh
+server:
 
-    python bench/serve_load.py                    # 16 clients, 64 requests, 32 tokens (~3 min on 2 cores, both runs)
-    python bench/serve_load.py --quick            # 4 clients, 8 requests, no JSON
+- `continuous` (the default: --batching continuous --max-batch 8): requests join and leave the
+  running batch at token boundaries; SAM drafts for greedy rows while at most 2 decode;
+- `static` (--batching static --max-batch 8, the server before continuous batching): a batch is
+  formed from the waiting requests and decoded to its end (plain batched decoding; a request
+  alone uses SAM), then the next;
+- `serial` (--batching static --max-batch 1): one request at a time with SAM, the reference
+  answers (serial greedy).
+
+Latency is per request, from send to the last byte (streams: time to first chunk recorded too),
+with p50/p95 per max_tokens for mixed lengths. Tokens are the server's own count (`/metrics`
+generated tokens); tokens/s = tokens / wall time of the whole load; rows per forward =
+`posttrain_batch_size` sum / count (static: rows per generate call; continuous: rows per step).
+Every configuration's answers are compared request by request with `serial`'s (greedy: they
+should be identical). Goal: zero errors.
+
+    python bench/serve_load.py                    # 16 clients, 64 requests, 32 tokens; writes serve_load.json
+    python bench/serve_load.py --quick            # 4 clients, 8 requests (unless given), no JSON
     python bench/serve_load.py --max-tokens 8,64  # mixed lengths; writes bench/results/serve_load_mixed.json
+    python bench/serve_load.py --configs continuous,static   # a subset (no identity check without serial)
 """
 
 from __future__ import annotations
@@ -100,7 +109,9 @@ def one_request(client: httpx.Client, i: int, max_tokens: int) -> dict:
     return record
 
 
-CONFIGS = {"batched": ["--max-batch", "8"], "serial": ["--max-batch", "1"]}  # both: --decoding sam (default)
+CONFIGS = {"continuous": ["--batching", "continuous", "--max-batch", "8"],  # all: --decoding sam (default)
+           "static": ["--batching", "static", "--max-batch", "8"],
+           "serial": ["--batching", "static", "--max-batch", "1"]}
 
 
 def run(args, name: str) -> dict:
@@ -166,10 +177,11 @@ def run(args, name: str) -> dict:
     latencies = [r["latency_ms"] for r in records if r["ok"]]
     firsts = [r["first_chunk_ms"] for r in records if r["ok"] and r.get("first_chunk_ms") is not None]
     errors = [r for r in records if not r["ok"]]
-    by_budget = {}  # mixed lengths: the median latency of each max_tokens
+    by_budget, by_budget_95 = {}, {}  # mixed lengths: the p50 and p95 latency of each max_tokens
     for t in args.budgets if len(args.budgets) > 1 else []:
         mine = [r["latency_ms"] for r in records if r["ok"] and r["max_tokens"] == t]
         by_budget[t] = round(percentile(mine, 50), 1) if mine else None
+        by_budget_95[t] = round(percentile(mine, 95), 1) if mine else None
     return {
         "model": args.model, "config": name, "server_flags": ["--decoding", "sam", *CONFIGS[name]],
         "clients": args.clients, "requests": len(records), "max_tokens": args.budgets[0] if len(args.budgets) == 1 else args.budgets,
@@ -178,12 +190,13 @@ def run(args, name: str) -> dict:
         "wall_s": round(wall, 2), "requests_per_s": round(len(records) / wall, 3),
         "tokens": int(tokens), "tokens_per_s": round(tokens / wall, 2),
         "p50_ms": round(percentile(latencies, 50), 1) if latencies else None,
+        "p95_ms": round(percentile(latencies, 95), 1) if latencies else None,
         "p99_ms": round(percentile(latencies, 99), 1) if latencies else None,
         "mean_ms": round(statistics.mean(latencies), 1) if latencies else None,
         "stream_first_chunk_p50_ms": round(percentile(firsts, 50), 1) if firsts else None,
         "draft_tokens": int(drafted), "draft_tokens_accepted": int(accepted),
         "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
-        "p50_ms_by_max_tokens": by_budget,
+        "p50_ms_by_max_tokens": by_budget, "p95_ms_by_max_tokens": by_budget_95,
         "generate_calls": int(batches), "mean_batch_size": round(rows / batches, 2) if batches else None,
         "texts": {r["i"]: r["text"] for r in records if r["ok"]},
         **run_context(load_before, load_average(), "fastapi", "uvicorn", "transformers"),
@@ -196,43 +209,58 @@ def print_table(r: dict) -> None:
           f"({r['streamed']} streamed), max_tokens {r['max_tokens']}, greedy")
     print(f"  {'':<28}" + "".join(f"{name:>14}" for name in configs))
     rows = [("requests/s", "requests_per_s"), ("tokens/s", "tokens_per_s"), ("tokens", "tokens"),
-            ("p50 latency ms", "p50_ms"), ("p99 latency ms", "p99_ms"),
-            ("stream first chunk p50 ms", "stream_first_chunk_p50_ms"), ("mean batch size", "mean_batch_size"),
-            ("generate calls", "generate_calls"), ("draft accepted / drafted", None), ("errors", "errors"),
-            ("wall s", "wall_s")]
+            ("p50 latency ms", "p50_ms"), ("p95 latency ms", "p95_ms"), ("p99 latency ms", "p99_ms"),
+            ("stream first chunk p50 ms", "stream_first_chunk_p50_ms"), ("rows per forward", "mean_batch_size"),
+            ("forwards (calls / steps)", "generate_calls"), ("draft accepted / drafted", None),
+            ("errors", "errors"), ("same answers as serial", "same_as_serial"), ("wall s", "wall_s")]
     for label, key in rows:
         values = [c.get(key) if key else f"{c['draft_tokens_accepted']} / {c['draft_tokens']}" for c in configs.values()]
         print(f"  {label:<28}" + "".join(f"{str(v):>14}" for v in values))
-    for t in r.get("p50_ms_by_max_tokens") or {}:
-        label = f"p50 ms, max_tokens {t}"
-        print(f"  {label:<28}" + "".join(f"{str(c['p50_ms_by_max_tokens'][t]):>14}" for c in configs.values()))
-    if "same_answers" in r:
-        print(f"  answers identical in both runs: {r['same_answers']} of {r['compared_answers']}")
+    for q in (50, 95):
+        for t in r.get(f"p{q}_ms_by_max_tokens") or {}:
+            label = f"p{q} ms, max_tokens {t}"
+            print(f"  {label:<28}" + "".join(f"{str(c[f'p{q}_ms_by_max_tokens'][t]):>14}" for c in configs.values()))
+    if "static" in configs and "continuous" in configs:
+        for t, s in (configs["static"].get("p50_ms_by_max_tokens") or {}).items():
+            c = configs["continuous"]["p50_ms_by_max_tokens"].get(t)
+            if s and c:
+                print(f"  continuous / static p50 latency, max_tokens {t}: {c / s:.2f}x")
+        st, ct = configs["static"]["tokens_per_s"], configs["continuous"]["tokens_per_s"]
+        if st:
+            print(f"  continuous / static tokens/s: {ct / st:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--clients", type=int, help="default 16 (--quick: 4)")
+    parser.add_argument("--requests", type=int, help="default 64 (--quick: 8)")
     parser.add_argument("--max-tokens", default="32", help="T, or T1,T2,... cycled over the requests")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-serial", action="store_true", help="skip the second run with --max-batch 1")
+    parser.add_argument("--quick", action="store_true", help="a small load (unless sized), no JSON written")
+    parser.add_argument("--configs", default="continuous,static,serial",
+                        help=f"comma-separated, run in this order: {', '.join(CONFIGS)} (default: all three)")
+    parser.add_argument("--no-serial", action="store_true", help="skip the serial run (no identity check)")
     args = parser.parse_args()
-    if args.quick:
-        args.clients, args.requests = 4, 8
+    names = [n.strip() for n in args.configs.split(",") if n.strip() and not (args.no_serial and n.strip() == "serial")]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise SystemExit(f"--configs: unknown or no configuration {unknown}; choose from {', '.join(CONFIGS)}")
+    args.clients = args.clients or (4 if args.quick else 16)
+    args.requests = args.requests or (8 if args.quick else 64)
     args.budgets = [int(t) for t in args.max_tokens.split(",")]
     if any(t < 1 for t in args.budgets):
         raise SystemExit(f"--max-tokens: every budget must be >= 1, got {args.max_tokens}")
-    runs = {name: run(args, name) for name in (["batched"] if args.no_serial else ["batched", "serial"])}
+    runs = {name: run(args, name) for name in names}
     texts = {name: r.pop("texts") for name, r in runs.items()}
-    result = dict(runs["batched"])  # the default configuration's figures at the top level
+    if "serial" in texts:  # serial greedy is the reference: every configuration's answers against it
+        for name, r in runs.items():
+            shared = sorted(set(texts[name]) & set(texts["serial"]))
+            r["compared_answers"] = len(shared)
+            r["same_as_serial"] = sum(texts[name][i] == texts["serial"][i] for i in shared)
+            r["differing_answers"] = [i for i in shared if texts[name][i] != texts["serial"][i]][:10]
+    result = dict(runs[names[0]])  # the first (by default the default) configuration's figures at the top level
     result["configs"] = {name: {k: v for k, v in r.items() if k not in ("machine", "versions")}
                          for name, r in runs.items()}
-    if "serial" in texts:
-        shared = sorted(set(texts["batched"]) & set(texts["serial"]))
-        result["compared_answers"] = len(shared)
-        result["same_answers"] = sum(texts["batched"][i] == texts["serial"][i] for i in shared)
     name = "serve_load.json" if len(args.budgets) == 1 else "serve_load_mixed.json"
     finish(result, RESULTS_DIR / name, args.quick, print_table)
 

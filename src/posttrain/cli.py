@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
                        description="Serve MODEL over an OpenAI-compatible API: /v1/chat/completions and "
                                    "/v1/completions (streaming with SSE), /v1/models, /health, /metrics (Prometheus). "
-                                   "Concurrent compatible requests are decoded as one batch (--max-batch); a request "
-                                   "running alone uses SAM speculative decoding by default.")
+                                   "Concurrent requests are decoded as one batch (--max-batch) that they join and "
+                                   "leave at token boundaries (--batching continuous, the default); SAM speculative "
+                                   "decoding drafts for greedy requests while few decode.")
     p.add_argument("model", nargs="?", default="default", help="model spec: default, gemma3-270m, HF dir, run dir, .gguf")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -223,11 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--decoding", default="sam", choices=["sam", "lookup", "plain"],
-                   help="decoding of a request running alone (batches of several decode plain)")
+                   help="speculative drafting of greedy requests (continuous: while at most 2 rows decode; static: a "
+                        "request alone; batches of several decode plain)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="concurrent compatible requests decoded as one batch (default 8; 1 = one at a time)")
+    p.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                   help="continuous (default): requests join and leave the running batch at every token; "
+                        "static: a batch is formed, decoded to its end, then the next (the server before "
+                        "continuous batching; also what runs where the native decoder cannot)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a new batch waits for more requests before it starts (default 5)")
+                   help="static batching: how long a new batch waits for more requests before it starts (default 5)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--max-n", type=int, default=4, help="most samples (`n`) one request may ask for (default 4)")
     p.add_argument("--feedback-db", metavar="PATH|URL|off",
@@ -636,7 +642,7 @@ def cmd_serve(args) -> int:
         config = ServeConfig(model_name=args.name or args.model, api_keys=args.api_key,
                              max_tokens_cap=args.max_tokens_cap, queue_size=args.queue, timeout_s=args.timeout,
                              max_body_bytes=args.max_body, decoding=args.decoding, guard=guard,
-                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, batching=args.batching,
                              max_n=args.max_n, feedback_db=None if feedback_db == "off" else feedback_db,
                              feedback_redact_pii=not args.no_redact_feedback, admin_keys=admin_keys,
                              monitor_window=args.monitor_window,

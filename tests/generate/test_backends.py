@@ -67,3 +67,46 @@ def test_torch_rows_feed_the_head_a_contiguous_input_and_leave_no_hook(model):
     probe.remove()
     assert seen == [True, True] and first.shape[0] == 2
     assert not head._forward_pre_hooks  # nothing left behind (the native decoder refuses hooked models)
+
+
+def test_long_prompts_prefill_on_the_torch_forward_and_decode_natively(tokenizer):
+    """From torch_prefill_min tokens a prompt is prefilled alone by the torch forward: its first
+    logits are the torch forward's, its K/V in the native cache match a native prefill's to bf16
+    rounding, decoding goes on natively from them, and shorter prompts are untouched."""
+    from posttrain.generate.backends import torch_prefill_model
+    from posttrain.generate.native import native_lm
+
+    model = tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1, dtype=torch.bfloat16).eval()
+    if unsupported_reason(model) is not None:
+        pytest.skip("the native decoder cannot run here")
+    lm = native_lm(model, required=True)
+    assert torch_prefill_model(lm) is model
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (40, 5, 30, 7)]
+    native = NativeRows(lm, prompts, 4, torch_prefill_min=10 ** 9)
+    want = native.start()
+    want_next = native.extend([[int(t)] for t in want.argmax(-1)])[:, -1]
+    want_k = [k.clone() for k in lm.cache.kcache]
+    want_v = [v.clone() for v in lm.cache.vcache]
+    handed = NativeRows(lm, prompts, 4, torch_prefill_min=20)
+    got = handed.start()
+    for s in (0, 2):  # the long ones: the torch forward's logits, each prompt alone
+        assert torch.equal(got[s], TorchRows(model, [prompts[s]], 0).start()[0])
+        n = len(prompts[s])
+        for l in range(2):
+            torch.testing.assert_close(lm.cache.kcache[l][s, :, :, :n].float(), want_k[l][s, :, :, :n].float(),
+                                       rtol=0.05, atol=0.05)
+            torch.testing.assert_close(lm.cache.vcache[l][s, :n].float(), want_v[l][s, :n].float(),
+                                       rtol=0.05, atol=0.05)
+    for s in (1, 3):  # the short ones: native, bit for bit
+        assert torch.equal(got[s], want[s])
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    got_next = handed.extend([[int(t)] for t in want.argmax(-1)])[:, -1]
+    torch.testing.assert_close(got_next, want_next, rtol=0.05, atol=0.05)
+    assert torch.equal(got_next.argmax(-1), want_next.argmax(-1))
+    # only bf16 models without adapters or integer weights hand over (the case measured)
+    fp32 = tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1).eval()
+    assert torch_prefill_model(native_lm(fp32, required=True)) is None
+    lora = apply_adapter(tiny_model(tokenizer, layers=2, hidden=64, heads=2, kv_heads=1, dtype=torch.bfloat16),
+                         AdapterConfig(method="lora", r=2))
+    assert torch_prefill_model(native_lm(lora, required=True)) is None

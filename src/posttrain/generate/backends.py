@@ -9,7 +9,10 @@ same four calls, which is all the decode loops need:
     crop(n)          forget the last n positions of every row (rejected draft tokens)
 
 `make_rows` picks the native decoder when it can run the model (see
-`posttrain.generate.native`) and the PyTorch path otherwise.
+`posttrain.generate.native`) and the PyTorch path otherwise. On the native decoder, prompts of
+`TORCH_PREFILL_MIN` tokens or more are prefilled by the torch forward and decoded natively from
+its K/V (`prefill_with_torch`): time to first token at the torch forward's from there, the native
+prefill's below.
 """
 
 from __future__ import annotations
@@ -91,36 +94,86 @@ class TorchRows:
             self.mask, self.last_pos = self.mask[:, :-n], self.last_pos - n
 
 
+# Prompts of at least this many tokens are prefilled by the model's torch forward (oneDNN GEMMs,
+# SDPA attention) and their K/V copied into the native cache, where decoding goes on: the native
+# prefill's per-row attention is O(T^2) vector work and falls behind from a few hundred tokens
+# (bench/prefill.py). bf16 models without adapters or integer weights only (the case measured;
+# their torch forward would run adapters unfolded or dequantize every weight).
+TORCH_PREFILL_MIN = 320  # crossover measured on the default model (bf16, AMX): see BENCHMARKS.md
+
+
+def torch_prefill_model(lm):
+    """The model whose torch forward may prefill for `lm` (None: prefill natively)."""
+    from posttrain.generate.native import _signature
+
+    model = lm.model()
+    if model is None or lm.dtype != torch.bfloat16 or not _plain_float(model) or _signature(model) != lm.signature:
+        return None
+    return model
+
+
+@torch.inference_mode()
+def prefill_with_torch(model, prompt: list[int], cache, slot: int) -> torch.Tensor:
+    """Run `prompt` (alone) through the model's torch forward, copy its K/V into sequence `slot`
+    of a native cache at positions 0..len-1, and return the last position's logits [V]. Alone,
+    so a row's cache and first token do not depend on the rows decoded beside it."""
+    was_training = model.training
+    model.eval()
+    try:
+        rows = TorchRows(model, [prompt], 0)
+        logits = rows.start()[0]
+    finally:
+        model.train(was_training)
+    n = len(prompt)
+    for layer, kc, vc in zip(rows.cache.layers, cache.kcache, cache.vcache):
+        kc[slot, :, :, :n] = layer.keys[0].transpose(1, 2)  # [n_kv, T, hd] -> K transposed [n_kv, hd, T]
+        vc[slot, :n] = layer.values[0].transpose(0, 1)  # -> [T, n_kv, hd]
+    return logits
+
+
 class NativeRows:
     """Rows as sequences of the native decoder's cache; a row's length is its next position."""
 
-    def __init__(self, lm, prompt_ids: list[list[int]], extra: int):
+    def __init__(self, lm, prompt_ids: list[list[int]], extra: int, torch_prefill_min: int | None = None):
         self.lm = lm
         self.prompts = prompt_ids
+        self.torch_prefill_min = TORCH_PREFILL_MIN if torch_prefill_min is None else torch_prefill_min
         lm.allocate(len(prompt_ids), max(len(p) for p in prompt_ids) + extra)
         self.live = list(range(len(prompt_ids)))
         self.length = [len(p) for p in prompt_ids]
 
     def start(self) -> torch.Tensor:
         """Prefill every prompt, packed into calls of up to PREFILL_CHUNK rows across prompts (a
-        row's result does not depend on the rows beside it); the logits of each prompt's last row."""
-        last: list[torch.Tensor] = []
-        flat, seq, pos, out = [], [], [], []
+        row's result does not depend on the rows beside it), or, from `torch_prefill_min` tokens
+        on, each alone by the torch forward; the logits of each prompt's last row."""
+        last: list[torch.Tensor] = []  # in prompt order: native prompts' rows come in order within each call
+        order: list[int] = []  # the prompt of each row of torch.cat(last)
+        flat, seq, pos, out, out_prompt = [], [], [], [], []
+        model = torch_prefill_model(self.lm) if max(map(len, self.prompts)) >= self.torch_prefill_min else None
 
         def run() -> None:
             if flat:
                 last.append(self.lm.forward(flat, seq, pos, out))
-                flat.clear(), seq.clear(), pos.clear(), out.clear()
+                order.extend(out_prompt)
+                flat.clear(), seq.clear(), pos.clear(), out.clear(), out_prompt.clear()
 
         for s, p in enumerate(self.prompts):
+            if model is not None and len(p) >= self.torch_prefill_min:
+                last.append(prefill_with_torch(model, p, self.lm.cache, s)[None])
+                order.append(s)
+                continue
             for i, token in enumerate(p):
                 flat.append(token), seq.append(s), pos.append(i)
                 if i == len(p) - 1:
                     out.append(len(flat) - 1)
+                    out_prompt.append(s)
                 if len(flat) == PREFILL_CHUNK:
                     run()
         run()
-        return torch.cat(last)
+        logits = torch.cat(last)
+        if order != sorted(order):  # a torch-prefilled prompt came while native rows were pending
+            logits = logits[torch.tensor(sorted(range(len(order)), key=order.__getitem__))]
+        return logits
 
     def extend(self, tokens: list[list[int]]) -> torch.Tensor:
         length = len(tokens[0])

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -255,6 +256,19 @@ def _ptrs(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
 
 
+@dataclass(eq=False)
+class NativeCache:
+    """A KV cache for `NativeLM.forward`: the C struct pointing at the packed weights and at its own
+    K/V tensors (`keep` holds whatever else the struct points at)."""
+
+    struct: _Model
+    n_seq: int
+    max_len: int
+    kcache: list[torch.Tensor]
+    vcache: list[torch.Tensor]
+    keep: list
+
+
 class NativeLM:
     """Packed weights of one model plus, after `allocate`, a KV cache of `n_seq` sequences."""
 
@@ -262,6 +276,7 @@ class NativeLM:
         base = base_model(model)
         cfg = base.config
         self.config = cfg
+        self.model = weakref.ref(model)  # the model packed (weak: _PACKED's value must not keep its key alive)
         self.signature = _signature(model)  # LoRA A/B included: a training step repacks
         self.dtype = next(p.dtype for n, p in model.named_parameters() if not _is_lora_param(n))
         lora, why = lora_layers(model)
@@ -362,37 +377,54 @@ class NativeLM:
         self.vocab = base.lm_head.out_features
         self.n_seq = 0
         self.max_len = 0
+        self.cache: NativeCache | None = None
         self.lib = library()
         q_w = self.n_heads * self.head_dim
         self.amx = (self.dtype == torch.bfloat16 and amx_available()
                     and not (cfg.hidden_size % 32 or cfg.intermediate_size % 32 or q_w % 32))
 
     def allocate(self, n_seq: int, max_len: int) -> None:
-        """Room for `n_seq` sequences of up to `max_len` tokens; cache contents are not kept."""
+        """Room for `n_seq` sequences of up to `max_len` tokens in the default cache (what `forward`
+        uses without `cache=`); its contents are not kept."""
+        self.cache = self.new_cache(n_seq, max_len)
+        self.n_seq, self.max_len = n_seq, max_len
+
+    def new_cache(self, n_seq: int, max_len: int, like: "NativeCache | None" = None) -> "NativeCache":
+        """A KV cache of its own (not touched by `allocate`): a continuous batch keeps one across
+        steps while other code decodes with the same packed weights. `like`: copy that cache's
+        contents in (its sequences and positions must fit), to grow a cache without re-prefilling."""
         cfg = self.config
         k_shape = (n_seq, self.n_kv, self.head_dim, max_len)  # K transposed: keys along the lanes
         v_shape = (n_seq, max_len, self.n_kv, self.head_dim)
-        self.kcache = [torch.empty(k_shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.vcache = [torch.empty(v_shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        kcache = [torch.empty(k_shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        vcache = [torch.empty(v_shape, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        if like is not None:
+            if like.n_seq > n_seq or like.max_len > max_len:
+                raise ValueError(f"a cache of {like.n_seq} x {like.max_len} does not fit in {n_seq} x {max_len}")
+            for new, old in zip(kcache, like.kcache):
+                new[:like.n_seq, :, :, :like.max_len] = old
+            for new, old in zip(vcache, like.vcache):
+                new[:like.n_seq, :like.max_len] = old
         cos, sin = self.rotary(torch.zeros(1), torch.arange(max_len)[None])
-        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        self.cache_arrays = {"kcache": _ptrs(self.kcache), "vcache": _ptrs(self.vcache)}
+        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        arrays = {"kcache": _ptrs(kcache), "vcache": _ptrs(vcache)}
         m = _Model(dtype=int(self.dtype == torch.bfloat16), n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
                    n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim, inter=cfg.intermediate_size,
                    vocab=self.vocab, eps=float(cfg.rms_norm_eps), max_len=max_len, n_seq=n_seq,
                    n_threads=torch.get_num_threads())
         m.embed, m.final_norm, m.head = self.embed.data_ptr(), self.final_norm.data_ptr(), self.head.data_ptr()
-        m.cos, m.sin = self.cos.data_ptr(), self.sin.data_ptr()
+        m.cos, m.sin = cos.data_ptr(), sin.data_ptr()
         m.wtype, m.head_wtype, m.qgroup = self.wtype, self.head_wtype, self.qgroup
         m.head_scale = self.head_scale.data_ptr() if self.head_scale is not None else None
         m.embed_scale = self.embed_scale.data_ptr() if self.embed_scale is not None else None
-        for name, arr in {**self.arrays, **self.cache_arrays}.items():
+        for name, arr in {**self.arrays, **arrays}.items():
             setattr(m, name, ctypes.cast(arr, ctypes.c_void_p))
-        self.struct = m
-        self.n_seq, self.max_len = n_seq, max_len
+        return NativeCache(m, n_seq, max_len, kcache, vcache, [cos, sin, arrays])
 
-    def forward(self, tokens: list[int], seq: list[int], pos: list[int], out_rows: list[int]) -> torch.Tensor:
-        """Run rows (token, sequence, position); K/V land in the cache; fp32 logits of `out_rows`.
+    def forward(self, tokens: list[int], seq: list[int], pos: list[int], out_rows: list[int],
+                cache: "NativeCache | None" = None) -> torch.Tensor:
+        """Run rows (token, sequence, position); K/V land in the cache (`cache`, else the one
+        `allocate` made); fp32 logits of `out_rows`.
 
         Where `self.amx`, every call's matmuls run on AMX tiles (as fast as the vdpbf16ps kernels
         at batch 1 and 4x faster at 100 rows on one core): one path for every call, so a verified
@@ -400,14 +432,17 @@ class NativeLM:
         """
         if not tokens:
             raise ValueError("forward needs at least one row")
-        if max(pos) >= self.max_len:
-            raise ValueError(f"position {max(pos)} is past the allocated length {self.max_len}")
+        cache = self.cache if cache is None else cache
+        if cache is None:
+            raise ValueError("no cache: call allocate() first")
+        if max(pos) >= cache.max_len:
+            raise ValueError(f"position {max(pos)} is past the allocated length {cache.max_len}")
         tok = torch.tensor(tokens, dtype=torch.int64)
         seq_t = torch.tensor(seq, dtype=torch.int32)
         pos_t = torch.tensor(pos, dtype=torch.int32)
         rows = torch.tensor(out_rows, dtype=torch.int32)
         logits = torch.empty((len(out_rows), self.vocab), dtype=torch.float32)
-        code = self.lib.pt_forward(ctypes.byref(self.struct), len(tokens), tok.data_ptr(), seq_t.data_ptr(),
+        code = self.lib.pt_forward(ctypes.byref(cache.struct), len(tokens), tok.data_ptr(), seq_t.data_ptr(),
                                    pos_t.data_ptr(), len(out_rows), rows.data_ptr(), logits.data_ptr(),
                                    int(self.amx))
         if code:

@@ -1,7 +1,7 @@
 """OpenAI-compatible serving: `create_app(model, tokenizer, ServeConfig)`, `posttrain serve MODEL`.
 
-schema.py: settings, request models and their checks; batcher.py: the worker thread that batches
-requests; adapters.py: LoRA adapters loaded, hot-swapped and deleted while serving; monitor.py:
+schema.py: settings, request models and their checks; scheduler.py: the worker thread that decodes
+requests in a continuously refilled batch (batcher.py: static batches, the fallback); adapters.py: LoRA adapters loaded, hot-swapped and deleted while serving; monitor.py:
 per-adapter window series and drift alerts; app.py: routes, auth, admission, errors.
 """
 

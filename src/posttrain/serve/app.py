@@ -10,9 +10,10 @@ Feedback: with `feedback_db` set, every answered request and its replies (each c
 stream's before its closing chunks and `[DONE]`; `/v1/feedback` then takes a rating of a
 reply or a choice between two replies to the same prompt, also committed before it answers.
 
-Requests are checked by schema.py and decoded by batcher.py's worker thread, which batches
-compatible concurrent requests (see its docstring); this module turns HTTP into jobs and
-outcomes into answers.
+Requests are checked by schema.py and decoded by one worker thread: by default scheduler.py's
+continuous batcher (requests join and leave the running batch at token boundaries), with
+`batching: static` batcher.py's static batches (see their docstrings); this module turns HTTP
+into jobs and outcomes into answers.
 
 Admission is bounded: at most `queue_size` requests wait or run; one more gets 429
 at once instead of piling up. Every request has a deadline: a waiting request past it
@@ -53,6 +54,7 @@ from posttrain.serve.adapters import (AdapterEntry, AdapterProblem, AdapterTable
                                       check_fits, check_name, detach_adapter, read_adapter)
 from posttrain.serve.batcher import Batcher, Job, JobTimeout, batch_key, batch_metrics, run_batch
 from posttrain.serve.monitor import Monitor, drift_thresholds, monitor_metrics
+from posttrain.serve.scheduler import ContinuousBatcher, selector
 from posttrain.serve.schema import (
     APIError,
     ChatRequest,
@@ -157,7 +159,14 @@ class _Server:
         self.monitor = Monitor(self.m, config.monitor_window, drift_thresholds(config.drift_threshold),
                                config.drift_baseline)
         worker = functools.partial(run_batch, decode=self.decode, guard=config.guard, metrics=self.m)
-        self.batcher = Batcher(worker, config.max_batch, config.batch_wait_ms / 1000)
+        self.select = selector(lambda: self.model)
+        if config.batching == "continuous" and generate_fn is generate:
+            self.batcher = ContinuousBatcher(worker, config.max_batch, config.batch_wait_ms / 1000,
+                                             select=self.select, tokenizer=tokenizer, guard=config.guard,
+                                             metrics=self.m, prefill_chunk=config.prefill_chunk,
+                                             draft_max_rows=config.draft_max_rows)
+        else:  # a replacement generate_fn (tests) decodes whole batches: only the static batcher calls it
+            self.batcher = Batcher(worker, config.max_batch, config.batch_wait_ms / 1000)
         self.store = open_store(config.feedback_db) if config.feedback_db else None
         self.ratings: collections.deque[bool] = collections.deque(maxlen=config.feedback_window)
         if self.store is not None:  # a restart keeps the window: the latest ratings from the database
@@ -175,15 +184,7 @@ class _Server:
     def decode(self, peft_name: str, prompts: list, gen: GenerationConfig, **kwargs) -> GenerationOutput:
         """In the worker thread: generate with PEFT adapter `peft_name` selected ("": the bare base).
         A batch holds one adapter's requests (the batch key), and only this thread selects."""
-        model = self.model
-        if peft_name:
-            if peft_name not in (getattr(model, "peft_config", None) or {}):  # a pinned adapter is never deleted
-                raise RuntimeError(f"adapter {peft_name} is not loaded")
-            model.set_adapter(peft_name)
-            context = contextlib.nullcontext()
-        else:
-            context = model.disable_adapter() if getattr(model, "peft_config", None) else contextlib.nullcontext()
-        with context:
+        with self.select(peft_name) as model:
             return self.generate_fn(model, self.tokenizer, prompts, gen, **kwargs)
 
     def error_response(self, exc: APIError, endpoint: str) -> JSONResponse:
@@ -570,7 +571,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None,
                generate_fn: Callable[..., GenerationOutput] = generate,
                adapter_paths: dict[str, str] | None = None) -> FastAPI:
     """The FastAPI app. `generate_fn` has `engine.generate`'s signature (tests slow it down);
-    it gets `row_max_new_tokens` and `row_done` only for batches of more than one request.
+    it gets `row_max_new_tokens` and `row_done` only for batches of more than one request. A
+    replacement `generate_fn` means static batching: the continuous batcher drives the engine's
+    rows step by step, which a function decoding whole batches cannot stand in for.
     `adapter_paths`: name -> LoRA adapter dir or run dir, loaded now as `/admin/adapters` would
     (`config.adapters` instead names adapters already loaded on `model` by `load_adapters`)."""
     server = _Server(model, tokenizer, config or ServeConfig(), generate_fn, adapter_paths)

@@ -9,8 +9,10 @@ step of 8 rows costs little more than a step of 1 (weights are read once per ste
 tokens/s grows with the batch. A batch of one decodes with its config's decoding (SAM by
 default, lossless for greedy); a batch of several uses plain batched decoding, because our
 speculative decoding verifies one row at a time. Batches are static: a job arriving mid-batch
-waits for the next batch (continuous batching would need inserting rows into a running KV
-cache); a job is settled as soon as its own row ends (`row_done`), not when the whole batch ends.
+waits for the next batch (scheduler.py's continuous batcher, the server's default, lets it join
+the running one); a job is settled as soon as its own row ends (`row_done`), not when the whole
+batch ends. `batching: static` selects this batcher; the continuous one also falls back to it
+where the native decoder cannot run the model.
 
 Every job has a deadline: a waiting job past it leaves the queue, and a running one leaves its
 batch at the next token (the engine drops that row; the other rows go on), with `JobTimeout`.
@@ -100,6 +102,19 @@ def batch_metrics(registry: CollectorRegistry) -> dict:
     }
 
 
+def reply(job: Job, out: GenerationOutput, i: int, guard: GuardRules | None, m: dict, decode_s: float) -> None:
+    """Settle `job` with row i of `out`, the output guard applied (both batchers answer this way)."""
+    text, blocked = out.texts[i], False
+    if guard is not None:
+        from posttrain.generate.guard import guard_text
+
+        checked = guard_text(text, guard)
+        text, blocked = checked.text, checked.blocked
+        m["guard_blocked"].inc(int(blocked))
+    settle(job.future, GenerationOutput([text], [out.token_ids[i]], [out.logprobs[i]],
+                                        {"guard_blocked": int(blocked), "decode_s": decode_s}))
+
+
 def run_batch(jobs: list[Job], decode: Decode, guard: GuardRules | None = None, metrics: dict | None = None) -> None:
     """In the worker thread: decode compatible, unexpired jobs as one batch and settle each job's future.
 
@@ -129,16 +144,7 @@ def run_batch(jobs: list[Job], decode: Decode, guard: GuardRules | None = None, 
 
     def answer(row: int, out: GenerationOutput, i: int = 0) -> None:
         """Settle one job with its row of `out` (guard applied): called as soon as the row ends."""
-        text, blocked = out.texts[i], False
-        if guard is not None:
-            from posttrain.generate.guard import guard_text
-
-            checked = guard_text(text, guard)
-            text, blocked = checked.text, checked.blocked
-            m["guard_blocked"].inc(int(blocked))
-        settle(jobs[row].future, GenerationOutput([text], [out.token_ids[i]], [out.logprobs[i]],
-                                                  {"guard_blocked": int(blocked),
-                                                   "decode_s": time.perf_counter() - start}))
+        reply(jobs[row], out, i, guard, m, time.perf_counter() - start)
 
     rows = {"row_max_new_tokens": limits, "row_stop": [job.gen.stop for job in jobs], "row_done": answer} \
         if n > 1 else {}

@@ -35,7 +35,12 @@ class ServeConfig(Strict):
     guard: GuardRules | None = None
     adapters: list[str] = []  # adapter names loaded on a PeftModel
     max_batch: AtLeastOne = 8  # compatible requests decoded together; 1 = one at a time
-    batch_wait_ms: NonNegative = 5.0  # how long the worker waits for a batch to fill before it starts
+    # continuous: requests join and leave the running batch at token boundaries (scheduler.py; needs the
+    # native decoder, else static); static: a batch is formed, decoded to its end, then the next (batcher.py)
+    batching: Literal["continuous", "static"] = "continuous"
+    batch_wait_ms: NonNegative = 5.0  # static: how long the worker waits for a batch to fill before it starts
+    prefill_chunk: AtLeastOne = 256  # continuous: prompt tokens prefilled per step beside the decoding rows
+    draft_max_rows: NonNegative = 2  # continuous: SAM/lookup drafts for greedy rows while at most this many decode
     max_n: AtLeastOne = 4  # most samples (`n`) per request; each takes a queue slot (lowered to queue_size)
     # where replies and feedback are stored: a SQLite file or a postgresql:// URL; None: nothing is
     # stored and /v1/feedback answers 404 (`posttrain serve` sets a file by default)
