@@ -10,8 +10,8 @@ Each step trains one packed row of L tokens made of several documents (lengths L
 so attention runs per document. Both trainers get the same documents, tokenized once:
 - LoRA: bf16 frozen base, fp32 adapter weights (ours: adapter.trainable_dtype fp32; TRL:
   PEFT on a bf16 model, bf16=False);
-- full: fp32 weights, gradients and AdamW moments, matmuls under bf16 autocast (ours:
-  train.mixed_precision bf16; TRL: the model loaded in fp32, bf16=True);
+- full: fp32 weights, gradients and AdamW moments, matmuls under bf16 autocast (both load the
+  model in fp32: ours model.dtype fp32, train.mixed_precision bf16; TRL bf16=True);
 - activation checkpointing on at L >= 8192 for both (it pays there: it is what lets the row fit),
   off below; MALLOC_MMAP_THRESHOLD_=131072 for both (glibc then returns what checkpointing frees);
 - TRL: packing=True (bfd, padding_free), max_length=L, batch 1, AdamW (fused), lr constant.
@@ -108,7 +108,7 @@ def ours_recipe(model: Path, method: str, length: int, steps: int, data: Path, o
     adapter = {"method": method, "trainable_dtype": "fp32"}
     if method == "lora":
         adapter.update(LORA)
-    return {"stage": "sft", "output_dir": str(out), "model": {"name": str(model), "dtype": "bf16"},
+    return {"stage": "sft", "output_dir": str(out), "model": {"name": str(model), "dtype": "bf16" if method == "lora" else "fp32"},
             "adapter": adapter, "data": {"train": str(data), "kind": "text", "max_length": length},
             "train": {"packing": True, "max_tokens": length, "max_steps": steps, "lr": LR, "schedule": "constant",
                       "warmup_ratio": 0.0, "progress": False, "log_every": 1, "shuffle": False,
