@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
@@ -303,7 +303,7 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
         return sse(tail(request, where / JOB_DIR / "log.txt", where, "log"))
 
     @app.get("/api/compare")
-    async def compare(path: list[str]):
+    async def compare(path: list[str] = Query(default=[])):
         if len(path) < 2:
             raise Problem(400, "compare needs two or more runs: ?path=A&path=B")
         configs = {}
@@ -353,8 +353,9 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
     @app.get("/api/schema")
     async def schema(verb: str, recipe: str | None = None):
         stage, cls = stage_of(verb)
+        path = recipe_path(recipe)
         try:
-            values, problems = forms.recipe_values(stage, cls, recipe_path(recipe))
+            values, problems = forms.recipe_values(stage, cls, path)
         except (ValueError, FileNotFoundError) as exc:
             raise Problem(400, str(exc)) from None
         return {"verb": verb, "help": stage.help, "fields": forms.describe_fields(cls), "values": values,
@@ -369,7 +370,7 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
         if cfg is None:
             raise Problem(422, "invalid config", problems)
         dumped = cfg.model_dump(mode="json")
-        problems = path_problems(root, dumped)
+        problems = [p for p in path_problems(root, dumped) if p[0] != "output_dir"]  # checked below
         try:
             where = inside(root, cfg.output_dir)
         except PathError as exc:

@@ -92,13 +92,13 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_values(stage, cls: type[BaseModel], recipe: str | Path | None) -> tuple[dict[str, str], Problems]:
-    """The form's starting values: the recipe resolved as `posttrain VERB --config RECIPE
-    --print-config` resolves it (its placeholders fill required data keys it lacks); when that
-    does not validate, the recipe's own values over the defaults, with the problems."""
+    """The form's starting values: the recipe resolved as `posttrain VERB [--config RECIPE]
+    --print-config` resolves it (without a recipe, the verb's placeholders fill the required data
+    keys); when that does not validate, the recipe's own values over the defaults, with the problems."""
     data = load_yaml(recipe) if recipe else {}
     overrides = [f"{k}={v}" for k, v in stage.presets.items()]
-    given = set(flatten(data)) | {o.split("=", 1)[0] for o in overrides}
-    overrides += [p for p in stage.placeholders if p.split("=", 1)[0] not in given]
+    if not recipe:
+        overrides += list(stage.placeholders)
     fields = describe_fields(cls)
     try:
         cfg = build_config(cls, recipe, overrides)

@@ -403,7 +403,7 @@ function buildForm(form, schema) {
       h("div", {}, input, h("div", {class: "err", "data-error": f.key})),
       h("div", {class: "help"}, f.help + (f.kind === "yaml" ? " (YAML)" : ""))));
   }
-  form.append(h("div", {class: "row"}, start, h("label", {}, overwrite, " overwrite an existing run in output_dir"), status));
+  form.append(h("div", {class: "row actions"}, start, h("label", {}, overwrite, " overwrite an existing run in output_dir"), status));
 
   const values = () => Object.fromEntries(Object.entries(inputs).map(([k, {input, field}]) =>
     [k, field.kind === "bool" ? (input.checked ? "true" : "false") : input.value]));
@@ -536,7 +536,7 @@ async function chatPage() {
     h("p", {class: "muted small"}, feedback ? `Thumbs and “which is better” go to the feedback database (${studio.info.feedback_db}); ` +
       "export them with `posttrain feedback export`. Side by side, both models see the same conversation: it continues with the reply you chose (A's if none)."
       : "Feedback storage is off (--feedback-db off)."),
-    grid, h("div", {class: "row"}, input, send));
+    grid, h("div", {class: "row compose"}, input, send));
   const chat = studio.chat = {slots: {}, history: [], turn: 0, busy: false, chunks: 0};
 
   load.addEventListener("click", async () => {
@@ -636,8 +636,8 @@ async function chatPage() {
         if (feedback && replies[c].replyId) {
           const note = h("span", {class: "small"});
           b.el.appendChild(h("div", {class: "tools"},
-            h("button", {class: "thumb-up", title: "good reply", onclick: () => rate(c, replies[c].replyId, {reply_id: replies[c].replyId, rating: "up"}, note)}, "👍"),
-            h("button", {class: "thumb-down", title: "bad reply", onclick: () => rate(c, replies[c].replyId, {reply_id: replies[c].replyId, rating: "down"}, note)}, "👎"),
+            h("button", {class: "thumb-up", title: "good reply", onclick: () => rate(c, replies[c].replyId, {reply_id: replies[c].replyId, rating: "up"}, note)}, "▲ good"),
+            h("button", {class: "thumb-down", title: "bad reply", onclick: () => rate(c, replies[c].replyId, {reply_id: replies[c].replyId, rating: "down"}, note)}, "▼ bad"),
             note));
         }
       } catch (err) {
