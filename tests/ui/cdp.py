@@ -153,14 +153,21 @@ class Browser:
                 self.cond.wait(max(0.0, deadline - time.time()))
 
     def wait(self, expression: str, timeout: float = 30, poll: float = 0.1):
-        """Poll a JS expression until it is truthy; returns its value."""
+        """Poll a JS expression until it is truthy (an element counts; an expression that throws,
+        e.g. on an element not drawn yet, counts as not yet); returns its value."""
         deadline = time.time() + timeout
+        last = None
         while True:
-            value = self.eval(f"(() => {{ const v = ({expression}); return v instanceof Node ? true : v; }})()")
+            try:
+                value = self.eval(f"(() => {{ const v = ({expression}); return v instanceof Node ? true : v; }})()")
+            except CDPError as exc:
+                if self.proc.poll() is not None:
+                    raise
+                value, last = None, exc
             if value:
                 return value
             if time.time() >= deadline:
-                raise CDPError(f"timed out after {timeout} s waiting for: {expression}")
+                raise CDPError(f"timed out after {timeout} s waiting for: {expression}" + (f" (last: {last})" if last else ""))
             time.sleep(poll)
 
     def screenshot(self, path: Path, full_page: bool = True) -> Path:

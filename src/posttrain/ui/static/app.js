@@ -703,7 +703,6 @@ async function dataPage() {
       out.replaceChildren(errorBox(err));
     }
   });
-  if (files.length) go.click();
 }
 
 route();
