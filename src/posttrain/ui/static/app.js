@@ -229,7 +229,7 @@ async function runPage(path) {
     stream(`/api/run/stream/log?${q({path})}`, {
       message: (d) => {
         const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
-        log.textContent += d.text;
+        log.textContent += d.text.split("\n").map((line) => line.slice(line.lastIndexOf("\r") + 1)).join("\n"); // progress bars: the last state
         if (atEnd) log.scrollTop = log.scrollHeight;
       },
       reset: () => { log.textContent = ""; },
