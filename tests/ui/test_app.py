@@ -142,8 +142,10 @@ def test_schema_validate_and_launch(client, root, monkeypatch):
     ({"data.train": "/etc/passwd"}, "data.train"),
     ({"data.eval": "data/../../outside.txt"}, "data.eval"),
     ({"model.name": "~/models/x"}, "model.name"),
+    ({"output_dir": "runs"}, "output_dir"),  # holds other runs: a run there would hide them
 ])
-def test_launch_keeps_every_path_under_the_root(client, monkeypatch, change, key):
+def test_launch_keeps_every_path_under_the_root(client, root, monkeypatch, change, key):
+    stage_run(root / "runs" / "old")
     calls = launched(client, monkeypatch)
     values = client.get("/api/schema", params={"verb": "sft", "recipe": "recipes/sft.yaml"}).json()["values"]
     answer = client.post("/api/launch", json={"verb": "sft", "values": {**values, **change}}).json()

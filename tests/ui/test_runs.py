@@ -54,6 +54,9 @@ def test_detail_has_config_eval_gates_and_artifacts(tmp_path):
     assert "lr: 0.0005" in d["config"] and d["eval"] == {"before": {"acc": 0.25}, "after": {"acc": 0.5}}
     assert d["gates"][0]["passed"] and d["pipeline"] == "pipe"
     assert {"path": "pipe/b/metrics.jsonl", "size": (pipe / "b" / "metrics.jsonl").stat().st_size, "dir": False} in d["artifacts"]
+    starting = tmp_path / "starting"  # a pipeline the studio just started: no pipeline.json yet
+    job(starting, verb="run")
+    assert runs.run_kind(starting) == "pipeline" and runs.detail(tmp_path, starting, None)["stages"] == []
     p = runs.detail(tmp_path, pipe, None)
     assert [(s["name"], s["run"]) for s in p["stages"]] == [("a", "pipe/a"), ("b", "pipe/b"), ("c", None)]
     assert "gate failed" in p["stages"][1]["error"] and p["metric_table"] == {"input": {"acc": 0.25}, "a": {"acc": 0.5},

@@ -376,8 +376,9 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
         except PathError as exc:
             problems.append(("output_dir", str(exc)))
             where = None
-        if where == root:
-            problems.append(("output_dir", "give the run its own directory under the root"))
+        if where == root or (where is not None and where.is_dir() and any(
+                runs.run_kind(child) for child in where.iterdir() if child.is_dir() and child.name != JOB_DIR)):
+            problems.append(("output_dir", "give the run its own directory under the root (this one holds other runs)"))
         elif where is not None:
             if jobs.running(where):
                 problems.append(("output_dir", f"{cfg.output_dir} is running now; stop it or choose another "

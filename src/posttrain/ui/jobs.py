@@ -207,9 +207,9 @@ class ChatServers:
                 server.used = time.time()
                 return server
             if server is not None:
-                self._stop(server)
+                await asyncio.to_thread(self._stop, server)
             while len(self.servers) >= self.limit:
-                self._stop(min(self.servers.values(), key=lambda s: s.used))
+                await asyncio.to_thread(self._stop, min(self.servers.values(), key=lambda s: s.used))
             logs = self.root / STATE_DIR / "chat"
             logs.mkdir(parents=True, exist_ok=True)
             port = free_port()
@@ -235,7 +235,7 @@ class ChatServers:
                     except httpx.HTTPError:
                         pass
                     await asyncio.sleep(0.3)
-            self._stop(server)
+            await asyncio.to_thread(self._stop, server)
             raise RuntimeError(f"the chat server for {spec} did not answer within {self.start_timeout:.0f} s:\n"
                                + _tail(log_path))
 

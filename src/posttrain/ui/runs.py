@@ -219,6 +219,10 @@ def detail(root: Path, path: Path, job: dict | None) -> dict:
                            "has_log": (path / JOB_DIR / "log.txt").is_file(),
                            "has_metrics": (path / "metrics.jsonl").is_file()}
     if summary["kind"] == "pipeline":
+        out["pipeline_yaml"] = _text(path / JOB_DIR / "pipeline.yaml")
+        if not (path / "pipeline.json").is_file():  # just started: preparing its data
+            out.update(stages=[], metric_table={})
+            return out
         try:
             state = load_pipeline_state(path)
         except (OSError, ValueError) as exc:
@@ -229,7 +233,6 @@ def detail(root: Path, path: Path, job: dict | None) -> dict:
                           "run": relative(root, path / n) if (path / n).is_dir() else None}
                          for n, r in stage_rows(state)]
         out["metric_table"] = metric_table(state)
-        out["pipeline_yaml"] = _text(path / JOB_DIR / "pipeline.yaml")
         return out
     out["config"] = _text(path / "config.yaml")
     manifest = _read_json(path / "manifest.json")

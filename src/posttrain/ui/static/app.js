@@ -70,8 +70,12 @@ function fmtBytes(n) {
   return `${(n / (1 << 30)).toFixed(2)} GB`;
 }
 
+function runHash(path) {
+  return `#/run/${path.split("/").map(encodeURIComponent).join("/")}`;
+}
+
 function runLink(path) {
-  return h("a", {href: `#/run/${encodeURI(path)}`}, path);
+  return h("a", {href: runHash(path)}, path);
 }
 
 function onLeave(fn) {
@@ -101,8 +105,9 @@ function errorBox(err) {
 
 async function route() {
   studio.cleanup.splice(0).forEach((fn) => fn());
-  const hash = decodeURI(location.hash.slice(1) || "/runs");
-  const [path, query] = hash.split("?");
+  const hash = location.hash.slice(1) || "/runs";
+  const cut = hash.indexOf("?");
+  const path = decodeURIComponent(cut < 0 ? hash : hash.slice(0, cut)), query = cut < 0 ? "" : hash.slice(cut + 1);
   const params = new URLSearchParams(query || "");
   const page = path.split("/")[1] || "runs";
   document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === page ||
@@ -237,9 +242,12 @@ async function runPage(path) {
   }
 
   drawHead();
+  const stages = h("div");
+  const drawStages = () => stages.replaceChildren(...[pipelineStages(info), Object.keys(info.metric_table || {}).length ?
+    h("div", {}, h("h2", {}, "Eval metrics by stage"), metricTable(info.metric_table)) : null].filter(Boolean));
   if (info.summary.kind === "pipeline") {
-    sections.append(h("h2", {}, "Stages"), pipelineStages(info));
-    if (Object.keys(info.metric_table || {}).length) sections.append(h("h2", {}, "Eval metrics by stage"), metricTable(info.metric_table));
+    drawStages();
+    sections.append(h("h2", {}, "Stages"), stages);
   } else {
     sections.append(h("h2", {}, "Curves"), curves.el);
   }
@@ -266,6 +274,7 @@ async function runPage(path) {
     info = await api(`/api/run?${q({path})}`).catch(() => info);
     drawHead();
     drawArtifacts();
+    if (info.summary.kind === "pipeline") drawStages();
     if (info.summary.status !== "running") route(); // finished: show the eval tables and manifest
   });
 }
@@ -448,7 +457,7 @@ function buildForm(form, schema) {
     try {
       const res = await api("/api/launch", {verb: schema.verb, values: values(), overwrite: overwrite.checked});
       if (!res.ok) { showErrors(res.errors); return; }
-      location.hash = `#/run/${encodeURI(res.run)}`;
+      location.hash = runHash(res.run);
     } catch (err) {
       showErrors([{key: "(launch)", message: err.message}]);
     } finally {
@@ -492,7 +501,7 @@ function pipelineLaunch(recipes) {
     start.disabled = true;
     const res = await api("/api/pipeline/launch", {yaml: text.value}).catch((err) => ({ok: false, errors: [{key: "launch", message: err.message}]}));
     if (!res.ok) return fail(res.errors);
-    location.hash = `#/run/${encodeURI(res.run)}`;
+    location.hash = runHash(res.run);
   });
   if (recipes.length) { sel.value = recipes[0].path; sel.dispatchEvent(new Event("change")); }
 }
