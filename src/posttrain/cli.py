@@ -692,7 +692,8 @@ def cmd_ui(args) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"posttrain studio: http://{shown}:{args.port}/{'?token=' + token if token else ''}  (root {Path.cwd()}; "
           "Ctrl-C stops it, runs it started keep going)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # an open page keeps event streams open: give them a few seconds, then stop (and the chat servers with it)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     return 0
 
 
@@ -755,14 +756,14 @@ def cmd_synth(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from posttrain.data.examples import INSPECTABLE, inspect_file
+    from posttrain.data.examples import inspect_file
     from posttrain.data.templates import GREEN, RESET
     from posttrain.models import load_tokenizer
 
     if args.data_verb != "inspect":
         raise ValueError("usage: posttrain data inspect FILE")
-    tok = load_tokenizer(args.model) if args.kind in INSPECTABLE or args.kind is None else None
-    report = inspect_file(tok, args.file, kind=args.kind, n=args.n, max_length=args.max_length)
+    report = inspect_file(lambda: load_tokenizer(args.model), args.file, kind=args.kind, n=args.n,
+                          max_length=args.max_length)
     print(f"{args.file}: {report['valid']} valid records of kind '{report['kind']}', {report['invalid']} invalid")
     for reason in report["errors"]:
         print(f"  invalid: {reason}")

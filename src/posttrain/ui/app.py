@@ -639,7 +639,7 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
             raise Problem(400, "n must be 1-200 and max_length at least 8")
 
         def work():
-            return inspect_file(tokenizer(spec), str(target), kind=kind, n=n, max_length=max_length)
+            return inspect_file(lambda: tokenizer(spec), str(target), kind=kind, n=n, max_length=max_length)
 
         try:
             report = await asyncio.to_thread(work)
