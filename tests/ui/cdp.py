@@ -152,9 +152,11 @@ class Browser:
                     raise CDPError(f"none of {methods} within {timeout} s")
                 self.cond.wait(max(0.0, deadline - time.time()))
 
-    def wait(self, expression: str, timeout: float = 30, poll: float = 0.1):
+    def wait(self, expression: str, timeout: float = 120, poll: float = 0.1):
         """Poll a JS expression until it is truthy (an element counts; an expression that throws,
-        e.g. on an element not drawn yet, counts as not yet); returns its value."""
+        e.g. on an element not drawn yet, counts as not yet); returns its value. The default timeout
+        is long because it costs nothing when the page is quick: on a loaded machine the studio's
+        first imports (torch, for a stage's config) can take a minute."""
         deadline = time.time() + timeout
         last = None
         while True:

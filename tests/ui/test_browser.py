@@ -144,18 +144,18 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
     b.wait("document.getElementById('f-train.lr')")
     assert b.eval("document.getElementById('recipe').value") == "recipes/tiny_sft.yaml"
     set_field(b, "train.lr", "abc")
-    error = b.wait("document.querySelector('[data-error=\"train.lr\"]').textContent", timeout=20)
+    error = b.wait("document.querySelector('[data-error=\"train.lr\"]').textContent")
     assert error == "Input should be a valid number, unable to parse string as a number"  # the CLI's words
     assert b.eval("document.querySelector('.field[data-key=\"train.lr\"]').classList.contains('invalid')")
     b.eval("document.getElementById('start').click()")  # refused: the run must not start
-    b.wait("document.getElementById('form-status').textContent === '1 problem(s)'", timeout=20)
+    b.wait("document.getElementById('form-status').textContent === '1 problem(s)'")
     assert location(b) == "#/launch" and not (root / "runs").exists()
     b.eval("document.getElementById('f-train.lr').scrollIntoView({block: 'center'})")
     shoot(b, tmp_path, "launch", full_page=False)
     set_field(b, "train.lr", "0.001")
-    b.wait("document.querySelector('[data-error=\"train.lr\"]').textContent === ''", timeout=20)
+    b.wait("document.querySelector('[data-error=\"train.lr\"]').textContent === ''")
     b.eval("document.getElementById('start').click()")
-    b.wait("location.hash === '#/run/runs/first'", timeout=30)
+    b.wait("location.hash === '#/run/runs/first'")
     clean(b, "launch page")
 
     # --- the run page: the curve grows while the run trains (server-sent events), then the run is done
@@ -172,8 +172,8 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
     growing = [p for p, s in seen if s == "running" and p > 0]
     assert len(growing) >= 3 and growing == sorted(growing) and growing[-1] > growing[0], seen
     assert seen[-1][1] == "done", seen
-    b.wait("Number(document.querySelector('#curves svg').dataset.points) === 150", timeout=30)
-    b.wait("/exit code 0/.test(document.getElementById('log').textContent)", timeout=30)
+    b.wait("Number(document.querySelector('#curves svg').dataset.points) === 150")
+    b.wait("/exit code 0/.test(document.getElementById('log').textContent)")
     assert "run directory: runs/first" in b.eval("document.getElementById('log').textContent")
     assert "runs/first/final/adapter_model.safetensors" in b.eval("document.querySelector('main').textContent")
     shoot(b, tmp_path, "run")
@@ -185,18 +185,18 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
     set_field(b, "output_dir", "runs/second")
     set_field(b, "train.lr", "0.003")
     set_field(b, "train.max_steps", "200")
-    b.wait("document.getElementById('form-status').textContent === 'valid'", timeout=20)
+    b.wait("document.getElementById('form-status').textContent === 'valid'")
     b.eval("document.getElementById('start').click()")
-    b.wait("location.hash === '#/run/runs/second' && document.getElementById('stop')", timeout=30)
+    b.wait("location.hash === '#/run/runs/second' && document.getElementById('stop')")
     deadline = time.time() + 300
     while not list((root / "runs" / "second" / "checkpoints").glob("step-*/state.json")):
         assert time.time() < deadline and not (root / "runs" / "second" / "manifest.json").exists()
         time.sleep(0.05)
     b.eval("document.getElementById('stop').click()")
-    b.wait("document.getElementById('resume')", timeout=60)
+    b.wait("document.getElementById('resume')")
     assert badge(b) == "stopped"
     b.eval("document.getElementById('resume').click()")
-    b.wait("/--resume/.test(document.querySelector('main code').textContent)", timeout=30)
+    b.wait("/--resume/.test(document.querySelector('main code').textContent)")
     b.wait("document.querySelector('main .badge').textContent === 'done'", timeout=240)
     log = (root / "runs" / "second" / "ui" / "log.txt").read_text()
     assert "exit code -15 (stopped)" in log and "resumed from" in log and log.rstrip().endswith(" s")
@@ -210,7 +210,7 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
     shoot(b, tmp_path, "runs")
     b.eval("document.querySelectorAll('#runs input[type=checkbox]').forEach(c => c.click())")
     b.eval("[...document.querySelectorAll('main button')].find(e => e.textContent === 'Compare selected').click()")
-    b.wait("document.querySelector('#diff tbody tr') && document.querySelector('#curves svg')", timeout=30)
+    b.wait("document.querySelector('#diff tbody tr') && document.querySelector('#curves svg')")
     differ = b.eval("[...document.querySelectorAll('#diff tbody tr td:first-child')].map(e => e.textContent)")
     assert differ == ["output_dir", "train.max_steps", "train.lr"]
     assert b.eval("document.querySelectorAll('#curves svg')[0].querySelectorAll('path.series').length") == 2
@@ -224,13 +224,13 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
            "document.getElementById('max-tokens').value = '24'; document.getElementById('load').click()")
     b.wait("document.getElementById('chat-status').textContent === 'ready'", timeout=240)
     b.eval("document.getElementById('message').value = 'What is 3 plus 3?'; document.getElementById('send').click()")
-    b.wait("document.querySelectorAll('.thumb-up').length === 2", timeout=120)
+    b.wait("document.querySelectorAll('.thumb-up').length === 2")
     chunks = b.eval("[...document.querySelectorAll('.msg.assistant')].map(m => Number(m.dataset.chunks || 0))")
     assert len(chunks) == 2 and min(chunks) >= 2, chunks  # streamed: several pieces per reply
     b.eval("document.querySelector('#col-a .thumb-up').click()")
-    b.wait("document.querySelector('#col-a .saved')", timeout=20)
+    b.wait("document.querySelector('#col-a .saved')")
     b.eval("document.getElementById('a-better').click()")
-    b.wait("document.querySelector('.choose .saved')", timeout=20)
+    b.wait("document.querySelector('.choose .saved')")
     shoot(b, tmp_path, "chat")
     clean(b, "chat page")
     with sqlite3.connect(root / ".posttrain-ui" / "feedback.db") as db:
@@ -244,7 +244,7 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
     b.eval("document.getElementById('data-path').value = 'data/mixed.jsonl'; "
            "document.getElementById('data-model').value = 'runs/first'; document.getElementById('inspect').click()")
     b.wait("/mixed.jsonl: 4 valid records of kind 'chat', 1 invalid/.test(document.getElementById('data-summary')"
-           ".textContent)", timeout=120)
+           ".textContent)")
     assert b.eval("document.getElementById('data-errors').textContent").count("data/mixed.jsonl:3: ") == 1
     loss = b.eval("[...document.querySelectorAll('.record .loss')].map(e => e.textContent)")
     assert len(loss) == 4 and loss[0].startswith("It is 0.")
@@ -253,9 +253,9 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
 
     # --- pipelines: the plan is shown before anything runs
     b.eval("location.hash = '#/launch?mode=pipeline'")
-    b.wait("document.getElementById('pipeline-yaml').value.includes('name: tune')", timeout=20)
+    b.wait("document.getElementById('pipeline-yaml').value.includes('name: tune')")
     b.eval("document.getElementById('show-plan').click()")
-    b.wait("document.querySelector('#plan-stages tbody tr')", timeout=120)
+    b.wait("document.querySelector('#plan-stages tbody tr')")
     rows = b.eval("[...document.querySelectorAll('#plan-stages tbody tr')].map(r => [...r.children].map(c => c.textContent))")
     assert [(r[1], r[2], r[6]) for r in rows] == [("tune", "sft", "run"), ("again", "sft", "run")]
     assert rows[0][5] == "train.train_loss ≤ 20" and rows[1][3] == "runs/pipe/tune"
@@ -273,9 +273,9 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
                "document.getElementById('send').click()")
         b.wait("document.querySelectorAll('.thumb-up').length === 2", timeout=600)
         b.eval("document.querySelector('#col-a .thumb-up').click()")
-        b.wait("document.querySelector('#col-a .saved')", timeout=30)
+        b.wait("document.querySelector('#col-a .saved')")
         b.eval("document.getElementById('a-better').click()")
-        b.wait("document.querySelector('.choose .saved')", timeout=30)
+        b.wait("document.querySelector('.choose .saved')")
         shoot(b, tmp_path, "chat")
         clean(b, "chat with the named models")
 
