@@ -218,6 +218,14 @@ def test_data_inspect_renders_unpaired_records(tmp_path, tiny_dir, capsys):
     assert "[[1<|im_end|>]]" in out.replace(" ", "")
 
 
+def test_data_inspect_of_pairs_counts_them_without_loading_a_tokenizer(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": r}) + "\n" for r in ("b", 5)))
+    assert main(["data", "inspect", str(path), "--model", "./no/such/model"]) == 0  # never loaded
+    out = capsys.readouterr().out
+    assert "1 valid records of kind 'preference', 1 invalid" in out and "p.jsonl:2:" in out
+
+
 # ------------------------------------------------------------------------------ feedback
 
 

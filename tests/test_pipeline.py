@@ -408,3 +408,26 @@ def test_deploy_serve_passes_its_feedback_database(tmp_path):
     del spec["deploy"]["serve"]["feedback_db"]  # default: the server's own, <output_dir>/deploy/serve/feedback.db
     path.write_text(yaml.safe_dump(spec))
     assert "--feedback-db" not in serve_argv(load_pipeline(path))
+
+
+def test_the_plan_predicts_what_the_run_does(tmp_path, tiny_dir, recipe):
+    """plan_pipeline (shown by the web studio before a run) says run, skip or resume as run_pipeline then does."""
+    from posttrain.pipeline import plan_pipeline
+
+    path = write_pipeline(tmp_path, tiny_dir, recipe, gate=[{"metric": "plus1", "min": 0}])
+    plan = plan_pipeline(load_pipeline(path))
+    assert [(s["name"], s["verb"], s["action"]) for s in plan["stages"]] == [("a", "sft", "run"), ("b", "sft", "run")]
+    out = tmp_path / "out"
+    assert plan["stages"][0]["input_model"] == str(tiny_dir) and plan["stages"][1]["input_model"] == str(out / "a")
+    assert plan["stages"][0]["gates"][0]["metric"] == "plus1" and plan["stages"][1]["run_dir"] == str(out / "b")
+    run_pipeline(load_pipeline(path))
+    assert [s["action"] for s in plan_pipeline(load_pipeline(path))["stages"]] == ["skip", "skip"]
+    changed = write_pipeline(tmp_path, tiny_dir, recipe, second={"train.lr": 5e-4}, gate=[{"metric": "plus1", "min": 0}],
+                             name="changed.yaml")
+    assert [s["action"] for s in plan_pipeline(load_pipeline(changed))["stages"]] == ["skip", "run"]
+    record = json.loads((out / "b" / "pipeline_stage.json").read_text())  # b interrupted after a checkpoint
+    (out / "b" / "pipeline_stage.json").write_text(json.dumps({**record, "status": "running"}))
+    (out / "b" / "checkpoints").mkdir(exist_ok=True)
+    assert [s["action"] for s in plan_pipeline(load_pipeline(path))["stages"]] == ["skip", "resume"]
+    with pytest.raises(ValueError, match="stage 'b'"):
+        plan_pipeline(load_pipeline(write_pipeline(tmp_path, tiny_dir, recipe, second={"train.lr": -1}, name="bad.yaml")))

@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from posttrain.stages import STAGES, Stage, verbs
+from posttrain.stages import CLI_ROLES, STAGES, Stage, verbs
 
 EPILOG = """sections: {sections} (all keys: --print-config).
 overrides: any config key as dotted key=value after the options, e.g.
   posttrain {verb} --config recipes/{recipe}.yaml train.lr=1e-4 adapter.r=8 data.train=my.jsonl"""
-STAGES_FOR_CLI = verbs("model", "compress", "export", "analysis")  # the eval stage is pipeline-only
+STAGES_FOR_CLI = verbs(*CLI_ROLES)
 
 
 def _add_stage(sub, stage: Stage):
@@ -243,6 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-redact-feedback", action="store_true",
                    help="store prompts, replies and feedback text as they are (default: emails, phone and card "
                         "numbers replaced by [EMAIL]/[PHONE]/[CARD] before storage)")
+
+    p = sub.add_parser("ui", help="web studio: runs and live curves, launch forms, chat, data preview",
+                       description="Serve the web studio over ROOT: every run directory under it (status, config, "
+                                   "manifest, live curves, eval tables, gates, artifacts; several side by side), "
+                                   "forms that start the project's verbs and pipelines (stop, resume), chat with "
+                                   "any run's model through `posttrain serve` (thumbs and A/B choices go to its "
+                                   "feedback database), and data files as the trainer sees them. Paths in recipes "
+                                   "are relative to ROOT, which the studio works in; it reads and starts nothing "
+                                   "outside it. Runs it starts keep going when it stops.",
+                       epilog="binds 127.0.0.1 by default; any other --host needs --token (or POSTTRAIN_UI_TOKEN): "
+                              "open http://HOST:PORT/?token=TOKEN once, the browser keeps it in a cookie")
+    p.add_argument("--root", default=".", help="the directory of runs, recipes and data (default: .)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", help="require this token (default: $POSTTRAIN_UI_TOKEN; needed beyond loopback)")
+    p.add_argument("--feedback-db", metavar="PATH|URL|off",
+                   help="where chat replies and feedback go, shared by the chat servers: a SQLite file (relative to "
+                        "ROOT) or a postgresql:// URL (default: ROOT/.posttrain-ui/feedback.db)")
 
     p = sub.add_parser("feedback", help="feedback collected by `posttrain serve`: export as training data",
                        description="Tools for the feedback database of `posttrain serve --feedback-db`."
@@ -661,6 +679,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    import secrets
+
+    import uvicorn
+
+    from posttrain.ui.app import LOOPBACK, create_app
+
+    token = args.token or os.environ.get("POSTTRAIN_UI_TOKEN", "").strip() or None
+    if args.host not in LOOPBACK and not token:
+        raise ValueError(f"--host {args.host}: the studio starts training runs, so serving it beyond loopback needs "
+                         f"a token: --token TOKEN or $POSTTRAIN_UI_TOKEN (for example {secrets.token_urlsafe(18)})")
+    root = Path(args.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root {root}: no such directory")
+    os.chdir(root)
+    app = create_app(".", token=token, feedback_db=args.feedback_db)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"posttrain studio: http://{shown}:{args.port}/{'?token=' + token if token else ''}  (root {Path.cwd()}; "
+          "Ctrl-C stops it, runs it started keep going)", flush=True)
+    # an open page keeps event streams open: give them a few seconds, then stop (and the chat servers with it)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
+    return 0
+
+
 def cmd_feedback(args) -> int:
     from posttrain.data.feedback import export_feedback
     from posttrain.data.filters import load_rules
@@ -720,27 +762,24 @@ def cmd_synth(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from posttrain.data.formats import load_records
-    from posttrain.data.templates import encode_record, render_loss_mask
+    from posttrain.data.examples import inspect_file
+    from posttrain.data.templates import GREEN, RESET
     from posttrain.models import load_tokenizer
 
     if args.data_verb != "inspect":
         raise ValueError("usage: posttrain data inspect FILE")
-    data = load_records(args.file, kind=args.kind, skip_invalid=True)
-    print(f"{args.file}: {len(data.records)} valid records of kind '{data.kind}', {data.skipped} invalid")
-    for reason in data.skip_reasons:
+    report = inspect_file(lambda: load_tokenizer(args.model), args.file, kind=args.kind, n=args.n,
+                          max_length=args.max_length)
+    print(f"{args.file}: {report['valid']} valid records of kind '{report['kind']}', {report['invalid']} invalid")
+    for reason in report["errors"]:
         print(f"  invalid: {reason}")
-    if data.kind not in ("chat", "completion", "text", "unpaired"):
-        return 0
-    tok = load_tokenizer(args.model)
-    for i, record in enumerate(data.records[: args.n]):
-        ex = encode_record(tok, record, data.kind, max_length=args.max_length)
-        if ex is None:
-            print(f"--- record {i + 1}: no loss tokens within {args.max_length} tokens")
+    for rec in report["records"]:
+        if not rec["spans"]:
+            print(f"--- record {rec['index']}: no loss tokens within {args.max_length} tokens")
             continue
-        n_loss = sum(1 for t in ex["labels"] if t != -100)
-        print(f"--- record {i + 1}: {len(ex['input_ids'])} tokens, {n_loss} carry loss")
-        print(render_loss_mask(tok, ex, color=args.color))
+        print(f"--- record {rec['index']}: {rec['tokens']} tokens, {rec['loss_tokens']} carry loss")
+        print("".join((f"{GREEN}{text}{RESET}" if args.color else f"[[{text}]]") if loss else text
+                      for text, loss in rec["spans"]))
     return 0
 
 
@@ -831,7 +870,7 @@ COMMANDS = {**{v: cmd_stage for v in STAGES_FOR_CLI},
             "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat, "merge": cmd_merge, "data": cmd_data,
             "filter": cmd_filter, "kb": cmd_kb, "synth": cmd_synth,
             "sam": cmd_sam, "reason": cmd_reason, "serve": cmd_serve, "run": cmd_run, "feedback": cmd_feedback,
-            "report": cmd_report, "plan": cmd_plan}
+            "report": cmd_report, "plan": cmd_plan, "ui": cmd_ui}
 
 
 # oneDNN keeps up to 1024 compiled matmul primitives, each with its buffers; packed rows give a new

@@ -164,9 +164,11 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    """One line per problem: dotted key, message, and the allowed values where known."""
-    lines = [f"invalid {source}:"]
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(dotted key, message) per problem, worded for people: unknown keys, the allowed values of a
+    choice, our own validators' messages without pydantic's prefix. The CLI prints them
+    (`format_validation_error`); the web studio shows each beside its field."""
+    problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
@@ -176,8 +178,13 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
             msg = f"must be one of {err['ctx']['expected']}; got {err['input']!r}"
         elif err["type"] == "value_error":  # our own validators' messages, without pydantic's prefix
             msg = msg.removeprefix("Value error, ")
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+        problems.append((key, msg))
+    return problems
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    """One line per problem: dotted key, message, and the allowed values where known."""
+    return "\n".join([f"invalid {source}:", *(f"  {key}: {msg}" for key, msg in validation_problems(exc))])
 
 
 def build_config(cls: type[BaseModel], path: str | Path | None = None, overrides: list[str] | None = None):

@@ -566,6 +566,56 @@ def swap_adapter(pipe: PipelineConfig) -> dict:
             "replaced": (answer.get("replaced") or {}).get("version"), "seconds": round(time.time() - started, 1)}
 
 
+def stage_fingerprint(cfg, fps: dict[str, str]) -> str:
+    """A stage's fingerprint: its config, its input model's weights and, when the input is an earlier
+    stage of this run (`fps`: run dir -> fingerprint), that stage's inputs too (a LoRA dir does not
+    hold its base), and the content of its data files."""
+    return fingerprint(cfg, f"{fps.get(cfg.model.name, '')}:{model_fingerprint(cfg.model.name)}")
+
+
+def stage_action(out: Path, name: str, old: dict | None, fp: str, force: bool = False) -> str:
+    """skip (unchanged since it finished), resume (same inputs, left checkpoints) or run."""
+    same = old is not None and old.get("fingerprint") == fp and not force
+    if same and old.get("status") in ("done", "failed_gate"):
+        return "skip"
+    return "resume" if same and (out / name / "checkpoints").is_dir() else "run"
+
+
+def plan_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
+    """What `posttrain run` would do now, shown before it runs (the web studio's launch page): the
+    data entries, then each stage (deploy last) with its verb, the model it reads, its run dir,
+    gates, and whether it would run, resume or be skipped as unchanged. Every stage config is built
+    as the run builds it, so a bad one raises ValueError naming the stage. A skip assumes the data
+    entries come out as they are on disk now."""
+    out = Path(pipe.output_dir)
+    stages = pipe.all_stages()
+    built = [stage_config(pipe, i) for i in range(len(stages))]
+    data = []
+    for name, spec in pipe.data.items():
+        record_path = data_path(pipe, name).with_suffix(".json")
+        last = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        data.append({"name": name, "path": str(data_path(pipe, name)), "source": spec.source, "synth": spec.synth,
+                     "filters": spec.filters is not None, "last_status": last.get("status"), "rows": last.get("kept")})
+    fps: dict[str, str] = {}
+    rows = []
+    for i, (spec, (cfg, _)) in enumerate(zip(stages, built)):
+        fp = stage_fingerprint(cfg, fps)
+        record_path = out / spec.name / "pipeline_stage.json"
+        old = json.loads(record_path.read_text()) if record_path.is_file() else None
+        rows.append({"name": spec.name, "verb": spec.verb, "config": spec.config, "overrides": spec.overrides,
+                     "input_model": input_model(pipe, i), "run_dir": str(out / spec.name),
+                     "gates": [g.model_dump() for g in spec.gate], "eval": spec.eval and "eval" in type(cfg).model_fields,
+                     "action": stage_action(out, spec.name, old, fp, force),
+                     "last_status": (old or {}).get("status")})
+        fps[str(out / spec.name)] = fp
+    swap = None
+    if pipe.deploy is not None and pipe.deploy.swap_into:
+        swap = {"into": pipe.deploy.swap_into, "name": pipe.deploy.swap_name or pipe.name,
+                "source": source_stage(pipe)}
+    return {"name": pipe.name, "output_dir": str(out), "data": data, "stages": rows, "swap": swap,
+            "serve": pipe.deploy.serve.model_dump() if pipe.deploy is not None and pipe.deploy.serve else None}
+
+
 def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
     """Prepare the data, then run (or skip, or resume) each stage in order; returns the pipeline state."""
     out = Path(pipe.output_dir)
@@ -581,18 +631,15 @@ def run_pipeline(pipe: PipelineConfig, force: bool = False) -> dict:
     fps: dict[str, str] = {}  # stage run dir -> fingerprint
     previous_metrics = None
     for spec, (cfg, run) in zip(stages, built):
-        # the input's weights, and for a pipeline stage also its inputs (a LoRA dir does not hold its base)
-        input_fp = f"{fps.get(cfg.model.name, '')}:{model_fingerprint(cfg.model.name)}"
-        fp = fingerprint(cfg, input_fp)
+        fp = stage_fingerprint(cfg, fps)
         record_path = out / spec.name / "pipeline_stage.json"
         old = json.loads(record_path.read_text()) if record_path.exists() else None
-        same = old is not None and old.get("fingerprint") == fp and not force
-        if same and old["status"] in ("done", "failed_gate"):
+        action = stage_action(out, spec.name, old, fp, force)
+        if action == "skip":
             record = {**{k: v for k, v in old.items() if k != "error"}, "status": "skipped"}  # gates re-checked
             print(f"[{spec.name}] skipped (unchanged)")
         else:
-            # started with the same inputs and left checkpoints: continue from them (else start over)
-            resume = same and (out / spec.name / "checkpoints").is_dir()
+            resume = action == "resume"
             print(f"[{spec.name}] {spec.verb}: {'resuming' if resume else 'running'}")
             record = {"stage": spec.name, "verb": spec.verb, "fingerprint": fp, "status": "running"}
             write_json_atomic(record_path, record)

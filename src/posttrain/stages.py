@@ -108,3 +108,4 @@ def verbs(*roles: str) -> tuple[str, ...]:
 
 
 PIPELINE_ROLES = ("model", "compress", "export", "eval")
+CLI_ROLES = ("model", "compress", "export", "analysis")  # `posttrain VERB`; the eval stage is pipeline-only

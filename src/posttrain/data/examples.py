@@ -135,3 +135,30 @@ def split_pairs(tokenizer, data, seed: int, aspects: list[str] | None = None, un
         if part is not None:
             add_kl_completions(part, seed, data.max_length)
     return examples, held, report
+
+
+INSPECTABLE = ("chat", "completion", "text", "unpaired")  # kinds that encode to one sequence with a loss mask
+
+
+def inspect_file(get_tokenizer: Callable[[], object], path: str, kind: str | None = None, n: int = 3,
+                 max_length: int = 1024) -> dict:
+    """A data file as the trainer sees it (`posttrain data inspect`, the web studio's data page):
+    counts, the invalid rows named by file and line, and the first `n` records rendered through the
+    chat template as (text, carries loss) runs. Kinds without a single sequence (preference, prompt)
+    get counts and errors only, and `get_tokenizer` is called only when a record is rendered."""
+    from posttrain.data.formats import load_records
+    from posttrain.data.templates import encode_record, loss_spans
+
+    data = load_records(path, kind=kind, skip_invalid=True)
+    shown = []
+    tokenizer = get_tokenizer() if data.kind in INSPECTABLE and data.records[:n] else None
+    for i, record in enumerate(data.records[:n] if tokenizer is not None else []):
+        ex = encode_record(tokenizer, record, data.kind, max_length=max_length)
+        if ex is None:
+            shown.append({"index": i + 1, "tokens": 0, "loss_tokens": 0, "spans": []})
+            continue
+        shown.append({"index": i + 1, "tokens": len(ex["input_ids"]),
+                      "loss_tokens": sum(1 for t in ex["labels"] if t != -100),
+                      "spans": loss_spans(tokenizer, ex)})
+    return {"path": str(path), "kind": data.kind, "valid": len(data.records), "invalid": data.skipped,
+            "errors": list(data.skip_reasons), "records": shown, "max_length": max_length}

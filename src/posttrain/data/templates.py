@@ -129,21 +129,25 @@ def encode_record(tokenizer, record: dict[str, Any], kind: str, max_length: int 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
 
-def render_loss_mask(tokenizer, example: dict, color: bool = False) -> str:
-    """The example's text with loss-carrying tokens marked: ``[[...]]``, or green with ``color``."""
+def loss_spans(tokenizer, example: dict) -> list[tuple[str, bool]]:
+    """The example's text as (text, carries loss) runs: consecutive tokens of equal loss state
+    decoded together (`posttrain data inspect` and the web studio's data page show these)."""
     ids, labels = example["input_ids"], example["labels"]
-    out, t = [], 0
-    while t < len(ids):  # group consecutive tokens of equal loss state, decode each group
+    spans, t = [], 0
+    while t < len(ids):
         loss = labels[t] != IGNORE
         end = t
         while end < len(ids) and (labels[end] != IGNORE) == loss:
             end += 1
-        text = tokenizer.decode(ids[t:end], skip_special_tokens=False)
-        if loss:
-            text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
-        out.append(text)
+        spans.append((tokenizer.decode(ids[t:end], skip_special_tokens=False), loss))
         t = end
-    return "".join(out)
+    return spans
+
+
+def render_loss_mask(tokenizer, example: dict, color: bool = False) -> str:
+    """The example's text with loss-carrying tokens marked: ``[[...]]``, or green with ``color``."""
+    return "".join((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if loss else text
+                   for text, loss in loss_spans(tokenizer, example))
 
 
 # ----------------------------------------------------------------------------- preference pairs

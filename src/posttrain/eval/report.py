@@ -251,7 +251,7 @@ def _numeric(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in (metrics or {}).items() if _is_number(v)} if isinstance(metrics, dict) else {}
 
 
-def _load_state(out: Path) -> dict:
+def load_pipeline_state(out: Path) -> dict:
     path = out / "pipeline.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no pipeline.json; is {out} the output_dir of a `posttrain run`?")
@@ -267,7 +267,7 @@ def _load_state(out: Path) -> dict:
     return state
 
 
-def _stage_rows(state: dict) -> list[tuple[str, dict]]:
+def stage_rows(state: dict) -> list[tuple[str, dict]]:
     """(name, record) for every stage in run order; planned stages the run never reached get a stub."""
     rows = list(state["stages"].items())
     for item in state.get("plan") or []:
@@ -276,7 +276,7 @@ def _stage_rows(state: dict) -> list[tuple[str, dict]]:
     return rows
 
 
-def _overall(rows: list[tuple[str, dict]]) -> tuple[str, str]:
+def overall_status(rows: list[tuple[str, dict]]) -> tuple[str, str]:
     """(status key for the badge, sentence) of the whole run."""
     for name, record in rows:
         status = record.get("status")
@@ -375,11 +375,16 @@ def _metric_section(state: dict, report_dir: Path, pngs: dict[str, Path]) -> str
     return html_out + _img(pngs["metrics"], "eval metrics by stage")
 
 
-def _curve_keys(path: Path) -> list[str]:
+def curve_keys(path: Path) -> list[str]:
     seen: dict[str, None] = {}
     for _, row in read_jsonl(path):
         seen.update((k, None) for k, v in row.items() if _is_number(v))
-    keys = [k for k in seen if any(w in k.lower() for w in _CURVE_WORDS) and k not in _CURVE_SKIP]
+    return pick_curve_keys(seen)
+
+
+def pick_curve_keys(keys) -> list[str]:
+    """The metrics.jsonl keys worth a curve (losses, rewards, margins, accuracies, KL), loss first, at most 8."""
+    keys = [k for k in keys if any(w in k.lower() for w in _CURVE_WORDS) and k not in _CURVE_SKIP]
     return sorted(keys, key=lambda k: (k != "loss", k != "eval_loss"))[:8]  # loss first; sort is stable
 
 
@@ -402,7 +407,7 @@ def _curves_section(out: Path, rows: list[tuple[str, dict]], report_dir: Path, p
                 parts.append(f"<h3>{_esc(name)}</h3>{summary}<p>{DASH} (no metrics.jsonl)</p>")
             continue
         try:
-            keys = _curve_keys(path)
+            keys = curve_keys(path)
             png = metric_curves(path, report_dir / f"curves-{_safe_name(name)}.png", keys or ["loss"],
                                 title=f"{name} ({r.get('verb', '?')})")
         except ValueError as exc:  # a broken or empty log: say so in the page, the rest still renders
@@ -516,8 +521,8 @@ def write_pipeline_report(output_dir: str | os.PathLike, compress_verbs: Collect
     stage run dirs; `compress_verbs` (the stage registry's compress role) get the trade-offs section. The page embeds its PNGs as data: URIs and has no script or external URL, so it
     can be mailed or archived as one file. Missing pieces show as a dash rather than failing."""
     out = Path(output_dir)
-    state = _load_state(out)
-    rows = _stage_rows(state)
+    state = load_pipeline_state(out)
+    rows = stage_rows(state)
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     pngs: dict[str, Path] = {}
@@ -525,7 +530,7 @@ def write_pipeline_report(output_dir: str | os.PathLike, compress_verbs: Collect
     ran = [r.get("seconds") for r in [*data, *(r for _, r in rows)]
            if isinstance(r, dict) and r.get("status") not in ("skipped", "not_reached")]
     total = sum(s for s in ran if _is_number(s))
-    overall_key, overall = _overall(rows)
+    overall_key, overall = overall_status(rows)
     name = str(state.get("name", out.name))
     updated = datetime.fromtimestamp((out / "pipeline.json").stat().st_mtime, timezone.utc)
     sections = [
