@@ -239,3 +239,14 @@ def test_mixed_precision_backward_runs_after_autocast_is_left(tmp_path):
           pad_token_id=0)
     assert seen["forward"] and all(seen["forward"])
     assert seen["backward"] and not any(seen["backward"])
+
+
+def test_stages_in_one_process_each_get_their_mixed_precision(tmp_path):
+    # accelerate keeps one process-wide state: a bf16 stage after an fp32 one used to be refused
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        model = tiny_model(vocab_size=256)
+        train(model, causal_lm_loss, make_examples()[:4], _cfg(mixed_precision=precision, max_steps=1),
+              tmp_path / str(i), pad_token_id=0)
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "no"

@@ -320,6 +320,19 @@ def enable_checkpointing(model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def make_accelerator(mixed_precision: str = "no"):
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another mixed
+    precision; a single process running stages one after another (a pipeline, the tests) gets the
+    precision each stage asks for. A distributed launch keeps accelerate's rule."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
 def optimizer_step(model, objective: Objective, batches: list[dict], n_global: int, optimizer, scheduler,
                    cfg: TrainConfig, acc, regularizer: Regularizer | None = None,
                    stats: dict[str, float] | None = None) -> tuple[float, int, float | None]:
@@ -381,12 +394,11 @@ def train(
     accelerator=None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train in place; returns (unwrapped model, summary). Writes metrics and checkpoints."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    acc = accelerator or make_accelerator(cfg.mixed_precision)
     world, rank = acc.num_processes, acc.process_index
     main = acc.is_main_process
     if main:
