@@ -215,9 +215,9 @@ def minibatch_updates(model, objective, batch: Batch, fields: tuple[str, ...], a
             extra = {"agg_weight": aggregation_weights(sub["mask"], getattr(algo, "loss_agg", "token-mean"), max_len),
                      "rows": torch.arange(len(sub), dtype=torch.float32)[:, None].expand(mask.shape)}
             mine = shard(len(sub), rank, world) if world > 1 else list(range(len(sub)))
-            if not mine:
-                raise ValueError(f"data-parallel update: a minibatch of {len(sub)} rows leaves replica {rank} of "
-                                 f"{world} nothing to train; use fewer replicas or algo.minibatches, or more rows")
+            if len(sub) < world:  # every replica decides alike: none may wait in an all-reduce for one that left
+                raise ValueError(f"data-parallel update: a minibatch of {len(sub)} rows leaves some of the {world} "
+                                 "replicas nothing to train; use fewer replicas or algo.minibatches, or more rows")
             micro = []
             prompt_ids, response_ids, masks = sequences(sub.index(mine))
             for local, mb in packed_groups(prompt_ids, response_ids, train_cfg.max_tokens, masks):
@@ -710,6 +710,12 @@ class ActorWorker:
             out["drift/max_abs"] = drift_max[0]
         return out | lag
 
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trained tensors (checks that data-parallel replicas agree)."""
+        from posttrain.train.loop import trainable_state
+
+        return trainable_state(self.raw)
+
     def evaluate(self, eval_cfg: EvalConfig) -> dict:
         self.rollout.sync(self.raw)
         return evaluate_all(self.rollout.model, self.tokenizer, eval_cfg)
@@ -880,6 +886,11 @@ class CriticWorker:
                                     self.optimizer, self.scheduler, self.acc, self.cfg.train.seed + 1,
                                     self.cfg.max_response_tokens, dp=(self.rank, self.world))
         return {f"critic/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        from posttrain.train.loop import trainable_state
+
+        return trainable_state(self.model)
 
     def save_state(self, path: str) -> None:
         """Rank 0 all of it; other replicas (same weights and optimizer state) their RNG."""
