@@ -166,6 +166,26 @@ def test_off_policy_grpo_with_the_correction_raises_the_reward(rl_setup, mode):
     assert all("mis/masked_share" in r for r in rows)
 
 
+def test_corrections_from_the_update_forward_equal_a_separate_old_logprob_pass(rl_setup):
+    """One update per batch: TIS and MIS take the trainer's log-probs from the update's own
+    forward instead of a no-grad pass before it (one forward fewer per step). Off-policy, so
+    the weights are not 1, the result equals the run with the pass. (The logged `kl` differs:
+    without the pass it is the sampler's log-probs against the reference, a version behind.)"""
+    extra = {"rollout": {"mode": "one_step_off"}}
+    skip = rl_setup("grpo", 5, algo={"tis_cap": 1.2, "mis_threshold": 1.3}, **extra)
+    assert not skip.recompute_old_logp
+    full = rl_setup("grpo", 5, output_dir=skip.output_dir + "-pass", **extra,
+                    algo={"tis_cap": 1.2, "mis_threshold": 1.3, "recompute_old_logp": True})
+    run_rl(skip)
+    run_rl(full)
+    a, b = _rows(skip), _rows(full)
+    assert max(r["drift/max_abs"] for r in a[1:]) > 0.2  # ratios beyond the cap and threshold occur
+    for x, y in zip(a, b, strict=True):
+        for key in ("reward", "loss", "actor/kl_loss", "actor/grad_norm", "drift/mean_abs", "mis/masked_share"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    assert any(r["mis/masked_share"] > 0 for r in a)
+
+
 def test_sigkill_mid_async_run_then_resume_matches_the_uninterrupted_run(rl_setup):
     """The batches sampled ahead (from weights no longer held anywhere) are saved with the
     checkpoint; the resumed run trains on them and ends on the uninterrupted run's weights."""

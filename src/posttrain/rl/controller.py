@@ -6,11 +6,21 @@ adapters disabled), the critic (PPO only), a reference (full fine-tuning only: a
 copy) and the reward (any `RewardFunction`). The driver moves one typed `Batch` between
 them: tensors plus per-row metadata, split across a group's data-parallel workers and
 merged back. A group runs its workers in this process (`local`, the default) or as Ray
-actors (`ray`); the driver code is the same, see `rl_step`.
+actors (`ray`); the driver code is the same, see `rl_step` and `async_step`.
 
 Per-token tensors are ``[B, T]`` over each rollout's response tokens, right padded, with
 `mask`. Training packs each (prompt, response) of a minibatch into one row without padding
 (as DPO's pairs), so an update costs the real tokens only.
+
+Rollout modes (`rollout.mode`). sync: the actor samples from its own rollout copy, then trains
+on what it sampled. one_step_off / async: separate rollout workers (`RolloutWorker`) sample the
+batches of the next steps while the actor trains on the current one (`RolloutQueue`, at most
+`rollout.max_staleness` batches ahead: 1 for one_step_off); after each update the actor pushes
+its trainable tensors (LoRA: the adapter only) to them (`push_weights`). Every sample records the
+policy version it was sampled with, and the update refuses samples beyond the bound or from
+weights other than those sent (rl/rollout.check_staleness); the rollout log-probs feed the
+TIS/MIS corrections against the trainer's own. With the Ray backend the actor and the critic can
+be data-parallel groups (`actor_workers`, `critic_workers`; rl/distributed.py).
 
 With an `env` (multi-turn tool use, rl/tools.py) a rollout is an episode: `response_ids` hold
 the model's turns and the observation turns between them, `response_mask` is 1 on the model's
@@ -318,8 +328,8 @@ class AlgoSettings(Strict):
     overlong_factor: float = Field(1.0, ge=0)
     recompute_old_logp: bool | None = Field(
         None, description="a separate no-grad pass for the trainer's log-probs before the update; default: only "
-                          "where they are needed (several updates per batch, TIS, KL in the reward). Otherwise "
-                          "the update's own forward gives them (and the drift monitor) for free")
+                          "where they are needed (several updates per batch, KL in the reward). Otherwise "
+                          "the update's own forward gives them (and the drift monitor, TIS and MIS) for free")
 
 
 class CriticSettings(Strict):
@@ -440,8 +450,7 @@ class RLConfig(StageConfig):
         a = self.algo
         if a.recompute_old_logp is not None:
             return a.recompute_old_logp
-        return (a.epochs * a.minibatches > 1 or a.tis_cap is not None or a.mis_threshold is not None
-                or self.kl_in == "reward")
+        return a.epochs * a.minibatches > 1 or self.kl_in == "reward"
 
     @property
     def max_response_tokens(self) -> int:
@@ -664,7 +673,7 @@ class ActorWorker:
         whole batch on every data-parallel replica; each trains its share). Refuses a batch sampled
         from weights older than rollout.max_staleness versions (rl/rollout.check_staleness), or,
         from rollout workers, from weights other than those sent; then the version goes up by one."""
-        from posttrain.rl.algorithms import kl_estimate, policy_loss
+        from posttrain.rl.algorithms import flat_rollout_correction, kl_estimate, policy_loss
         from posttrain.rl.rollout import check_staleness
         from posttrain.train.objectives import label_token_logps
 
@@ -676,12 +685,20 @@ class ActorWorker:
         kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
 
         drift_max = [0.0]
+        correct = a.tis_cap is not None or a.mis_threshold is not None
+        mis_rows = [0.0, 0.0]  # sequences masked by MIS, sequences seen (corrections from this forward)
 
         def objective(model, mb):
             logp = label_token_logps(model, mb, temp)
             # on-policy, one update: the trainer's log-probs before the step are this forward's own
             old = mb["old_logp"] if "old_logp" in mb else logp.detach()
             weight = mb["agg_weight"] * mb["is_weight"] if "is_weight" in mb else mb["agg_weight"]
+            if correct and "is_weight" not in mb:  # TIS/MIS against the rollout's log-probs, from this forward
+                w, keep = flat_rollout_correction(old, mb["rollout_logp"], mb["rows"], a.tis_cap, a.mis_threshold)
+                weight = weight * w
+                if a.mis_threshold is not None:  # keep is one value per sequence
+                    mis_rows[0] += mb["rows"][keep == 0].unique().numel()
+                    mis_rows[1] += mb["rows"].unique().numel()
             loss, m = policy_loss(a.policy_loss, logp, old, mb["adv"], mb["rows"], a, weight)
             if "old_logp" not in mb:
                 drift = (logp.detach() - mb["rollout_logp"]).abs()
@@ -701,6 +718,12 @@ class ActorWorker:
         self.version += 1
         out = {f"actor/{k}": sum(h[k] for h in history) / len(history) for k in history[0] if k != "drift_mean_abs"}
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        if mis_rows[1]:
+            if self.world > 1:
+                from posttrain.rl.distributed import all_reduce_sum
+
+                mis_rows[:] = all_reduce_sum(mis_rows)
+            out["mis/masked_share"] = mis_rows[0] / mis_rows[1]
         if "old_logp" not in batch.tensors:
             out["drift/mean_abs"] = history[0]["drift_mean_abs"]
             if self.world > 1:
@@ -1098,7 +1121,9 @@ def add_advantages(batch: Batch, cfg: RLConfig, kl_coef: float) -> tuple[Batch, 
     tensors = {"adv": adv, "kl_coef": torch.full((len(batch),), kl_coef)}
     if returns is not None:
         tensors["returns"] = returns
-    if a.tis_cap is not None or a.mis_threshold is not None:  # rollout-vs-trainer corrections
+    # rollout-vs-trainer corrections; without an old-log-prob pass the actor's update applies them
+    # from its own forward (algorithms.flat_rollout_correction)
+    if (a.tis_cap is not None or a.mis_threshold is not None) and "old_logp" in batch.tensors:
         weight = mask.to(torch.float32)
         if a.tis_cap is not None:
             weight = weight * tis_weights(batch["old_logp"], batch["rollout_logp"], mask, a.tis_cap)
@@ -1262,6 +1287,18 @@ class RolloutQueue:
         self.entries = deque((s, p if pending is None else p.union(pending.get()), None)
                              for s, p, pending in self.entries)
         return [(s, b) for s, b, _ in self.entries]
+
+
+def start_rollouts(groups: Groups, cfg: RLConfig, start: int = 0,
+                   queued: list[tuple[int, Batch]] | None = None) -> tuple[RolloutQueue | None, list[Pending]]:
+    """one_step_off/async: the queue (with a checkpoint's `queued` batches) and the first push,
+    which gives the rollout workers the actor's current weights; (None, []) in sync mode."""
+    if groups.rollout is None:
+        return None, []
+    queue = RolloutQueue(groups, cfg)
+    queue.next_step = start
+    queue.restore(queued or [])
+    return queue, [push_weights(groups)]
 
 
 def reap_pushes(pushed: list[Pending], wait: bool = False) -> list[dict]:
@@ -1444,13 +1481,10 @@ def run_rl(cfg: RLConfig, resume: bool = False, overwrite: bool = False) -> dict
         next_group += cfg.rollout.prompts_per_step
         return prompt_batch(next_round(), k, first_group=next_group)
 
-    queue, pushed = None, []
-    if groups.rollout is not None:  # one_step_off/async: batches sampled ahead of the update
-        queue = RolloutQueue(groups, cfg)
-        queue.next_step = start
-        if ckpt is not None:
-            queue.restore(load_queued(ckpt))
-        pushed.append(push_weights(groups))  # the samplers start from the actor's current version
+    queue, pushed = start_rollouts(groups, cfg, start, load_queued(ckpt) if ckpt is not None else [])
+    if queue is not None and cfg.algo.tis_cap is None and cfg.algo.mis_threshold is None:
+        print(f"note: rollout.mode {cfg.rollout.mode} trains on samples up to {cfg.rollout.staleness_bound} "
+              "versions old without a correction; set algo.tis_cap (and/or algo.mis_threshold)")
 
     for step in bar:
         t0 = time.perf_counter()
