@@ -88,3 +88,5 @@ def test_ppo_with_actor_and_critic_groups_runs_one_step_off_on_ray(rl_setup, ray
     assert (ckpt / "actor" / "trainable.safetensors").exists() and (ckpt / "actor-rank1" / "rng.json").exists()
     assert (ckpt / "critic" / "trainable.safetensors").exists() and (ckpt / "critic-rank1" / "rng.json").exists()
     assert json.loads((ckpt / "state.json").read_text())["queued_steps"] == [2]
+    final = Path(cfg.output_dir) / "final"  # written once, by rank 0
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()

@@ -740,12 +740,18 @@ class ActorWorker:
         return trainable_state(self.raw)
 
     def evaluate(self, eval_cfg: EvalConfig) -> dict:
+        """The eval suite on the current weights (rank 0 only: replicas hold the same weights)."""
+        if self.rank:
+            return {}
         self.rollout.sync(self.raw)
         return evaluate_all(self.rollout.model, self.tokenizer, eval_cfg)
 
     def save(self, path: str) -> None:
+        """The final model or adapter (rank 0 only: replicas would write the same files at once)."""
         from posttrain.models import save_model
 
+        if self.rank:
+            return
         save_model(self.raw, self.tokenizer, path)
 
     def save_state(self, path: str) -> None:
