@@ -149,7 +149,7 @@ def mode_rows(mode: str, args, threads: int) -> dict:
 def modes_table(modes: dict) -> dict:
     """The async row: each mode's step time against sync's."""
     base = modes.get("sync", {}).get("step_s")
-    print(f"\nrollout modes on Ray (same prompts, mean of the timed steps):")
+    print("\nrollout modes on Ray (same prompts, mean of the timed steps):")
     print(f"  {'mode':13s} {'step s':>7s} {'vs sync':>8s} {'trainer idle':>13s} {'reward (all)':>13s} "
           f"{'reward (2nd half)':>18s}")
     ratios = {}
