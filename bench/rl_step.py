@@ -17,8 +17,21 @@ SAM rollouts: the same 8 prompts decoded greedily (one reply per distinct prompt
 dynamic suffix automaton of prompt + reply as drafter), both on the rollout copy; the
 tokens must be identical. Also plain at batch 1, the setting speculative decoding is made for.
 
+Rollout modes (the async row): the GRPO demo (recipes/grpo.yaml: arithmetic prompts, the
+last-number verifier, 16 prompts x 8 samples, <= 8 new tokens; from the default model when the
+recipe's SFT model is absent) on the Ray backend in each of rollout.mode sync (the actor
+samples, then trains), one_step_off (a rollout worker samples batch k+1 while the actor trains
+on batch k; the LoRA adapter is pushed after each update) and async (up to max_staleness = 2
+batches ahead), on the same prompts in the same order, in one run: step time, the trainer's
+idle share (the step's wall time outside the reference log-probs and the update) and the mean
+fresh-sample reward over the same number of samples. The first --warmup steps of each mode
+(model load, native weight packing, the queue filling) are not timed. Goal: async step time
+<= 0.7x sync at equal reward after the same number of samples (over --mode-steps steps; the
+demo's own 60 steps: --mode-steps 59).
+
     python bench/rl_step.py           # full run, writes bench/results/rl_step.json
     python bench/rl_step.py --quick   # smoke run, no JSON
+    python bench/rl_step.py --only-modes --mode-steps 6   # just the rollout-mode rows
 """
 
 from __future__ import annotations
@@ -44,19 +57,110 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("rollout", "reward", "logprobs", "actor_update")
 
 
-def config(out_dir: str, prompts: str, max_new_tokens: int, prompts_per_step: int, k: int):
+def config(out_dir: str, prompts: str, max_new_tokens: int, prompts_per_step: int, k: int, mode: str = "sync",
+           backend: str = "local", max_steps: int = 100):
     from posttrain.rl.controller import RLConfig
 
     return RLConfig.model_validate({
-        "stage": "grpo", "output_dir": out_dir, "model": {"name": "default", "dtype": "auto"},
+        "stage": "grpo", "output_dir": out_dir, "model": {"name": "default", "dtype": "auto"}, "backend": backend,
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
         "data": {"prompts": prompts},
         "reward": {"type": "length", "min_length": 8, "max_length": 40, "unit": "tokens", "penalty": 0.05},
         "rollout": {"prompts_per_step": prompts_per_step, "samples_per_prompt": k, "max_new_tokens": max_new_tokens,
-                    "temperature": 1.0},
-        "algo": {"kl_coef": 0.02},
-        "train": {"max_steps": 100, "lr": 1e-5, "progress": False, "max_tokens": 8192},
+                    "temperature": 1.0, "mode": mode},
+        # off-policy modes: truncated importance weights against the rollout's log-probs (needs the
+        # old-log-prob pass); sync keeps the bench's historical configuration
+        "algo": {"kl_coef": 0.02, **({"tis_cap": 2.0} if mode != "sync" else {})},
+        "train": {"max_steps": max_steps, "lr": 1e-5, "progress": False, "max_tokens": 8192},
     })
+
+
+def demo_config(out_dir: str, mode: str, max_steps: int, args):
+    """The GRPO demo (recipes/grpo.yaml: arithmetic prompts, last-number verifier, 16 prompts x 8
+    samples, <= 8 new tokens, LoRA r16, lr 2e-4) on the Ray backend in rollout mode `mode`,
+    without its evaluations; from the recipe's SFT model when it exists, else the default model.
+    Off-policy modes add truncated importance weights (tis_cap 2) against the rollout's log-probs."""
+    from posttrain.config import load_yaml
+    from posttrain.rl.controller import RLConfig
+
+    raw = load_yaml(REPO / "recipes" / "grpo.yaml")
+    if not (REPO / raw["model"]["name"]).exists():
+        raw["model"]["name"] = "default"
+    raw.update(output_dir=out_dir, backend="ray", eval_every=None, eval={})
+    raw["data"]["prompts"] = str(REPO / raw["data"]["prompts"])
+    raw["rollout"].update(mode=mode, **({"prompts_per_step": args.mode_prompts} if args.mode_prompts else {}),
+                          **({"samples_per_prompt": args.mode_samples} if args.mode_samples else {}))
+    raw["train"].update(max_steps=max_steps, progress=False)
+    if mode != "sync":
+        raw["algo"]["tis_cap"] = 2.0
+    return RLConfig.model_validate(raw)
+
+
+def mode_rows(mode: str, args, threads: int) -> dict:
+    """`args.warmup + args.mode_steps` steps of the GRPO demo in one rollout mode on the Ray
+    backend; the prompts of step j are the same in every mode (the demo's seeded order). Its
+    workers are killed at the end (memory)."""
+    import ray
+
+    from posttrain.data.formats import load_records
+    from posttrain.rl.controller import (async_step, build_groups, prompt_batch, reap_pushes, rl_step,
+                                         start_rollouts, step_seed)
+    from posttrain.rl.rollout import prompt_batches
+
+    total = args.warmup + args.mode_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = demo_config(tmp, mode, total, args)
+        k = cfg.rollout.samples_per_prompt
+        rounds = prompt_batches(load_records(cfg.data.prompts, kind="prompt").records, cfg.rollout.prompts_per_step,
+                                cfg.train.seed)
+        groups = build_groups(cfg, threads)
+        queue, pushed = start_rollouts(groups, cfg)
+        steps = []
+        for step in range(total):
+            if queue is None:
+                batch, m = rl_step(groups, cfg, prompt_batch(next(rounds), k), cfg.algo.kl_coef,
+                                   seed=step_seed(cfg, step))
+            else:
+                batch, m = async_step(groups, cfg, queue, cfg.algo.kl_coef, step, pushed,
+                                      lambda: prompt_batch(next(rounds), k))
+            row = {"step_s": m["time/step"], "trainer_idle_s": m["time/trainer_idle"],
+                   "rollout_s": m.get("time/rollout", m.get("time/rollout_wait")),
+                   "logprobs_s": m["time/logprobs"], "update_s": m["time/actor_update"],
+                   "reward": batch["scores"].mean().item(), "tokens": int(batch["mask"].sum()),
+                   "staleness": m.get("async/staleness_max", 0.0)}
+            print(f"{mode} step {step}{' (warm-up)' if step < args.warmup else ''}: {row['step_s']:.2f}s "
+                  f"(rollout{' wait' if queue is not None else ''} {row['rollout_s']:.2f}, log-probs "
+                  f"{row['logprobs_s']:.2f}, update {row['update_s']:.2f}), trainer idle {row['trainer_idle_s']:.2f}s, "
+                  f"reward {row['reward']:.3f}, staleness {row['staleness']:.0f}", flush=True)
+            steps.append(row)
+        reap_pushes(pushed, wait=True)
+        for group in groups.unique():
+            for worker in group.workers:
+                ray.kill(worker)
+    timed = steps[args.warmup:]
+    return {"model": cfg.model.name, "prompts_per_step": cfg.rollout.prompts_per_step, "samples_per_prompt": k,
+            "steps": steps, "step_s": statistics.mean(r["step_s"] for r in timed),
+            "trainer_idle_share": sum(r["trainer_idle_s"] for r in timed) / sum(r["step_s"] for r in timed),
+            "reward_mean": statistics.mean(r["reward"] for r in steps),  # every sample drawn, warm-up included
+            "reward_last_half": statistics.mean(r["reward"] for r in steps[len(steps) // 2:]),
+            "tokens_per_step": statistics.mean(r["tokens"] for r in timed)}
+
+
+def modes_table(modes: dict) -> dict:
+    """The async row: each mode's step time against sync's."""
+    base = modes.get("sync", {}).get("step_s")
+    print("\nrollout modes on Ray (same prompts, mean of the timed steps):")
+    print(f"  {'mode':13s} {'step s':>7s} {'vs sync':>8s} {'trainer idle':>13s} {'reward (all)':>13s} "
+          f"{'reward (2nd half)':>18s}")
+    ratios = {}
+    for mode, r in modes.items():
+        ratio = r["step_s"] / base if base else float("nan")
+        ratios[mode] = ratio
+        print(f"  {mode:13s} {r['step_s']:7.2f} {ratio:7.2f}x {r['trainer_idle_share']:12.1%} "
+              f"{r['reward_mean']:13.3f} {r['reward_last_half']:18.3f}")
+    if "async" in ratios and base:
+        print(f"async step time {ratios['async']:.2f}x sync (goal <= 0.7x)")
+    return ratios
 
 
 def main() -> None:
@@ -67,10 +171,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--modes", default="sync,one_step_off,async", help="the async row: rollout modes on Ray")
+    ap.add_argument("--mode-steps", type=int, default=6, help="timed steps per rollout mode (after --warmup)")
+    ap.add_argument("--mode-threads", type=int, default=0, help="torch threads per Ray worker (0: all cores each)")
+    ap.add_argument("--mode-prompts", type=int, default=0, help="rollout-mode rows: prompts per step (0: the demo's)")
+    ap.add_argument("--mode-samples", type=int, default=0, help="rollout-mode rows: samples per prompt (0: the demo's)")
+    ap.add_argument("--only-modes", action="store_true", help="only the rollout-mode rows (no JSON written)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "rl_step.json"))
     args = ap.parse_args()
     if args.quick:
-        args.warmup, args.steps, args.max_new_tokens = 1, 1, 16
+        args.warmup, args.steps, args.max_new_tokens, args.mode_steps = 1, 1, 16, 2
+        args.mode_prompts, args.mode_samples = args.mode_prompts or 4, args.mode_samples or 4
 
     from posttrain.data.formats import load_records
     from posttrain.rl.controller import build_groups, prompt_batch, rl_step
@@ -78,6 +189,19 @@ def main() -> None:
     load_before = load_average()
     records = load_records(REPO / "data" / "preference" / "train.jsonl", kind="prompt").records
     records = [r for r in records if r["category"] in ("harmful", "benign", "word_problem")]  # replies of some length
+    modes = {}
+    if args.modes:
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        for mode in args.modes.split(","):
+            modes[mode] = mode_rows(mode, args, args.mode_threads or torch.get_num_threads())
+        ray.shutdown()
+    if args.only_modes:
+        modes_table(modes)
+        print(json.dumps({"modes": {m: {k: v for k, v in r.items() if k != "steps"} for m, r in modes.items()},
+                          "context": run_context(load_before, load_average(), "torch", "ray")}, indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(tmp, str(REPO / "data" / "preference" / "train.jsonl"), args.max_new_tokens,
                      args.prompts_per_step, args.samples)
@@ -135,7 +259,12 @@ def main() -> None:
         "sam_rollout_speedup": timing["plain_batched"] / timing["sam"],
         "sam_speedup_vs_plain_batch1": timing["plain_batch1"] / timing["sam"],
         "sam_identical_to_plain": identical,
-        "context": run_context(load_before, load_average(), "torch", "transformers", "peft"),
+        "rollout_modes": {"config": {"recipe": "recipes/grpo.yaml", "backend": "ray", "warmup_steps": args.warmup,
+                                     "timed_steps": args.mode_steps,
+                                     "threads_per_worker": args.mode_threads or torch.get_num_threads(),
+                                     "async_max_staleness": 2, "off_policy_tis_cap": 2.0},
+                          **modes},
+        "context": run_context(load_before, load_average(), "torch", "transformers", "peft", "ray"),
     }
 
     def table(r):
@@ -149,6 +278,8 @@ def main() -> None:
               + ", ".join(f"{k} {v:.2f} s ({tokens / v:.0f} tok/s)" for k, v in timing.items()))
         print(f"SAM vs plain batched: {r['sam_rollout_speedup']:.2f}x; vs plain at batch 1: "
               f"{r['sam_speedup_vs_plain_batch1']:.2f}x; identical tokens: {identical}")
+        if modes:
+            r["rollout_modes"]["step_time_vs_sync"] = modes_table(modes)
 
     finish(result, args.out, args.quick, table)
 

@@ -195,6 +195,15 @@ def test_truncated_and_masked_importance_sampling():
                                torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))
     torch.testing.assert_close(A.mis_mask(trainer, rollout, mask, threshold=1.5),
                                torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+    # the same on a packed micro-batch's flat tokens (the update's own forward, no separate pass)
+    flat = mask.bool()
+    rows = torch.arange(3.0)[:, None].expand(3, 2)[flat]
+    for cap, threshold in ((2.0, 2.0), (2.0, None), (None, 1.5)):
+        weight, keep = A.flat_rollout_correction(trainer[flat], rollout[flat], rows, cap, threshold)
+        expected_keep = A.mis_mask(trainer, rollout, mask, threshold) if threshold else mask
+        expected = (A.tis_weights(trainer, rollout, mask, cap) if cap else mask) * expected_keep
+        torch.testing.assert_close(weight, expected[flat])
+        torch.testing.assert_close(keep, expected_keep[flat])
 
 
 def test_overlong_penalty_and_informative_groups():

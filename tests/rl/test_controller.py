@@ -39,42 +39,8 @@ def test_packed_sequences_put_labels_on_responses_in_row_order():
     assert micro_batches([9, 2], 6) == [[0], [1]]  # a row longer than the budget goes alone
 
 
-@pytest.fixture
-def rl_setup(tmp_path, tokenizer):
-    save_model(tiny_model(tokenizer, seed=2), tokenizer, tmp_path / "tiny")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(16)))
-
-    def config(stage, steps, **extra):
-        raw = {
-            "stage": stage, "output_dir": str(tmp_path / f"{stage}-{extra.get('backend', 'local')}"),
-            "model": {"name": str(tmp_path / "tiny"), "dtype": "fp32"},
-            "adapter": {"method": "lora", "r": 8, "alpha": 16}, "data": {"prompts": str(prompts)},
-            # replies that start with a space win; with top-k 8 the random model's first token
-            # is a space-led one about 70% of the time, so there is something to learn
-            "reward": {"type": "format", "pattern": "^\\s"},
-            "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 3, "top_k": 8},
-            "train": {"max_steps": steps, "lr": 2e-2, "progress": False},
-            "algo": {"kl_coef": 0.01}, "critic": {"lr": 1e-2},
-        }
-        for key, value in extra.items():
-            raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-        return RLConfig.model_validate(raw)
-
-    return config
-
-
 def _rows(cfg):
     return [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray  # a dev dependency: these tests always run in CI
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
@@ -138,6 +104,14 @@ def test_ray_backend_gives_the_local_result(rl_setup, ray_cluster, stage):
     ({"env": {"name": "python"}, "algo": {"overlong_buffer": 2}}, "overlong_buffer: not supported with env"),
     ({"env": {"name": "python"}, "rollout": {"decoding": "sam"}}, "rollout.decoding: multi-turn"),
     ({"rollout": {"max_turns": 0}}, "max_turns"),
+    ({"rollout": {"mode": "sync", "max_staleness": 1}}, "max_staleness: 1 needs rollout.mode one_step_off"),
+    ({"rollout": {"mode": "one_step_off", "max_staleness": 2}}, "one_step_off lags exactly one version"),
+    ({"rollout": {"mode": "async", "max_staleness": 0}}, "async needs >= 1"),
+    ({"rollout": {"mode": "streaming"}}, "rollout.mode"),
+    ({"rollout": {"mode": "async", "dynamic_sampling": True}}, "dynamic_sampling: .* rollout.mode async"),
+    ({"rollout": {"workers": 2}}, "rollout.workers: separate rollout workers sample only"),
+    ({"actor_workers": 2}, "actor_workers: .* use backend: ray"),
+    ({"critic_workers": 2, "stage": "ppo"}, "critic_workers: .* use backend: ray"),
 ])
 def test_bad_rl_configs_name_the_field(extra, message):
     raw = {"data": {"prompts": "p.jsonl"}, "reward": {"type": "verifier"}}

@@ -71,3 +71,29 @@ def test_prompt_batches_cover_every_record_once_per_pass_then_reshuffle():
     again = prompt_batches(records, 3, seed=0)
     assert next(again) + next(again) == first_pass  # seeded
     assert len(next(rounds)) == 3  # continues into a reshuffled second pass
+
+
+def test_staleness_check_refuses_rows_beyond_the_bound_and_unsent_weights():
+    import pytest
+
+    from posttrain.rl.rollout import StaleRolloutError, check_staleness, weights_fingerprint
+
+    v = torch.tensor([3, 3, 4, 4])
+    assert check_staleness(v, None, 4, 1, {}) == {"async/staleness_max": 1.0, "async/staleness_mean": 0.5}
+    assert check_staleness(torch.tensor([4]), None, 4, 0, {})["async/staleness_max"] == 0.0
+    with pytest.raises(StaleRolloutError, match="version 3, 2 updates behind the trainer's version 5; .* allows 1"):
+        check_staleness(v, None, 5, 1, {})
+    with pytest.raises(StaleRolloutError, match="never received weights"):
+        check_staleness(torch.tensor([-1, 0]), None, 0, 2, {})
+    with pytest.raises(StaleRolloutError, match="newer than the trainer's 2"):
+        check_staleness(torch.tensor([3]), None, 2, 1, {})
+    # rows from rollout workers also carry the fingerprint of the weights they were sampled from
+    a = {"w": torch.ones(3)}
+    b = {"w": torch.tensor([1.0, 1.0, 1.0 + 2**-20])}  # one element one ulp-ish off
+    sent = {3: weights_fingerprint(a), 4: weights_fingerprint(b)}
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint({"w": torch.ones(3)}) == sent[3]  # same bytes, same fingerprint
+    fp = torch.tensor([sent[3], sent[3], sent[4], sent[4]])
+    check_staleness(v, fp, 4, 1, sent)
+    with pytest.raises(StaleRolloutError, match="rows of policy version 4 .* did not load what was sent"):
+        check_staleness(v, torch.tensor([sent[3], sent[3], sent[3], sent[3]]), 4, 1, sent)

@@ -280,6 +280,20 @@ def mis_mask(trainer_logp: Tensor, rollout_logp: Tensor, mask: Tensor, threshold
     return mask * keep[:, None].to(mask.dtype)
 
 
+def flat_rollout_correction(trainer_logp: Tensor, rollout_logp: Tensor, rows: Tensor, tis_cap: float | None,
+                            mis_threshold: float | None) -> tuple[Tensor, Tensor]:
+    """`tis_weights` x `mis_mask` over the flat tokens of a packed micro-batch (`rows`: each
+    token's sequence; a sequence is never split across micro-batches), for an update whose own
+    forward gives the trainer's log-probs (no separate pass). Returns (per-token weight, per-token
+    keep 1/0 of MIS). Pass detached log-probs: the weights are constants of the loss."""
+    weight = torch.exp(trainer_logp - rollout_logp).clamp(max=tis_cap) if tis_cap is not None \
+        else torch.ones_like(trainer_logp)
+    keep = torch.ones_like(trainer_logp)
+    if mis_threshold is not None:
+        keep = (_per_row_mean(trainer_logp - rollout_logp, rows).abs() <= math.log(mis_threshold)).to(keep.dtype)
+    return weight * keep, keep
+
+
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
     """DAPO's soft overlong punishment: 0 up to max_len - buffer, then falling linearly to
     -factor at max_len (a reply cut at the limit gets the whole -factor)."""

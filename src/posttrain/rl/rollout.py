@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import random
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -88,6 +89,52 @@ class RolloutModel:
                 if adapter in layer.lora_A and not layer.disable_adapters:
                     delta += layer.get_delta_weight(adapter).float()
             target.weight.copy_(base.float() + delta)
+
+
+class StaleRolloutError(RuntimeError):
+    """A rollout batch sampled from weights older than rollout.max_staleness allows, or from weights
+    that are not the ones the trainer sent under that version (a sync that silently did nothing)."""
+
+
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> int:
+    """crc32 of the tensors' bytes in name order: two sides holding the same weights agree
+    exactly, whatever their threads; any changed element changes it (up to crc32 collisions)."""
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
+def check_staleness(versions: torch.Tensor, fingerprints: torch.Tensor | None, current: int, bound: int,
+                    sent: dict[int, int]) -> dict[str, float]:
+    """Refuse (StaleRolloutError) a batch any row of which was sampled more than `bound` policy
+    versions before `current` (the trainer's version: updates applied so far), or from a version
+    the trainer has not reached yet, or, with `fingerprints` (rows from rollout workers), from
+    weights whose fingerprint is not the one the trainer sent as that version (`sent`). Returns
+    the batch's staleness figures."""
+    if versions.numel() == 0:
+        return {}
+    lag = current - versions.long()
+    oldest, newest = int(versions.min()), int(versions.max())
+    if oldest < 0:
+        raise StaleRolloutError(f"rollout rows of policy version {oldest}: the rollout worker never received "
+                                f"weights from the trainer (version {current})")
+    if int(lag.max()) > bound:
+        raise StaleRolloutError(
+            f"rollout rows sampled with policy version {oldest}, {current - oldest} updates behind the trainer's "
+            f"version {current}; rollout.max_staleness allows {bound}")
+    if newest > current:
+        raise StaleRolloutError(f"rollout rows claim policy version {newest}, newer than the trainer's {current}")
+    if fingerprints is not None:
+        for v, fp in sorted({(int(v), int(f)) for v, f in zip(versions.tolist(), fingerprints.tolist())}):
+            if sent.get(v) != fp:
+                raise StaleRolloutError(
+                    f"rollout rows of policy version {v} were sampled from weights with fingerprint {fp}, but the "
+                    f"trainer sent {sent.get(v)} as that version: the rollout worker did not load what was sent")
+    lag = lag.float()
+    return {"async/staleness_max": lag.max().item(), "async/staleness_mean": lag.mean().item()}
 
 
 def prompt_batches(records: list[dict], per_step: int, seed: int) -> Iterator[list[dict]]:

@@ -335,7 +335,8 @@ def make_accelerator(mixed_precision: str = "no"):
 
 def optimizer_step(model, objective: Objective, batches: list[dict], n_global: int, optimizer, scheduler,
                    cfg: TrainConfig, acc, regularizer: Regularizer | None = None,
-                   stats: dict[str, float] | None = None) -> tuple[float, int, float | None]:
+                   stats: dict[str, float] | None = None,
+                   after_backward: Callable[[], None] | None = None) -> tuple[float, int, float | None]:
     """One optimizer step over this process's micro-batches (gradient accumulation).
 
     Each micro-batch's mean loss is weighted by its share of the step's `n_global` loss
@@ -345,6 +346,8 @@ def optimizer_step(model, objective: Objective, batches: list[dict], n_global: i
     through here: the offline loop below and the online/RL drivers. `stats`, when
     given, receives the objective's other scalar metrics (DPO rewards and margins,
     token accuracy...) averaged over this process's micro-batches by their loss units.
+    `after_backward` runs once the gradients are accumulated, before clipping (the RL replicas'
+    own all-reduce, rl/distributed.py).
     """
     world = acc.num_processes
     raw = acc.unwrap_model(model)
@@ -370,6 +373,8 @@ def optimizer_step(model, objective: Objective, batches: list[dict], n_global: i
                 sums[key] = sums.get(key, 0.0) + float(value) * m["loss_tokens"]
     if stats is not None:
         stats.update({key: total / max(units, 1) for key, total in sums.items()})
+    if after_backward is not None:
+        after_backward()
     grad_norm = None
     if cfg.max_grad_norm is not None:
         grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
