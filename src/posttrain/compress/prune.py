@@ -509,12 +509,10 @@ def _eval_as_lm(objective):
 
 def lm_eval_loss(model, examples: list[dict], cfg: TrainConfig, pad_token_id: int) -> float:
     """Token-mean next-token loss over `examples`, computed exactly as the loop's evaluation."""
-    from accelerate import Accelerator
-
-    from posttrain.train.loop import evaluate_loss, make_collate
+    from posttrain.train.loop import evaluate_loss, make_accelerator, make_collate
     from posttrain.train.objectives import causal_lm_loss
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = make_accelerator("no")
     collate = make_collate(cfg.packing, pad_token_id, None)
     return evaluate_loss(model, causal_lm_loss, examples, cfg, collate, acc)
 

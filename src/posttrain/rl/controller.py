@@ -596,11 +596,9 @@ class ActorWorker:
     """The policy: samples rollouts, recomputes log-probs, updates; with LoRA also the reference."""
 
     def __init__(self, cfg: RLConfig, threads: int | None = None, rank: int = 0, dist: dict | None = None):
-        from accelerate import Accelerator
-
         from posttrain.adapters import apply_adapter, trainable_summary
         from posttrain.models import load_model
-        from posttrain.train.loop import build_optimizer, lr_lambda
+        from posttrain.train.loop import build_optimizer, lr_lambda, make_accelerator
 
         _setup(cfg, threads, 1)
         self.cfg, self.rank, self.world = cfg, rank, _join_group(dist, rank)
@@ -608,7 +606,7 @@ class ActorWorker:
                                            trust_remote_code=cfg.model.trust_remote_code)
         self.model = apply_adapter(model, cfg.adapter, self.tokenizer)
         self.summary = trainable_summary(self.model)
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = make_accelerator("no")  # the RL drivers do not autocast
         optimizer = build_optimizer(self.model, cfg.train)
         total = cfg.train.max_steps * cfg.algo.epochs * cfg.algo.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, total))
@@ -858,12 +856,10 @@ class CriticWorker:
     """PPO's value model: the starting model's decoder with its own adapter and a scalar head per token."""
 
     def __init__(self, cfg: RLConfig, threads: int | None = None, rank: int = 0, dist: dict | None = None):
-        from accelerate import Accelerator
-
         from posttrain.adapters import apply_adapter
         from posttrain.models import load_model
         from posttrain.train.reward_model import RewardModel
-        from posttrain.train.loop import build_optimizer, lr_lambda
+        from posttrain.train.loop import build_optimizer, lr_lambda, make_accelerator
 
         _setup(cfg, threads, 3)
         self.cfg, self.rank, self.world = cfg, rank, _join_group(dist, rank)
@@ -874,7 +870,7 @@ class CriticWorker:
             self.model.head.weight.zero_()  # values start at 0: no made-up baseline in the first steps
         train = cfg.train.model_copy(update={"lr": cfg.critic.lr})
         self.train_cfg = train
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = make_accelerator("no")  # the RL drivers do not autocast
         optimizer = build_optimizer(self.model, train)
         total = cfg.train.max_steps * cfg.algo.epochs * cfg.algo.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, total))

@@ -126,7 +126,6 @@ def save_online_checkpoint(run_dir, model, optimizer, scheduler, reward_fn, step
 
 def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the stage end to end; returns the manifest."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from posttrain.adapters import apply_adapter, trainable_summary
@@ -139,8 +138,8 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     from posttrain.rl.rewards import build_reward
     from posttrain.rl.rollout import RolloutModel, prompt_batches, reward_ends
     from posttrain.stage import stage_inputs, start_stage
-    from posttrain.train.loop import (MetricsLog, build_optimizer, load_train_state, lr_lambda, optimizer_step,
-                                      resume_point)
+    from posttrain.train.loop import (MetricsLog, build_optimizer, load_train_state, lr_lambda, make_accelerator,
+                                      optimizer_step, resume_point)
 
     run = start_stage(cfg, resume=resume, overwrite=overwrite, seed=cfg.train.seed)
     model, tokenizer, run_dir = run.model, run.tokenizer, run.run_dir
@@ -156,7 +155,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, resume: bool = False, overwrite: bool =
     summary = trainable_summary(model)
     print(summary["line"])
     objective = cfg.dpo.objective(reference)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    acc = make_accelerator(cfg.train.mixed_precision)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.train.max_steps))
     model, optimizer = acc.prepare(model, optimizer)
