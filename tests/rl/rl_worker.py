@@ -62,5 +62,23 @@ def straight_and_killed(straight, killed, steps: int) -> tuple[dict, dict]:
     return tuple(load_file(str(Path(c.output_dir) / "final" / "adapter_model.safetensors")) for c in (straight, killed))
 
 
+def assert_resume_exact(straight, killed, steps: int, keys: tuple[str, ...]) -> None:
+    """`killed` (killed mid-run, resumed) ends on `straight`'s adapter weights exactly and logs the
+    same `keys` at every step."""
+    a, b = straight_and_killed(straight, killed, steps)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows_a, rows_b = (_metric_rows(c) for c in (straight, killed))
+    assert [r["step"] for r in rows_b] == list(range(1, steps + 1))
+    for x, y in zip(rows_a, rows_b, strict=True):
+        for key in keys:
+            assert x[key] == y[key], (x["step"], key)
+
+
+def _metric_rows(cfg) -> list[dict]:
+    return [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 if __name__ == "__main__":
     main()

@@ -189,16 +189,9 @@ def test_corrections_from_the_update_forward_equal_a_separate_old_logprob_pass(r
 def test_sigkill_mid_async_run_then_resume_matches_the_uninterrupted_run(rl_setup):
     """The batches sampled ahead (from weights no longer held anywhere) are saved with the
     checkpoint; the resumed run trains on them and ends on the uninterrupted run's weights."""
-    from tests.rl.rl_worker import straight_and_killed
+    from tests.rl.rl_worker import assert_resume_exact
 
     extra = {"train": {"save_every": 2}, "rollout": {"mode": "async"}, "algo": {"tis_cap": 2.0}}
     straight = rl_setup("grpo", 8, **extra)
     killed = rl_setup("grpo", 8, output_dir=straight.output_dir + "-killed", **extra)
-    a, b = straight_and_killed(straight, killed, 8)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    rows_a, rows_b = _rows(straight), _rows(killed)
-    assert [r["step"] for r in rows_b] == list(range(1, 9))
-    for x, y in zip(rows_a, rows_b, strict=True):
-        for key in ("reward", "kl", "loss", "async/staleness_max"):
-            assert x[key] == y[key], (x["step"], key)
+    assert_resume_exact(straight, killed, 8, ("reward", "kl", "loss", "async/staleness_max"))

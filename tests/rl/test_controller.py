@@ -210,21 +210,13 @@ def test_dynamic_sampling_drops_groups_that_agree_and_refills():
 def test_sigkill_mid_rl_then_resume_matches_the_uninterrupted_run(rl_setup, stage):
     """Policy, critic, optimizers, schedules, RNG, prompt cursor and adaptive KL all come back:
     a run killed with SIGKILL and resumed ends on the uninterrupted run's weights exactly."""
-    from tests.rl.rl_worker import straight_and_killed
+    from tests.rl.rl_worker import assert_resume_exact
 
     extra = {"train": {"save_every": 2, "warmup_ratio": 0.2, "schedule": "cosine"},
              "algo": {"kl_target": 0.01, "kl_coef": 0.1}, "adapter": {"dropout": 0.1}}
     straight = rl_setup(stage, 12, **extra)
     killed = rl_setup(stage, 12, output_dir=straight.output_dir + "-killed", **extra)
-    a, b = straight_and_killed(straight, killed, 12)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    rows_a, rows_b = _rows(straight), _rows(killed)
-    assert [r["step"] for r in rows_b] == list(range(1, 13))
-    for x, y in zip(rows_a, rows_b, strict=True):
-        for key in ("reward", "kl", "kl_coef", "loss"):
-            assert x[key] == y[key], (x["step"], key)
+    assert_resume_exact(straight, killed, 12, ("reward", "kl", "kl_coef", "loss"))
 
 
 # ----------------------------------------------------------------------------- multi-turn tool use
