@@ -32,11 +32,13 @@ The loop (one server for the whole run, a fresh subprocess on a free port, conti
   4. swap: the users resume; once requests are in flight, `POST /admin/adapters {name: live, path}`;
      the users keep going until C more requests finished after the swap. Every non-200 answer (chat,
      feedback, admin) or transport error anywhere in the run counts as a failed request;
-  5. evaluate: users paused, every held-out prompt (data/preference/test.jsonl, same categories,
-     disjoint from the users' prompts) through the server, greedy, on `live`: mean reward, share naming the answer,
-     reply tokens.
+  5. evaluate: users paused, every held-out prompt (the 28 `fact` prompts of data/preference/test.jsonl:
+     15 countries and elements none of the users' prompts ask about) through the server on `live`,
+     HELD_OUT_SAMPLES samples each at the users' temperature with a seed fixed per prompt (the
+     headline: what a user gets, reproducibly), and once greedy: mean reward, share naming the
+     answer, reply tokens.
 
-    nice -n 19 env OMP_NUM_THREADS=1 python bench/feedback_loop.py           # 5 rounds x 24 choices
+    nice -n 19 env OMP_NUM_THREADS=1 python bench/feedback_loop.py           # 5 rounds x 32 choices
     nice -n 19 env OMP_NUM_THREADS=1 python bench/feedback_loop.py --smoke   # 1 round x 6 choices
 
 Writes bench/results/feedback_loop.json and feedback_loop.png (held-out reward by round); --smoke
@@ -76,10 +78,11 @@ UP_THRESHOLD = 0.5  # a rating is "up" when the reply names the answer within 12
 ADMIN_KEY = "feedback-loop-admin"
 LORA = {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
 SETTINGS = {
-    "full": {"rounds": 5, "choices": 24, "held_out": 28, "clients": 4, "max_tokens": 48, "epochs": 2, "lr": 4e-4},
+    "full": {"rounds": 5, "choices": 32, "held_out": 28, "clients": 4, "max_tokens": 48, "epochs": 2, "lr": 4e-4},
     "smoke": {"rounds": 1, "choices": 6, "held_out": 6, "clients": 2, "max_tokens": 32, "epochs": 1, "lr": 4e-4},
 }
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "n": 2}
+HELD_OUT_SAMPLES = 4  # seeded samples per held-out prompt (besides the greedy reply)
 
 
 def free_port() -> int:
@@ -298,24 +301,31 @@ def gauge(base: str, name: str) -> float | None:
 
 
 def evaluate(base: str, user: SimulatedUser, records: list[dict], s: dict) -> dict:
-    """Every held-out prompt through the server, greedy, on `live`, C at a time."""
-    results: list[dict | None] = [None] * len(records)
+    """Every held-out prompt through the server on `live`, C requests at a time: once greedy, and
+    HELD_OUT_SAMPLES seeded samples at the users' temperature (seed fixed per prompt, the same in
+    every round: what a user would get, reproducibly). Mean reward, share naming the answer,
+    reply tokens, for each."""
+    jobs = [(i, mode) for i in range(len(records)) for mode in ("greedy", "sampled")]
+    results: dict[tuple[int, str], list[dict]] = {}
     failures: list[str] = []
-    todo = iter(range(len(records)))
+    todo = iter(jobs)
     lock = threading.Lock()
 
     def worker() -> None:
         with httpx.Client(base_url=base, timeout=900) as client:
             while True:
                 with lock:
-                    i = next(todo, None)
-                if i is None:
+                    job = next(todo, None)
+                if job is None:
                     return
+                i, mode = job
                 rec = records[i]
+                body = {"model": "live", "max_tokens": s["max_tokens"], "temperature": 0,
+                        "messages": [{"role": "user", "content": rec["prompt"]}]}
+                if mode == "sampled":
+                    body.update(SAMPLING, n=HELD_OUT_SAMPLES, seed=1000 + 10 * i)
                 try:
-                    r = client.post("/v1/chat/completions", json={
-                        "model": "live", "max_tokens": s["max_tokens"], "temperature": 0,
-                        "messages": [{"role": "user", "content": rec["prompt"]}]})
+                    r = client.post("/v1/chat/completions", json=body)
                 except httpx.HTTPError as exc:
                     with lock:
                         failures.append(f"{type(exc).__name__}: {exc}")
@@ -324,8 +334,10 @@ def evaluate(base: str, user: SimulatedUser, records: list[dict], s: dict) -> di
                     with lock:
                         failures.append(f"{r.status_code}: {r.text[:200]}")
                     continue
-                text = r.json()["choices"][0]["message"]["content"]
-                results[i] = {**user.score(rec, [text])[0], "text": text}
+                texts = [c["message"]["content"] for c in r.json()["choices"]]
+                scored = [{**sc, "text": t} for sc, t in zip(user.score(rec, texts), texts)]
+                with lock:
+                    results[job] = scored
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(s["clients"])]
@@ -333,14 +345,17 @@ def evaluate(base: str, user: SimulatedUser, records: list[dict], s: dict) -> di
         t.start()
     for t in threads:
         t.join()
-    done = [r for r in results if r is not None]
-    if not done:
-        raise RuntimeError(f"held-out evaluation: every request failed: {failures[:3]}")
-    return {"reward": statistics.mean(r["reward"] for r in done), "named": statistics.mean(r["correct"] for r in done),
-            "tokens": statistics.mean(r["tokens"] for r in done), "answered": len(done), "failures": failures,
-            "seconds": round(time.perf_counter() - start, 1),
-            "replies": [{"prompt": rec["prompt"], "answer": rec["answer"], **(r or {})}
-                        for rec, r in zip(records, results)]}
+    out: dict = {"requests": len(jobs), "failures": failures, "seconds": round(time.perf_counter() - start, 1)}
+    for mode, prefix in (("greedy", ""), ("sampled", "sampled_")):
+        done = [x for (i, m), xs in results.items() if m == mode for x in xs]
+        if not done:
+            raise RuntimeError(f"held-out evaluation ({mode}): every request failed: {failures[:3]}")
+        out.update({f"{prefix}reward": statistics.mean(x["reward"] for x in done),
+                    f"{prefix}named": statistics.mean(x["correct"] for x in done),
+                    f"{prefix}tokens": statistics.mean(x["tokens"] for x in done), f"{prefix}replies": len(done)})
+    out["per_prompt"] = [{"prompt": rec["prompt"], "answer": rec["answer"], "greedy": results.get((i, "greedy")),
+                          "sampled": results.get((i, "sampled"))} for i, rec in enumerate(records)]
+    return out
 
 
 def train_round(work: Path, pairs: Path, init: Path, r: int, s: dict) -> tuple[Path, dict]:
@@ -437,8 +452,7 @@ def run(args) -> dict:
     try:
         ev = evaluate(base, user, held_out, s)
         rounds.append({"round": 0, "held_out": ev, "up_rate_gauge": None})
-        print(f"round 0 (start): held-out reward {ev['reward']:.3f}, named {ev['named']:.3f}, "
-              f"tokens {ev['tokens']:.1f} ({ev['seconds']} s)", flush=True)
+        print(f"round 0 (start): {held_out_line(ev)}", flush=True)
         users = Users(base, user, train_records, s["clients"], s["max_tokens"], seed=args.seed)
         adapter = slot
         for r in range(1, s["rounds"] + 1):
@@ -468,8 +482,8 @@ def run(args) -> dict:
             print(f"round {r}: {stats['requests']} requests, {export['kept']} pairs "
                   f"(sampled reward {stats.get('sampled_reward', float('nan')):.3f}), trained {train['steps']} steps "
                   f"in {train['seconds']} s, swap {sw['seconds']} s ({'ok' if sw['ok'] else 'FAILED'}, "
-                  f"{sw['in_flight_at_swap']} in flight) -> held-out reward {ev['reward']:.3f}, named "
-                  f"{ev['named']:.3f}, tokens {ev['tokens']:.1f}; round {time.perf_counter() - t0:.0f} s",
+                  f"{sw['in_flight_at_swap']} samples in flight) -> {held_out_line(ev)}; "
+                  f"round {time.perf_counter() - t0:.0f} s",
                   flush=True)
     finally:
         if users is not None:
@@ -487,34 +501,46 @@ def run(args) -> dict:
                     "reference": "the base model (adapter disabled)"},
             "users_prompts": len(train_records), "held_out_prompts": len(held_out),
             "requests": {**(users.sent if users is not None else {}),
-                         "held_out": sum(rd["held_out"]["answered"] + len(rd["held_out"]["failures"]) for rd in rounds)},
+                         "held_out": sum(rd["held_out"]["requests"] for rd in rounds)},
             "failed_requests": len(failures),
             "failures": failures[:20], "rounds": rounds, "setup_s": round(setup_s, 1),
             "wall_s": round(time.time() - started, 1), "work_dir": str(work),
             **run_context(load_before, load_average(), "torch", "transformers", "peft")}
 
 
+def held_out_line(ev: dict) -> str:
+    return (f"held-out reward sampled {ev['sampled_reward']:.3f} (named {ev['sampled_named']:.2f}, "
+            f"{ev['sampled_tokens']:.1f} tokens), greedy {ev['reward']:.3f} (named {ev['named']:.2f}, "
+            f"{ev['tokens']:.1f} tokens) [{ev['seconds']} s]")
+
+
 def print_table(res: dict) -> None:
-    print(f"\nfeedback loop: {res['settings']['rounds']} rounds x {res['settings']['choices']} choices, "
-          f"{res['settings']['clients']} users, held-out {res['held_out_prompts']} prompts (greedy); "
+    s = res["settings"]
+    print(f"\nfeedback loop: {s['rounds']} rounds x {s['choices']} choices, {s['clients']} simulated users, "
+          f"held-out {res['held_out_prompts']} prompts (greedy + {HELD_OUT_SAMPLES} seeded samples each); "
           f"failed requests: {res['failed_requests']} of {sum(res['requests'].values())}")
-    head = ("round", "held-out reward", "named", "tokens", "sampled reward", "up-rate", "pairs", "ties",
-            "train s", "swap s", "in flight")
-    print("  " + " | ".join(head))
+    head = ("round", "held-out reward (sampled)", "(greedy)", "named", "tokens", "users' reward", "up-rate",
+            "pairs", "ties", "train s", "swap s", "in flight")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for rd in res["rounds"]:
         ev, c, sw = rd["held_out"], rd.get("collect") or {}, rd.get("swap") or {}
 
         def f(v, spec=".3f"):
             return "-" if v is None else format(v, spec)
 
-        cells = (str(rd["round"]), f(ev["reward"]), f(ev["named"]), f(ev["tokens"], ".1f"),
-                 f(c.get("sampled_reward")), f(c.get("up_rate"), ".2f"), f((rd.get("export") or {}).get("kept"), "d"),
-                 f(c.get("ties"), "d"), f((rd.get("train") or {}).get("seconds"), ".0f"), f(sw.get("seconds"), ".2f"),
+        cells = (str(rd["round"]), f(ev["sampled_reward"]), f(ev["reward"]), f(ev["sampled_named"], ".2f"),
+                 f(ev["sampled_tokens"], ".1f"), f(c.get("sampled_reward")), f(c.get("up_rate"), ".2f"),
+                 f((rd.get("export") or {}).get("kept"), "d"), f(c.get("ties"), "d"),
+                 f((rd.get("train") or {}).get("seconds"), ".0f"), f(sw.get("seconds"), ".2f"),
                  f(sw.get("in_flight_at_swap"), "d"))
-        print("  " + " | ".join(cells))
+        print("| " + " | ".join(cells) + " |")
     first, last = res["rounds"][0]["held_out"], res["rounds"][-1]["held_out"]
-    print(f"held-out reward {first['reward']:.3f} -> {last['reward']:.3f} ({last['reward'] - first['reward']:+.3f}); "
-          f"wall {res['wall_s']:.0f} s")
+    print(f"held-out reward, sampled: {first['sampled_reward']:.3f} -> {last['sampled_reward']:.3f} "
+          f"({last['sampled_reward'] - first['sampled_reward']:+.3f}); greedy: {first['reward']:.3f} -> "
+          f"{last['reward']:.3f} ({last['reward'] - first['reward']:+.3f}); wall {res['wall_s']:.0f} s")
+    print("users' reward: mean over the sampled replies users got in round r (on round r-1's adapter); "
+          "in flight: samples decoding when the swap was posted")
 
 
 def plot(res: dict, out: Path) -> None:
@@ -523,20 +549,35 @@ def plot(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [rd["round"] for rd in res["rounds"]]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax[0].plot(rounds, [rd["held_out"]["reward"] for rd in res["rounds"]], "o-", label="held-out reward (greedy)")
-    sampled = [(rd["round"] - 1, rd["collect"]["sampled_reward"]) for rd in res["rounds"] if rd.get("collect")]
-    if sampled:
-        ax[0].plot(*zip(*sampled), "s--", alpha=0.7, label="users' sampled replies (on that adapter)")
-    ax[0].plot(rounds, [rd["held_out"]["named"] for rd in res["rounds"]], "^:", label="held-out: answer named")
-    ax[0].set_xlabel("round (adapter after r rounds of feedback)")
+    rds = res["rounds"]
+    rounds = [rd["round"] for rd in rds]
+    fig, ax = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    ax[0].plot(rounds, [rd["held_out"]["sampled_reward"] for rd in rds], "o-",
+               label=f"held-out, {HELD_OUT_SAMPLES} seeded samples/prompt")
+    ax[0].plot(rounds, [rd["held_out"]["reward"] for rd in rds], "s-", alpha=0.8, label="held-out, greedy")
+    users = [(rd["round"] - 1, rd["collect"]["sampled_reward"]) for rd in rds if rd.get("collect")]
+    if users:
+        ax[0].plot(*zip(*users), "^--", alpha=0.7, label="users' replies (that adapter)")
+    ax[0].set_xlabel("adapter after r rounds of feedback")
+    ax[0].set_ylabel("mean reward (named + brief)")
     ax[0].set_title("simulated users' reward")
     ax[0].legend(fontsize=8)
-    ax[1].plot(rounds, [rd["held_out"]["tokens"] for rd in res["rounds"]], "o-")
-    ax[1].set_xlabel("round")
-    ax[1].set_title("held-out reply length (tokens)")
-    fig.suptitle(f"feedback loop through posttrain serve: {res['failed_requests']} failed requests", fontsize=10)
+    ax[1].plot(rounds, [rd["held_out"]["sampled_tokens"] for rd in rds], "o-", label="reply tokens (sampled)")
+    ax[1].plot(rounds, [rd["held_out"]["tokens"] for rd in rds], "s-", alpha=0.8, label="reply tokens (greedy)")
+    ax[1].set_xlabel("adapter after r rounds of feedback")
+    ax[1].set_ylabel("tokens")
+    twin = ax[1].twinx()
+    twin.plot(rounds, [rd["held_out"]["sampled_named"] for rd in rds], "^:", color="tab:green",
+              label="answer named (sampled)")
+    twin.set_ylim(0, 1.05)
+    twin.set_ylabel("share naming the answer")
+    ax[1].legend(fontsize=8, loc="upper right")
+    twin.legend(fontsize=8, loc="lower left")
+    ax[1].set_title("held-out replies")
+    for a in ax:
+        a.set_xticks(rounds)
+    fig.suptitle(f"feedback loop through posttrain serve: {res['failed_requests']} failed requests of "
+                 f"{sum(res['requests'].values())}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
