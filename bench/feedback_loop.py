@@ -55,6 +55,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the other benches: no 
 import argparse
 import json
 import random
+import resource
 import socket
 import statistics
 import subprocess
@@ -292,6 +293,17 @@ def start_server(work: Path, slot: Path, s: dict) -> tuple[subprocess.Popen, str
         time.sleep(1)
 
 
+def peak_rss_mb(pid: int) -> int | None:
+    """A live process's peak resident memory (VmHWM), in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        return None
+    return None
+
+
 def gauge(base: str, name: str) -> float | None:
     text = httpx.get(base + "/metrics", timeout=30).text
     for line in text.splitlines():
@@ -365,7 +377,7 @@ def train_round(work: Path, pairs: Path, init: Path, r: int, s: dict) -> tuple[P
             f"data.train={pairs}", "data.max_length=256",
             *(f"adapter.{k}={v}" for k, v in LORA.items()), f"adapter.init_from={init}",
             "dpo.loss=sigmoid", "dpo.beta=0.1", "dpo.rpo_alpha=1.0",
-            f"train.epochs={s['epochs']}", "train.batch_size=8", f"train.lr={s['lr']}", "train.schedule=constant",
+            f"train.epochs={s['epochs']}", "train.batch_size=4", "train.grad_accum=2",  # 8 pairs a step, < 2 GiB f"train.lr={s['lr']}", "train.schedule=constant",
             "train.warmup_ratio=0", f"train.seed={r}", "train.progress=false", "eval.before=false"]
     log = work / f"round-{r}" / "dpo.log"
     peak, seconds, rc = run_child(args, log)
@@ -488,6 +500,7 @@ def run(args) -> dict:
     finally:
         if users is not None:
             users.close()
+        server_peak_mb = peak_rss_mb(server.pid)
         server.terminate()
         try:
             server.wait(60)
@@ -497,14 +510,15 @@ def run(args) -> dict:
     failures = [e for e in events if not e["ok"]] + [
         {"kind": "held_out", "error": f} for rd in rounds for f in rd["held_out"]["failures"]]
     return {"settings": s, "sampling": SAMPLING, "reward": REWARD, "up_threshold": UP_THRESHOLD, "lora": LORA,
-            "dpo": {"loss": "sigmoid", "beta": 0.1, "rpo_alpha": 1.0, "batch_size": 8, "schedule": "constant",
+            "dpo": {"loss": "sigmoid", "beta": 0.1, "rpo_alpha": 1.0, "pairs_per_step": 8, "schedule": "constant",
                     "reference": "the base model (adapter disabled)"},
             "users_prompts": len(train_records), "held_out_prompts": len(held_out),
             "requests": {**(users.sent if users is not None else {}),
                          "held_out": sum(rd["held_out"]["requests"] for rd in rounds)},
             "failed_requests": len(failures),
             "failures": failures[:20], "rounds": rounds, "setup_s": round(setup_s, 1),
-            "wall_s": round(time.time() - started, 1), "work_dir": str(work),
+            "wall_s": round(time.time() - started, 1), "work_dir": str(work), "server_peak_rss_mb": server_peak_mb,
+            "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **run_context(load_before, load_average(), "torch", "transformers", "peft")}
 
 
@@ -541,6 +555,9 @@ def print_table(res: dict) -> None:
           f"{last['reward']:.3f} ({last['reward'] - first['reward']:+.3f}); wall {res['wall_s']:.0f} s")
     print("users' reward: mean over the sampled replies users got in round r (on round r-1's adapter); "
           "in flight: samples decoding when the swap was posted")
+    dpo_peak = max((rd["train"]["peak_rss_mb"] for rd in res["rounds"] if rd.get("train")), default=None)
+    print(f"peak memory: server {res['server_peak_rss_mb']} MiB, posttrain dpo {dpo_peak} MiB, "
+          f"this script {res['bench_peak_rss_mb']} MiB")
 
 
 def plot(res: dict, out: Path) -> None:
