@@ -371,21 +371,34 @@ def evaluate(base: str, user: SimulatedUser, records: list[dict], s: dict) -> di
 
 
 def train_round(work: Path, pairs: Path, init: Path, r: int, s: dict) -> tuple[Path, dict]:
-    """`posttrain dpo` on the round's pairs, continuing the previous adapter; returns the run dir."""
+    """`posttrain dpo` on the round's pairs, continuing the previous adapter; returns the run dir.
+    The run's resolved config.yaml is checked against every setting given here."""
+    import yaml
+
     run_dir = work / f"round-{r}" / "dpo"
-    args = ["-m", "posttrain.cli", "dpo", "--overwrite", "model.name=default", f"output_dir={run_dir}",
-            f"data.train={pairs}", "data.max_length=256",
-            *(f"adapter.{k}={v}" for k, v in LORA.items()), f"adapter.init_from={init}",
-            "dpo.loss=sigmoid", "dpo.beta=0.1", "dpo.rpo_alpha=1.0",
-            f"train.epochs={s['epochs']}", "train.batch_size=4", "train.grad_accum=2",  # 8 pairs a step, < 2 GiB f"train.lr={s['lr']}", "train.schedule=constant",
-            "train.warmup_ratio=0", f"train.seed={r}", "train.progress=false", "eval.before=false"]
+    settings = {"model.name": "default", "output_dir": str(run_dir), "data.train": str(pairs), "data.max_length": 256,
+                **{f"adapter.{k}": v for k, v in LORA.items()}, "adapter.init_from": str(init),
+                "dpo.loss": "sigmoid", "dpo.beta": 0.1, "dpo.rpo_alpha": 1.0, "train.epochs": s["epochs"],
+                "train.batch_size": 4, "train.grad_accum": 2,  # 8 pairs a step; micro-batches of 4 stay < 2 GiB
+                "train.lr": s["lr"], "train.schedule": "constant", "train.warmup_ratio": 0, "train.seed": r,
+                "train.progress": False, "eval.before": False}
+    args = ["-m", "posttrain.cli", "dpo", "--overwrite", *(f"{k}={v}" for k, v in settings.items())]
     log = work / f"round-{r}" / "dpo.log"
     peak, seconds, rc = run_child(args, log)
     if rc:
         raise RuntimeError(f"round {r}: posttrain dpo failed ({rc}); see {log}")
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key, want in settings.items():
+        got = resolved
+        for part in key.split("."):
+            got = got[part]
+        if got != want:
+            raise RuntimeError(f"round {r}: {run_dir / 'config.yaml'} has {key}={got!r}, asked for {want!r}")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     return run_dir, {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20), "steps": len(losses),
+                     "lr": metrics[0].get("lr") if metrics else None,
+                     "margin_last": metrics[-1].get("rewards/margin") if metrics else None,
                      "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
 
 
