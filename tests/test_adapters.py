@@ -354,3 +354,47 @@ def test_prompt_init_from_text(tokenizer):
     ids = (ids * 5)[:5]
     table = model.prompt_encoder["default"].embedding.weight
     torch.testing.assert_close(table, model.get_input_embeddings().weight[ids].float())
+
+
+# ------------------------------------------------------------------ init_from: continue a saved adapter
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_init_from_continues_a_saved_adapter(method, tmp_path):
+    torch.manual_seed(0)
+    cfg = AdapterConfig(method=method, r=4, num_virtual_tokens=3)
+    trained = apply_adapter(plain(), cfg)
+    train_steps(trained, steps=3)
+    trained.eval()
+    trained.save_pretrained(tmp_path / "run" / "final")
+    torch.manual_seed(1)  # a fresh init would differ
+    resumed = apply_adapter(plain(), cfg.model_copy(update={"init_from": str(tmp_path / "run")}))  # a run dir
+    resumed.eval()
+    fresh = apply_adapter(plain(), cfg)
+    fresh.eval()
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        torch.testing.assert_close(resumed(input_ids=ids).logits, want, rtol=0, atol=0)
+        assert not torch.allclose(fresh(input_ids=ids).logits, want)
+    assert all(p.dtype == torch.float32 for p in resumed.parameters() if p.requires_grad)
+    assert any(p.requires_grad for p in resumed.parameters())  # it trains on
+
+
+def test_init_from_refuses_mismatches_naming_them(tmp_path):
+    lora = apply_adapter(plain(), AdapterConfig(method="lora", r=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "a")
+    base = {"method": "lora", "init_from": str(tmp_path / "a"), "target_modules": ["q_proj"]}
+    with pytest.raises(ValueError, match="r=4; these adapter settings give 8"):
+        apply_adapter(plain(), AdapterConfig(**base, r=8, alpha=32))
+    with pytest.raises(ValueError, match="lora_alpha=32"):
+        apply_adapter(plain(), AdapterConfig(**base, r=4, alpha=16))
+    with pytest.raises(ValueError, match="does not fit.*not in the saved file"):
+        apply_adapter(plain(), AdapterConfig(**{**base, "target_modules": ["q_proj", "v_proj"]}, r=4))
+    with pytest.raises(ValueError, match="does not exist"):
+        apply_adapter(plain(), AdapterConfig(method="lora", init_from=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        apply_adapter(plain(), AdapterConfig(method="lora", init_from=str(tmp_path / "empty")))
+    with pytest.raises(ValidationError, match="init_from"):
+        AdapterConfig(method="full", init_from=str(tmp_path / "a"))

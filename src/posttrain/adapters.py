@@ -58,6 +58,10 @@ class AdapterConfig(pydantic.BaseModel):
     # dtype of the parameters that train ("fp32": adapters in fp32 over a base that may stay
     # bf16; for full/freeze the whole model goes fp32, see apply_adapter)
     trainable_dtype: Literal["fp32", "same"] = "fp32"
+    # PEFT methods: start from a saved adapter's weights instead of a fresh init (an adapter dir or a
+    # run dir whose final/ is one; the same method and shapes as these settings): continue training
+    # it, e.g. one round of a feedback loop after the last. Its files' hash goes in the manifest.
+    init_from: str | None = None
 
     @pydantic.field_validator("freeze_layers")
     @classmethod
@@ -119,6 +123,9 @@ class AdapterConfig(pydantic.BaseModel):
             )
         if self.method == "ia3" and self.feedforward_modules is None and self.target_modules != "all-linear":
             raise ValueError("feedforward_modules: IA3 with an explicit target_modules list needs feedforward_modules too")
+        if self.init_from is not None and self.method not in PEFT_METHODS:
+            raise ValueError(f"init_from: starts a PEFT adapter ({', '.join(PEFT_METHODS)}) from saved weights; "
+                             f"method is {self.method}")
         if self.feedforward_modules is not None:
             targets = self.target_modules if isinstance(self.target_modules, list) else []
             extra = [m for m in self.feedforward_modules if m not in targets]
@@ -253,9 +260,68 @@ def _apply_peft(model: nn.Module, cfg: AdapterConfig, tokenizer) -> nn.Module:
             getattr(model.config, "model_type", None), len(experts), experts[0], cfg.target_modules)
     with torchao_hidden():  # PEFT asks torchao about every layer it wraps
         wrapped = peft.get_peft_model(model, pcfg, autocast_adapter_dtype=cfg.trainable_dtype == "fp32")
-    if cfg.method == "prompt" and cfg.prompt_init_text is not None:
+    if cfg.init_from is not None:
+        _load_init_weights(wrapped, cfg, cfg.init_from)
+    elif cfg.method == "prompt" and cfg.prompt_init_text is not None:
         _init_prompt_from_text(wrapped, tokenizer, cfg.prompt_init_text, cfg.num_virtual_tokens)
     return wrapped
+
+
+PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}
+
+
+def init_adapter_dir(spec: str | Path) -> Path:
+    """The PEFT adapter dir `init_from` names: the dir itself, or a run dir's final/."""
+    path = Path(spec).expanduser()
+    for candidate in (path, path / "final"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ValueError(f"init_from: {spec} is not a PEFT adapter directory or a run dir whose final/ is one "
+                     "(no adapter_config.json)" if path.exists() else f"init_from: {spec} does not exist")
+
+
+@torch.no_grad()
+def _load_init_weights(wrapped: nn.Module, cfg: AdapterConfig, spec: str) -> None:
+    """Copy a saved adapter's weights into the fresh one `wrapped` carries. The saved settings must
+    match `cfg` (method, r, alpha: a different scale would silently change the function) and every
+    tensor must fill one of ours with the same shape, and all of ours must be filled."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = init_adapter_dir(spec)
+    try:
+        saved = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"init_from: {path / 'adapter_config.json'} is not valid JSON: {exc}") from None
+    want = {"peft_type": PEFT_TYPES[cfg.method]}
+    if cfg.method in ("lora", "dora"):
+        want.update(r=cfg.r, lora_alpha=cfg.alpha, use_dora=cfg.method == "dora")
+    elif cfg.method == "prompt":
+        want.update(num_virtual_tokens=cfg.num_virtual_tokens)
+    for key, value in want.items():
+        got = saved.get(key, False if key == "use_dora" else None)
+        if got != value and not (isinstance(value, float) and isinstance(got, (int, float)) and float(got) == value):
+            raise ValueError(f"init_from: {path} was saved with {key}={got!r}; these adapter settings give "
+                             f"{value!r} (make them match the saved adapter)")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"init_from: {path} has no adapter_model.safetensors (pickled weights are not loaded)")
+    state = load_file(str(weights))
+    try:
+        result = set_peft_model_state_dict(wrapped, state)
+    except RuntimeError as exc:  # torch's size-mismatch report, one line per tensor
+        raise ValueError(f"init_from: {weights} does not fit these adapter settings: "
+                         f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    ours = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    missing = sorted(n for n in ours if n in set(result.missing_keys))
+    unexpected = sorted(getattr(result, "unexpected_keys", []))
+    if cfg.method == "prompt":  # PEFT loads the prompt encoder apart from load_state_dict (and checks it)
+        missing = [n for n in missing if not n.startswith("prompt_encoder.")]
+        unexpected = [n for n in unexpected if n != "prompt_embeddings"]
+    if missing or unexpected:
+        what = f"tensors not in the saved file: {missing[:3]}" if missing else f"saved tensors we do not have: {unexpected[:3]}"
+        raise ValueError(f"init_from: {weights} does not fit these adapter settings ({what}"
+                         f"{' ...' if len(missing or unexpected) > 3 else ''}); target_modules must match too")
 
 
 @torch.no_grad()

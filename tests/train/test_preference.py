@@ -78,6 +78,27 @@ def test_dpo_stage_lowers_the_held_out_loss(tmp_path, tiny_dir, dpo):
     assert (tmp_path / "dpo" / "final" / "adapter_config.json").exists()
 
 
+def test_dpo_continues_a_previous_rounds_adapter(tmp_path, tiny_dir):
+    """adapter.init_from: round 2 starts from round 1's weights (its first held-out loss is round 1's
+    last), the reference stays the base, and the manifest records the adapter it continued."""
+    for part in ("r1", "r2"):
+        (tmp_path / part).mkdir()
+    first = run_dpo(dpo_cfg(tmp_path / "r1", tiny_dir))
+    start = str(tmp_path / "r1" / "dpo")
+    second = run_dpo(dpo_cfg(tmp_path / "r2", tiny_dir, {"adapter": {"method": "lora", "r": 4, "alpha": 8,
+                                                                     "init_from": start}}))
+
+    def evals(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+
+    one, two = evals(tmp_path / "r1" / "dpo"), evals(tmp_path / "r2" / "dpo")
+    assert two[0]["eval_loss"] < one[0]["eval_loss"]  # it does not start over
+    assert second["outputs"]["reference"] == "adapters_off"
+    assert second["inputs"]["data"]["adapter_init"]["path"] == str(tmp_path / "r1" / "dpo" / "final")
+    assert second["inputs"]["data"]["adapter_init"]["sha256"]
+    assert "adapter_init" not in first["inputs"]["data"]
+
+
 def test_full_dpo_precomputes_the_reference(tmp_path, tiny_dir, capsys):
     manifest = run_dpo(dpo_cfg(tmp_path, tiny_dir, {"adapter": {"method": "full"}}))
     assert manifest["outputs"]["reference"] == "precompute"

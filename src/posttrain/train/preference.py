@@ -236,7 +236,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     """Train a policy with a DPO-family loss; evaluates before/after (tasks, refusal, RM win rate)."""
     import copy
 
-    from posttrain.adapters import apply_adapter, trainable_summary
+    from posttrain.adapters import apply_adapter, init_adapter_dir, trainable_summary
     from posttrain.models import load_model, save_model
     from posttrain.stage import stage_inputs, start_stage, write_json_atomic
     from posttrain.train.dpo import precompute_reference_logps
@@ -283,6 +283,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> di
     after = evaluate_all(model, tokenizer, cfg.eval)
     files: dict[str, str | None] = {"train": cfg.data.train, "eval": cfg.data.eval,
                                     "reference_model": cfg.dpo.reference_model}
+    if cfg.adapter.init_from:  # the adapter this run continued: its files' hash
+        files["adapter_init"] = str(init_adapter_dir(cfg.adapter.init_from))
     if wr:
         from posttrain.train.reward_model import RewardModelScorer, load_reward_model
 
