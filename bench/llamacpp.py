@@ -1,18 +1,20 @@
 """llama.cpp on the same machine: batch-1 decode, 512-token prefill and bytes per weight, ours vs llama.cpp.
 
-One process, same prompt token ids for both engines (our tokenizer's; llama.cpp's tokenizer is not
+One run, same prompt token ids for both engines (our tokenizer's; llama.cpp's tokenizer is not
 involved), the default model (SmolLM2-135M-Instruct), `--threads` threads each:
 
 - ours: the native decoder (`NativeRows`, what the engine runs at batch 1) with bf16 weights,
   int8 weights per output channel (`posttrain quantize`'s default), int8 in groups of 32 (Q8_0's
   bytes) and int4 in groups of 32 (asymmetric: Q4_1's layout and bytes);
-- llama.cpp (llama-cpp-python built by bench/setup_llamacpp.sh): GGUF files written by
+- llama.cpp (llama-cpp-python built by bench/setup_llamacpp.sh, run in a worker process of its
+  own, bench/llamacpp_worker.py, which times its own calls): GGUF files written by
   `export_gguf` (what `posttrain export` writes) as F16, BF16, Q8_0, Q4_0 and Q4_K_M, and the
   Q4_1 file the default model ships as (our weights are that file dequantized).
 
 Per engine/format: decode tokens/s at batch 1 (greedy argmax over the full logits after a short
 chat prompt, `--new-tokens` steps, EOS ignored; both sides in a plain Python loop: ours
-`NativeRows.extend`, llama.cpp `llama_decode` of one token + `llama_get_logits_ith`), the
+`NativeRows.extend`, llama.cpp `llama_decode` of one token + `llama_get_logits_ith`; llama.cpp's
+own defaults otherwise: flash attention auto, weight repacking on, mmap), the
 seconds to prefill a 512-token prompt to its first logits (ours: `NativeRows.start`, which hands
 bf16 prompts of 320+ tokens to the torch forward), and bytes per weight (stored bytes / parameters).
 Engines of one weight class (16 / 8 / 4 bits) alternate inside every round (order reversed on
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
@@ -39,7 +42,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,60 +166,58 @@ class Ours(Engine):
         self.lm = self.model = None
 
 
-class LlamaCpp(Engine):
-    def __init__(self, fmt: str, cls: str, path: Path, threads: int, n_ctx: int, flash_attn: bool):
-        import llama_cpp
+class Worker:
+    """bench/llamacpp_worker.py in a process of its own: llama.cpp's models, memory and threads
+    stay out of this (torch) process; requests and answers are JSON lines."""
 
+    def __init__(self, site: Path):
+        import subprocess
+        import tempfile
+
+        if not site.is_dir():
+            raise SystemExit(f"no llama.cpp build at {site}; run bench/setup_llamacpp.sh first")
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="llamacpp-worker-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("llamacpp_worker.py")), str(site)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def __call__(self, op: str, **kwargs) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            tail = self.log.read()[-3000:]
+            raise RuntimeError(f"the llama.cpp worker died during {op!r} (exit {self.proc.wait()}); "
+                               f"its log {self.log.name} ends:\n{tail}")
+        answer = json.loads(line)
+        if not answer.pop("ok"):
+            raise RuntimeError(f"llama.cpp worker, {op!r}: {answer['error']}\n{answer['traceback']}")
+        return answer
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class LlamaCpp(Engine):
+    def __init__(self, fmt: str, cls: str, path: Path, worker: Worker, threads: int, n_ctx: int, flash_attn: str):
         bpw, nbytes, _ = gguf_bytes_per_weight(path)
         super().__init__("llama.cpp", fmt, cls, bpw, nbytes)
-        self.lc = llama_cpp
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=False, flash_attn=flash_attn, verbose=False)
-        self.ctx = self.llm.ctx
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.n_vocab = self.llm.n_vocab()
-
-    def _eval(self, tokens: list[int]) -> np.ndarray:
-        """Decode tokens (positions continue from the cache); the last token's logits (a view)."""
-        arr = (self.lc.llama_token * len(tokens))(*tokens)
-        rc = self.lc.llama_decode(self.ctx, self.lc.llama_batch_get_one(arr, len(tokens)))
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc} for {len(tokens)} tokens ({self.format})")
-        return np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+        self.worker = worker
+        worker("load", name=fmt, path=str(path), threads=threads, n_ctx=n_ctx, flash_attn=flash_attn)
 
     def decode(self, prompt, steps, feed=None):
-        self.lc.llama_memory_clear(self.mem, True)
-        out = [int(self._eval(prompt).argmax())]
-        start = time.perf_counter()
-        for i in range(steps):
-            nxt = feed[i] if feed is not None else out[-1]
-            out.append(int(self._eval([nxt]).argmax()))
-        return out, time.perf_counter() - start
+        answer = self.worker("decode", name=self.format, prompt=prompt, steps=steps, feed=feed)
+        return answer["tokens"], answer["seconds"]
 
     def prefill(self, ids):
-        self.lc.llama_memory_clear(self.mem, True)
-        start = time.perf_counter()
-        self._eval(ids)
-        return time.perf_counter() - start
+        return self.worker("prefill", name=self.format, ids=ids)["seconds"]
 
     def close(self):
-        self.llm.close()
-        self.llm = self.ctx = self.mem = None
+        self.worker("close", name=self.format)
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def import_llama_cpp(path: Path):
-    """llama_cpp from the setup script's target dir (appended: the project venv's numpy wins)."""
-    if path.is_dir() and str(path) not in sys.path:
-        sys.path.append(str(path))
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise SystemExit(f"llama_cpp is not importable from {path} ({exc}); run bench/setup_llamacpp.sh first") \
-            from exc
-    return llama_cpp
 
 
 def gguf_files(export_dir: Path, formats: list[str], re_export: bool) -> dict[str, Path]:
@@ -275,8 +275,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128, help="decode steps at batch 1")
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--classes", default=",".join(CLASSES), help="weight classes: " + ", ".join(CLASSES))
-    ap.add_argument("--flash-attn", choices=["on", "off"], default="on",
-                    help="llama.cpp flash attention (on: what its 'auto' default picks on CPU)")
+    ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                    help="llama.cpp flash attention (auto: its default, which turns it on for the CPU)")
     ap.add_argument("--llamacpp-dir", default=os.environ.get("LLAMACPP_DIR", str(ROOT / ".llamacpp")))
     ap.add_argument("--export-dir", default=str(ROOT / "runs" / "bench_llamacpp"),
                     help="where the GGUF files are written once and reused")
@@ -293,7 +293,9 @@ def main(argv=None) -> dict:
     if "16-bit" not in classes:
         raise SystemExit("--classes must include 16-bit: our bf16 greedy tokens are the reference for agreement")
 
-    llama_cpp = import_llama_cpp(Path(args.llamacpp_dir))
+    worker = Worker(Path(args.llamacpp_dir))
+    info = worker("info")
+    print(f"llama.cpp {info['version']}: {info['system_info']}", flush=True)
     from posttrain.eval.tasks import load_texts
     from posttrain.generate.engine import encode_prompts
     from posttrain.models import load_tokenizer
@@ -321,7 +323,7 @@ def main(argv=None) -> dict:
                     n_params = parameters(model)
                 engines.append(Ours(fmt, cls, model, n_params))
             for fmt in llama_fmts:
-                engines.append(LlamaCpp(fmt, cls, files[fmt], args.threads, n_ctx, args.flash_attn == "on"))
+                engines.append(LlamaCpp(fmt, cls, files[fmt], worker, args.threads, n_ctx, args.flash_attn))
             # warm-up (packing, thread pools, llama.cpp's repacking) and the untimed answer checks
             for e in engines:
                 e.greedy, _ = e.decode(prompt, args.new_tokens)
@@ -348,11 +350,11 @@ def main(argv=None) -> dict:
                 e.close()
             del engines, model
             gc.collect()
+    worker.close()
     result = {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
               "prompt_tokens": len(prompt), "prefill_tokens": args.prefill_tokens, "flash_attn": args.flash_attn,
               "parameters": n_params, "rows": rows, "ours_over_llama_cpp": ratio_rows(rows),
-              "llama_cpp": {"version": llama_cpp.__version__,
-                            "system_info": llama_cpp.llama_print_system_info().decode().strip()},
+              "llama_cpp": info,
               "gguf_files": {f: str(p) for f, p in files.items()},
               **run_context(load_before, load_average(), "transformers")}
 
