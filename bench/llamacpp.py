@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -131,7 +132,7 @@ class Engine:
 
 
 class Ours(Engine):
-    def __init__(self, fmt: str, cls: str, model, n_params: int):
+    def __init__(self, fmt: str, cls: str, model, n_params: int, amx: bool = True):
         from posttrain.compress.quantize import weight_bytes
         from posttrain.generate.native import native_lm
 
@@ -139,6 +140,7 @@ class Ours(Engine):
         super().__init__("ours", fmt, cls, size / n_params, size)
         self.model = model
         self.lm = native_lm(model, required=True)
+        self.lm.amx = self.lm.amx and amx  # off: the vdpbf16ps kernels for every call
 
     def decode(self, prompt, steps, feed=None):
         """Greedy: the prompt's logits give token 0, each of `steps` single-token steps the next; with
@@ -277,10 +279,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--classes", default=",".join(CLASSES), help="weight classes: " + ", ".join(CLASSES))
     ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp flash attention (auto: its default, which turns it on for the CPU)")
+    ap.add_argument("--native-amx", choices=["auto", "off"], default="auto",
+                    help="our matmuls on AMX tiles where the CPU has them (auto: what the engine does) or never")
     ap.add_argument("--llamacpp-dir", default=os.environ.get("LLAMACPP_DIR", str(ROOT / ".llamacpp")))
     ap.add_argument("--export-dir", default=str(ROOT / "runs" / "bench_llamacpp"),
                     help="where the GGUF files are written once and reused")
     ap.add_argument("--re-export", action="store_true", help="write the GGUF files again")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "llamacpp.json"))
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 round, 16-bit and 8-bit only; no JSON")
     args = ap.parse_args(argv)
     if args.quick:
@@ -298,6 +303,7 @@ def main(argv=None) -> dict:
     print(f"llama.cpp {info['version']}: {info['system_info']}", flush=True)
     from posttrain.eval.tasks import load_texts
     from posttrain.generate.engine import encode_prompts
+    from posttrain.generate.native import amx_available
     from posttrain.models import load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -321,7 +327,7 @@ def main(argv=None) -> dict:
                 model = our_model(fmt)
                 if n_params is None:  # bf16 comes first: the float parameter count (tied head once)
                     n_params = parameters(model)
-                engines.append(Ours(fmt, cls, model, n_params))
+                engines.append(Ours(fmt, cls, model, n_params, amx=args.native_amx == "auto"))
             for fmt in llama_fmts:
                 engines.append(LlamaCpp(fmt, cls, files[fmt], worker, args.threads, n_ctx, args.flash_attn))
             # warm-up (packing, thread pools, llama.cpp's repacking) and the untimed answer checks
@@ -350,17 +356,21 @@ def main(argv=None) -> dict:
                 e.close()
             del engines, model
             gc.collect()
+    peak_rss_mb = {"ours_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                   "llama_cpp_worker": worker("info")["peak_rss_mb"]}
     worker.close()
     result = {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
               "prompt_tokens": len(prompt), "prefill_tokens": args.prefill_tokens, "flash_attn": args.flash_attn,
+              "native_amx": args.native_amx, "amx_available": amx_available(),
               "parameters": n_params, "rows": rows, "ours_over_llama_cpp": ratio_rows(rows),
-              "llama_cpp": info,
+              "llama_cpp": {k: v for k, v in info.items() if k != "peak_rss_mb"}, "peak_rss_mb": peak_rss_mb,
               "gguf_files": {f: str(p) for f, p in files.items()},
               **run_context(load_before, load_average(), "transformers")}
 
     def table(r):
         n = r["rows"][0]["tokens_compared"]
         print(f"\nbatch 1, default model ({r['parameters'] / 1e6:.1f}M parameters), {r['threads']} threads, "
+              f"our matmuls on AMX: {r['amx_available'] and r['native_amx'] == 'auto'}, "
               f"median of {r['rounds']} rounds; decode: {r['new_tokens']} steps after a {r['prompt_tokens']}-token "
               f"prompt; prefill: {r['prefill_tokens']} tokens; agreement with our bf16 greedy over {n} tokens")
         print("| weights | engine | format | bits/weight | decode tok/s | prefill s | greedy prefix | "
@@ -375,8 +385,9 @@ def main(argv=None) -> dict:
             print(f"| {q['class']} | {q['ours']} | {q['llama_cpp']} | {q['bits_ours']} / {q['bits_llama_cpp']} | "
                   f"{q['decode']}x | {q['prefill']}x |")
         print(f"llama.cpp {r['llama_cpp']['version']}: {r['llama_cpp']['system_info']}")
+        print(f"peak RSS (MB): {r['peak_rss_mb']}")
 
-    return finish(result, RESULTS_DIR / "llamacpp.json", args.quick, table)
+    return finish(result, args.out, args.quick, table)
 
 
 if __name__ == "__main__":

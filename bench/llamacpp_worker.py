@@ -5,7 +5,7 @@ memory and OpenMP runtime stay apart). JSON lines on stdin, one JSON answer per 
     {"op": "decode", "name": N, "prompt": [ids], "steps": S, "feed": [ids] | null} -> tokens, seconds
     {"op": "prefill", "name": N, "ids": [ids]}                                    -> seconds
     {"op": "close", "name": N}
-    {"op": "info"}                                                                -> version, system_info
+    {"op": "info"}                                          -> version, system_info, peak_rss_mb (so far)
 
 Timing happens here, around the llama.cpp calls only. Decode mirrors ours: the prompt's logits
 give token 0, then each of S single-token `llama_decode` calls gives the next (greedy argmax over
@@ -79,7 +79,9 @@ def main(site: str) -> None:
         return {}
 
     def info():
-        return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+        peak_kb = next((int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")), 0)
+        return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+                "peak_rss_mb": round(peak_kb / 1024)}
 
     ops = {"load": load, "decode": decode, "prefill": prefill, "close": close, "info": info}
     for line in sys.stdin:
