@@ -273,10 +273,10 @@ def parameters(model) -> int:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="threads of both engines")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="decode steps at batch 1")
+    ap.add_argument("--rounds", type=int, help="timed rounds, median reported (default 3; --quick 1)")
+    ap.add_argument("--new-tokens", type=int, help="decode steps at batch 1 (default 128; --quick 32)")
     ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--classes", default=",".join(CLASSES), help="weight classes: " + ", ".join(CLASSES))
+    ap.add_argument("--classes", help="weight classes (default all: " + ",".join(CLASSES) + "; --quick 16-bit,8-bit)")
     ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp flash attention (auto: its default, which turns it on for the CPU)")
     ap.add_argument("--native-amx", choices=["auto", "off"], default="auto",
@@ -286,12 +286,11 @@ def main(argv=None) -> dict:
                     help="where the GGUF files are written once and reused")
     ap.add_argument("--re-export", action="store_true", help="write the GGUF files again")
     ap.add_argument("--out", default=str(RESULTS_DIR / "llamacpp.json"))
-    ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 round, 16-bit and 8-bit only; no JSON")
+    ap.add_argument("--quick", action="store_true", help="smaller defaults (see above); no JSON")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.new_tokens, args.rounds = min(args.new_tokens, 32), 1
-        if args.classes == ",".join(CLASSES):
-            args.classes = "16-bit,8-bit"
+    for name, full, quick in (("rounds", 3, 1), ("new_tokens", 128, 32), ("classes", ",".join(CLASSES), "16-bit,8-bit")):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     classes = args.classes.split(",")
     if unknown := [c for c in classes if c not in CLASSES]:
         raise SystemExit(f"--classes: unknown {unknown}; choose from {', '.join(CLASSES)}")
