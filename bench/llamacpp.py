@@ -133,6 +133,8 @@ class Engine:
 
 class Ours(Engine):
     def __init__(self, fmt: str, cls: str, model, n_params: int, amx: bool = True):
+        """amx=False: the vdpbf16ps kernels for every call, even where the engine would use AMX tiles
+        (the packed copy is shared with other engines of the same model; each sets its path per call)."""
         from posttrain.compress.quantize import weight_bytes
         from posttrain.generate.native import native_lm
 
@@ -140,13 +142,14 @@ class Ours(Engine):
         super().__init__("ours", fmt, cls, size / n_params, size)
         self.model = model
         self.lm = native_lm(model, required=True)
-        self.lm.amx = self.lm.amx and amx  # off: the vdpbf16ps kernels for every call
+        self.amx = self.lm.amx and amx
 
     def decode(self, prompt, steps, feed=None):
         """Greedy: the prompt's logits give token 0, each of `steps` single-token steps the next; with
         `feed`, token i+1 is fed regardless (teacher forcing) and the argmaxes are returned."""
         from posttrain.generate.backends import NativeRows
 
+        self.lm.amx = self.amx
         with torch.inference_mode():
             rows = NativeRows(self.lm, [prompt], steps + 1)
             out = [int(rows.start()[0].argmax())]
@@ -159,6 +162,7 @@ class Ours(Engine):
     def prefill(self, ids):
         from posttrain.generate.backends import NativeRows
 
+        self.lm.amx = self.amx
         with torch.inference_mode():
             start = time.perf_counter()
             NativeRows(self.lm, [ids], 1).start()
@@ -279,8 +283,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--classes", help="weight classes (default all: " + ",".join(CLASSES) + "; --quick 16-bit,8-bit)")
     ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp flash attention (auto: its default, which turns it on for the CPU)")
-    ap.add_argument("--native-amx", choices=["auto", "off"], default="auto",
-                    help="our matmuls on AMX tiles where the CPU has them (auto: what the engine does) or never")
+    ap.add_argument("--native-amx", choices=["both", "auto", "off"], default="both",
+                    help="our matmuls: auto = on AMX tiles where the CPU has them (what the engine does), off = "
+                         "our vdpbf16ps kernels, both = a row for each where the CPU has AMX")
     ap.add_argument("--llamacpp-dir", default=os.environ.get("LLAMACPP_DIR", str(ROOT / ".llamacpp")))
     ap.add_argument("--export-dir", default=str(ROOT / "runs" / "bench_llamacpp"),
                     help="where the GGUF files are written once and reused")
@@ -326,7 +331,9 @@ def main(argv=None) -> dict:
                 model = our_model(fmt)
                 if n_params is None:  # bf16 comes first: the float parameter count (tied head once)
                     n_params = parameters(model)
-                engines.append(Ours(fmt, cls, model, n_params, amx=args.native_amx == "auto"))
+                engines.append(Ours(fmt, cls, model, n_params, amx=args.native_amx != "off"))
+                if args.native_amx == "both" and engines[-1].amx:
+                    engines.append(Ours(f"{fmt} vdpbf16ps", cls, model, n_params, amx=False))
             for fmt in llama_fmts:
                 engines.append(LlamaCpp(fmt, cls, files[fmt], worker, args.threads, n_ctx, args.flash_attn))
             # warm-up (packing, thread pools, llama.cpp's repacking) and the untimed answer checks
@@ -369,7 +376,8 @@ def main(argv=None) -> dict:
     def table(r):
         n = r["rows"][0]["tokens_compared"]
         print(f"\nbatch 1, default model ({r['parameters'] / 1e6:.1f}M parameters), {r['threads']} threads, "
-              f"our matmuls on AMX: {r['amx_available'] and r['native_amx'] == 'auto'}, "
+              f"our matmuls on AMX: {r['amx_available'] and r['native_amx'] != 'off'} (rows marked vdpbf16ps: "
+              f"our AVX512-BF16 kernels instead), "
               f"median of {r['rounds']} rounds; decode: {r['new_tokens']} steps after a {r['prompt_tokens']}-token "
               f"prompt; prefill: {r['prefill_tokens']} tokens; agreement with our bf16 greedy over {n} tokens")
         print("| weights | engine | format | bits/weight | decode tok/s | prefill s | greedy prefix | "
