@@ -343,10 +343,12 @@ def main(argv=None) -> dict:
                 if not reference:
                     reference = e.greedy
                 e.forced, _ = e.decode(prompt, args.new_tokens, feed=reference[:-1])
+                print(f"  warmed up: {e.engine} {e.format}", flush=True)
             for r in range(args.rounds):
                 for e in engines if r % 2 == 0 else engines[::-1]:
                     e.decode_s.append(e.decode(prompt, args.new_tokens)[1])
                     e.prefill_s.append(e.prefill(long_ids))
+                print(f"  {cls}: round {r + 1} of {args.rounds} done", flush=True)
             for e in engines:
                 rows.append({
                     "class": cls, "engine": e.engine, "format": e.format,
