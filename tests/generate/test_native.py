@@ -252,6 +252,25 @@ def test_amx_matmuls_match_the_vdpbf16ps_path(tokenizer, kind):
 
 
 @needs_amx
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-g32", "int4-g32"])
+def test_amx_decode_sized_calls_equal_the_rows_of_a_big_call(tokenizer, kind):
+    """Calls of up to 16 rows take matmul_amx_small (three column blocks per pass, k-tiles converted
+    as they are used); a row's logits must still equal the same row in a 40-row call, bit for bit,
+    or a verified draft would differ from single steps and a batched row from the row alone."""
+    model = _amx_models(tokenizer)[kind]
+    lm = native_lm(model, required=True)
+    assert lm.amx
+    lm.allocate(2, 48)
+    ids = torch.randint(0, 80, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    full = lm.forward(ids, [0] * 40, list(range(40)), list(range(40)))  # 40 rows: matmul_amx
+    lm.forward(ids[:20], [1] * 20, list(range(20)), [])
+    singles = torch.cat([lm.forward([ids[i]], [1], [i], [0]) for i in range(20, 25)])  # 1 row
+    draft = lm.forward(ids[25:40], [1] * 15, list(range(25, 40)), list(range(15)))  # 15 rows
+    assert torch.equal(singles, full[20:25])
+    assert torch.equal(draft, full[25:40])
+
+
+@needs_amx
 def test_packed_amx_prefill_rows_do_not_depend_on_the_prompts_beside_them(tokenizer):
     """A prompt prefilled alone or packed with others (also across a 256-row call boundary)
     gives bit-identical logits, so batched generation still equals serial generation."""

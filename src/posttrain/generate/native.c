@@ -254,7 +254,7 @@ static void matmul(int dt, const void *W, const float *bias, const void *X, floa
 
 /* ------------------------------------------------------------------ AMX prefill matmul */
 
-/* On CPUs with AMX every matmul runs here: C[16x16 fp32] += A[16 rows x 32 k] . B[32 k x 16 cols]
+/* On CPUs with AMX every matmul runs here (calls of up to 16 rows in matmul_amx_small, same sums): C[16x16 fp32] += A[16 rows x 32 k] . B[32 k x 16 cols]
  * tiles, two row tiles by two column blocks per pass. Prefill is matrix-matrix work: the
  * vdpbf16ps tiles above reach ~0.18 TFLOP/s on 2 cores, AMX ~10x that; at batch 1 (bound by
  * reading the weights) both run at the same speed on one core, at 100 rows AMX is 4x faster.
@@ -295,9 +295,9 @@ static inline void amx_emit(const float *c, float *Y, int ldy, int row0, int row
 
 /* tot (+)= c * scale[j] (+ xsum[row, g] * minimum[j]) for one group g of a quantized block */
 static inline void amx_scale(float *tot, const float *c, int first, const uint16_t *sc, const uint16_t *mn,
-                             const float *xsum, int ng, int g, int row0) {
+                             const float *xsum, int ng, int g, int row0, int rows) {
     const __m512 s = f16x16(sc);
-    for (int i = 0; i < 16; i++) {
+    for (int i = 0; i < rows; i++) {
         __m512 v = _mm512_mul_ps(_mm512_loadu_ps(c + i * 16), s);
         if (mn) v = _mm512_fmadd_ps(_mm512_set1_ps(xsum[(long)(row0 + i) * ng + g]), f16x16(mn), v);
         if (!first) v = _mm512_add_ps(v, _mm512_loadu_ps(tot + i * 16));
@@ -315,10 +315,14 @@ AMX_TARGET static void matmul_amx(const void *W, const float *bias, const uint16
                                            0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
                                            0x4040, 0x4000, 0x3F80, 0x0000);
     if (q.wt == 3) group_sums(X, xsum, M, K, group);
+    /* Fewer than 16 rows (decode): the A and C tiles hold just the M rows, so loads, stores and
+     * scaling skip the padding. Row i of C depends only on row i of A: the same sums either way. */
+    if (M <= 0) return; /* every thread alike: no rows, no tiles (a 0-row tile config faults) */
+    const int trows = M < 16 ? M : 16;
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = t < 6 ? trows : 16; /* B tiles (6, 7): 16 k-pairs */
     _tile_loadconfig(&cfg);
     float c[4][256], tot[4][256];
     for (int mc = 0; mc < M; mc += AMX_CHUNK) {
@@ -327,7 +331,17 @@ AMX_TARGET static void matmul_amx(const void *W, const float *bias, const uint16
         for (int bp = 0; bp < (nb + 1) / 2; bp++) {
             const int b0 = 2 * bp, two = b0 + 1 < nb;
             const uint16_t *B[2] = {NULL, NULL};
+            /* up to 32 rows (decode, short drafts): convert each 32 x 16 k-tile of integer weights
+             * right before its use, so the scratch stays a 2 KB L1 buffer; more rows reuse the
+             * whole converted block, converted once below. Same bf16 values either way. */
+            const int stream = q.wt && mend - mc <= 32;
+            const uint8_t *Wq[2] = {NULL, NULL};
             for (int j = 0; j <= two; j++) {
+                if (stream) {
+                    Wq[j] = (const uint8_t *)W + (long)(b0 + j) * 16 * K / (q.wt == 3 ? 2 : 1);
+                    B[j] = wbuf + (long)j * 512;
+                    continue;
+                }
                 if (!q.wt) {
                     B[j] = (const uint16_t *)W + (long)(b0 + j) * 16 * K;
                     continue;
@@ -347,29 +361,39 @@ AMX_TARGET static void matmul_amx(const void *W, const float *bias, const uint16
                     _tile_zero(2);
                     _tile_zero(3);
                     for (int kt = g * gt; kt < (g + 1) * gt; kt++) {
+                        const long bt = stream ? 0 : (long)kt * 512;
+                        if (stream)
+                            for (int j = 0; j <= two; j++)
+                                for (int p = kt * 16; p < kt * 16 + 16; p++)
+                                    _mm512_storeu_si512(wbuf + (long)j * 512 + (p - kt * 16) * 32,
+                                                        (__m512i)(q.wt == 2 ? i8x32_to_bf16((const int8_t *)Wq[j] + (long)p * bytes)
+                                                                            : u4x32_to_bf16(Wq[j] + (long)p * bytes, table)));
                         _tile_loadd(4, X + (long)m0 * K + kt * 32, K * 2);
-                        _tile_loadd(6, B[0] + (long)kt * 512, 64);
+                        _tile_loadd(6, B[0] + bt, 64);
                         _tile_dpbf16ps(0, 4, 6);
                         if (two_rows) {
                             _tile_loadd(5, X + (long)(m0 + 16) * K + kt * 32, K * 2);
                             _tile_dpbf16ps(2, 5, 6);
                         }
                         if (two) {
-                            _tile_loadd(7, B[1] + (long)kt * 512, 64);
+                            _tile_loadd(7, B[1] + bt, 64);
                             _tile_dpbf16ps(1, 4, 7);
                             if (two_rows) _tile_dpbf16ps(3, 5, 7);
                         }
                     }
                     _tile_stored(0, c[0], 64);
-                    _tile_stored(1, c[1], 64);
-                    _tile_stored(2, c[2], 64);
-                    _tile_stored(3, c[3], 64);
+                    if (two) _tile_stored(1, c[1], 64);
+                    if (two_rows) {
+                        _tile_stored(2, c[2], 64);
+                        if (two) _tile_stored(3, c[3], 64);
+                    }
                     if (!q.wt) break;
                     for (int t = 0; t < 4; t++) {
-                        const int j = t & 1, b = b0 + j;
+                        const int j = t & 1, b = b0 + j, row0 = m0 + (t >> 1) * 16;
                         if ((j && !two) || ((t >> 1) && !two_rows)) continue;
                         amx_scale(tot[t], c[t], g == 0, q.sc + (long)b * 16 * ng + g * 16,
-                                  q.mn ? q.mn + (long)b * 16 * ng + g * 16 : NULL, xsum, ng, g, m0 + (t >> 1) * 16);
+                                  q.mn ? q.mn + (long)b * 16 * ng + g * 16 : NULL, xsum, ng, g, row0,
+                                  mend - row0 < 16 ? mend - row0 : 16);
                     }
                 }
                 for (int t = 0; t < 4; t++) {
@@ -380,6 +404,71 @@ AMX_TARGET static void matmul_amx(const void *W, const float *bias, const uint16
                              accumulate);
                 }
             }
+        }
+    }
+    _tile_release();
+}
+
+/* At most 16 rows (decode steps, SAM drafts): three column blocks per pass (C tiles 0-2, A tile
+ * 4, B tiles 5-7), so three independent accumulations hide the tile latency, and integer k-tiles
+ * are converted right before their use into a 3 KB L1 scratch. A row's sums run over the same k
+ * tiles in the same order, scaled the same way, as in matmul_amx: the same results, bit for bit. */
+AMX_TARGET static void matmul_amx_small(const void *W, const float *bias, const uint16_t *X, float *Y, int ldy,
+                                        int M, int N, int K, int accumulate, Quant q, float *xsum, uint16_t *wbuf) {
+    if (M <= 0) return; /* every thread alike: no rows, no tiles (a 0-row tile config faults) */
+    const int nb = (N + 15) / 16, group = q.group ? q.group : K, ng = K / group, gt = group / 32;
+    const int bytes = q.wt == 2 ? 32 : 16;
+    const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150,
+                                           0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
+                                           0x4040, 0x4000, 0x3F80, 0x0000);
+    if (q.wt == 3) group_sums(X, xsum, M, K, group);
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = t < 5 ? M : 16;
+    _tile_loadconfig(&cfg);
+    float c[3][256], tot[3][256];
+#pragma omp for schedule(static)
+    for (int bt = 0; bt < (nb + 2) / 3; bt++) {
+        const int b0 = 3 * bt, nj = nb - b0 < 3 ? nb - b0 : 3;
+        for (int g = 0; g < ng; g++) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            for (int kt = g * gt; kt < (g + 1) * gt; kt++) {
+                _tile_loadd(4, X + kt * 32, K * 2);
+#define SMALL_BLOCK(J, BT)                                                                                        \
+                if (J < nj) {                                                                                   \
+                    const uint16_t *bp;                                                                         \
+                    if (q.wt) {                                                                                 \
+                        const uint8_t *w = (const uint8_t *)W + (long)(b0 + J) * 16 * K / (q.wt == 3 ? 2 : 1);  \
+                        for (int p = 0; p < 16; p++)                                                            \
+                            _mm512_storeu_si512(wbuf + J * 512 + p * 32,                                        \
+                                (__m512i)(q.wt == 2 ? i8x32_to_bf16((const int8_t *)w + (long)(kt * 16 + p) * bytes) \
+                                                    : u4x32_to_bf16(w + (long)(kt * 16 + p) * bytes, table)));  \
+                        bp = wbuf + J * 512;                                                                    \
+                    } else {                                                                                    \
+                        bp = (const uint16_t *)W + (long)(b0 + J) * 16 * K + (long)kt * 512;                    \
+                    }                                                                                           \
+                    _tile_loadd(BT, bp, 64);                                                                     \
+                    _tile_dpbf16ps(J, 4, BT);                                                                    \
+                }
+                SMALL_BLOCK(0, 5)
+                SMALL_BLOCK(1, 6)
+                SMALL_BLOCK(2, 7)
+#undef SMALL_BLOCK
+            }
+            _tile_stored(0, c[0], 64);
+            if (nj > 1) _tile_stored(1, c[1], 64);
+            if (nj > 2) _tile_stored(2, c[2], 64);
+            if (!q.wt) break;
+            for (int j = 0; j < nj; j++)
+                amx_scale(tot[j], c[j], g == 0, q.sc + (long)(b0 + j) * 16 * ng + g * 16,
+                          q.mn ? q.mn + (long)(b0 + j) * 16 * ng + g * 16 : NULL, xsum, ng, g, 0, M);
+        }
+        for (int j = 0; j < nj; j++) {
+            const int col0 = (b0 + j) * 16;
+            amx_emit(q.wt ? tot[j] : c[j], Y, ldy, 0, M, col0, N - col0 < 16 ? N - col0 : 16, bias, accumulate);
         }
     }
     _tile_release();
@@ -573,16 +662,21 @@ int pt_forward(const Model *md, int M, const int64_t *tokens, const int *seq, co
     /* int4 group sums: the widest input (I) over the smallest group */
     float *xsum = malloc(sizeof(float) * (size_t)(M + 32) * (md->qgroup ? in_w / md->qgroup + 1 : 1));
     amx = amx && dt;
-    uint16_t *wbuf = amx ? malloc(sizeof(uint16_t) * (size_t)nt * 2 * 16 * in_w) : NULL;
+    /* per thread: two converted 16-column blocks of the widest input, at least 3 k-tiles (matmul_amx_small) */
+    const long wbuf_n = 2 * 16 * in_w > 3 * 512 ? 2 * 16 * in_w : 3 * 512;
+    uint16_t *wbuf = amx ? malloc(sizeof(uint16_t) * (size_t)nt * wbuf_n) : NULL;
     if (!x || !tmp || !big || !in || !scores || !xo || !xsum || (amx && !wbuf)) {
         free(x); free(tmp); free(big); free(in); free(scores); free(xo); free(xsum); free(wbuf);
         return 4;
     }
 #define MATMUL(W, b, X, Y, ldy, M_, N, K, acc, q)                                                              \
     do {                                                                                                       \
-        if (amx)                                                                                               \
+        if (amx && (M_) <= 16)                                                                                 \
+            matmul_amx_small(W, b, (const uint16_t *)(X), Y, ldy, M_, N, K, acc, q, xsum,                       \
+                             wbuf + (long)omp_get_thread_num() * wbuf_n);                               \
+        else if (amx)                                                                                          \
             matmul_amx(W, b, (const uint16_t *)(X), Y, ldy, M_, N, K, acc, q, xsum,                             \
-                       wbuf + (long)omp_get_thread_num() * 2 * 16 * in_w);                                     \
+                       wbuf + (long)omp_get_thread_num() * wbuf_n);                                     \
         else                                                                                                   \
             matmul(dt, W, b, X, Y, ldy, M_, N, K, acc, q, xsum);                                               \
     } while (0)
