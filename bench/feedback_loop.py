@@ -56,7 +56,6 @@ import argparse
 import json
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +69,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, ROOT, load_average, run_child, run_context, write_json  # noqa: E402
+from posttrain.ports import free_port  # noqa: E402
 
 CATEGORIES = ("fact",)
 BRIEF = {"type": "length", "min_length": 0, "max_length": 12, "unit": "tokens", "penalty": 0.02}
@@ -84,12 +84,6 @@ SETTINGS = {
 }
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "n": 2}
 HELD_OUT_SAMPLES = 4  # seeded samples per held-out prompt (besides the greedy reply)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompt_records(path: Path, limit: int | None = None, seed: int = 0) -> list[dict]:

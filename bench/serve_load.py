@@ -35,7 +35,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/sft_throughput.
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -49,17 +48,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, finish, load_average, run_context  # noqa: E402
+from posttrain.ports import free_port  # noqa: E402
 
 TOPICS = ["the moon", "rain", "volcanoes", "bread", "bicycles", "the ocean", "honey bees", "libraries",
           "winter", "trains", "chess", "gardens", "clocks", "rivers", "music", "maps"]
 ASKS = ["Explain {} in one sentence.", "Give two facts about {}.", "Why do people like {}?",
         "Write a short poem about {}."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metric(text: str, name: str) -> float:

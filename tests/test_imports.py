@@ -16,7 +16,7 @@ PACKAGE = "posttrain"
 
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    ["config", "fileio", "registry", "hf_imports"],
+    ["config", "fileio", "registry", "hf_imports", "ports"],
     ["models", "quantized", "adapters", "kernels"],
     ["stage", "plan", "data"],
     ["generate"],

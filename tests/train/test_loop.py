@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 from posttrain.config import TrainConfig
 from posttrain.models import tiny_model
+from posttrain.ports import free_port
 from posttrain.train.loop import checkpoint_dirs, lr_lambda, plan_steps, train
 from posttrain.train.objectives import causal_lm_loss
 
@@ -176,16 +176,10 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6, msg=n)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     overrides = dict(lr=1e-2, packing=False, max_steps=4, seed=1, shuffle=True)
     run_worker(tmp_path / "single", {**overrides, "batch_size": 2, "grad_accum": 2})
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),

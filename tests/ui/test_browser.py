@@ -69,7 +69,7 @@ def root(tmp_path, tiny_dir):
 @pytest.fixture
 def studio(root):
     """`posttrain ui` on a free port, as a subprocess; stopped (and its chat servers with it) after."""
-    from posttrain.ui.jobs import free_port
+    from posttrain.ports import free_port
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),

@@ -991,9 +991,9 @@ class WorkerGroup:
             if data_parallel and n > 1:
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-                from posttrain.rl.distributed import free_port
+                from posttrain.ports import free_port
 
-                kwargs = {**kwargs, "dist": {"addr": ray.util.get_node_ip_address(), "port": free_port(), "world": n}}
+                kwargs = {**kwargs, "dist": {"addr": ray.util.get_node_ip_address(), "port": free_port(""), "world": n}}
                 here = ray.get_runtime_context().get_node_id()  # rank 0 serves the store at the driver's address
                 placed[0] = remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
             self.workers = [r.remote(*args, rank=i, **kwargs) for i, r in enumerate(placed)]

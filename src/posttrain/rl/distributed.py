@@ -14,18 +14,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (the driver picks it; rank 0's store binds it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def init_group(addr: str, port: int, rank: int, world: int, timeout_s: float = 300.0) -> str:

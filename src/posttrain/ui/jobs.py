@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from posttrain.fileio import write_json_atomic
+from posttrain.ports import free_port
 from posttrain.ui.runs import JOB_DIR, _read_json
 
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
@@ -151,12 +151,6 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slot_of(spec: str) -> str:
