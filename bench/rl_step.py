@@ -31,7 +31,7 @@ demo's own 60 steps: --mode-steps 59).
 
     python bench/rl_step.py           # full run, writes bench/results/rl_step.json
     python bench/rl_step.py --quick   # smoke run, no JSON
-    python bench/rl_step.py --only-modes --mode-steps 6   # just the rollout-mode rows
+    python bench/rl_step.py --only-modes --mode-steps 59  # just the rollout-mode rows -> rl_step_modes.json
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def main() -> None:
     ap.add_argument("--mode-threads", type=int, default=0, help="torch threads per Ray worker (0: all cores each)")
     ap.add_argument("--mode-prompts", type=int, default=0, help="rollout-mode rows: prompts per step (0: the demo's)")
     ap.add_argument("--mode-samples", type=int, default=0, help="rollout-mode rows: samples per prompt (0: the demo's)")
-    ap.add_argument("--only-modes", action="store_true", help="only the rollout-mode rows (no JSON written)")
+    ap.add_argument("--only-modes", action="store_true",
+                    help="only the rollout-mode rows (writes bench/results/rl_step_modes.json)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "rl_step.json"))
     args = ap.parse_args()
     if args.quick:
@@ -197,10 +198,17 @@ def main() -> None:
         for mode in args.modes.split(","):
             modes[mode] = mode_rows(mode, args, args.mode_threads or torch.get_num_threads())
         ray.shutdown()
-    if args.only_modes:
-        modes_table(modes)
-        print(json.dumps({"modes": {m: {k: v for k, v in r.items() if k != "steps"} for m, r in modes.items()},
-                          "context": run_context(load_before, load_average(), "torch", "ray")}, indent=1))
+    if args.only_modes:  # just the async row: its own JSON, so the full run's file keeps its other rows
+        only = {"config": {"recipe": "recipes/grpo.yaml", "backend": "ray", "warmup_steps": args.warmup,
+                           "timed_steps": args.mode_steps,
+                           "threads_per_worker": args.mode_threads or torch.get_num_threads(),
+                           "async_max_staleness": 2, "off_policy_tis_cap": 2.0},
+                **modes, "context": run_context(load_before, load_average(), "torch", "ray")}
+
+        def only_table(r):
+            r["step_time_vs_sync"] = modes_table(modes)
+
+        finish(only, RESULTS_DIR / "rl_step_modes.json", args.quick, only_table)
         return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(tmp, str(REPO / "data" / "preference" / "train.jsonl"), args.max_new_tokens,
