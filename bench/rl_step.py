@@ -41,7 +41,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the other benches: no spinning on 2 shared cores
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
