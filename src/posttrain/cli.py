@@ -220,14 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "'*': {up_rate: u}} (default: each series' first full window)")
     p.add_argument("--guard", metavar="RULES.yaml", help="output-guard rules (guarded streams arrive in one chunk)")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted (default 512)")
-    p.add_argument("--queue", type=int, default=8, help="requests waiting or running; more get 429 (default 8)")
+    p.add_argument("--queue", type=int, default=32, help="requests waiting or running; more get 429 (default 32)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--decoding", default="sam", choices=["sam", "lookup", "plain"],
                    help="speculative drafting of greedy requests (continuous: while at most 2 rows decode; static: a "
                         "request alone; batches of several decode plain)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="concurrent compatible requests decoded as one batch (default 8; 1 = one at a time)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="concurrent compatible requests decoded as one batch (default 16; 1 = one at a time)")
     p.add_argument("--batching", default="continuous", choices=["continuous", "static"],
                    help="continuous (default): requests join and leave the running batch at every token; "
                         "static: a batch is formed, decoded to its end, then the next (the server before "

@@ -292,3 +292,17 @@ def test_a_model_loaded_under_inference_mode_packs(tokenizer):
         lm.allocate(1, 8)
         assert lm.forward([1, 2, 3], [0, 0, 0], [0, 1, 2], [2]).shape == (1, model.config.vocab_size)
         assert native_lm(model) is lm  # the signature is stable: no repack
+
+
+def test_rope_tables_are_computed_once_and_equal_a_fresh_computation(tokenizer):
+    model = native_tiny(tokenizer, torch.float32)
+    lm = native_lm(model, required=True)
+    calls = []
+    rotary = lm.rotary
+    lm.rotary = lambda *a: calls.append(a[1].shape[-1]) or rotary(*a)
+    for n in (10, 40, 25, 80):
+        cos, sin = lm.rope_tables(n)
+        want_cos, want_sin = rotary(torch.zeros(1), torch.arange(n)[None])
+        assert torch.equal(cos, want_cos[0].float()) and torch.equal(sin, want_sin[0].float())
+        assert cos.is_contiguous() and cos.shape[0] == n
+    assert calls == [10, 40, 80]  # 25 is a slice of 40's; 80 = twice 40

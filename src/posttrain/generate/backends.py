@@ -99,7 +99,7 @@ class TorchRows:
 # prefill's per-row attention is O(T^2) vector work and falls behind from a few hundred tokens
 # (bench/prefill.py). bf16 models without adapters or integer weights only (the case measured;
 # their torch forward would run adapters unfolded or dequantize every weight).
-TORCH_PREFILL_MIN = 320  # crossover measured on the default model (bf16, AMX): see BENCHMARKS.md
+TORCH_PREFILL_MIN = 352  # crossover on the default model (bf16, AMX, quiet): native wins at 320, torch at 384; BENCHMARKS.md
 
 
 def torch_prefill_model(lm):
