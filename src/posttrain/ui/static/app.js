@@ -653,6 +653,8 @@ async function pipelineLaunch(recipes) {
       formBox.querySelectorAll(`[data-path="${CSS.escape(target)}"]`).forEach((input) => input.classList.add("invalid"));
       const card = el.closest(".stage");
       if (card) card.classList.add("invalid");
+      const folded = el.closest("details");
+      if (folded) folded.open = true; // a problem in the data / eval / deploy sections is shown, not folded away
     }
     if (loose.length) {
       errors.hidden = false;
