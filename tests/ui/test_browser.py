@@ -326,6 +326,8 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
         b.wait("document.getElementById('chat-status').textContent === 'ready'", timeout=600)
         b.eval("document.getElementById('message').value = 'What is 47 + 38?'; document.getElementById('send').click()")
         b.wait("document.querySelectorAll('.thumb-up').length === 2", timeout=600)
+        replies = b.eval("[...document.querySelectorAll('.msg.assistant .content')].map(e => e.textContent)")
+        assert len(replies) == 2 and replies[0] != replies[1], replies  # the run's adapter is served, not its base
         b.eval("document.querySelector('#col-b .thumb-up').click()")
         b.wait("document.querySelector('#col-b .saved')")
         b.eval("document.getElementById('b-better').click()")
