@@ -132,6 +132,9 @@ def test_an_unfinished_stage_resumes(tmp_path, tiny_dir, recipe, monkeypatch):
     ({"stages": [{"name": "a", "verb": "sft"}, {"name": "a", "verb": "dpo"}]}, "'a' is used twice"),
     ({"stagse": []}, "stagse: unknown key"),
     ({"stages": [{"name": "a", "verb": "sft", "gate": [{"metric": "x"}]}]}, "needs min or max"),
+    ({"stages": [{"name": "a", "verb": "sft", "gate": [{"metric": " ", "min": 0}]}]}, "gate.0.metric: give the metric"),
+    ({"stages": [{"name": "a", "verb": "sft", "gate": [{"metric": "x", "min": 1, "max": 0.5}]}]},
+     "gate.0.max: max 0.5 is below min 1: no value passes"),
     ({"stages": [{"name": "a", "verb": "sft", "overrides": {"output_dir": "x"}}]}, "output_dir is set by the pipeline"),
 ])
 def test_bad_pipeline_yaml_is_refused(tmp_path, change, message):

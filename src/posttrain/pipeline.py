@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from posttrain.config import Strict, build_config, format_validation_error, load_yaml
 from posttrain.eval.suite import EvalConfig
@@ -46,10 +46,27 @@ FEEDBACK = "feedback:"  # a data source read from a feedback database (SQLite pa
 class Gate(Strict):
     """Bounds on one metric; relative_to_previous compares the change from the stage's input."""
 
-    metric: str
-    min: float | None = None
-    max: float | None = None
-    relative_to_previous: bool = False
+    metric: str = Field(..., description="an eval task's name (arithmetic_em), general_ppl, or a dotted path "
+                                         "into the stage's manifest outputs (train.train_loss)")
+    min: float | None = Field(None, description="the metric (or its change) must be at least this")
+    max: float | None = Field(None, description="the metric (or its change) must be at most this")
+    relative_to_previous: bool = Field(False, description="bound the change from the stage's input model")
+
+    @field_validator("metric")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("give the metric's name: an eval task (arithmetic_em), general_ppl, or a dotted "
+                             "path into the stage's outputs (train.train_loss)")
+        return v
+
+    @field_validator("max")
+    @classmethod
+    def _not_below_min(cls, v: float | None, info: ValidationInfo) -> float | None:
+        low = info.data.get("min")
+        if v is not None and low is not None and v < low:
+            raise ValueError(f"max {v:g} is below min {low:g}: no value passes this gate")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "Gate":
@@ -260,11 +277,23 @@ def input_model(pipe: PipelineConfig, index: int) -> str:
 def stage_config(pipe: PipelineConfig, index: int):
     """(config, run fn) of stage `index`, built like the CLI builds it, plus the pipeline's
     model initialisation and eval section where the stage's config has those fields."""
+    spec = pipe.all_stages()[index]
+    cls, run = STAGES.get(spec.verb).load()
+    overrides = [f"{k}={json.dumps(v)}" for k, v in stage_settings(pipe, index).items()]  # JSON is valid YAML
+    try:
+        return build_config(cls, spec.config, overrides), run
+    except ValueError as exc:
+        raise ValueError(f"stage {spec.name!r} ({spec.verb}): {exc}") from None
+
+
+def stage_settings(pipe: PipelineConfig, index: int) -> dict[str, Any]:
+    """The dotted keys the pipeline sets over stage `index`'s recipe: the verb's presets, the input
+    model, the pipeline's model initialisation and eval section, output_dir, then the stage's
+    overrides (with ${data.NAME} resolved)."""
     stages = pipe.all_stages()
     spec = stages[index]
     entry = STAGES.get(spec.verb)
-    cls, run = entry.load()
-    fields = cls.model_fields
+    fields = entry.load()[0].model_fields
     sets: dict[str, Any] = dict(entry.presets)
     sets["model.name"] = input_model(pipe, index)
     if pipe.model.dtype is not None and entry.role != "export":
@@ -277,11 +306,7 @@ def stage_config(pipe: PipelineConfig, index: int):
     sets["output_dir"] = str(Path(pipe.output_dir) / spec.name)
     refs = {name: json.dumps(str(data_path(pipe, name)))[1:-1] for name in pipe.data}  # escaped inside JSON
     sets.update(json.loads(DATA_REF.sub(lambda m: refs[m.group(1)], json.dumps(spec.overrides))))
-    overrides = [f"{k}={json.dumps(v)}" for k, v in sets.items()]  # JSON is valid YAML
-    try:
-        return build_config(cls, spec.config, overrides), run
-    except ValueError as exc:
-        raise ValueError(f"stage {spec.name!r} ({spec.verb}): {exc}") from None
+    return sets
 
 
 def model_fingerprint(spec: str) -> str:

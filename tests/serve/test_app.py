@@ -214,6 +214,31 @@ def test_lora_adapters_selected_by_model_name(tiny, tokenizer, tmp_path):
         assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["tiny", "a", "b"]
 
 
+def test_a_lora_run_is_served_as_itself_not_as_its_bare_base(tokenizer, tmp_path):
+    """`posttrain serve RUN` of a LoRA run loads a PeftModel; the base name serves it with its adapter
+    (the studio's chat with a run), while an adapter hot-loaded later is still served by its name only."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from posttrain.models import tiny_model
+
+    torch.manual_seed(3)
+    peft = get_peft_model(tiny_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    for p in peft.parameters():
+        if p.requires_grad:
+            p.data.mul_(20)
+    peft.save_pretrained(tmp_path / "run")
+    prompt = "The sky is"
+    tuned = generate(PeftModel.from_pretrained(tiny_model(tokenizer), tmp_path / "run"), tokenizer, [prompt],
+                     _greedy(8)).texts[0]
+    assert tuned != generate(tiny_model(tokenizer), tokenizer, [prompt], _greedy(8)).texts[0]
+    model = PeftModel.from_pretrained(tiny_model(tokenizer), tmp_path / "run")  # as load_model gives a LoRA run
+    with running(create_app(model, tokenizer, ServeConfig(model_name="run"))) as base:
+        r = httpx.post(base + "/v1/completions", timeout=30,
+                       json={"model": "run", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == tuned
+
+
 def test_generation_failure_is_a_500_then_serving_continues(tiny, tokenizer):
     calls = []
 

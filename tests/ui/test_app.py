@@ -185,7 +185,8 @@ def test_pipeline_plan_and_launch(client, root, monkeypatch):
         {"name": "tune", "verb": "sft", "config": "recipes/sft.yaml", "gate": [{"metric": "acc", "min": 0.1}]},
         {"name": "check", "verb": "eval"}]})
     answer = client.post("/api/pipeline/plan", json={"yaml": text}).json()
-    assert not answer["ok"] and answer["errors"][0]["key"] == "stages" and "stage 'check'" in answer["errors"][0]["message"]
+    assert not answer["ok"] and answer["errors"] == [{"key": "stages.1", "message": (
+        "eval stage: nothing to evaluate; give eval.tasks or eval.forgetting (or the pipeline's eval: section)")}]
     text = text.replace("verb: eval", "verb: sft\n  config: recipes/sft.yaml")
     plan = client.post("/api/pipeline/plan", json={"yaml": text}).json()["plan"]
     assert [(s["name"], s["action"], s["input_model"]) for s in plan["stages"]] == [
@@ -197,6 +198,62 @@ def test_pipeline_plan_and_launch(client, root, monkeypatch):
     assert not outside["ok"] and outside["errors"][0]["key"] == "output_dir"
     bad = client.post("/api/pipeline/plan", json={"yaml": "name: [unclosed"}).json()
     assert not bad["ok"] and bad["errors"][0]["message"].startswith("not valid YAML")
+
+
+def test_pipeline_editor_form_yaml_and_field_problems(client, root, monkeypatch):
+    calls = launched(client, monkeypatch)
+    stage_run(root / "runs" / "done")
+    schema = client.get("/api/pipeline/schema").json()
+    assert {"sft", "dpo", "quantize", "export", "eval"} <= {v["verb"] for v in schema["verbs"]}
+    assert "scaling-fit" not in {v["verb"] for v in schema["verbs"]}  # analysis verbs are no pipeline stages
+    assert schema["metrics"] == {"sft": ["acc", "train.steps", "train.train_loss"]}
+    assert schema["help"]["gate.relative_to_previous"] and schema["help"]["stage.config"]
+    text = ("name: p  # a comment\noutput_dir: runs/p\neval: {tasks: [{name: em, path: data/t.jsonl}]}\n"
+            "stages:\n- {name: tune, verb: sft, config: recipes/sft.yaml, overrides: {train.lr: 1.0e-05}}\n")
+    answer = client.post("/api/pipeline/form", json={"yaml": text}).json()
+    form = answer["form"]
+    assert answer["unshown"] == [] and answer["eval_metrics"] == ["em"]
+    assert form["stages"][0]["overrides"] == [["train.lr", "1.0e-05"]] and form["eval"].startswith("tasks:")
+    assert client.post("/api/pipeline/form", json={"yaml": text + "extra: 1\n"}).json()["unshown"] == ["extra"]
+    assert client.post("/api/pipeline/form", json={"yaml": "- a list"}).json()["errors"][0]["key"] == "yaml"
+
+    form["stages"][0]["gate"] = [{"metric": "train.train_loss", "min": "", "max": "20", "relative_to_previous": False}]
+    made = client.post("/api/pipeline/yaml", json={"form": form}).json()["yaml"]
+    assert yaml.safe_load(made)["stages"][0]["gate"] == [{"metric": "train.train_loss", "max": 20}]
+    plan = client.post("/api/pipeline/plan", json={"form": form}).json()
+    assert plan["ok"] and plan["plan"]["stages"][0]["gates"][0]["max"] == 20.0
+
+    form["stages"][0]["gate"].append({"metric": "", "min": "5", "max": "1", "relative_to_previous": True})
+    form["stages"][0]["overrides"].append(["train.epochs", "many"])
+    form["stages"].append({"name": "tune", "verb": "sft", "config": "recipes/nope.yaml", "eval": True,
+                           "overrides": [], "gate": []})
+    bad = client.post("/api/pipeline/plan", json={"form": form}).json()
+    assert not bad["ok"] and [e["key"] for e in bad["errors"]] == [
+        "stages.0.gate.1.metric", "stages.0.gate.1.max"]  # pydantic first: the rest is checked once these pass
+    assert bad["errors"][1]["message"] == "max 1 is below min 5: no value passes this gate"
+    form["stages"][0]["gate"].pop()
+    bad = client.post("/api/pipeline/plan", json={"form": form}).json()
+    assert [e["key"] for e in bad["errors"]] == ["stages.1.name"]  # 'tune' used twice
+    form["stages"][1]["name"] = "again"
+    bad = client.post("/api/pipeline/plan", json={"form": form}).json()
+    assert [e["key"] for e in bad["errors"]] == ["stages.1.config"] and "recipes/nope.yaml" in bad["errors"][0]["message"]
+    form["stages"].pop()
+    bad = client.post("/api/pipeline/plan", json={"form": form}).json()
+    assert bad["errors"] == [{"key": "stages.0.overrides.train.epochs",
+                              "message": "Input should be a valid number, unable to parse string as a number"}]
+    form["stages"][0]["overrides"].pop()
+    form["stages"][0]["overrides"].append(["data.train", "../../outside.txt"])
+    bad = client.post("/api/pipeline/plan", json={"form": form}).json()
+    assert [e["key"] for e in bad["errors"]] == ["stages.0.overrides.data.train"]
+    form["stages"][0]["overrides"].pop()
+    assert client.post("/api/pipeline/plan", json={"form": {"stages": 1}}).status_code == 400
+
+    assert client.post("/api/pipeline/launch", json={"form": form}).json()["run"] == "runs/p"
+    written = (root / "runs" / "p" / "ui" / "pipeline.yaml").read_text()
+    assert yaml.safe_load(written)["stages"][0]["gate"] == [{"metric": "train.train_loss", "max": 20}]
+    assert calls == [(root / "runs" / "p", "run", ["runs/p/ui/pipeline.yaml", "--no-serve"])]
+    client.post("/api/pipeline/launch", json={"yaml": text})  # YAML as written keeps its comments
+    assert (root / "runs" / "p" / "ui" / "pipeline.yaml").read_text() == text
 
 
 def test_data_inspect_names_bad_rows_by_line(client, root):

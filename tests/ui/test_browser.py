@@ -4,11 +4,14 @@ protocol (tests/ui/cdp.py), against `posttrain ui` started as users start it.
 One walk through every page, since each step builds on the last: the form refuses a bad field
 beside it, starts a tiny run whose curve grows while it trains, a second run is stopped and
 resumed, the two are compared, chat streams both models' replies and stores a rating and a
-choice, the data page names a bad row by its line, and the pipeline tab shows a plan. Any
+choice, the data page names a bad row by its line, and the pipeline editor adds a gate that the
+plan then shows, round-trips through YAML, and refuses a bad gate beside its fields. Any
 console error, uncaught exception or failed load on any page fails the test.
 
 Screenshots of each page are written to the test's tmp dir; with POSTTRAIN_UI_SCREENSHOTS=DIR
-they are also copied there (the README's are made with DIR=docs/ui).
+they are also copied there (the README's are made with DIR=docs/ui), and the chat is shot
+again with the default model beside a short LoRA run of it on the quickstart arithmetic
+(trained from the studio: minutes on a CPU, so only then).
 """
 
 from __future__ import annotations
@@ -251,33 +254,95 @@ def test_the_studio_in_a_browser(studio, browser, root, tmp_path):
     shoot(b, tmp_path, "data")
     clean(b, "data page")
 
-    # --- pipelines: the plan is shown before anything runs
+    # --- pipelines: the editor shows the recipe's stages; a gate added in the form is in the plan shown
+    # before anything runs; a bad gate is refused beside its field
     b.eval("location.hash = '#/launch?mode=pipeline'")
-    b.wait("document.getElementById('pipeline-yaml').value.includes('name: tune')")
+    b.wait("document.querySelectorAll('#stages-edit .stage').length === 2")
+    assert b.eval("document.getElementById('pipeline-recipe').value") == "recipes/tiny_pipeline.yaml"
+    assert [value(b, f"stages.{i}.name") for i in (0, 1)] == ["tune", "again"]
+    assert (value(b, "stages.0.gate.0.metric"), value(b, "stages.0.gate.0.max")) == ("train.train_loss", "20")
+    assert b.eval("document.querySelector('#stages-edit .stage[data-index=\"1\"] .override-key').value") == "train.lr"
+    assert b.eval("!!document.querySelector('#metrics-sft option[value=\"train.train_loss\"]')")  # from runs/first
+    b.eval("document.querySelector('.stage[data-index=\"1\"] .add-gate').click()")
+    b.wait("document.querySelector('[data-path=\"stages.1.gate.0.metric\"]')")
+    set_path(b, "stages.1.gate.0.metric", "train.train_loss")
+    set_path(b, "stages.1.gate.0.max", "30")
     b.eval("document.getElementById('show-plan').click()")
     b.wait("document.querySelector('#plan-stages tbody tr')")
     rows = b.eval("[...document.querySelectorAll('#plan-stages tbody tr')].map(r => [...r.children].map(c => c.textContent))")
     assert [(r[1], r[2], r[6]) for r in rows] == [("tune", "sft", "run"), ("again", "sft", "run")]
-    assert rows[0][5] == "train.train_loss ≤ 20" and rows[1][3] == "runs/pipe/tune"
+    assert rows[0][5] == "train.train_loss ≤ 20" and rows[1][5] == "train.train_loss ≤ 30" and rows[1][3] == "runs/pipe/tune"
     assert not b.eval("document.getElementById('pipeline-start').disabled")
     shoot(b, tmp_path, "pipeline")
-    clean(b, "pipeline plan")
+    b.eval("document.getElementById('pipeline-mode').click()")  # the same pipeline as YAML, and back
+    b.wait("!document.getElementById('pipeline-yaml').hidden && /max: 30/.test(document.getElementById('pipeline-yaml').value)")
+    b.eval("document.getElementById('pipeline-mode').click()")
+    b.wait("!document.getElementById('pipeline-form').hidden && document.querySelector('[data-path=\"stages.1.gate.0.max\"]')")
+    assert value(b, "stages.1.gate.0.max") == "30"
+    names = "[...document.querySelectorAll('#stages-edit .stage')].map(s => s.querySelector('[data-path$=\\'.name\\']').value)"
+    b.eval("document.querySelector('.stage[data-index=\"0\"] .move-down').click()")
+    assert b.eval(names) == ["again", "tune"] and value(b, "stages.0.gate.0.max") == "30"  # its gate moved with it
+    b.eval("document.querySelector('.stage[data-index=\"1\"] .move-up').click()")
+    b.eval("document.getElementById('add-stage').click()")
+    assert b.eval(names) == ["tune", "again", "stage3"]
+    b.eval("document.querySelector('.stage[data-index=\"2\"] .remove-stage').click()")
+    assert b.eval(names) == ["tune", "again"]
+    set_path(b, "stages.1.gate.0.metric", "")
+    set_path(b, "stages.1.gate.0.min", "40")
+    assert b.eval("document.getElementById('pipeline-start').disabled")  # an edit needs a new plan
+    b.eval("document.getElementById('show-plan').click()")
+    b.wait("document.querySelector('[data-error=\"stages.1.gate.0.max\"]').textContent")
+    assert b.eval("document.querySelector('[data-error=\"stages.1.gate.0.max\"]').textContent") == \
+        "max 30 is below min 40: no value passes this gate"
+    assert b.eval("document.querySelector('[data-error=\"stages.1.gate.0.metric\"]').textContent").startswith(
+        "give the metric's name")
+    assert b.eval("document.querySelector('[data-path=\"stages.1.gate.0.metric\"]').classList.contains('invalid')")
+    assert b.eval("document.getElementById('pipeline-errors').hidden && !document.querySelector('#plan-stages')")
+    assert b.eval("document.getElementById('pipeline-start').disabled") and not (root / "runs" / "pipe").exists()
+    clean(b, "pipeline editor")
 
-    if os.environ.get("POSTTRAIN_UI_SCREENSHOTS"):  # the README's chat: real models, whose replies read as text
+    if os.environ.get("POSTTRAIN_UI_SCREENSHOTS"):  # the README's chat: the default model before and after a
+        # short LoRA run on the quickstart arithmetic, started from the studio (minutes on a CPU)
+        shutil.copytree(Path(__file__).resolve().parents[2] / "data" / "quickstart", root / "data" / "quickstart")
+        recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml").read_text())
+        recipe.pop("eval")
+        recipe["output_dir"] = "runs/arithmetic"
+        recipe["train"].update(max_steps=80, lr=2e-3, warmup_ratio=0.1, progress=False)
+        recipe["train"].pop("save_every")
+        (root / "recipes" / "arithmetic.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        b.eval("location.hash = '#/launch?verb=sft&recipe=recipes/arithmetic.yaml'")
+        b.wait("document.getElementById('f-output_dir') && document.getElementById('f-output_dir').value === "
+               "'runs/arithmetic'")
+        b.eval("document.getElementById('start').click()")
+        b.wait("location.hash === '#/run/runs/arithmetic' || /problem/.test(document.getElementById('form-status')"
+               ".textContent)")
+        assert location(b) == "#/run/runs/arithmetic", b.eval("studio.formErrors")
+        b.wait("document.querySelector('main .badge').textContent === 'done'", timeout=3600, poll=2)
         b.eval("location.hash = '#/chat'")
-        b.wait("document.querySelector('#model-b option[value=\"gemma3-270m\"]')")
+        b.wait("document.querySelector('#model-b option[value=\"runs/arithmetic\"]')")
         b.eval("document.getElementById('model-a').value = 'default'; document.getElementById('model-b').value = "
-               "'gemma3-270m'; document.getElementById('max-tokens').value = '48'; document.getElementById('load').click()")
+               "'runs/arithmetic'; document.getElementById('max-tokens').value = '48'; "
+               "document.getElementById('load').click()")
         b.wait("document.getElementById('chat-status').textContent === 'ready'", timeout=600)
-        b.eval("document.getElementById('message').value = 'Give me one tip for writing clear commit messages.';"
-               "document.getElementById('send').click()")
+        b.eval("document.getElementById('message').value = 'What is 47 + 38?'; document.getElementById('send').click()")
         b.wait("document.querySelectorAll('.thumb-up').length === 2", timeout=600)
-        b.eval("document.querySelector('#col-a .thumb-up').click()")
-        b.wait("document.querySelector('#col-a .saved')")
-        b.eval("document.getElementById('a-better').click()")
+        replies = b.eval("[...document.querySelectorAll('.msg.assistant .content')].map(e => e.textContent)")
+        assert len(replies) == 2 and replies[0] != replies[1], replies  # the run's adapter is served, not its base
+        b.eval("document.querySelector('#col-b .thumb-up').click()")
+        b.wait("document.querySelector('#col-b .saved')")
+        b.eval("document.getElementById('b-better').click()")
         b.wait("document.querySelector('.choose .saved')")
         shoot(b, tmp_path, "chat")
-        clean(b, "chat with the named models")
+        clean(b, "chat: the default model before and after")
+
+
+def value(b: Browser, path: str) -> str:
+    return b.eval(f"document.querySelector('[data-path=\"{path}\"]').value")
+
+
+def set_path(b: Browser, path: str, text: str) -> None:
+    b.eval(f"""(() => {{ const el = document.querySelector('[data-path="{path}"]'); el.value = {json.dumps(text)};
+             el.dispatchEvent(new Event('input', {{bubbles: true}})); }})()""")
 
 
 def location(b: Browser) -> str:

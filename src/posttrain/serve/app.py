@@ -159,7 +159,9 @@ class _Server:
         self.monitor = Monitor(self.m, config.monitor_window, drift_thresholds(config.drift_threshold),
                                config.drift_baseline)
         worker = functools.partial(run_batch, decode=self.decode, guard=config.guard, metrics=self.m)
-        self.select = selector(lambda: self.model)
+        # a LoRA run served as itself: its own adapter is the model behind the base name (not the bare base)
+        own = getattr(model, "active_adapter", None) if getattr(model, "peft_config", None) else None
+        self.select = selector(lambda: self.model, own if isinstance(own, str) and own not in config.adapters else None)
         if config.batching == "continuous" and generate_fn is generate:
             self.batcher = ContinuousBatcher(worker, config.max_batch, config.batch_wait_ms / 1000,
                                              select=self.select, tokenizer=tokenizer, guard=config.guard,

@@ -194,8 +194,10 @@ class ContinuousBatcher(Batcher):
             self.speed = [0, 0.0, time.perf_counter()]
 
 
-def selector(get_model: Callable[[], Any]) -> Select:
-    """The server's adapter selection as a context (the model as it is when the context is entered)."""
+def selector(get_model: Callable[[], Any], own: str | None = None) -> Select:
+    """The server's adapter selection as a context (the model as it is when the context is entered).
+    `own`: the adapter the served model came with (a LoRA run's), which the base name serves; other
+    adapters are served by their names only."""
 
     @contextlib.contextmanager
     def select(peft_name: str):
@@ -204,6 +206,9 @@ def selector(get_model: Callable[[], Any]) -> Select:
             if peft_name not in (getattr(model, "peft_config", None) or {}):  # a pinned adapter is never deleted
                 raise RuntimeError(f"adapter {peft_name} is not loaded")
             model.set_adapter(peft_name)
+            yield model
+        elif own is not None and own in (getattr(model, "peft_config", None) or {}):
+            model.set_adapter(own)
             yield model
         elif getattr(model, "peft_config", None):
             with model.disable_adapter():

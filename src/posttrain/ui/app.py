@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from posttrain.config import dump_config, load_yaml, validation_problems
 from posttrain.fileio import write_text_atomic
 from posttrain.stages import CLI_ROLES, STAGES, stage_of_recipe, verbs
-from posttrain.ui import forms, runs
+from posttrain.ui import forms, pipelines, runs
 from posttrain.ui.jobs import STATE_DIR, ChatServers, Jobs
 from posttrain.ui.runs import JOB_DIR, PathError, inside, relative
 
@@ -422,22 +422,37 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
             raise Problem(409, str(exc)) from None
         return {"ok": True, "run": relative(root, where), "job": job}
 
-    def pipeline_of(data: dict):
-        from posttrain.pipeline import PipelineConfig
-
+    def pipeline_source(data: dict) -> tuple[dict, str]:
+        """(the mapping, its YAML text) of a request's `yaml` text or editor `form`."""
+        if "form" in data:
+            try:
+                parsed, problems = pipelines.from_form(data["form"])
+            except pipelines.FormError as exc:
+                raise Problem(400, str(exc)) from None
+            if problems:
+                raise Problem(422, "invalid pipeline", problems)
+            return parsed, pipelines.dump(parsed)
         text = data.get("yaml")
         if not isinstance(text, str) or not text.strip():
-            raise Problem(400, "yaml: give the pipeline YAML")
+            raise Problem(400, "yaml: give the pipeline YAML (or the editor's form)")
         try:
             parsed = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise Problem(422, "invalid pipeline", [("yaml", f"not valid YAML: {exc}")]) from None
         if not isinstance(parsed, dict):
             raise Problem(422, "invalid pipeline", [("yaml", "the top level must be a mapping")])
+        return parsed, text
+
+    def pipeline_of(data: dict):
+        """The validated pipeline, its run dir and YAML text; or Problem 422 with every problem
+        keyed by the field it belongs to (the editor's paths are the YAML's)."""
+        from posttrain.pipeline import PipelineConfig
+
+        parsed, text = pipeline_source(data)
         try:
             pipe = PipelineConfig.model_validate(parsed)
         except ValidationError as exc:
-            raise Problem(422, "invalid pipeline", validation_problems(exc)) from None
+            raise Problem(422, "invalid pipeline", pipelines.place(validation_problems(exc), parsed)) from None
         problems = path_problems(root, parsed)
         try:
             where = inside(root, pipe.output_dir)
@@ -445,13 +460,15 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
                 problems.append(("output_dir", "give the pipeline its own directory under the root"))
         except PathError as exc:
             problems.append(("output_dir", str(exc)))
-        for stage in pipe.stages:
+        for i, stage in enumerate(pipe.stages):
             if stage.config:
                 try:
-                    problems += [(f"stages.{stage.name}.config: {k}", m)
+                    problems += [(f"stages.{i}.config", f"in {stage.config}: {k}: {m}")
                                  for k, m in path_problems(root, load_yaml(recipe_path(stage.config)))]
                 except (Problem, PathError, ValueError, FileNotFoundError) as exc:
-                    problems.append((f"stages.{stage.name}.config", getattr(exc, "message", str(exc))))
+                    problems.append((f"stages.{i}.config", getattr(exc, "message", str(exc))))
+        if not problems:
+            problems = pipelines.stage_problems(pipe)  # every stage's config, as the run builds it
         if problems:
             raise Problem(422, "invalid pipeline", problems)
         return pipe, where, text
@@ -464,10 +481,33 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
         except (ValueError, FileNotFoundError) as exc:
             raise Problem(422, "invalid pipeline", [("stages", str(exc))]) from None
 
+    @app.get("/api/pipeline/schema")
+    async def pipeline_schema():
+        return await asyncio.to_thread(pipelines.schema, root)
+
+    @app.post("/api/pipeline/form")
+    async def pipeline_form(request: Request):
+        """YAML text -> the editor's form, the keys it cannot show, and the eval section's metric names."""
+        try:
+            parsed, _ = pipeline_source(await body(request))
+        except Problem as exc:
+            return invalid(exc)
+        form, unshown = await asyncio.to_thread(pipelines.to_form, parsed)  # imports the pipeline (torch)
+        return {"ok": True, "form": form, "unshown": unshown, "eval_metrics": pipelines.eval_metrics(parsed)}
+
+    @app.post("/api/pipeline/yaml")
+    async def pipeline_yaml(request: Request):
+        """The editor's form -> YAML text (not validated: the plan does that)."""
+        try:
+            parsed, text = pipeline_source(await body(request))
+        except Problem as exc:
+            return invalid(exc)
+        return {"ok": True, "yaml": text, "eval_metrics": pipelines.eval_metrics(parsed)}
+
     @app.post("/api/pipeline/plan")
     async def pipeline_plan(request: Request):
         try:
-            pipe, where, _ = pipeline_of(await body(request))
+            pipe, where, _ = await asyncio.to_thread(pipeline_of, await body(request))
             plan = await plan_of(pipe)
         except Problem as exc:
             return invalid(exc)
@@ -476,7 +516,7 @@ def create_app(root: str | os.PathLike | None = None, token: str | None = None, 
     @app.post("/api/pipeline/launch")
     async def pipeline_launch(request: Request):
         try:
-            pipe, where, text = pipeline_of(await body(request))
+            pipe, where, text = await asyncio.to_thread(pipeline_of, await body(request))
             await plan_of(pipe)  # every stage config valid before anything starts
         except Problem as exc:
             return invalid(exc)

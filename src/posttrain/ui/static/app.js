@@ -348,7 +348,7 @@ async function launchPage(params) {
     h("button", {class: mode === "stage" ? "active" : "", onclick: () => { location.hash = "#/launch"; }}, "Stage"),
     h("button", {class: mode === "pipeline" ? "active" : "", id: "tab-pipeline",
       onclick: () => { location.hash = "#/launch?mode=pipeline"; }}, "Pipeline")));
-  if (mode === "pipeline") return pipelineLaunch(recipes.filter((r) => r.pipeline));
+  if (mode === "pipeline") return pipelineLaunch(recipes);
   const verbSel = h("select", {id: "verb"}, studio.info.verbs.map((v) => h("option", {value: v.verb}, v.verb)));
   const recipeSel = h("select", {id: "recipe"});
   const help = h("p", {class: "muted"});
@@ -468,42 +468,274 @@ function buildForm(form, schema) {
   if (!(schema.errors || []).length) status.textContent = "";
 }
 
-function pipelineLaunch(recipes) {
+// The pipeline editor: the form mirrors the YAML (a problem keyed stages.1.gate.0.metric is
+// shown beside that field), the server turns it into YAML (/api/pipeline/yaml) and back
+// (/api/pipeline/form), and "Edit as YAML" is the fallback for anything the form has no field for.
+async function pipelineLaunch(recipes) {
+  const schema = await api("/api/pipeline/schema");
+  const verbNames = schema.verbs.map((v) => v.verb);
+  const help = (key) => schema.help[key] || "";
+  const ed = studio.pipeline = {form: null, mode: "form", dirty: false, source: "", evalMetrics: [], plans: 0};
+  const pipelineRecipes = recipes.filter((r) => r.pipeline);
   const sel = h("select", {id: "pipeline-recipe"}, h("option", {value: ""}, "(write one)"),
-    recipes.map((r) => h("option", {value: r.path}, r.path)));
-  const text = h("textarea", {id: "pipeline-yaml", rows: 18, spellcheck: "false"});
+    pipelineRecipes.map((r) => h("option", {value: r.path}, r.path)));
+  const modeBtn = h("button", {id: "pipeline-mode", type: "button"}, "Edit as YAML");
+  const note = h("span", {class: "muted small", id: "pipeline-note"});
+  const text = h("textarea", {id: "pipeline-yaml", rows: 22, spellcheck: "false", hidden: true});
+  const formBox = h("div", {id: "pipeline-form"});
   const errors = h("div", {class: "errors", hidden: true, id: "pipeline-errors"});
   const plan = h("div", {id: "plan"});
   const start = h("button", {class: "primary", id: "pipeline-start", disabled: true}, "Start");
   const showPlan = h("button", {id: "show-plan"}, "Show plan");
-  view.append(h("div", {class: "row"}, h("label", {}, "pipeline ", sel)), text, h("div", {class: "row"}, showPlan, start), errors, plan);
+  const status = h("span", {class: "muted", id: "pipeline-status"});
+  const lists = h("div", {hidden: true});
+  view.append(h("div", {class: "row"}, h("label", {}, "pipeline ", sel), modeBtn, note), errors, formBox, text,
+    h("div", {class: "row actions"}, showPlan, start, status), plan, lists);
+
+  function datalists() {
+    // per verb: its recipes (a stage's config) and the metric names a gate can name
+    lists.replaceChildren(...verbNames.flatMap((v) => [
+      h("datalist", {id: `recipes-${v}`}, recipes.filter((r) => !r.pipeline && r.verb === v).map((r) => h("option", {value: r.path}))),
+      h("datalist", {id: `metrics-${v}`}, [...new Set([...ed.evalMetrics, ...(schema.metrics[v] || [])])].map((m) => h("option", {value: m}))),
+    ]));
+  }
+
+  function changed() {
+    ed.dirty = true;
+    start.disabled = true;
+    status.textContent = plan.childElementCount ? "changed: show the plan again before starting" : "";
+  }
+
+  function slot(path) {
+    return h("div", {class: "err", "data-error": path});
+  }
+
+  function field(path, label, input, helpKey, extra) {
+    input.dataset.path = path;
+    if (!input.id) input.id = `p-${path}`;
+    return h("div", {class: `pfield ${extra || ""}`, "data-key": path},
+      h("label", {for: input.id, title: help(helpKey)}, label), input, slot(path));
+  }
+
+  function text_(obj, key, attrs) {
+    const input = h("input", {type: "text", spellcheck: "false", value: obj[key], ...(attrs || {})});
+    input.addEventListener("input", () => { obj[key] = input.value; changed(); });
+    return input;
+  }
+
+  function yamlArea(obj, key, rows, placeholder) {
+    const area = h("textarea", {rows, spellcheck: "false", placeholder});
+    area.value = obj[key];
+    area.addEventListener("input", () => { obj[key] = area.value; changed(); });
+    return area;
+  }
+
+  function check(obj, key) {
+    const box = h("input", {type: "checkbox", checked: !!obj[key]});
+    box.addEventListener("change", () => { obj[key] = box.checked; changed(); });
+    return box;
+  }
+
+  function structural(fn) {
+    // add / remove / move: change the form, then draw it again
+    return () => { fn(); changed(); renderForm(); };
+  }
+
+  function stageCard(stage, i, stages) {
+    const p = `stages.${i}`;
+    const verb = h("select", {}, (verbNames.includes(stage.verb) ? [] : [stage.verb]).concat(verbNames).map((v) =>
+      h("option", {value: v, title: (schema.verbs.find((x) => x.verb === v) || {}).help || ""}, v || "(choose)")));
+    verb.value = stage.verb;
+    verb.addEventListener("change", structural(() => { stage.verb = verb.value; }));
+    const name = text_(stage, "name", {size: 14});
+    const legend = h("legend", {}, `${i + 1}. ${stage.name || "(unnamed)"}`);
+    name.addEventListener("input", () => { legend.textContent = `${i + 1}. ${stage.name || "(unnamed)"}`; });
+    const overrides = stage.overrides.map((row, k) => {
+      const key = h("input", {type: "text", spellcheck: "false", value: row[0], size: 22, placeholder: "dotted.key",
+        class: "override-key"});
+      const value = h("input", {type: "text", spellcheck: "false", value: row[1], size: 26, placeholder: "value (YAML)",
+        class: "override-value", "data-path": `${p}.overrides.${row[0]}`});
+      const err = slot(`${p}.overrides.${row[0]}`);
+      key.addEventListener("input", () => {
+        row[0] = key.value;
+        value.dataset.path = err.dataset.error = `${p}.overrides.${row[0]}`;
+        changed();
+      });
+      value.addEventListener("input", () => { row[1] = value.value; changed(); });
+      return h("tr", {class: "override"}, h("td", {}, key), h("td", {}, "="), h("td", {}, value, err),
+        h("td", {}, h("button", {type: "button", class: "small-btn", title: "remove this override",
+          onclick: structural(() => stage.overrides.splice(k, 1))}, "×")));
+    });
+    const gates = stage.gate.map((g, k) => {
+      const gp = `${p}.gate.${k}`;
+      const metric = text_(g, "metric", {size: 22, list: `metrics-${stage.verb}`, placeholder: "metric", class: "gate-metric"});
+      const min = text_(g, "min", {size: 7, placeholder: "min", class: "gate-min"});
+      const max = text_(g, "max", {size: 7, placeholder: "max", class: "gate-max"});
+      const rel = check(g, "relative_to_previous");
+      [[metric, "metric"], [min, "min"], [max, "max"], [rel, "relative_to_previous"]].forEach(([el, k2]) => {
+        el.dataset.path = `${gp}.${k2}`;
+        el.title = help(`gate.${k2}`);
+      });
+      return h("tr", {class: "gate", "data-gate": gp}, h("td", {}, metric, slot(`${gp}.metric`)),
+        h("td", {}, min, slot(`${gp}.min`)), h("td", {}, max, slot(`${gp}.max`)),
+        h("td", {}, h("label", {title: help("gate.relative_to_previous")}, rel, " change from input"),
+          slot(`${gp}.relative_to_previous`), slot(gp)),
+        h("td", {}, h("button", {type: "button", class: "small-btn remove-gate", title: "remove this gate",
+          onclick: structural(() => stage.gate.splice(k, 1))}, "×")));
+    });
+    const move = (d) => structural(() => { stages.splice(i + d, 0, stages.splice(i, 1)[0]); });
+    return h("fieldset", {class: "stage", "data-index": i}, legend, slot(p),
+      h("div", {class: "prow"},
+        field(`${p}.name`, "name", name, "stage.name"),
+        field(`${p}.verb`, "verb", verb, "stage.verb"),
+        field(`${p}.config`, "config (recipe)", text_(stage, "config", {size: 30, list: `recipes-${stage.verb}`,
+          placeholder: "(the verb's defaults)"}), "stage.config", "wide"),
+        field(`${p}.eval`, "eval", check(stage, "eval"), "stage.eval"),
+        h("div", {class: "stage-tools"},
+          h("button", {type: "button", class: "small-btn move-up", title: "move up", disabled: i === 0, onclick: move(-1)}, "↑"),
+          h("button", {type: "button", class: "small-btn move-down", title: "move down", disabled: i === stages.length - 1,
+            onclick: move(1)}, "↓"),
+          h("button", {type: "button", class: "small-btn remove-stage", title: "remove this stage",
+            onclick: structural(() => stages.splice(i, 1))}, "remove"))),
+      h("div", {class: "sub"}, h("span", {class: "sub-title", title: help("stage.overrides")}, "overrides"), slot(`${p}.overrides`),
+        overrides.length ? h("table", {class: "overrides"}, h("tbody", {}, overrides)) : null,
+        h("button", {type: "button", class: "small-btn add-override", onclick: structural(() => stage.overrides.push(["", ""]))},
+          "+ override")),
+      h("div", {class: "sub"}, h("span", {class: "sub-title", title: help("stage.gate")}, "gates"), slot(`${p}.gate`),
+        gates.length ? h("table", {class: "gates"}, h("thead", {}, h("tr", {}, ["metric", "min", "max", "", ""].map((c) => h("th", {}, c)))),
+          h("tbody", {}, gates)) : null,
+        h("button", {type: "button", class: "small-btn add-gate", onclick: structural(() =>
+          stage.gate.push({metric: "", min: "", max: "", relative_to_previous: false}))}, "+ gate")));
+  }
+
+  function renderForm() {
+    const f = ed.form;
+    datalists();
+    const sections = ["data", "eval", "deploy"];
+    formBox.replaceChildren(
+      h("fieldset", {}, h("legend", {}, "pipeline"), h("div", {class: "prow"},
+        field("name", "name", text_(f, "name", {size: 16}), "name"),
+        field("output_dir", "output_dir", text_(f, "output_dir", {size: 24}), "output_dir"),
+        field("model.name", "model", text_(f.model, "name", {size: 22, placeholder: "default"}), "model.name"),
+        field("model.dtype", "model.dtype", text_(f.model, "dtype", {size: 8, placeholder: "(recipe's)"}), "model.dtype"),
+        field("model.adapter", "model.adapter (YAML)", text_(f.model, "adapter", {size: 34, placeholder: "{method: lora, r: 16}"}),
+          "model.adapter", "wide"))),
+      h("h3", {}, "Stages"), slot("stages"),
+      h("div", {id: "stages-edit"}, f.stages.map((s, i) => stageCard(s, i, f.stages))),
+      h("button", {type: "button", id: "add-stage", onclick: structural(() => f.stages.push({
+        name: `stage${f.stages.length + 1}`, verb: verbNames[0], config: "", eval: true, overrides: [], gate: []}))}, "+ stage"),
+      h("details", {open: sections.some((k) => f[k].trim()), id: "pipeline-sections"},
+        h("summary", {}, "data, eval and deploy sections (YAML)"),
+        sections.map((k) => field(k, k, yamlArea(f, k, Math.min(12, Math.max(3, f[k].split("\n").length + 1)),
+          k === "data" ? "NAME: {source: data/x.jsonl}" : k === "eval" ? "tasks: [...]" : "source: STAGE"), k, "block"))));
+  }
+
+  function setMode(mode) {
+    ed.mode = mode;
+    formBox.hidden = mode !== "form";
+    text.hidden = mode !== "yaml";
+    modeBtn.textContent = mode === "form" ? "Edit as YAML" : "Edit as form";
+  }
+
+  function showErrors(errs) {
+    errors.hidden = true;
+    formBox.querySelectorAll("[data-error]").forEach((el) => { el.textContent = ""; });
+    formBox.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+    const slots = ed.mode === "form" ? [...formBox.querySelectorAll("[data-error]")] : [];
+    const loose = [];
+    for (const {key, message} of errs) {
+      // the field itself, else the longest field or section the key starts with
+      const el = slots.filter((s) => key === s.dataset.error || key.startsWith(s.dataset.error + "."))
+        .sort((a, b) => b.dataset.error.length - a.dataset.error.length)[0];
+      if (!el) { loose.push(`${key}: ${message}`); continue; }
+      const target = el.dataset.error;
+      el.textContent += (el.textContent ? "; " : "") + (target === key ? message : `${key.slice(target.length + 1)}: ${message}`);
+      formBox.querySelectorAll(`[data-path="${CSS.escape(target)}"]`).forEach((input) => input.classList.add("invalid"));
+      const card = el.closest(".stage");
+      if (card) card.classList.add("invalid");
+      const folded = el.closest("details");
+      if (folded) folded.open = true; // a problem in the data / eval / deploy sections is shown, not folded away
+    }
+    if (loose.length) {
+      errors.hidden = false;
+      errors.replaceChildren(...loose.map((l) => h("div", {}, l)));
+    }
+    status.textContent = errs.length ? `${errs.length} problem(s)` : "";
+    studio.pipelineErrors = errs;
+  }
+
+  async function loadText(yamlText) {
+    text.value = ed.source = yamlText;
+    ed.dirty = false;
+    note.textContent = "";
+    const res = await api("/api/pipeline/form", {yaml: yamlText}).catch((err) => ({ok: false, errors: [{key: "yaml", message: err.message}]}));
+    if (!res.ok) { setMode("yaml"); showErrors(res.errors); return; }
+    ed.evalMetrics = res.eval_metrics;
+    if (res.unshown.length) {
+      setMode("yaml");
+      note.textContent = `the form has no field for ${res.unshown.join(", ")}: edit it as YAML`;
+      return;
+    }
+    ed.form = res.form;
+    setMode("form");
+    renderForm();
+    showErrors([]);
+  }
+
+  function source() {
+    return ed.mode === "yaml" || !ed.dirty ? {yaml: ed.mode === "yaml" ? text.value : ed.source} : {form: ed.form};
+  }
+
   sel.addEventListener("change", async () => {
-    if (!sel.value) return;
-    const res = await fetch(`/api/file?${q({path: sel.value})}`);
-    text.value = await res.text();
     plan.replaceChildren();
     start.disabled = true;
+    if (!sel.value) {
+      ed.form = {name: "", output_dir: "runs/", model: {name: "default", dtype: "", adapter: ""}, data: "", eval: "", deploy: "",
+        stages: [{name: "sft", verb: verbNames[0], config: "", eval: true, overrides: [], gate: []}]};
+      ed.dirty = true;
+      setMode("form");
+      renderForm();
+      showErrors([]);
+      return;
+    }
+    const res = await fetch(`/api/file?${q({path: sel.value})}`);
+    await loadText(await res.text());
+  });
+  modeBtn.addEventListener("click", async () => {
+    if (ed.mode === "form") {
+      if (ed.dirty) {
+        const res = await api("/api/pipeline/yaml", {form: ed.form}).catch((err) => ({ok: false, errors: [{key: "form", message: err.message}]}));
+        if (!res.ok) return showErrors(res.errors);
+        text.value = ed.source = res.yaml;
+        ed.dirty = false;
+      }
+      setMode("yaml");
+      showErrors([]);
+    } else {
+      await loadText(text.value);
+    }
   });
   text.addEventListener("input", () => { start.disabled = true; });
-  const fail = (errs) => {
-    errors.hidden = false;
-    errors.replaceChildren(...errs.map((e) => h("div", {}, `${e.key}: ${e.message}`)));
-  };
   showPlan.addEventListener("click", async () => {
-    errors.hidden = true;
     plan.replaceChildren(h("p", {class: "muted"}, "planning…"));
-    const res = await api("/api/pipeline/plan", {yaml: text.value}).catch((err) => ({ok: false, errors: [{key: "plan", message: err.message}]}));
-    if (!res.ok) { plan.replaceChildren(); return fail(res.errors); }
+    status.textContent = "";
+    const res = await api("/api/pipeline/plan", source()).catch((err) => ({ok: false, errors: [{key: "plan", message: err.message}]}));
+    if (!res.ok) { plan.replaceChildren(); showErrors(res.errors); return; }
+    showErrors([]);
     plan.replaceChildren(planView(res.plan));
+    ed.plans += 1;
     start.disabled = res.running;
+    status.textContent = res.running ? "this pipeline is running now" : "planned: Start runs it";
   });
   start.addEventListener("click", async () => {
     start.disabled = true;
-    const res = await api("/api/pipeline/launch", {yaml: text.value}).catch((err) => ({ok: false, errors: [{key: "launch", message: err.message}]}));
-    if (!res.ok) return fail(res.errors);
+    const res = await api("/api/pipeline/launch", source()).catch((err) => ({ok: false, errors: [{key: "launch", message: err.message}]}));
+    if (!res.ok) return showErrors(res.errors);
     location.hash = runHash(res.run);
   });
-  if (recipes.length) { sel.value = recipes[0].path; sel.dispatchEvent(new Event("change")); }
+  setMode("form");
+  if (pipelineRecipes.length) sel.value = pipelineRecipes[0].path;
+  sel.dispatchEvent(new Event("change"));
 }
 
 function planView(plan) {
