@@ -177,7 +177,8 @@ def main() -> None:
     ap.add_argument("--mode-samples", type=int, default=0, help="rollout-mode rows: samples per prompt (0: the demo's)")
     ap.add_argument("--only-modes", action="store_true",
                     help="only the rollout-mode rows (writes bench/results/rl_step_modes.json)")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "rl_step.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON to write (default: bench/results/rl_step.json, or rl_step_modes.json with --only-modes)")
     args = ap.parse_args()
     if args.quick:
         args.warmup, args.steps, args.max_new_tokens, args.mode_steps = 1, 1, 16, 2
@@ -207,7 +208,7 @@ def main() -> None:
         def only_table(r):
             r["step_time_vs_sync"] = modes_table(modes)
 
-        finish(only, RESULTS_DIR / "rl_step_modes.json", args.quick, only_table)
+        finish(only, Path(args.out or RESULTS_DIR / "rl_step_modes.json"), args.quick, only_table)
         return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(tmp, str(REPO / "data" / "preference" / "train.jsonl"), args.max_new_tokens,
@@ -288,7 +289,7 @@ def main() -> None:
         if modes:
             r["rollout_modes"]["step_time_vs_sync"] = modes_table(modes)
 
-    finish(result, args.out, args.quick, table)
+    finish(result, Path(args.out or RESULTS_DIR / "rl_step.json"), args.quick, table)
 
 
 if __name__ == "__main__":
