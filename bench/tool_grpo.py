@@ -13,6 +13,12 @@ turns, held-out accuracy).
     nice -n 19 env OMP_NUM_THREADS=2 python bench/tool_grpo.py            # the full run
     nice -n 19 env OMP_NUM_THREADS=1 python bench/tool_grpo.py --smoke    # 2 steps, 8 test rows, 2x4 episodes
 
+    python bench/tool_grpo.py --from-run runs/bench_tool_grpo  # report a run stopped before its end
+
+--from-run reports a stopped run from its files: the curves and the in-run held-out evaluations
+(eval.held_out_reward every eval_every steps on the recipe's 32 rows); no after-evaluation on all
+100, since a stopped run has no final adapter.
+
 --smoke writes its JSON and PNG into its run directory (not bench/results) and prints an
 estimate of the full run's time scaled from its own phase times (`--set` overrides apply to
 both the smoke run and the run it estimates).
@@ -58,6 +64,34 @@ def evaluate(model_spec: str, cfg, records: list[dict]) -> dict:
     return out
 
 
+def report_stopped_run(run_dir: Path) -> dict:
+    """The curves and in-run held-out figures of a run stopped before max_steps (no final adapter, so
+    no 100-problem evaluation after): bench/results/tool_grpo.json with "stopped_at_step"."""
+    from posttrain.eval.report import metric_curves
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl: no steps logged")
+    before = json.loads((run_dir / "eval_before.json").read_text())
+    evals = [{k: r[k] for k in r if k == "step" or k.startswith("held_out/")} for r in rows
+             if r.get("held_out/accuracy") is not None]
+    out_json = RESULTS_DIR / "tool_grpo.json"
+    png = metric_curves(run_dir / "metrics.jsonl", out_json.with_suffix(".png"), CURVES,
+                        title=f"tool-use GRPO (python env): {len(rows)} steps (stopped)")
+    step_s = [r["step_s"] for r in rows]
+    result = {"run": {"dir": str(run_dir), "stopped_at_step": rows[-1]["step"],
+                      "median_step_seconds": round(sorted(step_s)[len(step_s) // 2], 1),
+                      "per_step": [{k: r.get(k) for k in ["step", *CURVES, "step_s"] if k in r} for r in rows]},
+              "held_out_in_run": {"before": before, "evaluations": evals}, "plot": str(png),
+              **run_context(None, load_average(), "torch", "transformers", "peft")}
+    for e in [{"step": 0, **before}, *evals]:
+        print(f"step {e['step']:>3}: held-out accuracy {e['held_out/accuracy']:.3f}  valid calls "
+              f"{e.get('held_out/valid_rate')}  calls/episode {e.get('held_out/calls')}")
+    write_json(out_json, result)
+    print(f"wrote {out_json} and {png}")
+    return result
+
+
 def line(name: str, r: dict) -> str:
     rate = "-" if r["valid_rate"] is None else f"{r['valid_rate']:.2f}"
     return (f"{name:<8} accuracy {r['accuracy']:.3f}  valid calls {rate}  calls/episode {r['calls']:.2f}  "
@@ -72,7 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--run-dir", default=None, help="default: runs/bench_tool_grpo[_smoke]")
     ap.add_argument("--smoke", action="store_true", help="2 steps, 8 test rows, 2 prompts x 4 episodes")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    ap.add_argument("--from-run", default=None, metavar="DIR",
+                    help="no training: report a run that was stopped before its end from its metrics.jsonl "
+                         "(in-run held-out evaluations only; its final adapter was never written)")
     args = ap.parse_args(argv)
+    if args.from_run:
+        return report_stopped_run(Path(args.from_run))
 
     from posttrain.config import build_config
     from posttrain.data.formats import load_records
