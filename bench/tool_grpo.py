@@ -39,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the other benches: no 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,8 +77,11 @@ def report_stopped_run(run_dir: Path) -> dict:
     evals = [{k: r[k] for k in r if k == "step" or k.startswith("held_out/")} for r in rows
              if r.get("held_out/accuracy") is not None]
     out_json = RESULTS_DIR / "tool_grpo.json"
-    png = metric_curves(run_dir / "metrics.jsonl", out_json.with_suffix(".png"), CURVES,
-                        title=f"tool-use GRPO (python env): {len(rows)} steps (stopped)")
+    with tempfile.TemporaryDirectory() as tmp:  # the run's own before-evaluation as step 0 of the held-out panel
+        curves = Path(tmp) / "metrics.jsonl"
+        curves.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, **before}, *rows]))
+        png = metric_curves(curves, out_json.with_suffix(".png"), CURVES,
+                            title=f"tool-use GRPO (python env): {len(rows)} steps (stopped); held-out: 32 rows")
     step_s = [r["step_s"] for r in rows]
     result = {"run": {"dir": str(run_dir), "stopped_at_step": rows[-1]["step"],
                       "median_step_seconds": round(sorted(step_s)[len(step_s) // 2], 1),
