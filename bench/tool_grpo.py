@@ -65,15 +65,28 @@ def evaluate(model_spec: str, cfg, records: list[dict]) -> dict:
     return out
 
 
+def run_rows(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl rows (a bad line is named by file and line)."""
+    from posttrain.data.formats import read_jsonl
+
+    return [row for _, row in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def per_step(rows: list[dict]) -> list[dict]:
+    return [{k: r.get(k) for k in ["step", *CURVES, "step_s"] if k in r} for r in rows]
+
+
 def report_stopped_run(run_dir: Path) -> dict:
     """The curves and in-run held-out figures of a run stopped before max_steps (no final adapter, so
     no 100-problem evaluation after): bench/results/tool_grpo.json with "stopped_at_step"."""
+    from posttrain.config import load_yaml
     from posttrain.eval.report import metric_curves
 
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = run_rows(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl: no steps logged")
     before = json.loads((run_dir / "eval_before.json").read_text())
+    held_out_rows = load_yaml(run_dir / "config.yaml")["eval"]["held_out_reward"]["limit"]
     evals = [{k: r[k] for k in r if k == "step" or k.startswith("held_out/")} for r in rows
              if r.get("held_out/accuracy") is not None]
     out_json = RESULTS_DIR / "tool_grpo.json"
@@ -81,12 +94,12 @@ def report_stopped_run(run_dir: Path) -> dict:
         curves = Path(tmp) / "metrics.jsonl"
         curves.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, **before}, *rows]))
         png = metric_curves(curves, out_json.with_suffix(".png"), CURVES,
-                            title=f"tool-use GRPO (python env): {len(rows)} steps (stopped); held-out: 32 rows")
+                            title=f"tool-use GRPO (python env): {len(rows)} steps (stopped); held-out: {held_out_rows} rows")
     step_s = [r["step_s"] for r in rows]
     result = {"run": {"dir": str(run_dir), "stopped_at_step": rows[-1]["step"],
                       "median_step_seconds": round(sorted(step_s)[len(step_s) // 2], 1),
-                      "per_step": [{k: r.get(k) for k in ["step", *CURVES, "step_s"] if k in r} for r in rows]},
-              "held_out_in_run": {"before": before, "evaluations": evals}, "plot": str(png),
+                      "per_step": per_step(rows)},
+              "held_out_in_run": {"rows": held_out_rows, "before": before, "evaluations": evals}, "plot": str(png),
               **run_context(None, load_average(), "torch", "transformers", "peft")}
     for e in [{"step": 0, **before}, *evals]:
         print(f"step {e['step']:>3}: held-out accuracy {e['held_out/accuracy']:.3f}  valid calls "
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(line("before", before))
     print(line("after", after))
 
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = run_rows(run_dir)
     out_json = run_dir / "tool_grpo.json" if args.smoke else RESULTS_DIR / "tool_grpo.json"
     png = metric_curves(run_dir / "metrics.jsonl", out_json.with_suffix(".png"), CURVES,
                         title="tool-use GRPO (python env): " + ("smoke" if args.smoke else f"{len(rows)} steps"))
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "mean_step_seconds": round(sum(step_s) / len(step_s), 2),
                 **{k: manifest["outputs"][k] for k in ("mean_phase_s", "reward_first5", "reward_last5",
                                                        "eval_before", "eval_after")},
-                "per_step": [{k: r.get(k) for k in ["step", *CURVES, "step_s"] if k in r} for r in rows]},
+                "per_step": per_step(rows)},
         "plot": str(png),
         **run_context(load_before, load_average(), "torch", "transformers", "peft"),
     }
